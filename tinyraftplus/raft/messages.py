@@ -1,0 +1,155 @@
+"""The messages Raft nodes exchange, as frozen, slotted dataclasses.
+
+The sender's id is not part of a message: the transport knows who it came from (and, with
+mutual TLS, has authenticated it), and hands ``(from_id, message)`` to ``RaftNode.receive``.
+
+Two families:
+
+* Core messages (``RequestVote`` ... ``ReadIndexResponse``) are stepped into ``RaftCore``.
+  Every one carries the sender's ``term``.
+* Driver messages (``Propose`` / ``ProposeResponse``) are handled by ``RaftNode`` itself: a
+  follower forwards a client's append to the leader, the leader answers with the seq it gave
+  the entries, and the follower then waits until it has applied that seq itself (so the
+  apply result comes from its own, deterministic, state machine).
+
+``tinyraftplus.transport.wire`` encodes these for the network and validates every field on
+the way in; nothing here trusts its input, but nothing here checks it either.
+
+Sequence numbers start at 0. ``-1`` means "before the first entry" (an empty log's last seq,
+the ``prev_seq`` of an append that starts at 0). Term 0 means "no term": the term of
+``prev_seq == -1`` and of records written without Raft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..entry import Entry
+
+NodeId = Union[int, str]
+"""Node ids are small ints (as in the original) or strings; they must be hashable and
+msgpack-encodable and are compared with ``==``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVote:
+    """Ask for a vote (or, with ``pre_vote``, ask whether a vote *would* be granted).
+
+    A pre-vote carries ``term`` = the candidate's current term + 1 but changes no state on
+    either side; only when a quorum says yes does the candidate bump its term for real.
+    ``transfer`` is set when the leader asked this node to campaign (``TimeoutNow``): voters
+    then ignore their "I heard from a leader recently" check.
+    """
+
+    term: int
+    last_seq: int
+    last_term: int
+    pre_vote: bool = False
+    transfer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VoteResponse:
+    term: int
+    granted: bool
+    pre_vote: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntries:
+    """Replicate ``entries`` after ``(prev_seq, prev_term)``; also the heartbeat (no entries).
+
+    ``read_id`` numbers the leader's ReadIndex confirmation rounds; followers echo it back so
+    the leader knows a quorum still followed it after a read arrived. 0 means no round.
+    """
+
+    term: int
+    prev_seq: int
+    prev_term: int
+    entries: tuple[Entry, ...]
+    commit_seq: int
+    read_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResponse:
+    """Answer to ``AppendEntries``.
+
+    On success ``match_seq`` is the last seq the follower now holds *durably* that matches
+    the leader. On failure the follower gives a hint so the leader backs off a whole term at
+    a time: ``conflict_term`` is the follower's term at ``prev_seq`` (0 if it has no entry
+    there) and ``conflict_seq`` the first seq it holds with that term (or its last seq + 1
+    when the entry is missing).
+    """
+
+    term: int
+    success: bool
+    match_seq: int
+    conflict_term: int = 0
+    conflict_seq: int = -1
+    read_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutNow:
+    """Leader to an up-to-date follower: campaign now (leadership transfer, priorities)."""
+
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndex:
+    """Follower to leader: what commit seq must I apply before serving read ``read_id``?"""
+
+    term: int
+    read_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexResponse:
+    """Leader to follower: serve ``read_id`` once applied through ``index``; ``index == -2``
+    means refused (not leader any more, or no entry of its term committed yet)."""
+
+    term: int
+    read_id: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Propose:
+    """Follower's driver to the leader's driver: append ``items`` on behalf of a client."""
+
+    req_id: int
+    items: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProposeResponse:
+    """The seq and term the leader gave the first item (the rest follow in order), or
+    ``first_seq == -1`` with ``error`` set (``leader`` is a hint where known)."""
+
+    req_id: int
+    first_seq: int
+    term: int
+    error: str | None = None
+    leader: Any = None
+
+
+CoreMessage = Union[
+    RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
+    ReadIndexResponse,
+]
+Message = Union[CoreMessage, Propose, ProposeResponse]
+
+CORE_MESSAGE_TYPES = (
+    RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
+    ReadIndexResponse,
+)
+MESSAGE_TYPES = CORE_MESSAGE_TYPES + (Propose, ProposeResponse)
+
+__all__ = [
+    "NodeId", "Entry", "RequestVote", "VoteResponse", "AppendEntries", "AppendResponse",
+    "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Propose", "ProposeResponse",
+    "CoreMessage", "Message", "CORE_MESSAGE_TYPES", "MESSAGE_TYPES",
+]
