@@ -1,0 +1,7 @@
+"""The original's 3-node example; the code is ``tinyraftplus/demo.py`` (also
+``python -m tinyraftplus.demo``)."""
+
+from tinyraftplus.demo import run
+
+if __name__ == "__main__":
+    run()

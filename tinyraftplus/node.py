@@ -1,0 +1,843 @@
+"""``RaftNode``: the Trio driver that runs a ``RaftCore`` over a durable log and a transport.
+
+Theory of operation
+-------------------
+One task, the *driver*, owns the core. Everything that wants the core's attention (a message
+from a peer, a client's append or read, the passage of time) is queued and the driver woken;
+the driver then feeds the queued inputs into the core and handles each ``Ready`` in the order
+the core's contract prescribes: send what may go out at once, persist hard state and entries
+(one ``fdatasync`` for everything that piled up meanwhile: group commit comes for free), tell
+the core, send what promised durability, and publish the new commit seq.
+
+A second task, the *applier*, feeds committed entries to the state machine in order, so a slow
+state machine never delays replication. Appends wait for their own entries to be applied
+(their result is the state machine's) and reads wait until the applier has reached the read's
+commit index (ReadIndex).
+
+A follower does not propose: it forwards a client's items to the leader's driver (``Propose``),
+learns the seq they were given, and waits until *it* has applied that seq. If the entry that
+ends up at that seq has another term, the leader lost it: ``LeadershipLostError``.
+
+Both tasks live in a nursery the node owns: ``async with node:``, or ``await node.start(n)``
+with a nursery of yours, or ``await nursery.start(node.serve)``. Leaving stops them, fails every
+pending request with ``NodeStoppedError`` and closes the log if the node opened it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from .entry import Entry
+from .errors import (
+    ClosedError,
+    InvalidArgumentError,
+    LeadershipLostError,
+    NodeStoppedError,
+    NoLeaderError,
+    NotLeaderError,
+    ProtocolError,
+    RaftTimeoutError,
+    UsageError,
+)
+from .events import EventHub, NodeEvent, Subscription
+from .raft import messages as m
+from .raft.core import HardState, Quorum, RaftConfig, RaftCore, Ready, Role
+from .validate import check_message
+
+log = logging.getLogger("tinyraftplus")
+
+_RESULT_MEMORY = 1 << 16  # applied results kept for forwarded appends whose answer is late
+_CACHE_MAX = 1 << 17  # persisted-but-unapplied entries kept in memory for the applier
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What ``append`` returns: the entry's ``seq``, the ``data`` appended and the state
+    machine's ``result`` for it (``None`` without a state machine). For ``append_batch``:
+    the first seq, the list of items and the list of results."""
+
+    seq: int
+    data: Any
+    result: Any = None
+
+
+class _Waiter:
+    """A one-shot result slot for a task waiting on the driver or the applier."""
+
+    __slots__ = ("_event", "value", "error")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        if not self._event.is_set():
+            self.value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self.error = error
+            self._event.set()
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> Any:
+        await self._event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _AppendWaiter(_Waiter):
+    __slots__ = ("first", "last", "term", "results")
+
+    def __init__(self, first: int, last: int, term: int) -> None:
+        super().__init__()
+        self.first, self.last, self.term = first, last, term
+        self.results: list[Any] = []
+
+
+async def _maybe_await(v: Any) -> Any:
+    if inspect.isawaitable(v):
+        return await v
+    return v
+
+
+def _is_async_callable(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 (callable objects with an async __call__)
+    )
+
+
+class RaftNode:
+    """One member of a Raft cluster.
+
+    ``node_id`` must be in ``nodes``. ``send(to, msg)`` delivers a message to a peer; it may
+    be a plain function (it must not block: queue and return) or an ``async`` function (the
+    node then runs one sender task per peer with a bounded queue, so a slow peer never stalls
+    it). A ``send`` that raises produces a ``warn`` event; the message counts as lost, which
+    Raft tolerates. The transport hands incoming messages to ``receive(from_id, msg)``.
+
+    ``log`` is an ``FsLog`` (or anything with its API); the node opens it if it is not open
+    and then also closes it. Term and vote are kept durably beside it (``state_path``,
+    default ``<log dir>/<log name>.raftstate``).
+
+    Options (times in seconds):
+      election_timeout (0.5): followers campaign after hearing nothing for a random time in
+        ``[t, 2t)``; ping_timeout (0.1): leader heartbeat interval; append_timeout (10),
+        read_timeout (10): bounds on ``append``/``read``; rpc_max (256): entries per message;
+        apply: state machine ``apply(bufs, seq) -> list | None`` (sync or async; ``bufs[i]`` is
+        the payload at ``seq + i``, ``None`` for a leader's no-op); apply_max (1024): entries per
+        ``apply`` call; apply_seq (-1): the last seq your durable state machine already applied;
+        read: ``read(cmd)`` (sync or async) answering linearizable reads; quorum: commit quorum
+        size; group (node id -> group name) and group_fn (``fn(frozenset(ids)) -> bool``):
+        replication groups; priority: this node's leader priority (or priorities: id -> int for
+        every node); pre_vote (True), check_quorum (True); seed: for the election-timeout rng.
+    """
+
+    def __init__(
+        self,
+        node_id: Hashable,
+        nodes: Sequence[Hashable],
+        send: Callable[[Any, Any], Any],
+        log: Any,
+        *,
+        election_timeout: float = 0.5,
+        ping_timeout: float = 0.1,
+        append_timeout: float = 10.0,
+        read_timeout: float = 10.0,
+        rpc_max: int = 256,
+        rpc_max_bytes: int = 1 << 20,
+        max_inflight: int = 8,
+        apply: Callable[[list[bytes | None], int], Any] | None = None,
+        apply_max: int = 1024,
+        apply_seq: int = -1,
+        read: Callable[[Any], Any] | None = None,
+        quorum: int | None = None,
+        group: dict[Hashable, Any] | None = None,
+        group_fn: Callable[[frozenset[Hashable]], bool] | None = None,
+        priority: int | None = None,
+        priorities: dict[Hashable, int] | None = None,
+        pre_vote: bool = True,
+        check_quorum: bool = True,
+        state_path: str | os.PathLike[str] | None = None,
+        seed: int | None = None,
+        inbox_max: int = 1 << 16,
+        send_queue_max: int = 1 << 12,
+    ) -> None:
+        nodes = list(nodes)
+        if len(set(nodes)) != len(nodes):
+            raise InvalidArgumentError(f"RaftNode(nodes={nodes!r}): node ids must be unique")
+        if node_id not in nodes:
+            raise InvalidArgumentError(
+                f"RaftNode({node_id!r}, nodes={nodes!r}): this node's id must be in nodes"
+            )
+        if not callable(send):
+            raise InvalidArgumentError("RaftNode(send=...): send must be callable as send(to, msg)")
+        for name in ("append_batch", "truncate", "term_at", "entries"):
+            if not hasattr(log, name):
+                raise InvalidArgumentError(
+                    f"RaftNode(log={log!r}): the log has no {name!r}; pass an FsLog"
+                )
+        for name, v in (
+            ("election_timeout", election_timeout),
+            ("ping_timeout", ping_timeout),
+            ("append_timeout", append_timeout),
+            ("read_timeout", read_timeout),
+        ):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise InvalidArgumentError(f"RaftNode({name}={v!r}): a positive number of seconds")
+        if ping_timeout >= election_timeout:
+            raise InvalidArgumentError(
+                f"RaftNode(ping_timeout={ping_timeout}, election_timeout={election_timeout}): "
+                "heartbeats must come more often than elections time out"
+            )
+        for name, iv in (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight)):
+            if not (isinstance(iv, int) and iv >= 1):
+                raise InvalidArgumentError(f"RaftNode({name}={iv!r}): a positive int")
+        if priority is not None:
+            priorities = {**(priorities or {}), node_id: priority}
+
+        self.node_id = node_id
+        self.nodes = tuple(nodes)
+        self.log = log
+        self._send_fn = send
+        self._send_async = _is_async_callable(send)
+        self._apply_fn = apply
+        self._read_fn = read
+        self._apply_max = apply_max
+        self.append_timeout = float(append_timeout)
+        self.read_timeout = float(read_timeout)
+        self._quorum = Quorum(nodes, quorum=quorum, group=group, group_fn=group_fn)
+        self._config = RaftConfig(
+            election_timeout=float(election_timeout),
+            heartbeat_interval=float(ping_timeout),
+            rpc_max=rpc_max,
+            rpc_max_bytes=rpc_max_bytes,
+            max_inflight=max_inflight,
+            pre_vote=pre_vote,
+            check_quorum=check_quorum,
+            priorities=priorities,
+        )
+        self._rng = random.Random(seed)
+        self._state_path = os.fspath(state_path) if state_path is not None else None
+        self._initial_apply_seq = apply_seq
+        self._inbox_max = inbox_max
+        self._send_queue_max = send_queue_max
+
+        self.events = EventHub(node_id)
+        self._core: RaftCore | None = None
+        self._running = False
+        self._stopping = False
+        self._reset_volatile()
+
+    def _reset_volatile(self) -> None:
+        self._inbox: deque[tuple[Any, Any]] = deque()
+        self._proposals: list[tuple[tuple[bytes, ...], _Waiter]] = []
+        self._read_requests: list[int] = []
+        self._campaign_requested = False
+        self._wake = trio.Event()
+        self._commit_seq = -1
+        self._apply_seq = self._initial_apply_seq
+        self._commit_changed = trio.Event()
+        self._apply_changed = trio.Event()
+        self._role_changed = trio.Event()
+        self._waiters: dict[int, _AppendWaiter] = {}
+        self._active: list[_AppendWaiter] = []
+        self._forwards: dict[int, _Waiter] = {}
+        self._reads: dict[int, _Waiter] = {}
+        self._next_id = 1
+        self._recent_results: deque[tuple[int, int, Any]] = deque(maxlen=_RESULT_MEMORY)
+        self._cache: deque[Entry] = deque()
+        self._send_queues: dict[Any, deque[Any]] = {}
+        self._send_wakes: dict[Any, trio.Event] = {}
+        self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._opened_log = False
+        self.dropped_messages = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> RaftNode:
+        self._own_nursery_cm = trio.open_nursery()
+        nursery = await self._own_nursery_cm.__aenter__()
+        try:
+            await nursery.start(self.serve)
+        except BaseException as exc:
+            await self._own_nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        await self.stop()
+        return await self._own_nursery_cm.__aexit__(*exc)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
+        state loaded). Prefer ``async with node:`` when the node's life is one block."""
+        await nursery.start(self.serve)
+
+    async def stop(self) -> None:
+        """Stop the node and wait until its tasks ended and its log is closed. Idempotent."""
+        if not self._running:
+            return
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        await self._stopped.wait()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until cancelled or ``stop()``; for ``nursery.start(node.serve)``."""
+        if self._running:
+            raise UsageError(f"RaftNode {self.node_id!r} is already running")
+        self._reset_volatile()
+        self._running = True
+        self._stopping = False
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                await self._open()
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._apply_task)
+                    task_status.started()
+                    await self._drive()
+        finally:
+            self._shutdown()
+            if self._opened_log:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.log.close()
+                    except Exception:
+                        log.exception("tinyraftplus: node %r could not close its log", self.node_id)
+            self._core = None
+            self._running = False
+            self._stopped.set()
+
+    async def _open(self) -> None:
+        if not getattr(self.log, "is_open", True):
+            await self.log.open()
+            self._opened_log = True
+        from .log.state import StateFile  # the C-backed log package; imported lazily
+
+        self._state = StateFile(self._state_path or self._default_state_path())
+        raw = self._state.load()
+        hs = HardState()
+        if raw is not None:
+            term, vote = msgpack.unpackb(raw)
+            hs = HardState(term=term, vote=vote)
+        # A durable state machine may be ahead of nothing we know; commit starts where it is.
+        commit = min(self._apply_seq, self.log.seq)
+        self._commit_seq = commit
+        self._core = RaftCore(
+            self.node_id,
+            self.nodes,
+            self.log,
+            hs,
+            config=self._config,
+            quorum=self._quorum,
+            rng=self._rng,
+            now=trio.current_time(),
+            commit_seq=commit,
+        )
+
+    def _default_state_path(self) -> str:
+        d = getattr(self.log, "dir", None) or getattr(self.log, "directory", None)
+        name = getattr(self.log, "name", None)
+        if d is None or name is None:
+            raise InvalidArgumentError(
+                "RaftNode: cannot tell where to keep term and vote for this log; pass state_path="
+            )
+        return os.path.join(os.fspath(d), f"{name}.raftstate")
+
+    def _shutdown(self) -> None:
+        err = NodeStoppedError(f"node {self.node_id!r} stopped")
+        for w in list(self._waiters.values()) + self._active:
+            w.fail(err)
+        for _, w in self._proposals:
+            w.fail(err)
+        for w in list(self._forwards.values()) + list(self._reads.values()):
+            w.fail(err)
+        self._waiters.clear()
+        self._active.clear()
+        self._proposals.clear()
+        self._forwards.clear()
+        self._reads.clear()
+        for ev in (self._commit_changed, self._apply_changed, self._role_changed):
+            ev.set()
+        self.events.close()
+
+    # ------------------------------------------------------------------ inputs
+    def receive(self, from_id: Any, msg: Any) -> None:
+        """Hand a message from peer ``from_id`` to the node. Never blocks and never raises
+        for bad input: a malformed message or unknown sender is dropped with a ``warn``."""
+        if not self._running or self._stopping:
+            return
+        if from_id not in self.nodes or from_id == self.node_id:
+            self._warn(f"dropped a message from unknown node {from_id!r}")
+            return
+        try:
+            check_message(msg)
+        except ProtocolError as e:
+            self._warn(f"dropped a bad message from {from_id!r}: {e}")
+            return
+        if len(self._inbox) >= self._inbox_max:
+            self._inbox.popleft()
+            self.dropped_messages += 1
+        self._inbox.append((from_id, msg))
+        self._wake.set()
+
+    def campaign(self) -> None:
+        """Ask this node to start an election now."""
+        self._campaign_requested = True
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the driver
+    async def _drive(self) -> None:
+        core = self._core
+        assert core is not None
+        while True:
+            deadline = core.next_deadline
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            core.tick(trio.current_time())
+            if self._campaign_requested:
+                self._campaign_requested = False
+                core.campaign()
+            inbox = self._inbox
+            while inbox:
+                frm, msg = inbox.popleft()
+                self._dispatch(core, frm, msg)
+            if self._proposals:
+                self._propose_pending(core)
+            if self._read_requests:
+                reqs, self._read_requests = self._read_requests, []
+                for rid in reqs:
+                    core.read_index(rid)
+            while core.has_ready():
+                await self._handle_ready(core, core.ready())
+
+    def _dispatch(self, core: RaftCore, frm: Any, msg: Any) -> None:
+        t = type(msg)
+        if t is m.Propose:
+            try:
+                first, term = core.propose(msg.items)
+            except NotLeaderError as e:
+                self._send(frm, m.ProposeResponse(msg.req_id, -1, 0, "not leader", e.leader))
+            else:
+                self._send(frm, m.ProposeResponse(msg.req_id, first, term))
+        elif t is m.ProposeResponse:
+            w = self._forwards.pop(msg.req_id, None)
+            if w is not None:
+                w.set(msg)
+        else:
+            core.step(frm, msg)
+
+    def _propose_pending(self, core: RaftCore) -> None:
+        props, self._proposals = self._proposals, []
+        for items, w in props:
+            if w.done:  # the caller gave up (timeout or cancel) before we got to it
+                continue
+            try:
+                first, term = core.propose(items)
+            except NotLeaderError as e:
+                w.fail(e)
+            else:
+                # Registered here, before any await, so the applier cannot miss it.
+                w.set(self._register(first, first + len(items) - 1, term))
+
+    async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
+        for to, msg in rd.messages:
+            self._send(to, msg)
+        if rd.hard_state is not None:
+            hs = rd.hard_state
+            await self._state.save(msgpack.packb([hs.term, hs.vote]))
+        if rd.truncate_after is not None:
+            await self.log.truncate(rd.truncate_after)
+            cache = self._cache
+            while cache and cache[-1].seq > rd.truncate_after:
+                cache.pop()
+        ents = rd.entries
+        if ents:
+            await self.log.append_batch(
+                [e.data for e in ents], seq=ents[0].seq, term=[e.term for e in ents]
+            )
+            if len(self._cache) < _CACHE_MAX:
+                self._cache.extend(ents)
+            else:
+                self._cache.clear()  # the applier is far behind; it reads from the log instead
+        core.advance(rd)
+        for to, msg in rd.messages_after_persist:
+            self._send(to, msg)
+        if rd.soft_state is not None:
+            ss = rd.soft_state
+            self._role_changed.set()
+            self._role_changed = trio.Event()
+            self.events.emit("change", state=ss.role.value, leader=ss.leader, term=ss.term)
+        if rd.commit_seq > self._commit_seq:
+            self._commit_seq = rd.commit_seq
+            self._commit_changed.set()
+            self._commit_changed = trio.Event()
+            self.events.emit("commit", seq=rd.commit_seq)
+        for rs in rd.read_states:
+            w = self._reads.pop(rs.read_id, None)
+            if w is not None:
+                w.set(rs.index)
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, to: Any, msg: Any) -> None:
+        if self._send_async:
+            q = self._send_queues.get(to)
+            if q is None:
+                q = self._send_queues[to] = deque()
+                self._send_wakes[to] = trio.Event()
+                assert self._nursery is not None
+                self._nursery.start_soon(self._sender_task, to)
+            if len(q) >= self._send_queue_max:
+                q.popleft()
+                self.dropped_messages += 1
+            q.append(msg)
+            self._send_wakes[to].set()
+            return
+        try:
+            self._send_fn(to, msg)
+        except Exception as e:
+            self._warn(f"send to {to!r} failed: {e!r}", exc=e)
+
+    async def _sender_task(self, to: Any) -> None:
+        q = self._send_queues[to]
+        while True:
+            while not q:
+                self._send_wakes[to] = trio.Event()
+                await self._send_wakes[to].wait()
+            msg = q.popleft()
+            try:
+                await self._send_fn(to, msg)
+            except Exception as e:
+                self._warn(f"send to {to!r} failed: {e!r}", exc=e)
+
+    def _warn(self, message: str, exc: BaseException | None = None) -> None:
+        log.warning("tinyraftplus node %r: %s", self.node_id, message)
+        self.events.emit("warn", message=message, exc=exc)
+
+    # ------------------------------------------------------------------ the applier
+    async def _apply_task(self) -> None:
+        while True:
+            while self._apply_seq >= self._commit_seq:
+                await self._commit_changed.wait()
+            lo = self._apply_seq + 1
+            hi = min(self._commit_seq, lo + self._apply_max - 1)
+            ents = self._take_entries(lo, hi)
+            bufs: list[bytes | None] = [e.data or None for e in ents]
+            results: Any = None
+            if self._apply_fn is not None:
+                try:
+                    results = await _maybe_await(self._apply_fn(bufs, lo))
+                except Exception as e:
+                    # The state machine must be deterministic; if it raises, replicas could
+                    # diverge, so the node stops rather than guess.
+                    self.events.emit("error", message=f"apply({lo}..) raised {e!r}", exc=e)
+                    raise
+                if results is not None and len(results) != len(ents):
+                    err = UsageError(
+                        f"apply() returned {len(results)} results for {len(ents)} entries "
+                        f"(seq {lo}..{ents[-1].seq}); return one per entry or None"
+                    )
+                    self.events.emit("error", message=str(err), exc=err)
+                    raise err
+            self._finish_applied(ents, results)
+            self._apply_seq = ents[-1].seq
+            self._apply_changed.set()
+            self._apply_changed = trio.Event()
+            self.events.emit("apply", seq=self._apply_seq)
+
+    def _take_entries(self, lo: int, hi: int) -> list[Entry]:
+        cache = self._cache
+        while cache and cache[0].seq < lo:
+            cache.popleft()
+        if cache and cache[0].seq == lo:
+            n = min(hi - lo + 1, len(cache))
+            return [cache.popleft() for _ in range(n)]
+        return self.log.entries(lo, hi, 8 << 20)
+
+    def _finish_applied(self, ents: list[Entry], results: Any) -> None:
+        waiters, active, recent = self._waiters, self._active, self._recent_results
+        for i, e in enumerate(ents):
+            r = results[i] if results is not None else None
+            recent.append((e.seq, e.term, r))
+            if waiters:
+                w = waiters.pop(e.seq, None)
+                if w is not None:
+                    active.append(w)
+            if active:
+                for w in list(active):
+                    if e.term != w.term:
+                        active.remove(w)
+                        w.fail(self._lost(w))
+                        continue
+                    w.results.append(r)
+                    if e.seq == w.last:
+                        active.remove(w)
+                        w.set(w.results)
+
+    def _lost(self, w: _AppendWaiter) -> LeadershipLostError:
+        return LeadershipLostError(
+            f"the leader of term {w.term} lost its role before seq {w.first}..{w.last} were "
+            "committed; another leader's entries took their place and yours were not applied"
+        )
+
+    def _register(self, first: int, last: int, term: int) -> _AppendWaiter:
+        w = _AppendWaiter(first, last, term)
+        if first <= self._apply_seq:
+            # Already applied (a forwarded append whose answer came late): use the memory.
+            got = [(s, t, r) for (s, t, r) in self._recent_results if first <= s <= last]
+            if len(got) == last - first + 1 and all(t == term for _, t, _ in got) and last <= self._apply_seq:
+                w.set([r for _, _, r in got])
+                return w
+            if any(t != term for _, t, _ in got):
+                w.fail(self._lost(w))
+                return w
+            if len(got) < min(last, self._apply_seq) - first + 1:
+                w.fail(RaftTimeoutError(f"results for seq {first}.. are no longer in memory"))
+                return w
+            # Partially applied: collect the rest as it comes.
+            w.results = [r for _, _, r in got]
+            self._active.append(w)
+            return w
+        self._waiters[first] = w
+        return w
+
+    # ------------------------------------------------------------------ public API
+    async def append(self, data: bytes) -> AppendResult:
+        """Append one entry through the leader (forwarded if this node follows) and return
+        once this node has applied it: ``AppendResult(seq, data, result)``.
+
+        Raises ``InvalidArgumentError`` for non-bytes or empty data, ``RaftTimeoutError``
+        after ``append_timeout`` (the entry may still commit later), ``LeadershipLostError``
+        when the entry was proposed but lost, ``NodeStoppedError``."""
+        item = _check_item(data, "append(data)")
+        res = await self._append((item,))
+        return AppendResult(res[0], data, res[1][0])
+
+    async def append_batch(self, items: Sequence[bytes]) -> AppendResult:
+        """Append several entries atomically and in order; returns the first seq and the list
+        of results (see ``append``)."""
+        if isinstance(items, (bytes, bytearray, memoryview)) or not isinstance(items, Sequence):
+            raise InvalidArgumentError("append_batch(items): pass a list of bytes objects")
+        if not items:
+            raise InvalidArgumentError("append_batch([]): nothing to append")
+        batch = tuple(_check_item(it, f"append_batch(items[{i}])") for i, it in enumerate(items))
+        first, results = await self._append(batch)
+        return AppendResult(first, list(items), results)
+
+    async def _append(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
+        self._check_running()
+        try:
+            with trio.fail_after(self.append_timeout):
+                while True:
+                    core = self._core
+                    assert core is not None
+                    if core.role is Role.LEADER:
+                        w = _Waiter()
+                        self._proposals.append((items, w))
+                        self._wake.set()
+                        try:
+                            aw = await w.wait()
+                        except NotLeaderError:
+                            continue
+                    else:
+                        leader = await self.wait_leader()
+                        if leader == self.node_id:
+                            continue
+                        rid = self._new_id()
+                        fw = _Waiter()
+                        self._forwards[rid] = fw
+                        self._send(leader, m.Propose(rid, items))
+                        try:
+                            resp = await fw.wait()
+                        finally:
+                            self._forwards.pop(rid, None)
+                        if resp.first_seq < 0:
+                            await self._role_changed.wait()  # leadership moved; try again
+                            continue
+                        aw = self._register(
+                            resp.first_seq, resp.first_seq + len(items) - 1, resp.term
+                        )
+                    try:
+                        return aw.first, await aw.wait()
+                    finally:
+                        self._waiters.pop(aw.first, None)
+        except trio.TooSlowError:
+            if self.leader is None:
+                raise NoLeaderError(
+                    f"append on node {self.node_id!r}: no leader within {self.append_timeout}s "
+                    "(is a quorum of nodes up and connected?)"
+                ) from None
+            raise RaftTimeoutError(
+                f"append on node {self.node_id!r} did not complete within {self.append_timeout}s "
+                "(no quorum, or an election is under way); it may still be applied later"
+            ) from None
+
+    async def read(self, cmd: Any = None) -> Any:
+        """Linearizable read: confirm leadership with a quorum (ReadIndex), wait until this
+        node applied through that index, then return ``read(cmd)`` of your state machine."""
+        self._check_running()
+        if self._read_fn is None:
+            raise UsageError("read(): this node has no read= function; pass one to RaftNode")
+        try:
+            with trio.fail_after(self.read_timeout):
+                index = await self.read_index()
+                await self.wait_apply(index)
+        except trio.TooSlowError:
+            raise RaftTimeoutError(
+                f"read on node {self.node_id!r} not confirmed within {self.read_timeout}s"
+            ) from None
+        return await _maybe_await(self._read_fn(cmd))
+
+    async def read_index(self) -> int:
+        """The commit seq a linearizable read must wait for (leader confirmed by a quorum).
+        Retries through elections; bound it with your own cancel scope."""
+        self._check_running()
+        while True:
+            await self.wait_leader()
+            rid = self._new_id()
+            w = _Waiter()
+            self._reads[rid] = w
+            self._read_requests.append(rid)
+            self._wake.set()
+            try:
+                index = await w.wait()
+            finally:
+                self._reads.pop(rid, None)
+            if index >= -1:
+                return int(index)
+            # Refused (leadership changing): wait for the next change or a short while.
+            with trio.move_on_after(self._config.heartbeat_interval):
+                await self._role_changed.wait()
+
+    async def wait_leader(self, commit: bool = False) -> Any:
+        """Wait until a leader is known and return its id; with ``commit=True`` also until
+        this node has seen an entry of the leader's term committed."""
+        self._check_running()
+        while True:
+            core = self._core
+            if core is None:
+                raise NodeStoppedError(f"node {self.node_id!r} stopped")
+            leader = core.leader
+            if leader is not None and (
+                not commit
+                or (self._commit_seq >= 0 and self.log_term_at(self._commit_seq) == core.term)
+            ):
+                return leader
+            ev = self._commit_changed if (commit and leader is not None) else self._role_changed
+            await ev.wait()
+
+    async def wait_commit(self, seq: int) -> None:
+        while self._commit_seq < seq:
+            self._check_running()
+            await self._commit_changed.wait()
+
+    async def wait_apply(self, seq: int) -> None:
+        while self._apply_seq < seq:
+            self._check_running()
+            await self._apply_changed.wait()
+
+    def subscribe(self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024) -> Subscription:
+        """An async iterator of events (``change``, ``commit``, ``apply``, ``warn``,
+        ``error``); a slow reader loses the oldest events, never stalls the node."""
+        return self.events.subscribe(kinds, maxlen=maxlen)
+
+    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
+        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick)."""
+        self.events.on(kinds, callback)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def state(self) -> str:
+        """``"follower"``, ``"pre_candidate"``, ``"candidate"``, ``"leader"`` or ``"stopped"``."""
+        return self._core.role.value if self._core is not None else "stopped"
+
+    @property
+    def leader(self) -> Any:
+        return self._core.leader if self._core is not None else None
+
+    @property
+    def term(self) -> int:
+        return self._core.term if self._core is not None else 0
+
+    @property
+    def followers(self) -> list[Any]:
+        """On the leader: the followers that answered within the last election timeout."""
+        core = self._core
+        if core is None or core.role is not Role.LEADER:
+            return []
+        active = getattr(core, "active_followers", None)
+        if active is not None:
+            return list(active)
+        return [n for n in self.nodes if n != self.node_id]
+
+    @property
+    def seq(self) -> int:
+        return int(self.log.seq)
+
+    @property
+    def head(self) -> bytes | None:
+        """The last entry's payload (``None`` when empty or when it is a leader's no-op)."""
+        h = self.log.head
+        return h or None
+
+    @property
+    def commit_seq(self) -> int:
+        return self._commit_seq
+
+    @property
+    def apply_seq(self) -> int:
+        return self._apply_seq
+
+    @property
+    def running(self) -> bool:
+        return self._running and not self._stopping
+
+    def log_term_at(self, seq: int) -> int:
+        return int(self.log.term_at(seq))
+
+    # ------------------------------------------------------------------ helpers
+    def _check_running(self) -> None:
+        if not self._running or self._stopping:
+            raise ClosedError(
+                f"RaftNode {self.node_id!r} is not running: use `async with node:` or start()"
+            )
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+
+def _check_item(data: Any, where: str) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise InvalidArgumentError(f"{where}: expected bytes, got {type(data).__name__}")
+    if not data:
+        raise InvalidArgumentError(
+            f"{where}: empty payloads are reserved for the leader's no-op entry; send at least one byte"
+        )
+    return data
+
+
+__all__ = ["RaftNode", "AppendResult"]
