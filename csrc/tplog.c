@@ -1,0 +1,524 @@
+/* tplog.c: see tplog.h for the file format and the contract of each function. */
+#define _GNU_SOURCE
+#include "tplog.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <nmmintrin.h>
+#define TP_X86 1
+#endif
+
+/* ---------------------------------------------------------------- little endian ---- */
+
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+           (uint32_t)p[3] << 24;
+}
+static inline uint64_t rd64(const uint8_t *p) {
+    return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32;
+}
+static inline void wr32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+static inline void wr64(uint8_t *p, uint64_t v) {
+    wr32(p, (uint32_t)v);
+    wr32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* ---------------------------------------------------------------------- CRC32C ---- */
+
+/* Slicing-by-8 tables for the software path: 8 bytes per step instead of 1 makes the
+ * fallback fast enough (~2 GB/s) that a CPU without SSE4.2 still keeps up with a disk. */
+static uint32_t crc_table[8][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+static int crc_hw = -1;
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1)));
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
+#ifdef TP_X86
+    __builtin_cpu_init();
+    crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#else
+    crc_hw = 0;
+#endif
+}
+
+uint32_t tp_crc32c_sw(uint32_t crc, const void *buf, size_t len) {
+    pthread_once(&crc_once, crc_init);
+    const uint8_t *p = buf;
+    uint32_t c = ~crc;
+    while (len && ((uintptr_t)p & 7)) {
+        c = (c >> 8) ^ crc_table[0][(c ^ *p++) & 0xff];
+        len--;
+    }
+    while (len >= 8) {
+        uint32_t lo = c ^ rd32(p), hi = rd32(p + 4);
+        c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^
+            crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24] ^
+            crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff] ^
+            crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        len -= 8;
+    }
+    while (len--) c = (c >> 8) ^ crc_table[0][(c ^ *p++) & 0xff];
+    return ~c;
+}
+
+#ifdef TP_X86
+__attribute__((target("sse4.2"))) static uint32_t crc_hw_impl(uint32_t crc, const void *buf,
+                                                                size_t len) {
+    const uint8_t *p = buf;
+    uint64_t c = ~crc;
+    while (len && ((uintptr_t)p & 7)) {
+        c = _mm_crc32_u8((uint32_t)c, *p++);
+        len--;
+    }
+#if defined(__x86_64__)
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+        p += 8;
+        len -= 8;
+    }
+#endif
+    while (len--) c = _mm_crc32_u8((uint32_t)c, *p++);
+    return ~(uint32_t)c;
+}
+#endif
+
+int tp_crc32c_hw_available(void) {
+    pthread_once(&crc_once, crc_init);
+    return crc_hw;
+}
+
+uint32_t tp_crc32c_hw(uint32_t crc, const void *buf, size_t len) {
+#ifdef TP_X86
+    if (tp_crc32c_hw_available()) return crc_hw_impl(crc, buf, len);
+#endif
+    return tp_crc32c_sw(crc, buf, len);
+}
+
+uint32_t tp_crc32c(uint32_t crc, const void *buf, size_t len) {
+#ifdef TP_X86
+    if (tp_crc32c_hw_available()) return crc_hw_impl(crc, buf, len);
+#endif
+    return tp_crc32c_sw(crc, buf, len);
+}
+
+/* -------------------------------------------------------------- segment header ---- */
+
+static const uint8_t SEG_MAGIC[8] = {'T', 'P', 'L', 'O', 'G', 'S', 'E', 'G'};
+
+void tp_seg_header_encode(uint8_t *out, uint64_t first_seq, uint64_t prev_term) {
+    memset(out, 0, TP_SEG_HDR);
+    memcpy(out, SEG_MAGIC, 8);
+    wr32(out + 8, TP_FORMAT_VERSION);
+    wr32(out + 12, TP_SEG_HDR);
+    wr64(out + 16, first_seq);
+    wr64(out + 24, prev_term);
+    wr32(out + 44, tp_crc32c(0, out, 44));
+}
+
+int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
+                         uint64_t *prev_term) {
+    if (len < TP_SEG_HDR) return TP_ESHORT;
+    if (memcmp(in, SEG_MAGIC, 8) != 0) return TP_EHDR;
+    if (rd32(in + 44) != tp_crc32c(0, in, 44)) return TP_ECRC;
+    if (rd32(in + 8) != TP_FORMAT_VERSION || rd32(in + 12) != TP_SEG_HDR) return TP_EHDR;
+    *first_seq = rd64(in + 16);
+    *prev_term = rd64(in + 24);
+    return 0;
+}
+
+/* --------------------------------------------------------------------- framing ---- */
+
+static inline void frame_one(uint8_t *h, uint32_t len, uint64_t seq, uint64_t term,
+                             uint32_t flags) {
+    wr32(h, len);
+    wr64(h + 8, seq);
+    wr64(h + 16, term);
+    wr32(h + 24, flags);
+    wr32(h + 28, 0);
+    wr32(h + 4, tp_crc32c(0, h + 8, (size_t)TP_REC_HDR - 8 + len));
+}
+
+size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
+                      uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
+                      uint64_t *offs_out) {
+    size_t pos = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t flags = (atomic && i + 1 < n) ? TP_FLAG_MORE : 0;
+        frame_one(base + pos, lens[i], seq + i, terms ? terms[i] : term, flags);
+        if (offs_out) offs_out[i] = file_off + pos;
+        pos += TP_REC_HDR + (size_t)lens[i];
+    }
+    return pos;
+}
+
+/* ---------------------------------------------------------- fault injection ---- */
+
+/* Test hook: armed with tp_inject_fault; costs one relaxed atomic load per write. */
+static _Atomic int fault_op = 0, fault_err = 0, fault_after = 0;
+
+void tp_inject_fault(int op, int err, int after_n) {
+    atomic_store(&fault_op, 0);
+    atomic_store(&fault_err, err);
+    atomic_store(&fault_after, after_n);
+    atomic_store(&fault_op, err ? op : 0);
+}
+
+static int fault_hit(int op) {
+    if (atomic_load_explicit(&fault_op, memory_order_relaxed) != op) return 0;
+    if (atomic_fetch_sub(&fault_after, 1) > 0) return 0;
+    int err = atomic_load(&fault_err);
+    atomic_store(&fault_op, 0);
+    return err;
+}
+
+/* ----------------------------------------------------------------- durable write ---- */
+
+int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op) {
+    const uint8_t *p = buf;
+    size_t done = 0;
+    *failed_op = 0;
+    while (done < len) {
+        int inj = fault_hit(TP_OP_WRITE);
+        ssize_t w;
+        if (inj) {
+            /* Simulate a disk that fills up halfway through the batch: write part of it,
+             * then fail, so the truncate-back path is exercised for real. */
+            size_t part = (len - done) / 2;
+            if (part) {
+                ssize_t r = pwrite(fd, p + done, part, (off_t)(off + done));
+                (void)r;
+            }
+            errno = inj;
+            w = -1;
+        } else {
+            w = pwrite(fd, p + done, len - done, (off_t)(off + done));
+        }
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            int err = errno;
+            /* Leave the file as it was before this batch so a later write does not land
+             * after a hole of garbage. If even this fails, the caller fails the log. */
+            if (ftruncate(fd, (off_t)off) != 0) err = err ? err : errno;
+            *failed_op = TP_OP_WRITE;
+            return -err;
+        }
+        if (w == 0) {
+            if (ftruncate(fd, (off_t)off) != 0) { /* reported as ENOSPC below */ }
+            *failed_op = TP_OP_WRITE;
+            return -ENOSPC;
+        }
+        done += (size_t)w;
+    }
+    if (sync) {
+        int inj = fault_hit(TP_OP_SYNC);
+        if (inj) {
+            *failed_op = TP_OP_SYNC;
+            return -inj;
+        }
+        while (fdatasync(fd) != 0) {
+            if (errno == EINTR) continue;
+            *failed_op = TP_OP_SYNC;
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- flusher thread ---- */
+
+/* One job at a time: the Python side never submits before collecting the previous
+ * result, so a mutex + condition variable for the hand-off in and an eventfd for the
+ * hand-off out are all that is needed. */
+struct tp_flusher {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int efd;
+    int stop;
+    int has_job, done;
+    int fd, sync;
+    const void *buf;
+    size_t len;
+    uint64_t off;
+    int rc, failed_op;
+};
+
+static void *flusher_main(void *arg) {
+    tp_flusher *f = arg;
+    pthread_mutex_lock(&f->mu);
+    for (;;) {
+        while (!f->has_job && !f->stop) pthread_cond_wait(&f->cv, &f->mu);
+        if (f->stop && !f->has_job) break;
+        int fd = f->fd, sync = f->sync;
+        const void *buf = f->buf;
+        size_t len = f->len;
+        uint64_t off = f->off;
+        pthread_mutex_unlock(&f->mu);
+        int op = 0;
+        int rc = tp_write(fd, buf, len, off, sync, &op);
+        pthread_mutex_lock(&f->mu);
+        f->rc = rc;
+        f->failed_op = op;
+        f->has_job = 0;
+        f->done = 1;
+        uint64_t one = 1;
+        while (write(f->efd, &one, sizeof one) < 0 && errno == EINTR) {
+        }
+    }
+    pthread_mutex_unlock(&f->mu);
+    return NULL;
+}
+
+int tp_flusher_start(tp_flusher **out, int *efd_out) {
+    tp_flusher *f = calloc(1, sizeof *f);
+    if (!f) return -ENOMEM;
+    f->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (f->efd < 0) {
+        int err = errno;
+        free(f);
+        return -err;
+    }
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_cond_init(&f->cv, NULL);
+    int rc = pthread_create(&f->thread, NULL, flusher_main, f);
+    if (rc != 0) {
+        close(f->efd);
+        pthread_mutex_destroy(&f->mu);
+        pthread_cond_destroy(&f->cv);
+        free(f);
+        return -rc;
+    }
+    *out = f;
+    *efd_out = f->efd;
+    return 0;
+}
+
+int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
+                      int sync) {
+    pthread_mutex_lock(&f->mu);
+    if (f->has_job || f->stop) {
+        pthread_mutex_unlock(&f->mu);
+        return -EBUSY;
+    }
+    f->fd = fd;
+    f->buf = buf;
+    f->len = len;
+    f->off = off;
+    f->sync = sync;
+    f->done = 0;
+    f->has_job = 1;
+    pthread_cond_signal(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    return 0;
+}
+
+int tp_flusher_collect(tp_flusher *f, int *failed_op) {
+    uint64_t v;
+    while (read(f->efd, &v, sizeof v) < 0 && errno == EINTR) {
+    }
+    pthread_mutex_lock(&f->mu);
+    int rc = -EAGAIN;
+    if (f->done) {
+        rc = f->rc;
+        *failed_op = f->failed_op;
+        f->done = 0;
+    }
+    pthread_mutex_unlock(&f->mu);
+    return rc;
+}
+
+void tp_flusher_stop(tp_flusher *f) {
+    if (!f) return;
+    pthread_mutex_lock(&f->mu);
+    f->stop = 1;
+    pthread_cond_signal(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    pthread_join(f->thread, NULL); /* finishes a job in progress first */
+    close(f->efd);
+    pthread_mutex_destroy(&f->mu);
+    pthread_cond_destroy(&f->cv);
+    free(f);
+}
+
+/* ------------------------------------------------------------------ record check ---- */
+
+/* Check the record at p (avail bytes from p to the end of the data) against the
+ * expected seq. Returns 0 and its total size, or a TP_E* code. */
+static int check_record(const uint8_t *p, uint64_t avail, uint64_t expect_seq,
+                        uint64_t *size) {
+    if (avail < TP_REC_HDR) return TP_ESHORT;
+    uint32_t len = rd32(p);
+    if (len > TP_MAX_PAYLOAD) return TP_EBADLEN;
+    if ((uint64_t)TP_REC_HDR + len > avail) return TP_ESHORT;
+    if (rd32(p + 4) != tp_crc32c(0, p + 8, (size_t)TP_REC_HDR - 8 + len)) return TP_ECRC;
+    if ((rd32(p + 24) & ~TP_FLAG_MORE) != 0 || rd32(p + 28) != 0) return TP_EFLAGS;
+    if (rd64(p + 8) != expect_seq) return TP_ESEQ;
+    *size = TP_REC_HDR + (uint64_t)len;
+    return 0;
+}
+
+/* -------------------------------------------------------------------------- scan ---- */
+
+static int push_u64(uint64_t **arr, size_t *n, size_t *cap, uint64_t v) {
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 1024;
+        uint64_t *na = realloc(*arr, nc * sizeof **arr);
+        if (!na) return -ENOMEM;
+        *arr = na;
+        *cap = nc;
+    }
+    (*arr)[(*n)++] = v;
+    return 0;
+}
+
+static int push_run(tp_scan *s, uint64_t seq, uint64_t term) {
+    if (s->nruns == s->runcap) {
+        size_t nc = s->runcap ? s->runcap * 2 : 64;
+        uint64_t *a = realloc(s->run_seq, nc * sizeof *a);
+        if (!a) return -ENOMEM;
+        s->run_seq = a;
+        uint64_t *b = realloc(s->run_term, nc * sizeof *b);
+        if (!b) return -ENOMEM;
+        s->run_term = b;
+        s->runcap = nc;
+    }
+    s->run_seq[s->nruns] = seq;
+    s->run_term[s->nruns] = term;
+    s->nruns++;
+    return 0;
+}
+
+void tp_scan_release(tp_scan *s) {
+    free(s->offs);
+    free(s->run_seq);
+    free(s->run_term);
+    s->offs = s->run_seq = s->run_term = NULL;
+    s->n = s->nruns = s->cap = s->runcap = 0;
+}
+
+/* Is there a whole valid record anywhere in data[from..size) with a seq at or after
+ * expect_seq? Only a record that a writer produced can pass the CRC at a plausible seq,
+ * so finding one means the damage is in the middle of the log, not a torn tail. */
+static uint64_t find_resync(const uint8_t *data, uint64_t from, uint64_t size,
+                            uint64_t expect_seq) {
+    uint64_t max_seq = expect_seq + (size - from) / TP_REC_HDR + 1;
+    for (uint64_t p = from; p + TP_REC_HDR <= size; p++) {
+        uint64_t seq = rd64(data + p + 8);
+        if (seq < expect_seq || seq > max_seq) continue;
+        uint64_t sz;
+        if (check_record(data + p, size - p, seq, &sz) == 0) return p;
+    }
+    return UINT64_MAX;
+}
+
+int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_offs,
+                    tp_scan *s) {
+    memset(s, 0, sizeof *s);
+    s->status = TP_SCAN_CLEAN;
+    s->resync_off = UINT64_MAX;
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -errno;
+    uint64_t size = (uint64_t)st.st_size;
+    s->file_size = size;
+    s->end = s->commit_end = start_off;
+    if (size <= start_off) return 0;
+    /* mmap rather than read: the scan touches every byte once, and mapping the page
+     * cache avoids holding a private copy of a 64 MiB segment. */
+    uint8_t *data = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (data == MAP_FAILED) return -errno;
+    madvise(data, size, MADV_SEQUENTIAL);
+    uint64_t off = start_off, seq = first_seq;
+    int rc = 0;
+    uint64_t last_term = 0;
+    while (off < size) {
+        uint64_t sz;
+        int r = check_record(data + off, size - off, seq, &sz);
+        if (r != 0) {
+            s->reason = r;
+            s->bad_off = off;
+            uint64_t rs = find_resync(data, off + 1, size, seq);
+            if (rs != UINT64_MAX) {
+                s->status = TP_SCAN_CORRUPT;
+                s->resync_off = rs;
+            } else {
+                s->status = TP_SCAN_TORN;
+            }
+            break;
+        }
+        uint64_t term = rd64(data + off + 16);
+        if (s->n == 0 || term != last_term) {
+            if ((rc = push_run(s, seq, term)) != 0) break;
+            last_term = term;
+        }
+        if (want_offs && (rc = push_u64(&s->offs, &s->n, &s->cap, off)) != 0) break;
+        if (!want_offs) s->n++;
+        off += sz;
+        seq++;
+        if ((rd32(data + off - sz + 24) & TP_FLAG_MORE) == 0) {
+            s->n_commit = s->n;
+            s->commit_end = off;
+        }
+    }
+    s->end = off;
+    munmap(data, size);
+    if (rc != 0) {
+        tp_scan_release(s);
+        return rc;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- parse ---- */
+
+long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_seq,
+              size_t max_n, uint64_t *starts, uint64_t *ends, uint64_t *terms,
+              uint64_t *bad_off) {
+    size_t pos = 0, n = 0;
+    while (n < max_n && pos < len) {
+        uint64_t sz;
+        int r = check_record(buf + pos, len - pos, first_seq + n, &sz);
+        if (r == TP_ESHORT) {
+            /* A record cut by the end of the buffer is the caller's business (it read a
+             * short range) unless its header already says it cannot be valid. */
+            if (len - pos >= 4 && rd32(buf + pos) > TP_MAX_PAYLOAD) {
+                *bad_off = file_off + pos;
+                return TP_EBADLEN;
+            }
+            break;
+        }
+        if (r != 0) {
+            *bad_off = file_off + pos;
+            return r;
+        }
+        starts[n] = pos + TP_REC_HDR;
+        ends[n] = pos + sz;
+        terms[n] = rd64(buf + pos + 16);
+        pos += sz;
+        n++;
+    }
+    return (long)n;
+}

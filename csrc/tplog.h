@@ -1,0 +1,140 @@
+/*
+ * tplog: the hot path of tinyraftplus's durable log (framing, CRC32C, batched durable
+ * writes, the recovery scan, verified range reads). No Python objects in here: every
+ * function takes plain buffers and returns 0 or a negative errno-style code, and the
+ * Python layer (tinyraftplus/log/) turns codes into exceptions naming file and offset.
+ *
+ * ON-DISK FORMAT (version 1; all integers little-endian)
+ *
+ * A log is a directory holding segment files named by the seq of their first record,
+ * zero-padded to 20 digits so that `ls` sorts them: "00000000000000000000.seg".
+ *
+ * Segment header, TP_SEG_HDR (48) bytes at offset 0:
+ *     0  8  magic "TPLOGSEG"
+ *     8  u32 format version (1)
+ *    12  u32 header length (48)
+ *    16  u64 first seq of this segment (equals the file name)
+ *    24  u64 term of the record just before first seq (0 if none), so the term of
+ *            first_seq - 1 survives compaction
+ *    32  12 bytes reserved, zero
+ *    44  u32 CRC32C of bytes 0..44
+ *
+ * Then records, back to back. Record header, TP_REC_HDR (32) bytes:
+ *     0  u32 payload length (<= TP_MAX_PAYLOAD)
+ *     4  u32 CRC32C of everything after this field: bytes 8..32 of the header and the
+ *            payload (so seq, term and flags are covered, not only the payload)
+ *     8  u64 seq (the previous record's seq + 1; the first is the segment's first seq)
+ *    16  u64 term (Raft term; 0 when Raft is not used)
+ *    24  u32 flags: bit 0 TP_FLAG_MORE = more records of the same atomic batch follow;
+ *            other bits must be zero
+ *    28  u32 reserved, zero
+ * followed by the payload.
+ *
+ * Atomic batches (append_batch, transactions): every record of a batch but the last
+ * carries TP_FLAG_MORE, and a batch never spans two segments. Recovery keeps records up
+ * to the last one without TP_FLAG_MORE, so a batch cut short by a crash disappears whole.
+ *
+ * CRC32C is the Castagnoli polynomial (reflected 0x82F63B78), initial value and final
+ * xor 0xFFFFFFFF, i.e. the same as iSCSI, ext4 and the Python `crc32c` package.
+ */
+#ifndef TPLOG_H
+#define TPLOG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TP_SEG_HDR 48
+#define TP_REC_HDR 32
+#define TP_FLAG_MORE 1u
+#define TP_FORMAT_VERSION 1
+#define TP_MAX_PAYLOAD (1u << 30)
+
+/* Error codes beyond errno (negative, like -errno). */
+#define TP_EBADLEN (-1001)  /* length field out of range or past the end */
+#define TP_ECRC (-1002)     /* CRC mismatch */
+#define TP_ESEQ (-1003)     /* seq is not the expected one */
+#define TP_EFLAGS (-1004)   /* unknown flag or reserved bits set */
+#define TP_ESHORT (-1005)   /* the range ends inside a record */
+#define TP_EHDR (-1006)     /* segment header damaged */
+
+/* Scan outcomes */
+#define TP_SCAN_CLEAN 0   /* ended exactly at the end of the file */
+#define TP_SCAN_TORN 1    /* invalid bytes at the tail and nothing valid after them */
+#define TP_SCAN_CORRUPT 2 /* invalid record followed by a valid one: damage mid-log */
+
+/* Failed operation reported by tp_write / the flusher. */
+#define TP_OP_WRITE 1
+#define TP_OP_SYNC 2
+
+/* CRC32C. `crc` is the value returned by a previous call (0 to start). */
+uint32_t tp_crc32c(uint32_t crc, const void *buf, size_t len);
+uint32_t tp_crc32c_sw(uint32_t crc, const void *buf, size_t len);
+uint32_t tp_crc32c_hw(uint32_t crc, const void *buf, size_t len); /* needs hw_available */
+int tp_crc32c_hw_available(void);
+
+/* Segment header. */
+void tp_seg_header_encode(uint8_t *out, uint64_t first_seq, uint64_t prev_term);
+int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
+                         uint64_t *prev_term);
+
+/* Frame n records in place. `base` holds, back to back, for each record TP_REC_HDR bytes
+ * of room followed by its payload of lens[i] bytes; this fills in the headers. Seqs run
+ * from `seq`; terms are terms[i] if `terms` is not NULL, else `term`. If `atomic`, all
+ * records but the last get TP_FLAG_MORE. offs_out[i] = file_off + offset of record i.
+ * Returns the number of bytes framed. */
+size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
+                      uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
+                      uint64_t *offs_out);
+
+/* pwrite `len` bytes at `off` (looping over short writes), then fdatasync if `sync`.
+ * On a write failure the file is truncated back to `off`. Returns 0 or -errno and sets
+ * *failed_op to TP_OP_WRITE or TP_OP_SYNC. */
+int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op);
+
+/* A C flusher thread: runs tp_write jobs one at a time and signals completion through an
+ * eventfd that the Trio thread waits on. */
+typedef struct tp_flusher tp_flusher;
+int tp_flusher_start(tp_flusher **out, int *efd_out);
+int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
+                      int sync);
+/* After the eventfd became readable: the job's result (0 / -errno), or -EAGAIN. */
+int tp_flusher_collect(tp_flusher *f, int *failed_op);
+void tp_flusher_stop(tp_flusher *f);
+
+/* Recovery scan of one segment from `start_off` (normally TP_SEG_HDR) whose first record
+ * must have seq `first_seq`. Memory for the arrays is owned by the struct: release it
+ * with tp_scan_release. */
+typedef struct tp_scan {
+    uint64_t *offs;     /* offsets of valid records (only if want_offs) */
+    size_t n;           /* valid records */
+    uint64_t *run_seq;  /* term runs among the valid records: start seq ... */
+    uint64_t *run_term; /* ... and term */
+    size_t nruns;
+    size_t n_commit;     /* records up to the end of the last complete batch */
+    uint64_t commit_end; /* file offset just after those */
+    uint64_t end;        /* file offset after the last valid record */
+    uint64_t file_size;
+    uint64_t bad_off;    /* TORN / CORRUPT: where the first invalid record starts */
+    uint64_t resync_off; /* CORRUPT: offset of a valid record after the damage */
+    int status;          /* TP_SCAN_* */
+    int reason;          /* TP_E* for the first invalid record */
+    size_t cap, runcap;  /* private */
+} tp_scan;
+int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_offs,
+                    tp_scan *out);
+void tp_scan_release(tp_scan *s);
+
+/* Verify and parse the whole records in buf[0..len) (as read from file offset file_off),
+ * the first of which must have seq `first_seq`. Writes per record the payload's start and
+ * end (relative to buf) and term; stops after max_n records or at a record that does not
+ * fit in the buffer. Returns the number of records parsed, or a negative TP_E* code with
+ * *bad_off set to the file offset of the bad record. */
+long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_seq,
+              size_t max_n, uint64_t *starts, uint64_t *ends, uint64_t *terms,
+              uint64_t *bad_off);
+
+/* TEST ONLY: make the next write (op TP_OP_WRITE) or fdatasync (TP_OP_SYNC) after
+ * `after_n` successful ones fail with `err` (once). err == 0 disarms. */
+void tp_inject_fault(int op, int err, int after_n);
+
+#endif
