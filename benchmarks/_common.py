@@ -1,0 +1,264 @@
+"""Shared pieces of the benchmark harness: results, targets, the run context, timing, RSS.
+
+A benchmark *section* is a module with ``TITLE: str`` and ``async def run(ctx: Context) ->
+list[Result]``; ``benchmarks.append_throughput`` lists the sections it runs. A section
+measures each figure beside a baseline measured in the same run, on the same directory,
+interleaved with it (the machine is shared and noisy, so both are repeated and the medians
+reported), and returns ``Result`` rows. Nothing here knows about the log or Raft.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one figure: ``metric`` ("value" or "ratio") ``op`` ``threshold``."""
+
+    op: str
+    threshold: float
+    metric: str = "value"
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"target op must be one of {sorted(_OPS)}, not {self.op!r}")
+        if self.metric not in ("value", "ratio"):
+            raise ValueError(f"target metric must be 'value' or 'ratio', not {self.metric!r}")
+
+    def check(self, result: Result) -> bool | None:
+        got = result.value if self.metric == "value" else result.ratio
+        if got is None or (isinstance(got, float) and math.isnan(got)):
+            return None
+        return _OPS[self.op](got, self.threshold)
+
+    def describe(self, unit: str) -> str:
+        if self.metric == "ratio":
+            return f"ratio {self.op} {_fmt(self.threshold)}"
+        return f"{self.op} {_fmt(self.threshold)} {unit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "op": self.op, "value": self.threshold}
+
+
+@dataclass
+class Result:
+    """One row of the table and of the JSON output.
+
+    ``baseline`` is in ``baseline_unit`` (defaults to ``unit``); ``ratio`` is always
+    ``value / baseline`` unless the section sets it, also where smaller is better (open time,
+    memory), so read it with the target beside it. ``samples`` are the individual
+    repetitions behind the medians.
+    """
+
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_unit: str | None = None
+    baseline_name: str | None = None
+    ratio: float | None = None
+    target: Target | None = None
+    notes: str = ""
+    samples: list[float] = field(default_factory=list)
+    baseline_samples: list[float] = field(default_factory=list)
+    extra_targets: list[Target] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.baseline:
+            self.ratio = self.value / self.baseline
+
+    @property
+    def passed(self) -> bool | None:
+        checks = [t.check(self) for t in ([self.target] if self.target else [])]
+        checks += [t.check(self) for t in self.extra_targets]
+        if not checks:
+            return None
+        if any(c is False for c in checks):
+            return False
+        if any(c is None for c in checks):
+            return None
+        return True
+
+    def target_text(self) -> str:
+        targets = ([self.target] if self.target else []) + self.extra_targets
+        return " and ".join(t.describe(self.unit) for t in targets)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+        }
+        if self.baseline is not None:
+            out["baseline_unit"] = self.baseline_unit or self.unit
+            out["baseline_name"] = self.baseline_name
+        targets = ([self.target] if self.target else []) + self.extra_targets
+        out["target"] = targets[0].to_json() if len(targets) == 1 else (
+            [t.to_json() for t in targets] if targets else None
+        )
+        out["pass"] = self.passed
+        out["notes"] = self.notes
+        out["samples"] = self.samples
+        out["baseline_samples"] = self.baseline_samples
+        return out
+
+
+@dataclass
+class Context:
+    """What every section gets.
+
+    ``tmpdir`` is a fresh directory on the disk under test; sections make subdirectories and
+    should delete big files when done (the harness deletes the whole directory at the end).
+    ``baselines`` caches raw figures by name so that later sections can compare against the
+    same raw limit without measuring it again (for example ``raw.fdatasync.1KiB`` ops/s).
+    ``repeats`` and ``duration`` size each repetition; ``quick`` asks for small sizes.
+    """
+
+    tmpdir: Path
+    quick: bool = False
+    only: tuple[str, ...] = ()
+    repeats: int = 5
+    duration: float = 1.0
+    baselines: dict[str, float] = field(default_factory=dict)
+    _counter: int = 0
+
+    def wants(self, name: str) -> bool:
+        """True if the figure ``name`` was asked for (``--only`` prefixes; none: all)."""
+        return not self.only or any(name.startswith(p) for p in self.only)
+
+    def wants_any(self, names: Iterable[str]) -> bool:
+        return any(self.wants(n) for n in names)
+
+    def subdir(self, label: str) -> Path:
+        """A new empty directory under ``tmpdir`` (unique per call)."""
+        self._counter += 1
+        path = self.tmpdir / f"{self._counter:03d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    def remove(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def median(xs: Iterable[float]) -> float:
+    return statistics.median(list(xs))
+
+
+def rate_for(duration: float, step: Callable[[], object]) -> tuple[int, float]:
+    """Call ``step()`` until ``duration`` seconds pass; return (calls, elapsed seconds)."""
+    n = 0
+    start = time.perf_counter()
+    end = start + duration
+    while True:
+        step()
+        n += 1
+        now = time.perf_counter()
+        if now >= end:
+            return n, now - start
+
+
+def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``argv`` as a child and return (its peak RSS in bytes, its stdout).
+
+    Uses ``os.wait4`` on that one child, so neither this process's memory nor other
+    children's counts (``RUSAGE_CHILDREN`` would give the maximum over every child reaped so
+    far). Raises ``RuntimeError`` with the child's output if it fails.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}:\n{out}")
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return usage.ru_maxrss * scale, out
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a child Python that must import this checkout's packages."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    ax = abs(x)
+    if ax >= 1e6:
+        return f"{x:,.0f}"
+    if ax >= 100:
+        return f"{x:,.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 0.01 or ax == 0:
+        return f"{x:.3f}"
+    return f"{x:.2e}"
+
+
+def format_table(results: list[Result]) -> str:
+    """A plain-text table: figure, baseline, ratio, target and whether it was met."""
+    rows = [("figure", "value", "baseline", "ratio", "target", "", "notes")]
+    for r in results:
+        base = "-"
+        if r.baseline is not None:
+            base = f"{_fmt(r.baseline)} {r.baseline_unit or r.unit}"
+            if r.baseline_name:
+                base += f" ({r.baseline_name})"
+        verdict = {True: "pass", False: "MISS", None: ""}[r.passed]
+        rows.append(
+            (
+                r.name,
+                f"{_fmt(r.value)} {r.unit}",
+                base,
+                _fmt(r.ratio),
+                r.target_text(),
+                verdict,
+                r.notes,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[j].ljust(widths[j]) if j == 0 else row[j].rjust(widths[j])
+                 for j in range(len(widths))]
+        lines.append("  ".join(cells) + ("  " + row[-1] if row[-1] else ""))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike[str], results: list[Result], meta: dict[str, Any]) -> None:
+    doc = {"results": [r.to_json() for r in results], "meta": meta}
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
