@@ -258,7 +258,7 @@ class RaftNode:
         self._role_changed = trio.Event()
         self._waiters: dict[int, _AppendWaiter] = {}
         self._active: list[_AppendWaiter] = []
-        self._forwards: dict[int, _Waiter] = {}
+        self._forwards: dict[int, tuple[Any, _Waiter]] = {}
         self._reads: dict[int, _Waiter] = {}
         self._next_id = 1
         self._recent_results: deque[tuple[int, int, Any]] = deque(maxlen=_RESULT_MEMORY)
@@ -370,7 +370,9 @@ class RaftNode:
             w.fail(err)
         for _, w in self._proposals:
             w.fail(err)
-        for w in list(self._forwards.values()) + list(self._reads.values()):
+        for _, w in self._forwards.values():
+            w.fail(err)
+        for w in self._reads.values():
             w.fail(err)
         self._waiters.clear()
         self._active.clear()
@@ -442,9 +444,11 @@ class RaftNode:
             else:
                 self._send(frm, m.ProposeResponse(msg.req_id, first, term))
         elif t is m.ProposeResponse:
-            w = self._forwards.pop(msg.req_id, None)
-            if w is not None:
-                w.set(msg)
+            fw = self._forwards.get(msg.req_id)
+            # Only the node we asked may answer (a stray or replayed answer is ignored).
+            if fw is not None and fw[0] == frm:
+                del self._forwards[msg.req_id]
+                fw[1].set(msg)
         else:
             core.step(frm, msg)
 
@@ -666,7 +670,7 @@ class RaftNode:
                             continue
                         rid = self._new_id()
                         fw = _Waiter()
-                        self._forwards[rid] = fw
+                        self._forwards[rid] = (leader, fw)
                         self._send(leader, m.Propose(rid, items))
                         try:
                             resp = await fw.wait()
