@@ -1,0 +1,171 @@
+"""Raft figures: three nodes in one process on the in-memory network, each with its own durable
+``FsLog`` (fsync on), beside the raw ``write`` + ``fdatasync`` loop measured in the same run.
+
+The three logs share one disk, so every committed entry costs at least two ``fdatasync``s on
+it (the leader's and a follower's, in parallel); the batch figure is also printed against the
+raw batch baseline divided by three.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+from tinyraftplus import FsLog, RaftNode
+from tinyraftplus.transport.memory import MemoryNetwork
+
+from ._common import Context, Result, Target, median
+from .baseline import batch_write_fdatasync_rate, write_fdatasync_rate
+
+TITLE = "Raft: 3 nodes, in-memory network, durable FsLogs"
+ELECTION_TIMEOUT = 0.5
+
+
+async def _cluster(stack: AsyncExitStack, directory: Path, **opts: object) -> list[RaftNode]:
+    ids = [1, 2, 3]
+    net = MemoryNetwork()
+    await stack.enter_async_context(net)
+    nodes = []
+    for i in ids:
+        node = RaftNode(
+            i, ids, net.sender(i), FsLog(str(directory), f"n{i}"),
+            election_timeout=ELECTION_TIMEOUT, ping_timeout=0.1, append_timeout=30, **opts,
+        )
+        net.attach(node)
+        nodes.append(node)
+    for node in nodes:
+        await stack.enter_async_context(node)
+    return nodes
+
+
+async def _leader(nodes: list[RaftNode]) -> RaftNode:
+    with trio.fail_after(20):
+        while True:
+            for n in nodes:
+                if n.running and n.state == "leader":
+                    await n.wait_leader(commit=True)
+                    return n
+            await trio.sleep(0.01)
+
+
+async def _rate_seq(leader: RaftNode, duration: float) -> float:
+    data = os.urandom(1024)
+    n = 0
+    start = trio.current_time()
+    end = start + duration
+    while trio.current_time() < end:
+        await leader.append(data)
+        n += 1
+    return n / (trio.current_time() - start)
+
+
+async def _rate_concurrent(leader: RaftNode, clients: int, duration: float) -> float:
+    data = os.urandom(100)
+    count = 0
+    end = trio.current_time() + duration
+
+    async def client() -> None:
+        nonlocal count
+        while trio.current_time() < end:
+            await leader.append(data)
+            count += 1
+
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(clients):
+            n.start_soon(client)
+    return count / (trio.current_time() - start)
+
+
+async def _rate_batch(leader: RaftNode, batch: int, duration: float) -> float:
+    items = [os.urandom(1024) for _ in range(batch)]
+    n = 0
+    start = trio.current_time()
+    end = start + duration
+    while trio.current_time() < end:
+        await leader.append_batch(items)
+        n += batch
+    return n / (trio.current_time() - start)
+
+
+async def _failover(directory: Path) -> float:
+    async with AsyncExitStack() as stack:
+        nodes = await _cluster(stack, directory)
+        leader = await _leader(nodes)
+        await leader.append(b"before")
+        others = [n for n in nodes if n is not leader]
+        t0 = trio.current_time()
+        await leader.stop()
+        # The clock starts when the leader dies; it stops when a new leader committed an append.
+        while True:
+            try:
+                new = await _leader(others)
+                with trio.fail_after(5 * ELECTION_TIMEOUT):
+                    await new.append(b"after")
+                break
+            except Exception:
+                continue
+        return trio.current_time() - t0
+
+
+async def run(ctx: Context) -> list[Result]:
+    names = ["raft.append.seq", "raft.append.concurrent", "raft.append_batch", "raft.failover"]
+    if not ctx.wants_any(names):
+        return []
+    dur = ctx.duration
+    reps = ctx.repeats
+    batch = 1000
+    out: list[Result] = []
+    seq_rates, conc_rates, batch_rates, raws, raw_batches = [], [], [], [], []
+    d = ctx.subdir("raft")
+    async with AsyncExitStack() as stack:
+        nodes = await _cluster(stack, d)
+        leader = await _leader(nodes)
+        for _ in range(reps):
+            raws.append(write_fdatasync_rate(d, 1024, dur / 2))
+            if ctx.wants("raft.append.seq"):
+                seq_rates.append(await _rate_seq(leader, dur))
+            if ctx.wants("raft.append.concurrent"):
+                conc_rates.append(await _rate_concurrent(leader, 256, dur))
+            if ctx.wants("raft.append_batch"):
+                raw_batches.append(batch_write_fdatasync_rate(d, 1024, batch, dur / 2) / 1024)
+                batch_rates.append(await _rate_batch(leader, batch, dur))
+    ctx.remove(d)
+    raw = median(raws)
+    if seq_rates:
+        out.append(Result(
+            "raft.append.seq", median(seq_rates), "appends/s", baseline=raw,
+            baseline_name="raw write+fdatasync 1 KiB", target=Target(">=", 2000),
+            extra_targets=[Target(">=", 0.3, "ratio")], samples=seq_rates, baseline_samples=raws,
+            notes="one client awaiting each 1 KiB append on the leader",
+        ))
+    if conc_rates:
+        out.append(Result(
+            "raft.append.concurrent", median(conc_rates), "entries/s", baseline=raw,
+            baseline_name="raw write+fdatasync 1 KiB", target=Target(">=", 50_000),
+            samples=conc_rates, baseline_samples=raws,
+            notes="256 concurrent clients, 100 B entries, each awaited (committed and applied)",
+        ))
+    if batch_rates:
+        rb = median(raw_batches)
+        out.append(Result(
+            "raft.append_batch", median(batch_rates), "entries/s", baseline=rb / 3,
+            baseline_name="raw batch loop (1 KiB records, 1 fdatasync per 1,000) / 3 logs",
+            target=Target(">=", 100_000), samples=batch_rates, baseline_samples=raw_batches,
+            notes="batches of 1,000 x 1 KiB; three logs share one disk, hence the baseline / 3",
+        ))
+    if ctx.wants("raft.failover"):
+        times = []
+        for _ in range(max(3, reps)):
+            fd = ctx.subdir("failover")
+            times.append(await _failover(fd))
+            ctx.remove(fd)
+        out.append(Result(
+            "raft.failover", median(times), "s", baseline=ELECTION_TIMEOUT,
+            baseline_name="election_timeout", target=Target("<=", 3.0, "ratio"), samples=times,
+            notes="leader stopped -> a new leader committed an append",
+        ))
+    return out
