@@ -61,7 +61,14 @@ async def _main(args: argparse.Namespace, tmpdir: Path) -> tuple[list[Result], l
     results: list[Result] = []
     errors: list[str] = []
     for name in SECTIONS:
-        module = _load(name)
+        try:
+            module = _load(name)
+        except Exception:
+            # A section whose imports fail (say, a part not built yet) must not hide the
+            # figures of the others.
+            errors.append(f"section {name} could not be imported:\n{traceback.format_exc()}")
+            print(errors[-1], file=sys.stderr)
+            continue
         if module is None:
             print(f"(section {name} not present, skipped)", file=sys.stderr)
             continue
