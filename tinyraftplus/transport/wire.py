@@ -330,14 +330,15 @@ def _fields_append_entries(m: AppendEntries) -> list:
         )
     if ents:
         # Entry is a tuple, so one zip transposes the entries into three columns in C.
-        seqs, terms, datas = zip(*ents, strict=True)
+        seqs, term_col, data_col = zip(*ents, strict=True)
         if seqs != tuple(range(m.prev_seq + 1, m.prev_seq + 1 + len(ents))):
             raise InvalidArgumentError(
                 f"cannot encode AppendEntries(prev_seq={m.prev_seq}): entry seqs "
                 f"{seqs[:5]}{'...' if len(seqs) > 5 else ''} do not follow prev_seq one by "
                 f"one; send contiguous entries"
             )
-        terms, datas = list(terms), list(datas)
+        terms: list[Any] = list(term_col)
+        datas: list[Any] = list(data_col)
         if set(map(type, datas)) != {bytes}:
             # The log may hand out memoryviews or bytearrays; the wire carries bytes.
             datas = [bytes(d) if isinstance(d, (bytearray, memoryview)) else d for d in datas]
@@ -350,7 +351,7 @@ def _fields_append_entries(m: AppendEntries) -> list:
 
 
 def _fields_propose(m: Propose) -> list:
-    items = m.items
+    items: Any = m.items
     if isinstance(items, (tuple, list)):
         items = [bytes(d) if isinstance(d, (bytearray, memoryview)) else d for d in items]
     return [PROTOCOL_VERSION, TAG_PROPOSE, m.req_id, items]
@@ -542,7 +543,7 @@ class FrameDecoder:
         """Bytes held that do not yet form a whole frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         if self._error is not None:
             raise self._error
         buf = self._buf

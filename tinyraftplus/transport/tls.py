@@ -1,0 +1,187 @@
+"""Mutual TLS between nodes: which certificate names which node, and the SSL contexts.
+
+Identity
+--------
+A node's certificate names it with a DNS ``subjectAltName``: ``node-<id>.tinyraftplus``
+(see :func:`node_dns_name`), for example ``node-1.tinyraftplus`` or
+``node-eu-west-2.tinyraftplus``. A DNS name rather than a URI because every tool that issues
+certificates (openssl, cfssl, step, trustme) makes DNS SANs, and because the standard hostname
+check then does the dialer's half of the work: a node dialing peer 3 sets ``server_hostname``
+to ``node-3.tinyraftplus`` and OpenSSL refuses any certificate that does not name it.
+The accepting side checks the dialer's certificate itself (:func:`cert_names_node`) against
+the id the dialer claims in its ``Hello``.
+
+DNS names are case-insensitive and limited to letters, digits and ``-``, so node ids used
+with TLS must be ints >= 0 or strs of those characters (starting and ending with a letter or
+digit, at most 58 of them); two ids whose names collide (``1`` and ``"1"``, ``"a"`` and
+``"A"``) cannot be told apart by a certificate and are refused in one cluster.
+
+Both sides require TLS 1.2 or later, verify against the cluster's CA only (not the system's
+trust store: a certificate from a public CA must not admit a node), and require the other side
+to present a certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError, InvalidArgumentError
+from ..raft.messages import NodeId
+
+DNS_SUFFIX = ".tinyraftplus"
+_LABEL_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,56}[A-Za-z0-9])?\Z")
+
+
+def node_dns_name(node_id: NodeId) -> str:
+    """The DNS subjectAltName a certificate for ``node_id`` carries: ``node-<id>.tinyraftplus``.
+
+    Raises ``ConfigurationError`` for ids that do not fit in a DNS label (see the module
+    docstring).
+    """
+    if type(node_id) is int:
+        if node_id < 0:
+            raise ConfigurationError(
+                f"node id {node_id} cannot be named in a TLS certificate: use ids >= 0"
+            )
+        return f"node-{node_id}{DNS_SUFFIX}"
+    if type(node_id) is str and _LABEL_ID.match(node_id):
+        return f"node-{node_id.lower()}{DNS_SUFFIX}"
+    raise ConfigurationError(
+        f"node id {node_id!r} cannot be named in a TLS certificate: use an int >= 0 or a str "
+        f"of 1..58 letters, digits and '-' that starts and ends with a letter or digit"
+    )
+
+
+def check_distinct_names(ids: Iterable[NodeId]) -> None:
+    """Raise ``ConfigurationError`` if two ids map to the same certificate name."""
+    seen: dict[str, NodeId] = {}
+    for i in ids:
+        name = node_dns_name(i)
+        if name in seen and seen[name] != i:
+            raise ConfigurationError(
+                f"node ids {seen[name]!r} and {i!r} both map to the certificate name {name}; "
+                f"a certificate could not tell them apart, so rename one"
+            )
+        seen[name] = i
+
+
+def cert_dns_names(peercert: dict[str, Any] | None) -> list[str]:
+    """The DNS subjectAltNames of a verified peer certificate (``SSLObject.getpeercert()``),
+    lower-cased."""
+    if not peercert:
+        return []
+    return [v.lower() for k, v in peercert.get("subjectAltName", ()) if k == "DNS"]
+
+
+def cert_names_node(peercert: dict[str, Any] | None, node_id: NodeId) -> bool:
+    """Whether a verified peer certificate names ``node_id``."""
+    try:
+        want = node_dns_name(node_id)
+    except ConfigurationError:
+        return False
+    return want in cert_dns_names(peercert)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The two SSL contexts a node needs: one to accept connections (it asks for and verifies
+    the client's certificate) and one to dial (it presents the node's certificate and checks
+    the server's name).
+
+    Build it with :meth:`from_files` from PEM files, or pass your own contexts (tests do,
+    with ``trustme``); :func:`check_context` says what a usable pair must have.
+    """
+
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+
+    def __post_init__(self) -> None:
+        check_context(self.server_context, server=True)
+        check_context(self.client_context, server=False)
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_file: str | os.PathLike[str],
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str] | None = None,
+        *,
+        key_password: str | bytes | None = None,
+    ) -> TlsConfig:
+        """Load the cluster CA, this node's certificate chain and its private key (PEM).
+
+        ``key_file`` may be omitted when ``cert_file`` holds the key too. Raises
+        ``InvalidArgumentError`` naming the file that could not be read or used.
+        """
+        return cls(
+            server_context=_context(ssl.Purpose.CLIENT_AUTH, ca_file, cert_file, key_file,
+                                    key_password),
+            client_context=_context(ssl.Purpose.SERVER_AUTH, ca_file, cert_file, key_file,
+                                    key_password),
+        )
+
+
+def new_context(*, server: bool) -> ssl.SSLContext:
+    """An empty context with this project's settings (no CA, no certificate loaded yet):
+    TLS >= 1.2, peer certificate required, hostname checked when dialing."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server:
+        ctx.check_hostname = True
+    return ctx
+
+
+def _context(
+    purpose: ssl.Purpose,
+    ca_file: str | os.PathLike[str],
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str] | None,
+    key_password: str | bytes | None,
+) -> ssl.SSLContext:
+    ctx = new_context(server=purpose is ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_verify_locations(cafile=os.fspath(ca_file))
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgumentError(
+            f"cannot load the cluster CA certificate from {os.fspath(ca_file)!r}: {e}"
+        ) from None
+    try:
+        ctx.load_cert_chain(
+            os.fspath(cert_file), None if key_file is None else os.fspath(key_file), key_password
+        )
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgumentError(
+            f"cannot load this node's certificate {os.fspath(cert_file)!r} / key "
+            f"{None if key_file is None else os.fspath(key_file)!r}: {e}; the key must match "
+            f"the certificate and both must be PEM"
+        ) from None
+    return ctx
+
+
+def check_context(ctx: Any, *, server: bool) -> None:
+    """Refuse a context that would silently weaken mutual TLS."""
+    side = "server_context" if server else "client_context"
+    if not isinstance(ctx, ssl.SSLContext):
+        raise InvalidArgumentError(f"TlsConfig.{side} must be an ssl.SSLContext, got {ctx!r}")
+    if ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise ConfigurationError(
+            f"TlsConfig.{side} must have verify_mode=ssl.CERT_REQUIRED: without it a peer "
+            f"without a certificate would be let in"
+        )
+    if not server and not ctx.check_hostname:
+        raise ConfigurationError(
+            "TlsConfig.client_context must have check_hostname=True: that is how a dialer "
+            "checks that the peer it reached holds the certificate of the node it meant to reach"
+        )
+
+
+__all__ = [
+    "DNS_SUFFIX", "node_dns_name", "check_distinct_names", "cert_dns_names", "cert_names_node",
+    "TlsConfig", "new_context", "check_context",
+]
