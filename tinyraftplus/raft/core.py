@@ -1,8 +1,7 @@
-"""The Raft consensus core: a pure, deterministic state machine (CONTRACT STUB).
+"""The Raft consensus core: a pure, deterministic state machine.
 
 THIS FILE IS THE CONTRACT between the core and its two drivers (``tinyraftplus.node`` with
-Trio and a durable log, ``tinyraftplus.sim`` with virtual time). Signatures and semantics
-here are fixed; the implementation replaces the ``NotImplementedError`` bodies.
+Trio and a durable log, ``tinyraftplus.sim`` with virtual time).
 
 Inputs: ``tick(now)``, ``step(from_id, msg)``, ``propose(items)``, ``read_index(read_id)``,
 ``campaign()``. Outputs: a ``Ready`` batch that the driver handles and then acknowledges
@@ -18,22 +17,59 @@ with ``advance(ready)``:
    serve ``ready.read_states`` once applied through their index.
 
 The core is never stepped between ``ready()`` and ``advance()``: drivers are sequential.
+Drivers should ``tick(now)`` before stepping a batch of messages: the core has no clock, and
+the "heard from a leader recently" check that refuses disruptive votes uses the last tick.
 
 No Trio, no I/O, no clock reads: time comes in through ``tick(now)`` (seconds, any epoch,
 monotonic), randomness from the injected ``random.Random``. The same inputs give the same
 outputs, which is what lets the simulator replay a seed.
+
+Theory of operation
+-------------------
+Roles change in one place each (``_become_follower``, ``_start_election``,
+``_become_leader``). Messages are dispatched on their type; anything stale (an older term),
+from an unknown sender, or answering a request we no longer track is dropped silently: on a
+network those are normal. A message with a newer term makes the node a follower in that term
+first, except a vote request arriving while this node still hears from a live leader
+(PreVote/CheckQuorum "lease"), which is ignored so a rejoining node cannot depose a healthy
+leader.
+
+The leader keeps a ``Progress`` per follower (see ``progress.py``) and sends nothing while
+stepping: it marks followers dirty and sends once per ``ready()``, so a burst of proposals
+or acknowledgements becomes one batch per follower. It counts its own log only as far as it
+is durable (``advance``) and commits by the quorum rule, and only entries of its own term
+(Raft section 5.4.2).
+
+ReadIndex: a read records the commit seq, then waits for a heartbeat round numbered
+``read_id`` to be acknowledged by a quorum; reads that arrive between two ``ready()`` calls
+share one round.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..entry import Entry
-from .messages import CoreMessage, NodeId
+from ..errors import ConfigurationError, InvalidArgumentError, NotLeaderError, UsageError
+from .messages import (
+    AppendEntries,
+    AppendResponse,
+    CoreMessage,
+    NodeId,
+    ReadIndex,
+    ReadIndexResponse,
+    RequestVote,
+    TimeoutNow,
+    VoteResponse,
+)
+from .progress import Progress
+from .quorum import Quorum
+from .raftlog import RaftLog
 
 
 class Role(str, Enum):
@@ -120,25 +156,40 @@ class RaftConfig:
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
 
 
-class Quorum:
-    """Decides whether a set of node ids is enough to commit or to win an election.
+KNOWN_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
 
-    ``quorum``: a count (must be > n/2); ``group`` (node id -> group name) with ``group_fn``
-    (``group_fn(ids) -> bool``; default with ``group`` alone: a majority in every group).
-    Construction checks every two accepted sets intersect and raises ``ConfigurationError``
-    naming two disjoint accepted sets otherwise."""
+_NEVER = float("inf")
 
-    def __init__(
-        self,
-        nodes: Sequence[NodeId],
-        quorum: int | None = None,
-        group: dict[NodeId, object] | None = None,
-        group_fn: Callable[[frozenset[NodeId]], bool] | None = None,
-    ) -> None:
-        raise NotImplementedError
 
-    def is_quorum(self, ids: Collection[NodeId]) -> bool:
-        raise NotImplementedError
+class _Read:
+    """A ReadIndex request on the leader. ``origin`` is None for a local read, else the
+    follower to answer with ``ReadIndexResponse``."""
+
+    __slots__ = ("read_id", "origin", "index", "round", "deadline")
+
+    def __init__(self, read_id: int, origin: NodeId | None, deadline: float) -> None:
+        self.read_id = read_id
+        self.origin = origin
+        self.index = -2
+        self.round = 0
+        self.deadline = deadline
+
+
+def _check_config(cfg: RaftConfig) -> None:
+    def positive(name: str, v: object, kind: type | tuple[type, ...]) -> None:
+        if isinstance(v, bool) or not isinstance(v, kind) or not v > 0:  # type: ignore[operator]
+            raise InvalidArgumentError(f"RaftConfig.{name}={v!r}: must be a positive number")
+
+    positive("election_timeout", cfg.election_timeout, (int, float))
+    positive("heartbeat_interval", cfg.heartbeat_interval, (int, float))
+    positive("rpc_max", cfg.rpc_max, int)
+    positive("rpc_max_bytes", cfg.rpc_max_bytes, int)
+    positive("max_inflight", cfg.max_inflight, int)
+    if cfg.heartbeat_interval >= cfg.election_timeout:
+        raise InvalidArgumentError(
+            f"RaftConfig: heartbeat_interval={cfg.heartbeat_interval} must be below "
+            f"election_timeout={cfg.election_timeout}, or followers time out between heartbeats"
+        )
 
 
 class RaftCore:
@@ -149,6 +200,9 @@ class RaftCore:
     grant twice), ``"commit_old_term"`` (a leader commits entries of earlier terms by counting
     replicas), ``"skip_append_term_check"`` (a follower accepts ``AppendEntries`` from stale
     terms). (``"forget_vote"`` lives in the simulator's store, not here.)
+
+    Raises ``ConfigurationError`` if ``node_id`` is not in ``nodes`` or ``quorum`` was built
+    for other nodes, ``InvalidArgumentError`` for a bad config, hard state or bug name.
     """
 
     def __init__(
@@ -165,43 +219,811 @@ class RaftCore:
         commit_seq: int = -1,
         bugs: Collection[str] = (),
     ) -> None:
-        raise NotImplementedError
+        ids = tuple(nodes)
+        if node_id not in ids:
+            raise ConfigurationError(f"node id {node_id!r} is not among the nodes {ids!r}")
+        if quorum is None:
+            quorum = Quorum(ids)
+        elif set(quorum.nodes) != set(ids):
+            raise ConfigurationError(
+                f"the quorum was built for nodes {quorum.nodes!r}, not {ids!r}"
+            )
+        cfg = config if config is not None else RaftConfig()
+        _check_config(cfg)
+        unknown = set(bugs) - KNOWN_BUGS
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown bug hook(s) {sorted(unknown)!r}; known: {sorted(KNOWN_BUGS)!r}"
+            )
+        if not isinstance(hard_state, HardState) or hard_state.term < 0:
+            raise InvalidArgumentError(f"bad hard state {hard_state!r}: need HardState(term>=0)")
+        if hard_state.vote is not None and hard_state.vote not in ids:
+            raise InvalidArgumentError(
+                f"hard state votes for {hard_state.vote!r}, which is not among the nodes {ids!r}"
+            )
 
-    # --- inputs -------------------------------------------------------------------------
+        self._id = node_id
+        self._nodes = ids
+        self._peers = tuple(i for i in ids if i != node_id)
+        self._peer_set = frozenset(self._peers)
+        self._quorum = quorum
+        self._cfg = cfg
+        self._rng = rng if rng is not None else random.Random()
+        self._bugs = frozenset(bugs)
+        self._now = float(now)
+        self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
+
+        self._term = hard_state.term
+        self._vote: NodeId | None = hard_state.vote
+        self._role = Role.FOLLOWER
+        self._leader: NodeId | None = None
+        self._commit = max(-1, min(commit_seq, self._log.last_seq))
+
+        # The election timeout window of this node: [lo, lo + width). Priorities split
+        # [T, 2T) into one slice per distinct priority, highest first, so that after a
+        # leader fails the highest-priority live node times out first.
+        prios = cfg.priorities or {}
+        self._prio = {i: prios.get(i, 0) for i in ids}
+        levels = sorted(set(self._prio.values()), reverse=True)
+        width = cfg.election_timeout / len(levels)
+        self._timeout_lo = cfg.election_timeout + levels.index(self._prio[node_id]) * width
+        self._timeout_width = width
+
+        self._election_deadline = _NEVER
+        self._last_leader_contact = -_NEVER
+        self._votes: dict[NodeId, bool] = {}
+        self._transfer_campaign = False
+
+        # leader state
+        self._prs: dict[NodeId, Progress] = {}
+        self._dirty: set[NodeId] = set()
+        self._bcast = False
+        self._heartbeat_deadline = _NEVER
+        self._check_quorum_deadline = _NEVER
+        self._recent_active: set[NodeId] = set()
+        self._transfer_target: NodeId | None = None
+        self._transfer_deadline = _NEVER
+        self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
+        self._reads_pending: deque[_Read] = deque()  # in a heartbeat round, by round
+        self._read_round = 1  # the round reads arriving now will join
+        self._read_round_open = False  # reads joined the round that was not sent yet
+        self._read_acks: dict[NodeId, int] = {}
+        # follower state: read_id -> (leader asked, deadline)
+        self._reads_forwarded: dict[int, tuple[NodeId, float]] = {}
+
+        # outputs
+        self._msgs: list[tuple[NodeId, CoreMessage]] = []
+        self._msgs_after: list[tuple[NodeId, CoreMessage]] = []
+        self._read_states: list[ReadState] = []
+        self._emitted_hs = hard_state
+        self._emitted_soft = SoftState(self._role, None, self._term)
+        self._emitted_commit = self._commit
+        self._unadvanced: Ready | None = None
+
+        self._handlers: dict[type, Callable[[NodeId, Any], None]] = {
+            RequestVote: self._on_request_vote,
+            VoteResponse: self._on_vote_response,
+            AppendEntries: self._on_append,
+            AppendResponse: self._on_append_response,
+            TimeoutNow: self._on_timeout_now,
+            ReadIndex: self._on_read_index,
+            ReadIndexResponse: self._on_read_index_response,
+        }
+        if len(ids) == 1:
+            self._election_deadline = self._now  # alone: elect itself at the first tick
+        else:
+            self._reset_election_timer()
+
+    # --- introspection ----------------------------------------------------------------
+    @property
+    def node_id(self) -> NodeId:
+        return self._id
+
+    @property
+    def nodes(self) -> tuple[NodeId, ...]:
+        return self._nodes
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def leader(self) -> NodeId | None:
+        return self._leader
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def vote(self) -> NodeId | None:
+        return self._vote
+
+    @property
+    def hard_state(self) -> HardState:
+        return HardState(self._term, self._vote)
+
+    @property
+    def commit_seq(self) -> int:
+        return self._commit
+
+    @property
+    def last_seq(self) -> int:
+        return self._log.last_seq
+
+    @property
+    def last_term(self) -> int:
+        return self._log.last_term
+
+    @property
+    def stable_seq(self) -> int:
+        """Last seq the driver has confirmed durable (``advance``)."""
+        return self._log.stable
+
+    @property
+    def config(self) -> RaftConfig:
+        return self._cfg
+
+    @property
+    def quorum(self) -> Quorum:
+        return self._quorum
+
+    @property
+    def active_followers(self) -> list[NodeId]:
+        """On the leader: followers heard from in the current CheckQuorum window."""
+        if self._role is not Role.LEADER:
+            return []
+        return [p for p in self._peers if p in self._recent_active]
+
+    @property
+    def progress(self) -> dict[NodeId, Progress]:
+        """On the leader: each follower's replication progress (read-only; for tests and
+        introspection)."""
+        return dict(self._prs)
+
+    @property
+    def transfer_target(self) -> NodeId | None:
+        return self._transfer_target
+
+    @property
+    def next_deadline(self) -> float:
+        """Earliest ``now`` at which ``tick`` has something to do."""
+        if self._role is Role.LEADER:
+            d = self._heartbeat_deadline
+            if self._cfg.check_quorum and self._check_quorum_deadline < d:
+                d = self._check_quorum_deadline
+            if self._transfer_deadline < d:
+                d = self._transfer_deadline
+            for q in (self._reads_waiting, self._reads_pending):
+                if q and q[0].deadline < d:
+                    d = q[0].deadline
+        else:
+            d = self._election_deadline
+        for _, deadline in self._reads_forwarded.values():
+            if deadline < d:
+                d = deadline
+            break  # insertion order is deadline order
+        return d
+
+    def term_at(self, seq: int) -> int:
+        return self._log.term_at(seq)
+
+    # --- inputs -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Advance the clock: elections, heartbeats, CheckQuorum, read/transfer timeouts."""
-        raise NotImplementedError
+        if now > self._now:
+            self._now = now
+        now = self._now
+        if self._role is Role.LEADER:
+            if now >= self._heartbeat_deadline:
+                self._heartbeat_deadline = now + self._cfg.heartbeat_interval
+                self._broadcast_heartbeat()
+            if self._cfg.check_quorum and now >= self._check_quorum_deadline:
+                active = self._recent_active
+                active.add(self._id)
+                if self._quorum.is_quorum(active):
+                    self._recent_active = set()
+                    self._check_quorum_deadline = now + self._cfg.election_timeout
+                else:
+                    # Cut off from a quorum for a whole election timeout: another leader may
+                    # exist by now, so stop serving (the original's "leader expiration").
+                    self._become_follower(self._term, None)
+        if self._role is Role.LEADER:
+            if now >= self._transfer_deadline:
+                self._transfer_target = None  # it did not take over in time; keep leading
+                self._transfer_deadline = _NEVER
+            self._expire_leader_reads(now)
+        elif now >= self._election_deadline:
+            self._start_election(pre_vote=self._cfg.pre_vote)
+        if self._reads_forwarded:
+            self._expire_forwarded_reads(now)
 
     def step(self, from_id: NodeId, msg: CoreMessage) -> None:
         """Handle one message. Stale, duplicate, reordered or unknown-sender messages are
         ignored (they are normal on a network); never raises for a well-typed message."""
-        raise NotImplementedError
+        if from_id not in self._peer_set:
+            return
+        handler = self._handlers.get(type(msg))
+        if handler is not None:
+            handler(from_id, msg)
 
     def propose(self, items: Sequence[bytes]) -> tuple[int, int]:
         """Leader only: append ``items`` (non-empty bytes) at the end of the log; returns
-        ``(first_seq, term)``. Raises ``NotLeaderError`` (with the known leader) otherwise."""
-        raise NotImplementedError
+        ``(first_seq, term)``. Raises ``NotLeaderError`` (with the known leader) otherwise,
+        including while this leader hands leadership to a higher-priority node."""
+        if self._role is not Role.LEADER:
+            raise NotLeaderError(
+                f"node {self._id!r} is not the leader (role {self._role.value}, "
+                f"leader {self._leader!r}); send the append there",
+                leader=self._leader,
+            )
+        if self._transfer_target is not None:
+            raise NotLeaderError(
+                f"node {self._id!r} is handing leadership to {self._transfer_target!r}; "
+                "retry once it leads",
+                leader=None,
+            )
+        if not items:
+            raise InvalidArgumentError("propose([]): nothing to append")
+        for i, d in enumerate(items):
+            if type(d) is not bytes or not d:
+                raise InvalidArgumentError(
+                    f"propose: item {i} is {type(d).__name__} of length "
+                    f"{len(d) if hasattr(d, '__len__') else '?'}; items must be non-empty "
+                    "bytes (b'' is reserved for the leader's no-op entry)"
+                )
+        log = self._log
+        first = log.last_seq + 1
+        term = self._term
+        log.append([Entry(first + i, term, d) for i, d in enumerate(items)])
+        self._bcast = True
+        return first, term
 
     def read_index(self, read_id: int) -> None:
         """Start a linearizable read; its ``ReadState`` comes in a later ``Ready``. On a
         follower the request is forwarded to the leader; with no leader it fails at once
         (``index == -2``)."""
-        raise NotImplementedError
+        if self._role is Role.LEADER:
+            self._leader_read(read_id, None)
+        elif self._leader is not None:
+            leader = self._leader
+            self._reads_forwarded[read_id] = (leader, self._now + self._cfg.election_timeout)
+            self._msgs.append((leader, ReadIndex(self._term, read_id)))
+        else:
+            self._read_states.append(ReadState(read_id, -2))
 
     def campaign(self) -> None:
         """Start an election now (skipping PreVote), e.g. in tests."""
-        raise NotImplementedError
+        if self._role is not Role.LEADER:
+            self._start_election(pre_vote=False)
 
-    # --- outputs ------------------------------------------------------------------------
+    # --- outputs ----------------------------------------------------------------------
     def has_ready(self) -> bool:
-        raise NotImplementedError
+        self._flush()
+        return bool(
+            self._msgs
+            or self._msgs_after
+            or self._read_states
+            or self._log.has_unstable()
+            or self._commit > self._emitted_commit
+            or self._emitted_hs.term != self._term
+            or self._emitted_hs.vote != self._vote
+            or self._emitted_soft.role is not self._role
+            or self._emitted_soft.leader != self._leader
+            or self._emitted_soft.term != self._term
+        )
 
     def ready(self) -> Ready:
-        raise NotImplementedError
+        if self._unadvanced is not None:
+            raise UsageError(
+                f"RaftCore {self._id!r}: ready() called again before advance(); handle each "
+                "Ready and advance it first"
+            )
+        self._flush()
+        rd = Ready(commit_seq=self._commit)
+        soft = self._emitted_soft
+        if soft.role is not self._role or soft.leader != self._leader or soft.term != self._term:
+            rd.soft_state = self._emitted_soft = SoftState(self._role, self._leader, self._term)
+        hs = self._emitted_hs
+        if hs.term != self._term or hs.vote != self._vote:
+            rd.hard_state = self._emitted_hs = HardState(self._term, self._vote)
+        rd.truncate_after, rd.entries = self._log.take_unstable()
+        if self._msgs:
+            rd.messages, self._msgs = self._msgs, []
+        if self._msgs_after:
+            rd.messages_after_persist, self._msgs_after = self._msgs_after, []
+        if self._read_states:
+            rd.read_states, self._read_states = self._read_states, []
+        self._emitted_commit = self._commit
+        self._unadvanced = rd
+        return rd
 
     def advance(self, ready: Ready) -> None:
-        raise NotImplementedError
+        if ready is not self._unadvanced:
+            raise UsageError(
+                f"RaftCore {self._id!r}: advance() got a Ready that is not the last one "
+                "ready() returned"
+            )
+        self._unadvanced = None
+        if ready.entries:
+            last = ready.entries[-1]
+            self._log.stable_to(last.seq, last.term)
+            if self._role is Role.LEADER:
+                self._maybe_commit()
 
-    # --- introspection (read-only properties) ------------------------------------------
-    # node_id, nodes, role, leader, term, vote, commit_seq, last_seq, last_term,
-    # next_deadline (earliest ``now`` at which ``tick`` has something to do)
+    # --- roles ------------------------------------------------------------------------
+    def _reset_election_timer(self) -> None:
+        self._election_deadline = (
+            self._now + self._timeout_lo + self._rng.random() * self._timeout_width
+        )
+
+    def _become_follower(self, term: int, leader: NodeId | None) -> None:
+        if term > self._term:
+            self._term = term
+            self._vote = None
+        if self._role is Role.LEADER:
+            self._end_leadership()
+        self._role = Role.FOLLOWER
+        self._leader = leader
+        self._votes = {}
+        self._transfer_campaign = False
+        self._reset_election_timer()
+
+    def _start_election(self, pre_vote: bool, transfer: bool = False) -> None:
+        if self._role is Role.LEADER:
+            self._end_leadership()
+        self._leader = None
+        self._votes = {self._id: True}
+        self._transfer_campaign = transfer
+        self._reset_election_timer()
+        log = self._log
+        if pre_vote:
+            self._role = Role.PRE_CANDIDATE
+            req = RequestVote(self._term + 1, log.last_seq, log.last_term, pre_vote=True)
+            out = self._msgs  # asks for nothing durable
+        else:
+            self._role = Role.CANDIDATE
+            self._term += 1
+            self._vote = self._id
+            req = RequestVote(self._term, log.last_seq, log.last_term, transfer=transfer)
+            out = self._msgs_after  # only once term and vote are on disk
+        for p in self._peers:
+            out.append((p, req))
+        self._tally()
+
+    def _tally(self) -> None:
+        """Count the votes of the current (pre-)election: win, lose or keep waiting."""
+        votes = self._votes
+        granted = [i for i, v in votes.items() if v]
+        if "count_vote_twice" in self._bugs:
+            extra = [p for p in self._nodes if p not in votes]
+            granted += extra[: len(granted) - 1]  # every grant but our own counts again
+        q = self._quorum
+        if q.is_quorum(granted):
+            if self._role is Role.PRE_CANDIDATE:
+                self._start_election(pre_vote=False, transfer=self._transfer_campaign)
+            else:
+                self._become_leader()
+            return
+        possible = [i for i in self._nodes if votes.get(i, True)]
+        if not q.is_quorum(possible):
+            self._become_follower(self._term, None)
+
+    def _become_leader(self) -> None:
+        now = self._now
+        log = self._log
+        self._role = Role.LEADER
+        self._leader = self._id
+        self._votes = {}
+        self._transfer_campaign = False
+        self._election_deadline = _NEVER
+        nxt = log.last_seq + 1
+        self._prs = {p: Progress(nxt, now) for p in self._peers}
+        self._recent_active = set()
+        self._heartbeat_deadline = now + self._cfg.heartbeat_interval
+        self._check_quorum_deadline = now + self._cfg.election_timeout
+        self._transfer_target = None
+        self._transfer_deadline = _NEVER
+        self._read_acks = {}
+        log.append([Entry(nxt, self._term, b"")])  # the no-op: commits earlier terms' entries
+        self._bcast = True
+
+    def _end_leadership(self) -> None:
+        for r in self._reads_waiting:
+            self._fail_read(r)
+        for r in self._reads_pending:
+            self._fail_read(r)
+        self._reads_waiting.clear()
+        self._reads_pending.clear()
+        self._read_round_open = False
+        self._prs = {}
+        self._dirty.clear()
+        self._bcast = False
+        self._recent_active = set()
+        self._heartbeat_deadline = _NEVER
+        self._check_quorum_deadline = _NEVER
+        self._transfer_target = None
+        self._transfer_deadline = _NEVER
+
+    def _in_lease(self) -> bool:
+        """Whether this node still follows (or is) a live leader, so a vote request is a
+        disruption to refuse rather than an election to join."""
+        if not (self._cfg.pre_vote or self._cfg.check_quorum):
+            return False
+        if self._role is Role.LEADER:
+            return True
+        return (
+            self._leader is not None
+            and self._now - self._last_leader_contact < self._cfg.election_timeout
+        )
+
+    # --- elections --------------------------------------------------------------------
+    def _log_ok(self, last_seq: int, last_term: int) -> bool:
+        my_term = self._log.last_term
+        return last_term > my_term or (last_term == my_term and last_seq >= self._log.last_seq)
+
+    def _on_request_vote(self, frm: NodeId, m: RequestVote) -> None:
+        if m.pre_vote:
+            # A pre-vote changes nothing here: it only says whether a vote would be granted.
+            grant = (
+                m.term > self._term
+                and (m.transfer or not self._in_lease())
+                and self._log_ok(m.last_seq, m.last_term)
+            )
+            resp = VoteResponse(m.term if grant else self._term, grant, pre_vote=True)
+            self._msgs_after.append((frm, resp))
+            return
+        if m.term > self._term:
+            if not m.transfer and self._in_lease():
+                return  # a disruptive candidate; its term must not depose a live leader
+            self._become_follower(m.term, None)
+        if m.term < self._term:
+            self._msgs_after.append((frm, VoteResponse(self._term, False)))
+            return
+        grant = (self._vote is None or self._vote == frm) and self._log_ok(
+            m.last_seq, m.last_term
+        )
+        if grant:
+            self._vote = frm
+            self._reset_election_timer()
+        self._msgs_after.append((frm, VoteResponse(self._term, grant)))
+
+    def _on_vote_response(self, frm: NodeId, m: VoteResponse) -> None:
+        if m.pre_vote:
+            if self._role is not Role.PRE_CANDIDATE:
+                return
+            if m.granted:
+                if m.term != self._term + 1:
+                    return  # answers an older pre-vote
+                self._votes[frm] = True
+            elif m.term > self._term:
+                self._become_follower(m.term, None)  # we are behind; catch up quietly
+                return
+            else:
+                self._votes[frm] = False
+            self._tally()
+            return
+        if m.term > self._term:
+            self._become_follower(m.term, None)
+            return
+        if m.term < self._term or self._role is not Role.CANDIDATE:
+            return
+        self._votes[frm] = m.granted
+        self._tally()
+
+    def _on_timeout_now(self, frm: NodeId, m: TimeoutNow) -> None:
+        if m.term < self._term or self._role is Role.LEADER:
+            return
+        if m.term > self._term:
+            self._become_follower(m.term, None)
+        self._start_election(pre_vote=False, transfer=True)
+
+    # --- replication: follower side ---------------------------------------------------
+    def _on_append(self, frm: NodeId, m: AppendEntries) -> None:
+        term = self._term
+        if m.term < term:
+            if "skip_append_term_check" in self._bugs:
+                self._accept_append(frm, m)
+                return
+            # Tell the stale leader about the newer term so that it steps down.
+            self._msgs_after.append(
+                (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id))
+            )
+            return
+        if m.term > term:
+            self._become_follower(m.term, frm)
+        elif self._role is not Role.FOLLOWER:
+            if self._role is Role.LEADER:
+                return  # two leaders in one term cannot happen; do not make it worse
+            self._become_follower(term, frm)
+        else:
+            if self._leader != frm:
+                self._leader = frm
+            self._reset_election_timer()
+        self._last_leader_contact = self._now
+        self._accept_append(frm, m)
+
+    def _accept_append(self, frm: NodeId, m: AppendEntries) -> None:
+        log = self._log
+        prev = m.prev_seq
+        entries = m.entries
+        n = len(entries)
+        if n and (entries[0].seq != prev + 1 or entries[-1].seq != prev + n):
+            return  # not a contiguous run after prev: malformed, drop
+        last = log.last_seq
+        if prev > last:
+            self._msgs_after.append((frm, AppendResponse(
+                self._term, False, prev, conflict_term=0, conflict_seq=last + 1,
+                read_id=m.read_id,
+            )))
+            return
+        if prev >= log.first_seq and log.term_at(prev) != m.prev_term:
+            ct = log.term_at(prev)
+            cs = log.first_of_term(prev, floor=self._commit + 1)
+            self._msgs_after.append((frm, AppendResponse(
+                self._term, False, prev, conflict_term=ct, conflict_seq=cs, read_id=m.read_id,
+            )))
+            return
+        if n:
+            start = 0
+            if entries[0].seq <= last:
+                # Skip what we already hold; find the first new or conflicting entry.
+                term_at = log.term_at
+                start = n
+                for i in range(n):
+                    e = entries[i]
+                    if e.seq > last or term_at(e.seq) != e.term:
+                        start = i
+                        break
+            if start < n:
+                first_new = entries[start].seq
+                if first_new <= last:
+                    if first_new <= self._commit and "skip_append_term_check" not in self._bugs:
+                        return  # would rewrite committed entries: impossible from a true leader
+                    log.truncate_after(first_new - 1)
+                log.append(entries[start:] if start else entries)
+        last_new = prev + n
+        commit = m.commit_seq if m.commit_seq < last_new else last_new
+        if commit > self._commit:
+            self._commit = commit
+        self._msgs_after.append(
+            (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id))
+        )
+
+    # --- replication: leader side -----------------------------------------------------
+    def _on_append_response(self, frm: NodeId, m: AppendResponse) -> None:
+        if m.term > self._term:
+            self._become_follower(m.term, None)
+            return
+        if m.term < self._term or self._role is not Role.LEADER:
+            return
+        pr = self._prs[frm]
+        self._recent_active.add(frm)
+        if m.read_id:
+            if m.read_id > self._read_acks.get(frm, 0):
+                self._read_acks[frm] = m.read_id
+                self._release_reads()
+        log = self._log
+        if m.success:
+            ms = m.match_seq
+            if ms > log.last_seq:
+                return  # claims entries we never had
+            if ms > pr.match:
+                pr.match = ms
+                pr.last_progress = self._now
+                if pr.probe:
+                    pr.become_replicate(self._now)
+                else:
+                    infl = pr.inflight
+                    while infl and infl[0] <= ms:
+                        infl.popleft()
+                    if pr.next <= ms:
+                        pr.next = ms + 1
+                self._maybe_commit()
+                if self._role is not Role.LEADER:
+                    return
+            elif pr.probe:
+                pr.become_replicate(self._now)
+            if pr.match < log.last_seq:
+                self._dirty.add(frm)
+            elif (
+                self._transfer_target is None
+                and self._prio[frm] > self._prio[self._id]
+                and self._transfer_deadline == _NEVER
+            ):
+                # An up-to-date follower we prefer as leader: hand over.
+                self._transfer_target = frm
+                self._transfer_deadline = self._now + self._cfg.election_timeout
+                self._msgs.append((frm, TimeoutNow(self._term)))
+            return
+        rejected = m.match_seq
+        if pr.probe:
+            if rejected != pr.next - 1:
+                return  # answers an older probe
+        elif rejected <= pr.match:
+            return  # answers a batch overtaken by later acknowledgements
+        if m.conflict_term > 0:
+            # Skip the follower's whole conflicting term: resume after our last entry of
+            # that term if we have one, else at the first seq the follower has of it.
+            s = log.last_at_or_below_term(pr.match, min(rejected, log.last_seq), m.conflict_term)
+            if s >= pr.match and s >= 0 and log.term_at(s) == m.conflict_term:
+                nxt = s + 1
+            else:
+                nxt = m.conflict_seq
+        else:
+            nxt = m.conflict_seq
+        if nxt > rejected:
+            nxt = rejected
+        pr.become_probe(nxt)
+        self._dirty.add(frm)
+
+    def _maybe_commit(self) -> None:
+        log = self._log
+        matches = {p: pr.match for p, pr in self._prs.items()}
+        matches[self._id] = log.stable
+        n = self._quorum.highest(matches)
+        if n <= self._commit:
+            return
+        if log.term_at(n) != self._term and "commit_old_term" not in self._bugs:
+            return  # section 5.4.2: only the current term's entries commit by counting
+        self._commit = n
+        if self._reads_waiting and log.term_at(n) == self._term:
+            # The leader now knows the commit seq of its term: waiting reads can start.
+            waiting = self._reads_waiting
+            self._reads_waiting = deque()
+            for r in waiting:
+                self._start_read_round(r)
+
+    def _send_append(self, p: NodeId, pr: Progress) -> None:
+        log = self._log
+        last = log.last_seq
+        cfg = self._cfg
+        term = self._term
+        if pr.probe:
+            if pr.probe_sent:
+                return
+            nxt = pr.next
+            ents = (
+                log.slice(nxt, min(last, nxt + cfg.rpc_max - 1), cfg.rpc_max_bytes)
+                if nxt <= last else []
+            )
+            self._msgs.append((p, AppendEntries(
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+            )))
+            pr.probe_sent = True
+            return
+        infl = pr.inflight
+        max_inflight = cfg.max_inflight
+        while len(infl) < max_inflight and pr.next <= last:
+            nxt = pr.next
+            ents = log.slice(nxt, min(last, nxt + cfg.rpc_max - 1), cfg.rpc_max_bytes)
+            if not infl:
+                pr.last_progress = self._now  # the stall clock starts with the first batch
+            self._msgs.append((p, AppendEntries(
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+            )))
+            pr.next = nxt + len(ents)
+            infl.append(pr.next - 1)
+
+    def _heartbeat(self, p: NodeId, pr: Progress, read_id: int) -> None:
+        # prev = match: the follower is known to hold it, so a heartbeat never causes a
+        # rejection (and a fallback to probing) just because batches are still in flight.
+        match = pr.match
+        self._msgs.append((p, AppendEntries(
+            self._term, match, self._log.term_at(match), (), self._commit, read_id
+        )))
+
+    def _broadcast_heartbeat(self) -> None:
+        stall = 2 * self._cfg.heartbeat_interval
+        now = self._now
+        for p, pr in self._prs.items():
+            if pr.probe:
+                pr.probe_sent = False  # the last probe may be lost: send another
+                self._send_append(p, pr)
+                continue
+            if pr.inflight and now - pr.last_progress >= stall:
+                # Batches were lost (or the follower is stuck): probe from the known match.
+                pr.become_probe(pr.match + 1)
+                self._send_append(p, pr)
+                continue
+            self._heartbeat(p, pr, 0)
+
+    def _flush(self) -> None:
+        """Send what stepping queued: appends to dirty followers and a read round."""
+        if self._role is not Role.LEADER:
+            return
+        if self._bcast:
+            self._bcast = False
+            self._dirty.clear()
+            for p, pr in self._prs.items():
+                self._send_append(p, pr)
+        elif self._dirty:
+            prs = self._prs
+            for p in self._dirty:
+                self._send_append(p, prs[p])
+            self._dirty.clear()
+        if self._read_round_open:
+            self._read_round_open = False
+            rnd = self._read_round
+            self._read_round += 1
+            for p, pr in self._prs.items():
+                self._heartbeat(p, pr, rnd)
+            self._release_reads()
+
+    # --- ReadIndex --------------------------------------------------------------------
+    def _leader_read(self, read_id: int, origin: NodeId | None) -> None:
+        r = _Read(read_id, origin, self._now + self._cfg.election_timeout)
+        if self._log.term_at(self._commit) != self._term:
+            self._reads_waiting.append(r)  # until the no-op of this term commits
+        else:
+            self._start_read_round(r)
+
+    def _start_read_round(self, r: _Read) -> None:
+        r.index = self._commit
+        r.round = self._read_round
+        self._read_round_open = True
+        self._reads_pending.append(r)
+
+    def _release_reads(self) -> None:
+        pending = self._reads_pending
+        if not pending:
+            return
+        acks = self._read_acks
+        quorum = self._quorum
+        while pending:
+            r = pending[0]
+            if r.round >= self._read_round and self._read_round_open:
+                break  # its round has not been sent yet
+            rnd = r.round
+            ids = [self._id] + [p for p, a in acks.items() if a >= rnd]
+            if not quorum.is_quorum(ids):
+                break
+            pending.popleft()
+            self._answer_read(r, r.index)
+
+    def _answer_read(self, r: _Read, index: int) -> None:
+        if r.origin is None:
+            self._read_states.append(ReadState(r.read_id, index))
+        else:
+            self._msgs.append((r.origin, ReadIndexResponse(self._term, r.read_id, index)))
+
+    def _fail_read(self, r: _Read) -> None:
+        self._answer_read(r, -2)
+
+    def _expire_leader_reads(self, now: float) -> None:
+        for q in (self._reads_waiting, self._reads_pending):
+            # Deadlines are in arrival order; a read stuck behind a live one waits with it.
+            while q and q[0].deadline <= now:
+                self._fail_read(q.popleft())
+
+    def _expire_forwarded_reads(self, now: float) -> None:
+        fw = self._reads_forwarded
+        expired = [rid for rid, (_, d) in fw.items() if d <= now]
+        for rid in expired:
+            del fw[rid]
+            self._read_states.append(ReadState(rid, -2))
+
+    def _on_read_index(self, frm: NodeId, m: ReadIndex) -> None:
+        if self._role is Role.LEADER:
+            self._leader_read(m.read_id, frm)
+        else:
+            self._msgs.append((frm, ReadIndexResponse(self._term, m.read_id, -2)))
+
+    def _on_read_index_response(self, frm: NodeId, m: ReadIndexResponse) -> None:
+        pending = self._reads_forwarded.get(m.read_id)
+        if pending is None or pending[0] != frm:
+            return  # not ours, or answered already
+        del self._reads_forwarded[m.read_id]
+        self._read_states.append(ReadState(m.read_id, m.index))
+
+    def __repr__(self) -> str:
+        return (
+            f"RaftCore({self._id!r} {self._role.value} term={self._term} "
+            f"leader={self._leader!r} last={self._log.last_seq} commit={self._commit})"
+        )
+
+
+__all__ = [
+    "Role", "HardState", "SoftState", "ReadState", "Ready", "LogStorage", "RaftConfig",
+    "Quorum", "RaftCore", "KNOWN_BUGS",
+]

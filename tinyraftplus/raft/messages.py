@@ -27,7 +27,7 @@ from typing import Any, Union
 
 from ..entry import Entry
 
-NodeId = Union[int, str]
+NodeId = Union[int, str]  # noqa: UP007 (a runtime alias other modules introspect)
 """Node ids are small ints (as in the original) or strings; they must be hashable and
 msgpack-encodable and are compared with ``==``."""
 
@@ -136,11 +136,11 @@ class ProposeResponse:
     leader: Any = None
 
 
-CoreMessage = Union[
+CoreMessage = Union[  # noqa: UP007
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
     ReadIndexResponse,
 ]
-Message = Union[CoreMessage, Propose, ProposeResponse]
+Message = Union[CoreMessage, Propose, ProposeResponse]  # noqa: UP007
 
 CORE_MESSAGE_TYPES = (
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,

@@ -1,0 +1,46 @@
+"""What a leader knows about one follower's log, and how hard it may push it.
+
+Two states, as in etcd's raft:
+
+* **probe**: the leader does not know where the follower's log matches its own. It sends
+  one ``AppendEntries`` at ``next - 1`` and waits for the answer (or the next heartbeat)
+  before sending another, moving ``next`` back by the follower's conflict hint on each
+  rejection. The first success switches to replicate.
+* **replicate**: the match is known; the leader streams batches optimistically, advancing
+  ``next`` as it sends, with up to ``max_inflight`` batches unacknowledged. A rejection
+  (a lost or reordered batch) drops back to probe.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class Progress:
+    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress")
+
+    def __init__(self, next_seq: int, now: float) -> None:
+        self.match = -1  # highest seq known to be durable on the follower and matching us
+        self.next = next_seq  # next seq to send; invariant: match < next
+        self.probe = True
+        self.probe_sent = False  # probe state: a probe is out, wait for it or a heartbeat
+        # replicate state: last seq of each unacknowledged batch, oldest first
+        self.inflight: deque[int] = deque()
+        self.last_progress = now  # when match last advanced (or streaming (re)started)
+
+    def become_probe(self, next_seq: int) -> None:
+        self.probe = True
+        self.probe_sent = False
+        self.next = max(next_seq, self.match + 1)
+        self.inflight.clear()
+
+    def become_replicate(self, now: float) -> None:
+        self.probe = False
+        self.probe_sent = False
+        self.next = self.match + 1
+        self.inflight.clear()
+        self.last_progress = now
+
+    def __repr__(self) -> str:
+        state = "probe" if self.probe else f"replicate inflight={len(self.inflight)}"
+        return f"Progress(match={self.match}, next={self.next}, {state})"
