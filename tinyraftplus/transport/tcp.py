@@ -92,6 +92,7 @@ HELLO_MAX_FRAME = 4096
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
 DROP_WARN_INTERVAL = 1.0
+CLOSE_TIMEOUT = 0.5
 
 
 def _order(node_id: NodeId) -> tuple[int, int, str]:
@@ -554,6 +555,11 @@ class TcpTransport:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise TransportError("connection closed before the Hello")
+            if self._tls is None and decoder.offset == 0 and data[:2] == b"\x16\x03":
+                raise ProtocolError(
+                    "it speaks TLS (that is a TLS ClientHello) but this node runs with "
+                    "plaintext=True; give every node the same TLS settings"
+                )
             payloads = decoder.feed(data)
             if payloads:
                 msg = decode(payloads[0], self._limits)
@@ -662,7 +668,7 @@ class TcpTransport:
                 if peer.scope is scope:
                     peer.scope = None
                     peer.up = trio.Event()
-                await trio.aclose_forcefully(conn.stream)
+                await _close(conn.stream)
         if conn.reason is not None:
             if conn.bad:
                 peer.stats.bad_connections += 1
@@ -751,6 +757,18 @@ class TcpTransport:
                     self._warn_cb(err)
                 except Exception:
                     logger.exception("node %r: the warn callback raised", self.node_id)
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close politely (TLS close_notify, so the peer logs a clean EOF rather than a
+    truncation), even while being cancelled, but never wait long for it."""
+    with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True) as cs:
+        try:
+            await stream.aclose()
+        except (*_NET_ERRORS, trio.BusyResourceError):
+            pass
+    if cs.cancelled_caught:
+        await trio.aclose_forcefully(stream)
 
 
 def _single(eg: BaseExceptionGroup) -> BaseException:
