@@ -46,6 +46,8 @@ void tp_seg_header_encode(uint8_t *out, uint64_t first_seq, uint64_t prev_term);
 int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
                          uint64_t *prev_term);
 
+void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
+                  uint32_t flags);
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out);
@@ -53,10 +55,11 @@ size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t se
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op);
 
 typedef struct tp_flusher tp_flusher;
-int tp_flusher_start(tp_flusher **out, int *efd_out);
+int tp_flusher_start(tp_flusher **out, int *efd_out, long spin_ns);
 int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
                       int sync);
 int tp_flusher_collect(tp_flusher *f, int *failed_op);
+volatile int *tp_flusher_done_ptr(tp_flusher *f);
 void tp_flusher_stop(tp_flusher *f);
 
 typedef struct tp_scan {

@@ -82,6 +82,9 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
  * from `seq`; terms are terms[i] if `terms` is not NULL, else `term`. If `atomic`, all
  * records but the last get TP_FLAG_MORE. offs_out[i] = file_off + offset of record i.
  * Returns the number of bytes framed. */
+/* Frame one record whose TP_REC_HDR bytes of room start at base + pos. */
+void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
+                  uint32_t flags);
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out);
@@ -94,11 +97,12 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
 /* A C flusher thread: runs tp_write jobs one at a time and signals completion through an
  * eventfd that the Trio thread waits on. */
 typedef struct tp_flusher tp_flusher;
-int tp_flusher_start(tp_flusher **out, int *efd_out);
+int tp_flusher_start(tp_flusher **out, int *efd_out, long spin_ns);
 int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
                       int sync);
 /* After the eventfd became readable: the job's result (0 / -errno), or -EAGAIN. */
 int tp_flusher_collect(tp_flusher *f, int *failed_op);
+volatile int *tp_flusher_done_ptr(tp_flusher *f);
 void tp_flusher_stop(tp_flusher *f);
 
 /* Recovery scan of one segment from `start_off` (normally TP_SEG_HDR) whose first record

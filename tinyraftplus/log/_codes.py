@@ -1,0 +1,57 @@
+"""Turn the C core's return codes into exceptions that name the file and the offset."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .._native import lib
+from ..errors import LogCorruptError, LogFailedError, LogFullError
+
+_REASONS = {
+    lib.TP_EBADLEN: "record length out of range",
+    lib.TP_ECRC: "CRC32C mismatch",
+    lib.TP_ESEQ: "unexpected seq (records out of order or missing)",
+    lib.TP_EFLAGS: "unknown flag or reserved bits set",
+    lib.TP_ESHORT: "record cut short",
+    lib.TP_EHDR: "bad segment header",
+}
+
+VERIFY_HINT = "inspect it with `python -m tinyraftplus.log verify DIR NAME`"
+
+
+def reason(code: int) -> str:
+    if code in _REASONS:
+        return _REASONS[code]
+    if code < 0 and -code in errno.errorcode:
+        return os.strerror(-code)
+    return f"error code {code}"
+
+
+def corrupt(code: int, path: str, offset: int, what: str = "damaged record") -> LogCorruptError:
+    return LogCorruptError(
+        f"{what} in {path} at byte offset {offset}: {reason(code)}; the log will not return "
+        f"these bytes; {VERIFY_HINT}, restore the log from a replica or truncate before it",
+        path=path,
+        offset=offset,
+    )
+
+
+def write_error(rc: int, op: int, path: str, offset: int) -> LogFullError | LogFailedError:
+    """ENOSPC from a write is recoverable (the batch was cut back); anything else fails
+    the log for good."""
+    err = -rc
+    what = "fdatasync" if op == lib.TP_OP_SYNC else "write"
+    if err == errno.ENOSPC and op == lib.TP_OP_WRITE:
+        return LogFullError(
+            errno.ENOSPC,
+            f"disk full writing {path} at byte offset {offset}; the batch was not written "
+            "and the log is unchanged: free space and append again",
+            path,
+        )
+    return LogFailedError(
+        f"{what} of {path} at byte offset {offset} failed: {os.strerror(err)} "
+        f"({errno.errorcode.get(err, err)}); the log refuses further writes because the "
+        "kernel may have dropped the unwritten data: close and reopen it to continue from "
+        "what is on disk"
+    )

@@ -1,0 +1,72 @@
+"""``Flusher``: runs one durable write (``pwrite`` + ``fdatasync``) at a time on a C thread.
+
+Why a C thread and not ``trio.to_thread.run_sync``: the hand-off is paid on every durable
+append, and an ``fdatasync`` here costs only ~90-140 us. Measured on the 2-core dev VM
+(1 KiB records, one awaited write+fdatasync at a time, 3,000 iterations, raw Python
+``os.pwrite`` + ``os.fdatasync`` loop = 11,000/s in the same run):
+
+* ``trio.to_thread.run_sync(lib.tp_write, ...)``: 3,300-3,700/s (0.33 of raw)
+* C thread, condition variable in, eventfd + ``wait_readable`` out: 5,200-7,100/s
+* the same with the thread spinning 200 us for the next job before sleeping: ~6,500/s
+* and the Trio side polling the completion word with checkpoints for up to 300 us before
+  falling back to the eventfd: 10,700/s (0.97 of raw)
+
+So: a C thread that spins briefly for the next job, and a Trio side that polls with
+``trio.lowlevel.checkpoint()`` (other tasks keep running) before it parks on the eventfd.
+Both spins are bounded, so an idle log costs no CPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import trio
+
+from .._native import ffi, lib
+
+
+class Flusher:
+    def __init__(self, spin_us: int = 200, poll_us: int = 300) -> None:
+        fp = ffi.new("tp_flusher**")
+        efd = ffi.new("int*")
+        rc = lib.tp_flusher_start(fp, efd, spin_us * 1000)
+        if rc:
+            raise OSError(-rc, f"cannot start the log's flusher thread: {errno.errorcode[-rc]}")
+        self._f = fp[0]
+        self._efd = efd[0]
+        self._done = lib.tp_flusher_done_ptr(self._f)
+        self._op = ffi.new("int*")
+        self._poll = poll_us * 1e-6
+        self._keep = None
+
+    def submit(self, fd: int, buf: object, length: int, off: int, sync: bool) -> None:
+        """Start a write; ``buf`` (a cffi buffer) must stay alive until ``wait`` returns."""
+        self._keep = buf
+        rc = lib.tp_flusher_submit(self._f, fd, buf, length, off, 1 if sync else 0)
+        if rc:
+            raise RuntimeError(f"flusher busy ({rc}): a write was submitted twice")
+
+    async def wait(self) -> tuple[int, int]:
+        """(rc, failed_op) of the submitted write. Not cancellable: call it shielded."""
+        done = self._done
+        if self._poll and not done[0]:
+            until = time.perf_counter() + self._poll
+            while not done[0] and time.perf_counter() < until:
+                await trio.lowlevel.checkpoint()
+        while True:
+            if not done[0]:
+                await trio.lowlevel.wait_readable(self._efd)
+            rc = lib.tp_flusher_collect(self._f, self._op)
+            if rc != -errno.EAGAIN:
+                self._keep = None
+                return rc, self._op[0]
+
+    def stop(self) -> None:
+        if self._f is not None:
+            try:
+                trio.lowlevel.notify_closing(self._efd)
+            except RuntimeError:  # not inside Trio (closing from a finalizer)
+                pass
+            lib.tp_flusher_stop(self._f)  # joins the thread, closes the eventfd
+            self._f = None

@@ -1,0 +1,1053 @@
+"""``FsLog``: the durable, segmented, CRC-checked append-only log, with group commit.
+
+Theory of operation
+-------------------
+Appends are framed into a *round* (one contiguous buffer destined for one segment) the
+moment they are called, in call order, so seqs are assigned without any await and appends
+are serialized in seq order however many tasks call. Rounds are written one at a time by
+the C flusher thread (``pwrite`` + ``fdatasync``); while one round is in flight every new
+append joins the next one: that is the group commit, one ``fdatasync`` for all of them.
+
+There is no background task. The first appender that finds nobody flushing becomes the
+*flusher*: it submits rounds and waits for their completion (shielded, so cancelling it
+cannot leave a round half-handled). As soon as a round is durable the flusher submits the
+next one, then wakes the finished round's waiters; once its own round is durable it hands
+the role to a task waiting on a later round and returns. A cancelled waiter just stops
+waiting: its record was framed and will be written (it may or may not end up durable), and
+the log stays consistent.
+
+Records become visible (``seq``, ``read``, ``iter``, ``entries``) only once durable. An
+``append_batch`` or a transaction is framed as one atomic batch (MORE flags, see
+``format``) inside one round and one segment, so a crash keeps all of it or none.
+
+A failed write: ``ENOSPC`` fails that round and every round framed after it (their offsets
+assumed it), cuts the file back and rewinds the seqs: the log stays usable. Any other write
+or ``fdatasync`` error fails the log for good (``LogFailedError``): after an fsync error
+the kernel may have dropped the dirty pages, so nothing written since can be trusted.
+
+Exclusive operations (transactions, ``truncate``, ``compact``, ``close``) take a lock, stop
+new appends at a gate, and wait until everything framed before them is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import warnings
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import outcome
+import trio
+
+from .._native import ffi, lib
+from ..entry import Entry
+from ..errors import (
+    ClosedError,
+    InvalidArgumentError,
+    LogCorruptError,
+    LogError,
+    LogFailedError,
+    LogFullError,
+    LogLockedError,
+    SeqMismatchError,
+    UsageError,
+)
+from . import format as fmt
+from ._codes import corrupt, write_error
+from .flusher import Flusher
+from .segment import Segment, fsync_dir, scan_fd
+from .terms import TermIndex
+
+_HDR_GAP = bytes(fmt.REC_HDR)
+_BECOME_FLUSHER = object()
+_READ_STEP = 1 << 20  # bytes per pread when iterating
+
+
+class LogRecoveryWarning(UserWarning):
+    """Open found a torn or incomplete tail (a crash mid-write) and cut it back."""
+
+
+def _nbytes(data: object) -> int:
+    if isinstance(data, bytes | bytearray):
+        return len(data)
+    if isinstance(data, memoryview):
+        return data.nbytes
+    raise InvalidArgumentError(
+        f"log payloads must be bytes, bytearray or memoryview, not {type(data).__name__}; "
+        "encode the value first (e.g. msgpack.packb(value) or text.encode())"
+    )
+
+
+def _check_term(term: object) -> int:
+    if not isinstance(term, int) or isinstance(term, bool) or not 0 <= term <= fmt.MAX_U64:
+        raise InvalidArgumentError(f"term must be an int in 0..2**64-1, got {term!r}")
+    return term
+
+
+class _Round:
+    """Records framed for one write: one buffer, one segment, its waiters."""
+
+    __slots__ = (
+        "seg",
+        "buf",
+        "file_off",
+        "first_seq",
+        "count",
+        "offs",
+        "terms",
+        "last_data",
+        "waiters",
+        "cbuf",
+    )
+
+    def __init__(self, seg: Segment, file_off: int, first_seq: int) -> None:
+        self.seg = seg
+        self.buf = bytearray()
+        self.file_off = file_off
+        self.first_seq = first_seq
+        self.count = 0
+        self.offs = array("Q")
+        self.terms: list[tuple[int, int]] = []  # (seq, term) where the term may change
+        self.last_data: bytes = b""
+        self.waiters: list[trio.lowlevel.Task] = []
+        self.cbuf: Any = None
+
+
+class FsLog:
+    """A durable append-only log in ``DIR/NAME/`` (see ``tinyraftplus.log.format``).
+
+    ``segment_size``: roll to a new segment file once one holds this many bytes (a single
+    batch larger than that gets a segment of its own). ``fsync``: ``False`` skips
+    ``fdatasync`` (faster, survives a process crash but not a power loss).
+    ``flusher_spin_us`` / ``poll_us``: how long the flusher thread and the Trio side
+    busy-wait before sleeping (latency against idle CPU; see ``flusher``).
+
+    Use ``async with FsLog(dir, name) as log:`` or ``await log.open()`` / ``await
+    log.close()``. Raises ``InvalidArgumentError`` if ``dir`` does not exist,
+    ``LogLockedError`` if the log is open elsewhere, ``LogCorruptError`` for damage found
+    in the middle of the log.
+    """
+
+    def __init__(
+        self,
+        dir: str | os.PathLike[str],
+        name: str,
+        *,
+        segment_size: int = 64 << 20,
+        fsync: bool = True,
+        flusher_spin_us: int = 200,
+        poll_us: int = 300,
+    ) -> None:
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise InvalidArgumentError(f"log name must be a plain file name, got {name!r}")
+        if not isinstance(segment_size, int) or segment_size < 4096:
+            raise InvalidArgumentError(f"segment_size must be an int >= 4096, got {segment_size!r}")
+        self._parent = os.fspath(dir)
+        self.name = name
+        self.path = os.path.join(self._parent, name)
+        self._segment_size = segment_size
+        self._fsync = bool(fsync)
+        self._spin_us = flusher_spin_us
+        self._poll_us = poll_us
+        self._state = "new"  # new -> open -> closed
+        self._lock_fd: int | None = None
+        self._segs: list[Segment] = []
+        self._firsts: list[int] = []
+        self._terms = TermIndex()
+        self._seq = -1
+        self._next_seq = 0
+        self._first_seq = 0
+        self._head: bytes | None = None
+        self._queue: deque[_Round] = deque()
+        self._inflight: _Round | None = None
+        self._flushing = False
+        self._failed: LogFailedError | None = None
+        self._flusher: Flusher | None = None
+        self._excl = trio.Lock()
+        self._blocked = False
+        self._gate = trio.lowlevel.ParkingLot()
+        self._idle = trio.lowlevel.ParkingLot()
+        self._txn: Txn | None = None
+        self._last_framed_term = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+    async def __aenter__(self) -> FsLog:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._state != "new":
+            raise UsageError(f"log {self.path} was already opened; create a new FsLog")
+        if not os.path.isdir(self._parent):
+            raise InvalidArgumentError(
+                f"log directory {self._parent!r} does not exist; create it first"
+            )
+        await trio.to_thread.run_sync(self._open_sync)
+        self._state = "open"
+
+    def _open_sync(self) -> None:
+        created = False
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path, exist_ok=True)
+            fsync_dir(self._parent)
+            created = True
+        lock_fd = os.open(
+            os.path.join(self.path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise LogLockedError(
+                f"log {self.path} is open in another process or another FsLog object "
+                f"(it holds {fmt.LOCK_NAME} with flock); close that one first"
+            ) from None
+        self._lock_fd = lock_fd
+        try:
+            self._recover(created)
+            self._flusher = Flusher(self._spin_us, self._poll_us)
+        except BaseException:
+            self._release_files()
+            raise
+
+    def _recover(self, created: bool) -> None:
+        names = os.listdir(self.path)
+        for n in names:
+            if n.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.path, n))
+        firsts = sorted(f for f in map(fmt.parse_segment_name, names) if f is not None)
+        if not firsts:
+            seg = Segment(self.path, 0, 0)
+            seg.create_file()
+            seg.offs = array("Q")
+            self._segs = [seg]
+        else:
+            self._segs = [Segment(self.path, f) for f in firsts]
+        # A tail segment that is only a (possibly torn) header is what a crash while
+        # rolling leaves: drop it, the one before is the tail again.
+        while len(self._segs) > 1:
+            tail = self._segs[-1]
+            size = os.stat(tail.path).st_size
+            if size > fmt.SEG_HDR or (
+                size == fmt.SEG_HDR and isinstance(tail.read_header(), tuple)
+            ):
+                break
+            tail.close_fd()
+            os.unlink(tail.path)
+            fsync_dir(self.path)
+            self._segs.pop()
+            warnings.warn(
+                f"removed {tail.path}: a segment created by a roll that a crash interrupted",
+                LogRecoveryWarning,
+                stacklevel=4,
+            )
+        for i, seg in enumerate(self._segs):
+            hdr = seg.read_header()
+            if isinstance(hdr, int):
+                if len(self._segs) == 1 and os.fstat(seg.open_fd(False)).st_size <= fmt.SEG_HDR:
+                    seg.close_fd()
+                    os.unlink(seg.path)
+                    seg.create_file()
+                    warnings.warn(
+                        f"rewrote the torn header of {seg.path}", LogRecoveryWarning, stacklevel=4
+                    )
+                    hdr = (seg.first_seq, 0)
+                else:
+                    raise corrupt(hdr, seg.path, 0, "damaged segment header")
+            if hdr[0] != seg.first_seq:
+                raise LogCorruptError(
+                    f"{seg.path} says it starts at seq {hdr[0]}, its name says {seg.first_seq}",
+                    path=seg.path,
+                    offset=16,
+                )
+            seg.prev_term = hdr[1]
+            if i < len(self._segs) - 1:
+                seg.sealed = True
+                seg.count = self._segs[i + 1].first_seq - seg.first_seq
+        self._first_seq = self._segs[0].first_seq
+        self._terms = TermIndex(self._first_seq - 1, self._segs[0].prev_term)
+        for seg in self._segs[:-1]:
+            runs = seg.load_index_header()
+            if runs is None:
+                seg.rebuild_index()
+                runs = seg.runs_from_scan
+            for s, t in runs:
+                self._terms.add(s, t)
+        self._recover_tail(self._segs[-1])
+        self._firsts = [s.first_seq for s in self._segs]
+        last = self._segs[-1]
+        self._seq = last.first_seq + last.count - 1
+        self._next_seq = self._seq + 1
+        self._last_framed_term = self._terms.last_term()
+        self._head = None
+        if self._seq >= self._first_seq:
+            self._head = self._locate(self._seq).read_entries(self._seq, self._seq)[0].data
+
+    def _recover_tail(self, seg: Segment) -> None:
+        seg.sealed = False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(seg.idx_path)  # only sealed segments have one
+        seg.close_fd()
+        fd = seg.open_fd(True)
+        r = scan_fd(fd, seg.first_seq, True)
+        if r.status == lib.TP_SCAN_CORRUPT:
+            raise corrupt(
+                r.reason,
+                seg.path,
+                r.bad_off,
+                f"damaged record (valid records follow at byte offset {r.resync_off})",
+            )
+        if r.commit_end != r.file_size:
+            why = (
+                f"torn record at byte offset {r.bad_off}"
+                if r.status == lib.TP_SCAN_TORN
+                else f"incomplete batch of {r.n - r.n_commit} records"
+            )
+            warnings.warn(
+                f"{seg.path}: {why}, left by a crash mid-write; cutting the log back to "
+                f"byte offset {r.commit_end} (last complete record: seq "
+                f"{seg.first_seq + r.n_commit - 1})",
+                LogRecoveryWarning,
+                stacklevel=5,
+            )
+            os.ftruncate(fd, r.commit_end)
+            os.fdatasync(fd)
+        offs = r.offs
+        del offs[r.n_commit :]
+        seg.offs = offs
+        seg.count = r.n_commit
+        seg.end = seg.write_end = r.commit_end
+        for s, t in r.runs:
+            if s < seg.first_seq + r.n_commit:
+                self._terms.add(s, t)
+
+    async def close(self) -> None:
+        """Wait for an open transaction and for every framed append to be durable, then
+        close the files and release the lock. Closing twice is allowed."""
+        if self._state != "open":
+            self._state = "closed"
+            return
+        async with self._excl:
+            if self._state != "open":
+                return
+            self._blocked = True
+            with trio.CancelScope(shield=True):
+                await self._drain()
+                self._state = "closed"
+                self._gate.unpark_all()
+                if self._flusher is not None:
+                    self._flusher.stop()
+                    self._flusher = None
+                self._release_files()
+
+    def _release_files(self) -> None:
+        for s in self._segs:
+            s.close_fd()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    @staticmethod
+    def destroy(dir: str | os.PathLike[str], name: str) -> None:
+        """Delete the log ``DIR/NAME`` and its files (synchronous). Raises
+        ``LogLockedError`` if it is open. A missing log is not an error."""
+        path = os.path.join(os.fspath(dir), name)
+        if not os.path.isdir(path):
+            return
+        lock_fd = os.open(
+            os.path.join(path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LogLockedError(
+                    f"cannot destroy log {path}: it is open; close it first"
+                ) from None
+            for n in os.listdir(path):
+                if n != fmt.LOCK_NAME:
+                    os.unlink(os.path.join(path, n))
+            os.unlink(os.path.join(path, fmt.LOCK_NAME))
+            os.rmdir(path)
+            fsync_dir(os.fspath(dir))
+        finally:
+            os.close(lock_fd)
+
+    # --- state ------------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        """Seq of the last durable record; -1 when the log is empty."""
+        return self._seq
+
+    @property
+    def first_seq(self) -> int:
+        """Seq of the first record held (moves forward with ``compact``)."""
+        return self._first_seq
+
+    @property
+    def head(self) -> bytes | None:
+        """Payload of the last durable record, or None when empty."""
+        return self._head
+
+    @property
+    def head_term(self) -> int:
+        """Term of the last durable record (0 when empty)."""
+        return self._terms.term_at(self._seq)
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            what = "before open()" if self._state == "new" else "after close()"
+            raise ClosedError(f"log {self.path} used {what}")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._failed is not None:
+            raise LogFailedError(str(self._failed)) from self._failed
+
+    # --- appends ----------------------------------------------------------------------
+    async def append(
+        self, data: bytes | bytearray | memoryview, *, seq: int | None = None, term: int = 0
+    ) -> int:
+        """Append one record; return its seq once it is durable.
+
+        Raises ``InvalidArgumentError`` for a non-bytes payload or bad term,
+        ``SeqMismatchError`` if ``seq`` is given and is not the next seq,
+        ``LogFullError`` if the disk is full (nothing was written),
+        ``LogFailedError`` if the log failed, ``ClosedError`` when not open."""
+        self._check_writable()
+        n = _nbytes(data)
+        _check_term(term)
+        while self._blocked:
+            await self._gate.park()
+            self._check_writable()
+        rnd = self._frame([data], [n], seq, term, None, atomic=False)
+        s = self._next_seq - 1
+        await self._wait_durable(rnd)
+        return s
+
+    async def append_batch(
+        self,
+        items: Sequence[bytes | bytearray | memoryview],
+        *,
+        seq: int | None = None,
+        term: int | Sequence[int] = 0,
+    ) -> int:
+        """Append records atomically (all or none survive a crash); return the first seq
+        once all are durable. ``term`` is one term for all or one per item."""
+        self._check_writable()
+        items, lens, terms = self._check_batch(items, term)
+        while self._blocked:
+            await self._gate.park()
+            self._check_writable()
+        first = self._next_seq
+        rnd = self._frame(items, lens, seq, term if terms is None else 0, terms, atomic=True)
+        await self._wait_durable(rnd)
+        return first
+
+    def _check_batch(
+        self, items: Any, term: Any
+    ) -> tuple[Sequence[Any], list[int], list[int] | None]:
+        if isinstance(items, bytes | bytearray | memoryview | str) or not isinstance(
+            items, Sequence
+        ):
+            raise InvalidArgumentError(
+                f"append_batch takes a list of bytes payloads, got {type(items).__name__}"
+            )
+        if not items:
+            raise InvalidArgumentError("append_batch needs at least one item, got an empty list")
+        lens = [_nbytes(x) for x in items]
+        terms = None
+        if isinstance(term, int) and not isinstance(term, bool):
+            _check_term(term)
+        else:
+            if not isinstance(term, Sequence) or len(term) != len(items):
+                raise InvalidArgumentError(
+                    f"term must be an int or a sequence with one term per item ({len(items)} items)"
+                )
+            terms = [_check_term(t) for t in term]
+        return items, lens, terms
+
+    def _frame(
+        self,
+        items: Sequence[Any],
+        lens: list[int],
+        seq: int | None,
+        term: int,
+        terms: list[int] | None,
+        atomic: bool,
+    ) -> _Round:
+        """Frame records into the open round (no await: seqs are assigned in call order)."""
+        first = self._next_seq
+        if seq is not None and seq != first:
+            raise SeqMismatchError(
+                f"append to {self.path} with seq={seq}, but the next seq is {first}",
+                expected=first,
+                got=seq,
+            )
+        n = len(lens)
+        if first + n - 1 > fmt.MAX_U64:
+            raise InvalidArgumentError(f"seq would pass 2**64-1 in {self.path}")
+        for ln in lens:
+            if ln > fmt.MAX_PAYLOAD:
+                raise InvalidArgumentError(
+                    f"payload of {ln} bytes exceeds the {fmt.MAX_PAYLOAD}-byte limit"
+                )
+        total = sum(lens) + fmt.REC_HDR * n
+        rnd = self._open_round(total)
+        buf = rnd.buf
+        pos = len(buf)
+        off = rnd.file_off + pos
+        last_term = terms[-1] if terms is not None else term
+        if n == 1:
+            buf += _HDR_GAP
+            buf += items[0]
+            lib.tp_frame_one(ffi.from_buffer("uint8_t[]", buf), pos, lens[0], first, last_term, 0)
+            rnd.offs.append(off)
+        else:
+            buf += _HDR_GAP
+            buf += _HDR_GAP.join(items)
+            c_lens = ffi.new("uint32_t[]", lens)
+            c_terms = ffi.new("uint64_t[]", terms) if terms is not None else ffi.NULL
+            offs = array("Q", bytes(8 * n))
+            lib.tp_frame_batch(
+                ffi.from_buffer("uint8_t[]", buf) + pos,
+                c_lens,
+                n,
+                first,
+                term,
+                c_terms,
+                1 if atomic else 0,
+                off,
+                ffi.from_buffer("uint64_t[]", offs),
+            )
+            rnd.offs.extend(offs)
+        if terms is None:
+            rnd.terms.append((first, term))
+        else:
+            prev = None
+            for i, t in enumerate(terms):
+                if t != prev:
+                    rnd.terms.append((first + i, t))
+                    prev = t
+        last = items[-1]
+        rnd.last_data = last if type(last) is bytes else bytes(last)
+        rnd.count += n
+        rnd.seg.write_end += total
+        self._next_seq = first + n
+        self._last_framed_term = last_term
+        return rnd
+
+    def _open_round(self, nbytes: int) -> _Round:
+        seg = self._segs[-1]
+        if seg.write_end > fmt.SEG_HDR and seg.write_end + nbytes > self._segment_size:
+            # Roll: the file is created by the flusher once everything before is durable.
+            seg = Segment(self.path, self._next_seq, self._last_framed_term)
+            seg.created = False
+            seg.offs = array("Q")
+            self._segs.append(seg)
+            self._firsts.append(seg.first_seq)
+        if self._queue and self._queue[-1].seg is seg:
+            return self._queue[-1]
+        rnd = _Round(seg, seg.write_end, self._next_seq)
+        self._queue.append(rnd)
+        return rnd
+
+    # --- group commit -----------------------------------------------------------------
+    async def _wait_durable(self, rnd: _Round) -> None:
+        if not self._flushing:
+            self._flushing = True
+            await self._run_flusher(rnd)
+            return
+        task = trio.lowlevel.current_task()
+        rnd.waiters.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            with contextlib.suppress(ValueError):
+                rnd.waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        v = await trio.lowlevel.wait_task_rescheduled(abort)
+        if v is _BECOME_FLUSHER:
+            await self._run_flusher(rnd)
+
+    async def _run_flusher(self, mine: _Round | None) -> None:
+        """Be the flusher until ``mine`` is durable and the role can be handed on (or no
+        work is left). Shielded: a cancelled flusher still finishes the write it started,
+        and its caller sees the cancellation afterwards."""
+        error: BaseException | None = None
+        with trio.CancelScope(shield=True):
+            try:
+                error = await self._flush_loop(mine)
+            except BaseException:
+                self._flushing = False
+                self._idle.unpark_all()
+                raise
+        if error is not None:
+            raise error
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _flush_loop(self, mine: _Round | None) -> BaseException | None:
+        mine_done = mine is None
+        my_error: BaseException | None = None
+        while True:
+            if self._inflight is None:
+                if not self._queue:
+                    self._flushing = False
+                    self._idle.unpark_all()
+                    return my_error
+                rnd = self._queue[0]
+                if not rnd.seg.created:
+                    err = await self._roll_to(rnd.seg)
+                    if err is not None:
+                        self._fail_queued(err)
+                        continue
+                self._queue.popleft()
+                self._submit(rnd)
+            rnd = self._inflight
+            assert rnd is not None and self._flusher is not None
+            rc, op = await self._flusher.wait()
+            self._inflight = None
+            if rc == 0:
+                self._commit_round(rnd)
+                # Pipeline: get the next round on the disk before waking anybody.
+                if self._queue and self._queue[0].seg.created:
+                    self._submit(self._queue.popleft())
+                self._wake(rnd.waiters, None)
+            else:
+                exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
+                self._fail_round(rnd, exc)
+                self._fail_queued(exc)
+            if rnd is mine:
+                mine_done = True
+                if rc != 0:
+                    my_error = write_error(rc, op, rnd.seg.path, rnd.file_off)
+            if mine_done:
+                nxt = self._next_waiter()
+                if nxt is not None:
+                    trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
+                    return my_error
+                if self._inflight is None and not self._queue:
+                    self._flushing = False
+                    self._idle.unpark_all()
+                    return my_error
+
+    def _next_waiter(self) -> trio.lowlevel.Task | None:
+        for rnd in ([self._inflight] if self._inflight else []) + list(self._queue):
+            if rnd.waiters:
+                return rnd.waiters.pop(0)
+        return None
+
+    def _submit(self, rnd: _Round) -> None:
+        assert self._flusher is not None
+        seg = rnd.seg
+        fd = seg.open_fd(True)
+        rnd.cbuf = ffi.from_buffer(rnd.buf)
+        self._flusher.submit(fd, rnd.cbuf, len(rnd.buf), rnd.file_off, self._fsync)
+        self._inflight = rnd
+
+    def _commit_round(self, rnd: _Round) -> None:
+        seg = rnd.seg
+        rnd.cbuf = None
+        assert seg.offs is not None
+        seg.offs.extend(rnd.offs)
+        seg.count += rnd.count
+        seg.end = rnd.file_off + len(rnd.buf)
+        for s, t in rnd.terms:
+            self._terms.add(s, t)
+        self._seq = rnd.first_seq + rnd.count - 1
+        self._head = rnd.last_data
+
+    def _wake(self, waiters: list[trio.lowlevel.Task], exc: BaseException | None) -> None:
+        for task in waiters:
+            if exc is None:
+                trio.lowlevel.reschedule(task, outcome.Value(None))
+            else:
+                e = type(exc)(*exc.args)
+                if isinstance(exc, LogFullError):
+                    e = LogFullError(errno.ENOSPC, exc.strerror, exc.filename)
+                trio.lowlevel.reschedule(task, outcome.Error(e))
+        waiters.clear()
+
+    def _fail_round(self, rnd: _Round, exc: BaseException) -> None:
+        rnd.cbuf = None
+        if not isinstance(exc, LogFullError):
+            self._failed = exc  # type: ignore[assignment]
+        self._wake(rnd.waiters, exc)
+        self._rewind()
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """Rounds framed after a failed one assumed its bytes: fail them all."""
+        if not isinstance(exc, LogFullError) and self._failed is None:
+            self._failed = exc  # type: ignore[assignment]
+        while self._queue:
+            r = self._queue.popleft()
+            self._wake(r.waiters, exc)
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Forget everything framed but not durable."""
+        while len(self._segs) > 1 and not self._segs[-1].created:
+            self._segs.pop()
+            self._firsts.pop()
+        tail = self._segs[-1]
+        tail.write_end = tail.end
+        self._next_seq = self._seq + 1
+        self._last_framed_term = self._terms.last_term()
+        self._queue.clear()
+
+    async def _roll_to(self, seg: Segment) -> BaseException | None:
+        """Seal the current tail (write its index) and create ``seg``'s file."""
+        prev = self._segs[self._segs.index(seg) - 1]
+        runs = self._terms.runs_between(prev.first_seq, prev.last_seq)
+
+        def work() -> None:
+            with contextlib.suppress(OSError):
+                prev.write_index(runs)
+            seg.create_file()
+
+        try:
+            await trio.to_thread.run_sync(work)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                return LogFullError(
+                    errno.ENOSPC,
+                    f"disk full creating segment {seg.path}; nothing was written: free space "
+                    "and append again",
+                    seg.path,
+                )
+            return LogFailedError(f"cannot create segment {seg.path}: {e}")
+        prev.sealed = True
+        prev.close_fd()
+        return None
+
+    async def _drain(self) -> None:
+        """Wait until nothing is framed but not yet durable."""
+        while self._flushing or self._queue or self._inflight:
+            if not self._flushing:
+                # Work without a flusher (its waiters were cancelled): flush it ourselves.
+                self._flushing = True
+                with contextlib.suppress(LogError):
+                    await self._run_flusher(None)
+                continue
+            await self._idle.park()
+
+    async def _exclusive_begin(self) -> None:
+        await self._excl.acquire()
+        try:
+            self._check_writable()
+            self._blocked = True
+            with trio.CancelScope(shield=True):
+                await self._drain()
+            self._check_writable()
+        except BaseException:
+            self._exclusive_end()
+            raise
+
+    def _exclusive_end(self) -> None:
+        self._blocked = False
+        self._gate.unpark_all()
+        self._excl.release()
+
+    # --- transactions -----------------------------------------------------------------
+    def txn(self) -> Txn:
+        """``async with log.txn() as txn:`` appends that become durable and visible
+        together at exit, or not at all (exception or ``await txn.abort()``). Other
+        appends wait while a transaction is open; do not call ``log.append`` inside it."""
+        self._check_open()
+        return Txn(self)
+
+    # --- truncate / compact -----------------------------------------------------------
+    async def truncate(self, seq: int) -> None:
+        """Keep records ``<= seq`` (``-1``, or ``first_seq - 1``, empties the log)."""
+        self._check_writable()
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise InvalidArgumentError(f"truncate takes an int seq, got {seq!r}")
+        await self._exclusive_begin()
+        try:
+            if seq < self._first_seq - 1 or seq > self._seq:
+                if seq > self._seq:
+                    return
+                raise InvalidArgumentError(
+                    f"cannot truncate {self.path} to seq {seq}: records before "
+                    f"{self._first_seq} were compacted away (keep >= {self._first_seq - 1})"
+                )
+            if seq == self._seq:
+                return
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._truncate_sync, seq)
+        finally:
+            self._exclusive_end()
+
+    def _truncate_sync(self, seq: int) -> None:
+        i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
+        seg = self._segs[i]
+        cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
+        for later in reversed(self._segs[i + 1 :]):
+            later.close_fd()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(later.idx_path)
+            os.unlink(later.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(seg.idx_path)
+        seg.close_fd()
+        fd = seg.open_fd(True)
+        os.ftruncate(fd, cut)
+        os.fdatasync(fd)
+        fsync_dir(self.path)
+        del self._segs[i + 1 :]
+        del self._firsts[i + 1 :]
+        seg.sealed = False
+        n = seq + 1 - seg.first_seq
+        assert seg.offs is not None
+        del seg.offs[n:]
+        seg.count = n
+        seg.end = seg.write_end = cut
+        self._terms.truncate_after(seq)
+        self._seq = seq
+        self._next_seq = seq + 1
+        self._last_framed_term = self._terms.last_term()
+        self._head = None
+        if seq >= self._first_seq:
+            self._head = self._locate(seq).read_entries(seq, seq)[0].data
+
+    async def compact(self, seq: int) -> None:
+        """Drop whole segments whose records are all ``<= seq`` (never the tail
+        segment); ``first_seq`` moves to the first record kept."""
+        self._check_writable()
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise InvalidArgumentError(f"compact takes an int seq, got {seq!r}")
+        await self._exclusive_begin()
+        try:
+            drop = 0
+            while drop < len(self._segs) - 1 and self._segs[drop].last_seq <= seq:
+                drop += 1
+            if drop:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._compact_sync, drop)
+        finally:
+            self._exclusive_end()
+
+    def _compact_sync(self, drop: int) -> None:
+        # Oldest first: a crash part-way leaves a shorter prefix gone, still contiguous.
+        for seg in self._segs[:drop]:
+            seg.close_fd()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.idx_path)
+            os.unlink(seg.path)
+        fsync_dir(self.path)
+        del self._segs[:drop]
+        del self._firsts[:drop]
+        first = self._segs[0]
+        self._first_seq = first.first_seq
+        self._terms.drop_before(first.first_seq, first.prev_term)
+
+    # --- reads ------------------------------------------------------------------------
+    def _locate(self, seq: int) -> Segment:
+        return self._segs[bisect_right(self._firsts, seq) - 1]
+
+    def _check_range(self, seq: int) -> None:
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise InvalidArgumentError(f"seq must be an int, got {seq!r}")
+        if not self._first_seq <= seq <= self._seq:
+            raise InvalidArgumentError(
+                f"seq {seq} is not in log {self.path} (it holds {self._first_seq}..{self._seq})"
+            )
+
+    def term_at(self, seq: int) -> int:
+        """Term of the record at ``seq`` (0 for -1; also answers for ``first_seq - 1``).
+        In memory, O(log runs)."""
+        if seq == -1:
+            return 0
+        if not self._first_seq - 1 <= seq <= self._seq:
+            raise InvalidArgumentError(
+                f"term_at({seq}): log {self.path} holds {self._first_seq}..{self._seq}"
+            )
+        return self._terms.term_at(seq)
+
+    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        """Records ``lo..hi`` (inclusive), stopping once ``max_bytes`` of payload are
+        gathered but always at least one when ``lo <= hi``. Synchronous: one ``pread`` per
+        segment touched, served from the page cache."""
+        self._check_open()
+        if hi < lo:
+            return []
+        self._check_range(lo)
+        self._check_range(hi)
+        out: list[Entry] = []
+        budget = max_bytes
+        while lo <= hi:
+            seg = self._locate(lo)
+            offs = seg.ensure_offsets()
+            top = min(hi, seg.last_seq)
+            base = offs[lo - seg.first_seq]
+            # Largest k in lo..top with payload(lo..k) <= budget (at least lo when out is empty).
+            a, b = lo, top
+            while a < b:
+                mid = (a + b + 1) // 2
+                end = offs[mid + 1 - seg.first_seq] if mid < seg.last_seq else seg.end
+                if end - base - fmt.REC_HDR * (mid - lo + 1) <= budget:
+                    a = mid
+                else:
+                    b = mid - 1
+            k = a
+            end = offs[k + 1 - seg.first_seq] if k < seg.last_seq else seg.end
+            size = end - base - fmt.REC_HDR * (k - lo + 1)
+            if size > budget and out:
+                break
+            out.extend(seg.read_entries(lo, k))
+            budget -= size
+            if k < top or budget <= 0:
+                break
+            lo = k + 1
+        return out
+
+    async def read(self, seq: int) -> Entry:
+        """The record at ``seq`` (CRC-checked). ``InvalidArgumentError`` if absent."""
+        self._check_open()
+        self._check_range(seq)
+        seg = self._locate(seq)
+        if seg.offs is not None and seg.end - seg.offs[-1] < 65536:
+            ent = seg.read_entries(seq, seq)[0]
+            await trio.lowlevel.checkpoint()
+            return ent
+        return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
+
+    def iter(self, start: int = 0) -> AsyncIterator[Entry]:
+        """Async iterator over durable records from ``start`` (clamped to ``first_seq``),
+        reading about a MiB at a time in a worker thread. Records appended while
+        iterating are included."""
+        self._check_open()
+        return self._iter(start)
+
+    async def _iter(self, start: int) -> AsyncIterator[Entry]:
+        seq = max(start, self._first_seq)
+        while True:
+            self._check_open()
+            if seq > self._seq:
+                return
+            if seq < self._first_seq:
+                raise InvalidArgumentError(
+                    f"seq {seq} was compacted away while iterating {self.path}"
+                )
+            seg = self._locate(seq)
+            chunk = await trio.to_thread.run_sync(
+                self._read_step, seg, seq, min(self._seq, seg.last_seq)
+            )
+            for e in chunk:
+                yield e
+            seq += len(chunk)
+
+    @staticmethod
+    def _read_step(seg: Segment, lo: int, top: int) -> list[Entry]:
+        offs = seg.ensure_offsets()
+        i = lo - seg.first_seq
+        limit = offs[i] + _READ_STEP
+        j = bisect_right(offs, limit, i + 1, top - seg.first_seq + 1) - 1
+        return seg.read_entries(lo, seg.first_seq + max(j, i))
+
+    def __repr__(self) -> str:
+        return f"<FsLog {self.path} {self._state} seq={self._seq} first_seq={self._first_seq}>"
+
+
+class Txn:
+    """A transaction on an ``FsLog``; see ``FsLog.txn``."""
+
+    def __init__(self, log: FsLog) -> None:
+        self._log = log
+        self._items: list[Any] = []
+        self._lens: list[int] = []
+        self._terms: list[int] = []
+        self._state = "new"
+        self._first = 0
+
+    async def __aenter__(self) -> Txn:
+        await self._log._exclusive_begin()
+        self._state = "open"
+        self._log._txn = self
+        self._first = self._log._next_seq
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        log = self._log
+        try:
+            if exc_type is None and self._state == "open" and self._items:
+                self._state = "committing"
+                log._check_writable()
+                rnd = log._frame(self._items, self._lens, None, 0, self._terms, atomic=True)
+                # Shielded: once framed, the batch is written whatever happens to us.
+                with trio.CancelScope(shield=True):
+                    await log._wait_durable(rnd)
+                self._state = "committed"
+        finally:
+            if self._state != "committed":
+                self._state = "aborted"
+            log._txn = None
+            log._exclusive_end()
+
+    @property
+    def seq(self) -> int:
+        """Seq of the last record appended in this transaction so far (or before it)."""
+        return self._first + len(self._items) - 1
+
+    def _check(self) -> None:
+        if self._state != "open":
+            raise UsageError(f"transaction on {self._log.path} is {self._state}; open a new one")
+
+    async def append(
+        self, data: bytes | bytearray | memoryview, *, seq: int | None = None, term: int = 0
+    ) -> int:
+        """Add a record; returns its (future) seq. Durable at the end of the ``async with``."""
+        self._check()
+        n = _nbytes(data)
+        _check_term(term)
+        s = self._first + len(self._items)
+        if seq is not None and seq != s:
+            raise SeqMismatchError(
+                f"txn append with seq={seq}, but the next seq is {s}", expected=s, got=seq
+            )
+        self._items.append(data if type(data) is bytes else bytes(data))
+        self._lens.append(n)
+        self._terms.append(term)
+        await trio.lowlevel.checkpoint()
+        return s
+
+    async def append_batch(
+        self,
+        items: Sequence[bytes | bytearray | memoryview],
+        *,
+        seq: int | None = None,
+        term: int | Sequence[int] = 0,
+    ) -> int:
+        self._check()
+        items, lens, terms = self._log._check_batch(items, term)
+        s = self._first + len(self._items)
+        if seq is not None and seq != s:
+            raise SeqMismatchError(
+                f"txn append with seq={seq}, but the next seq is {s}", expected=s, got=seq
+            )
+        self._items.extend(x if type(x) is bytes else bytes(x) for x in items)
+        self._lens.extend(lens)
+        self._terms.extend(terms if terms is not None else [term] * len(items))  # type: ignore[list-item]
+        await trio.lowlevel.checkpoint()
+        return s
+
+    async def abort(self) -> None:
+        """Drop everything appended in this transaction; nothing reaches the log."""
+        if self._state == "open":
+            self._items.clear()
+            self._state = "aborted"
+        await trio.lowlevel.checkpoint()
