@@ -491,7 +491,7 @@ def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
     version, tag = obj[0], obj[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(
-            f"peer speaks wire protocol version {_show(version)}, this node speaks "
+            f"peer speaks wire protocol version {repr(version)[:40]}, this node speaks "
             f"{PROTOCOL_VERSION}; run the same tinyraftplus wire version on every node"
         )
     if type(tag) is not int or tag not in _VALIDATORS:
