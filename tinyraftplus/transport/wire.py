@@ -480,9 +480,9 @@ def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
     try:
         obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ProtocolError(
-            f"payload of {len(payload)} bytes is not one valid msgpack value "
-            f"({type(e).__name__}: {e})"
+            f"payload of {len(payload)} bytes is not one valid msgpack value ({why})"
         ) from None
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError(
