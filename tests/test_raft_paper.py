@@ -79,17 +79,16 @@ def test_5_2_election_safety_under_partitions_and_crashes(seed):
     rng = c.rng
     for _ in range(40):
         what = rng.random()
+        down = [i for i in ids if i not in c.cores]
         if what < 0.3:
             a = rng.sample(ids, rng.randint(1, 4))
             c.partition(a, [i for i in ids if i not in a])
         elif what < 0.5:
             c.heal()
-        elif what < 0.7:
-            victim = rng.choice(ids)
-            if victim in c.cores:
-                c.crash(victim)
-            else:
-                c.start(victim)
+        elif what < 0.7 and c.leader() is not None and len(down) < 2:
+            c.crash(c.leader())
+        elif what < 0.9 and down:
+            c.start(rng.choice(down))
         leader = c.leader()
         if leader is not None:
             try:
