@@ -61,7 +61,7 @@ from ..errors import (
 from . import format as fmt
 from ._codes import corrupt, write_error
 from .flusher import Flusher
-from .segment import Segment, fsync_dir, scan_fd
+from .segment import Segment, fsync_dir, parse_entries, scan_fd
 from .terms import TermIndex
 
 _HDR_GAP = bytes(fmt.REC_HDR)
@@ -805,6 +805,8 @@ class FsLog:
             os.unlink(seg.idx_path)
         seg.close_fd()
         fd = seg.open_fd(True)
+        if seq >= seg.first_seq:
+            self._end_batch_at(seg, fd, seq)
         os.ftruncate(fd, cut)
         os.fdatasync(fd)
         fsync_dir(self.path)
@@ -823,6 +825,22 @@ class FsLog:
         self._head = None
         if seq >= self._first_seq:
             self._head = self._locate(seq).read_entries(seq, seq)[0].data
+
+    @staticmethod
+    def _end_batch_at(seg: Segment, fd: int, seq: int) -> None:
+        """Clear MORE on the record at ``seq`` (truncate may cut a batch), so recovery does
+        not take the kept records for an incomplete batch. Made durable before the cut: a
+        crash in between leaves the batch split in two, both complete."""
+        start, end = seg.span(seq, seq)
+        rec = bytearray(os.pread(fd, end - start, start))
+        parse_entries(bytes(rec), start, seq, 1, seg.path)  # never re-CRC damaged bytes
+        flags = int.from_bytes(rec[24:28], "little")
+        if not flags & fmt.FLAG_MORE:
+            return
+        term = int.from_bytes(rec[16:24], "little")
+        lib.tp_frame_one(ffi.from_buffer("uint8_t[]", rec), 0, len(rec) - fmt.REC_HDR, seq, term, 0)
+        os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
+        os.fdatasync(fd)
 
     async def compact(self, seq: int) -> None:
         """Drop whole segments whose records are all ``<= seq`` (never the tail

@@ -1,0 +1,317 @@
+"""FsLog API: appends, batches, transactions, reads, truncate, bad input, locking."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import crc32c
+import pytest
+import trio
+
+from tinyraftplus import Entry, FsLog, StateFile
+from tinyraftplus.errors import (
+    ClosedError,
+    InvalidArgumentError,
+    LogCorruptError,
+    LogLockedError,
+    SeqMismatchError,
+    UsageError,
+)
+from tinyraftplus.log import format as fmt
+
+
+async def test_empty_log(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        assert log.seq == -1 and log.first_seq == 0
+        assert log.head is None and log.head_term == 0
+        assert log.term_at(-1) == 0
+        assert [e async for e in log.iter()] == []
+        assert log.entries(0, -1, 100) == []
+
+
+async def test_append_read_iter_reopen(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        assert await log.append(b"a") == 0
+        assert await log.append(bytearray(b"bb"), term=3) == 1
+        assert await log.append(memoryview(b"ccc"), seq=2, term=3) == 2
+        assert log.seq == 2 and log.head == b"ccc" and log.head_term == 3
+        assert await log.read(1) == Entry(1, 3, b"bb")
+        assert [e async for e in log.iter(1)] == [Entry(1, 3, b"bb"), Entry(2, 3, b"ccc")]
+    async with FsLog(tmp_path, "x") as log:
+        assert log.seq == 2 and log.head == b"ccc" and log.head_term == 3
+        assert [e.data async for e in log.iter()] == [b"a", b"bb", b"ccc"]
+        assert await log.append(b"d") == 3
+
+
+async def test_on_disk_frame_matches_documented_format(tmp_path):
+    """An independent reader (struct + the crc32c package) decodes what FsLog wrote."""
+    import struct
+
+    async with FsLog(tmp_path, "x") as log:
+        await log.append_batch([b"hello", b"world"], term=7)
+        await log.append(b"!", term=8)
+    raw = (tmp_path / "x" / fmt.segment_name(0)).read_bytes()
+    assert raw[:8] == b"TPLOGSEG"
+    assert struct.unpack_from("<I", raw, 44)[0] == crc32c.crc32c(raw[:44])
+    pos, got = fmt.SEG_HDR, []
+    while pos < len(raw):
+        ln, crc, seq, term, flags, res = struct.unpack_from("<IIQQII", raw, pos)
+        assert crc == crc32c.crc32c(raw[pos + 8 : pos + 32 + ln])
+        got.append((seq, term, flags, raw[pos + 32 : pos + 32 + ln]))
+        pos += 32 + ln
+    assert got == [(0, 7, 1, b"hello"), (1, 7, 0, b"world"), (2, 8, 0, b"!")]
+
+
+async def test_append_batch_terms_and_errors(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        assert await log.append_batch([b"1", b"2", b"3"], term=[1, 1, 2]) == 0
+        assert [log.term_at(s) for s in range(3)] == [1, 1, 2]
+        assert await log.append_batch((b"4",), seq=3, term=5) == 3
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            await log.append_batch([])
+        with pytest.raises(InvalidArgumentError, match="str"):
+            await log.append_batch([b"ok", "text"])
+        with pytest.raises(InvalidArgumentError):
+            await log.append_batch(b"not a list")
+        with pytest.raises(InvalidArgumentError, match="one term per item"):
+            await log.append_batch([b"a", b"b"], term=[1])
+        with pytest.raises(SeqMismatchError) as ei:
+            await log.append_batch([b"a"], seq=9)
+        assert ei.value.expected == 4 and ei.value.got == 9
+        assert log.seq == 3  # nothing from the failed calls got in
+
+
+async def test_bad_input(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        for bad in ("text", 5, None, [b"a"]):
+            with pytest.raises(InvalidArgumentError, match="bytes"):
+                await log.append(bad)
+        with pytest.raises(SeqMismatchError, match="next seq is 0"):
+            await log.append(b"a", seq=1)
+        with pytest.raises(InvalidArgumentError):
+            await log.append(b"a", term=-1)
+        with pytest.raises(InvalidArgumentError, match="not in log"):
+            await log.read(0)
+        assert log.seq == -1
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        await FsLog(tmp_path / "missing", "x").open()
+
+
+async def test_use_after_close_and_before_open(tmp_path):
+    log = FsLog(tmp_path, "x")
+    with pytest.raises(ClosedError, match="before open"):
+        await log.append(b"a")
+    await log.open()
+    await log.append(b"a")
+    await log.close()
+    await log.close()  # idempotent
+    with pytest.raises(ClosedError, match="after close"):
+        await log.append(b"b")
+    with pytest.raises(ClosedError):
+        await log.read(0)
+    with pytest.raises(ClosedError):
+        log.iter()
+    with pytest.raises(UsageError):
+        await log.open()
+
+
+async def test_second_open_is_refused_and_destroy(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"a")
+        with pytest.raises(LogLockedError, match="open in another"):
+            await FsLog(tmp_path, "x").open()
+        with pytest.raises(LogLockedError):
+            FsLog.destroy(tmp_path, "x")
+    # Another process too (flock is per open file description, so a subprocess is real).
+    import subprocess
+    import sys
+
+    code = (
+        "import trio,sys\nfrom tinyraftplus import FsLog\n"
+        "async def m():\n async with FsLog(sys.argv[1],'x') as l:\n  print(l.seq)\n"
+        "trio.run(m)\n"
+    )
+    async with FsLog(tmp_path, "x"):
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert p.returncode != 0 and "LogLockedError" in p.stderr
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "0"
+    FsLog.destroy(tmp_path, "x")
+    assert not (tmp_path / "x").exists()
+    async with FsLog(tmp_path, "x") as log:
+        assert log.seq == -1
+
+
+async def test_concurrent_appends_are_in_seq_order_and_share_fsyncs(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        got: dict[bytes, int] = {}
+
+        async def worker(k):
+            for i in range(20):
+                data = b"%d-%d" % (k, i)
+                got[data] = await log.append(data)
+
+        async with trio.open_nursery() as n:
+            for k in range(64):
+                n.start_soon(worker, k)
+        assert log.seq == 64 * 20 - 1
+        assert sorted(got.values()) == list(range(64 * 20))
+        entries = [e async for e in log.iter()]
+        assert all(got[e.data] == e.seq for e in entries)
+        # each task's own appends are in its call order
+        for k in range(64):
+            seqs = [got[b"%d-%d" % (k, i)] for i in range(20)]
+            assert seqs == sorted(seqs)
+
+
+async def test_txn_commit_abort_exception(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"before")
+        async with log.txn() as txn:
+            assert await txn.append(b"t1") == 1
+            assert await txn.append_batch([b"t2", b"t3"], term=4) == 2
+            assert log.seq == 0  # not visible before the end
+        assert log.seq == 3 and log.head == b"t3" and log.head_term == 4
+        async with log.txn() as txn:
+            await txn.append(b"dropped")
+            await txn.abort()
+            with pytest.raises(UsageError):
+                await txn.append(b"after abort")
+        assert log.seq == 3
+        with pytest.raises(RuntimeError, match="boom"):
+            async with log.txn() as txn:
+                await txn.append(b"dropped too")
+                raise RuntimeError("boom")
+        assert log.seq == 3
+        assert await log.append(b"next") == 4
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [b"before", b"t1", b"t2", b"t3", b"next"]
+
+
+async def test_txn_serializes_other_appends_and_close_waits(tmp_path):
+    log = FsLog(tmp_path, "x")
+    await log.open()
+    order = []
+    async with trio.open_nursery() as n:
+        async with log.txn() as txn:
+            n.start_soon(lambda: _append_and_note(log, b"outside", order))
+            await trio.sleep(0.01)
+            assert order == []  # the outside append waits for the transaction
+            await txn.append(b"inside")
+            n.start_soon(log.close)
+            await trio.sleep(0.01)
+            assert not log.closed  # close waits for the open transaction
+        order.append("txn done")
+    assert log.closed
+    assert order[0] == "txn done"
+    async with FsLog(tmp_path, "x") as log2:
+        assert [e.data async for e in log2.iter()][0] == b"inside"
+
+
+async def _append_and_note(log, data, order):
+    try:
+        order.append(("appended", await log.append(data)))
+    except ClosedError:
+        order.append("closed")
+
+
+async def test_truncate(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append_batch([b"%d" % i for i in range(10)], term=[1] * 5 + [2] * 5)
+        await log.truncate(6)
+        assert log.seq == 6 and log.head == b"6" and log.head_term == 2
+        await log.truncate(100)  # past the end: nothing to do
+        assert log.seq == 6
+        await log.truncate(4)
+        assert log.head_term == 1 and log.term_at(4) == 1
+        assert await log.append(b"new", term=3) == 5
+        await log.truncate(-1)
+        assert log.seq == -1 and log.head is None
+        assert await log.append(b"fresh") == 0
+    async with FsLog(tmp_path, "x") as log:
+        assert [e async for e in log.iter()] == [Entry(0, 0, b"fresh")]
+
+
+async def test_entries_respects_max_bytes(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append_batch([bytes([i]) * 100 for i in range(20)])
+        assert [e.seq for e in log.entries(0, 19, 250)] == [0, 1]
+        assert [e.seq for e in log.entries(5, 19, 0)] == [5]  # at least one
+        assert len(log.entries(0, 19, 1 << 20)) == 20
+        assert [e.seq for e in log.entries(3, 5, 1 << 20)] == [3, 4, 5]
+        with pytest.raises(InvalidArgumentError):
+            log.entries(0, 20, 100)
+
+
+async def test_cancelled_append_leaves_log_consistent(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        acked = []
+
+        async def writer(i):
+            acked.append(await log.append(b"r%d" % i))
+
+        for _ in range(20):
+            with trio.move_on_after(0.0005):
+                async with trio.open_nursery() as n:
+                    for i in range(30):
+                        n.start_soon(writer, i)
+            assert await log.append(b"probe") == log.seq
+        end = log.seq
+    async with FsLog(tmp_path, "x") as log:
+        assert log.seq == end
+        seqs = [e.seq async for e in log.iter()]
+        assert seqs == list(range(end + 1))
+        assert set(acked) <= set(seqs)
+
+
+async def test_random_ops_against_model(tmp_path):
+    rng = random.Random(3)
+    model: list[tuple[int, bytes]] = []
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+        for step in range(300):
+            op = rng.random()
+            if op < 0.5:
+                d = rng.randbytes(rng.randrange(0, 300))
+                t = rng.randrange(3)
+                assert await log.append(d, term=t) == len(model)
+                model.append((t, d))
+            elif op < 0.7:
+                ds = [rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 8))]
+                await log.append_batch(ds, term=5)
+                model += [(5, d) for d in ds]
+            elif op < 0.8 and model:
+                keep = rng.randrange(-1, len(model))
+                await log.truncate(keep)
+                del model[keep + 1 :]
+            elif op < 0.9 and model:
+                s = rng.randrange(len(model))
+                assert await log.read(s) == Entry(s, *model[s])
+                assert log.term_at(s) == model[s][0]
+            else:
+                await log.close()
+                log = FsLog(tmp_path, "x", segment_size=4096)
+                await log.open()
+            assert log.seq == len(model) - 1
+        assert [(e.term, e.data) async for e in log.iter()] == model
+        await log.close()
+
+
+async def test_state_file(tmp_path):
+    sf = StateFile(tmp_path / "state")
+    assert sf.load() is None
+    await sf.save(b"term=3,vote=b")
+    assert sf.load() == b"term=3,vote=b"
+    await sf.save(b"term=4")
+    assert StateFile(tmp_path / "state").load() == b"term=4"
+    assert not os.path.exists(str(tmp_path / "state") + ".tmp")
+    raw = bytearray((tmp_path / "state").read_bytes())
+    raw[-1] ^= 0x10
+    (tmp_path / "state").write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError, match="CRC32C"):
+        sf.load()
+    (tmp_path / "state").write_bytes(b"TPS")
+    with pytest.raises(LogCorruptError):
+        sf.load()
+    with pytest.raises(InvalidArgumentError):
+        await sf.save("text")
