@@ -281,6 +281,7 @@ class RaftCore:
         self._heartbeat_deadline = _NEVER
         self._check_quorum_deadline = _NEVER
         self._recent_active: set[NodeId] = set()
+        self._prev_active: set[NodeId] = set()
         self._transfer_target: NodeId | None = None
         self._transfer_deadline = _NEVER
         self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
@@ -370,10 +371,12 @@ class RaftCore:
 
     @property
     def active_followers(self) -> list[NodeId]:
-        """On the leader: followers heard from in the current CheckQuorum window."""
+        """On the leader: followers heard from within about the last election timeout
+        (this CheckQuorum window or the previous one)."""
         if self._role is not Role.LEADER:
             return []
-        return [p for p in self._peers if p in self._recent_active]
+        seen = self._recent_active | self._prev_active
+        return [p for p in self._peers if p in seen]
 
     @property
     def progress(self) -> dict[NodeId, Progress]:
@@ -422,6 +425,7 @@ class RaftCore:
                 active = self._recent_active
                 active.add(self._id)
                 if self._quorum.is_quorum(active):
+                    self._prev_active = active
                     self._recent_active = set()
                     self._check_quorum_deadline = now + self._cfg.election_timeout
                 else:
@@ -463,6 +467,23 @@ class RaftCore:
                 "retry once it leads",
                 leader=None,
             )
+        log = self._log
+        first = log.last_seq + 1
+        term = self._term
+        if len(items) == 1:  # the common case (one client, one append): no loops
+            d = items[0]
+            if type(d) is not bytes or not d:
+                self._bad_items(items)
+            log.mem.append(Entry(first, term, d))
+        else:
+            if not items or not all(type(d) is bytes and d for d in items):
+                self._bad_items(items)
+            log.append([Entry(first + i, term, d) for i, d in enumerate(items)])
+        self._bcast = True
+        return first, term
+
+    @staticmethod
+    def _bad_items(items: Sequence[object]) -> None:
         if not items:
             raise InvalidArgumentError("propose([]): nothing to append")
         for i, d in enumerate(items):
@@ -472,12 +493,6 @@ class RaftCore:
                     f"{len(d) if hasattr(d, '__len__') else '?'}; items must be non-empty "
                     "bytes (b'' is reserved for the leader's no-op entry)"
                 )
-        log = self._log
-        first = log.last_seq + 1
-        term = self._term
-        log.append([Entry(first + i, term, d) for i, d in enumerate(items)])
-        self._bcast = True
-        return first, term
 
     def read_index(self, read_id: int) -> None:
         """Start a linearizable read; its ``ReadState`` comes in a later ``Ready``. On a
@@ -620,6 +635,7 @@ class RaftCore:
         nxt = log.last_seq + 1
         self._prs = {p: Progress(nxt, now) for p in self._peers}
         self._recent_active = set()
+        self._prev_active = set()
         self._heartbeat_deadline = now + self._cfg.heartbeat_interval
         self._check_quorum_deadline = now + self._cfg.election_timeout
         self._transfer_target = None
