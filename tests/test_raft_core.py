@@ -660,3 +660,120 @@ def test_bug_commit_old_term_commits_by_counting():
         # Follower 2 holds the old entry but not the new leader's no-op.
         core.step(2, AppendResponse(2, True, 0))
         assert (core.commit_seq >= 0) is committed
+
+
+# --- robustness: well-typed garbage and replays -------------------------------------------
+
+
+def random_message(rng: random.Random, core: RaftCore):
+    """A well-typed message with plausible values: terms and seqs near the core's own, so
+    that it gets deep into the handlers (and sometimes absurd ones)."""
+    term, last = core.term, core.last_seq
+
+    def seq():
+        return rng.randint(-3, last + 6) if rng.random() < 0.1 else rng.randint(-1, last + 2)
+
+    def t():
+        return rng.choice([term - 1, term, term, term, term + 1, rng.randint(0, term + 3)])
+
+    kind = rng.choice("VVRAAAAPTIJ")
+    if kind == "V":
+        tt = t()
+        pre = rng.random() < 0.3
+        return VoteResponse(tt + 1 if pre else tt, rng.random() < 0.7, pre)
+    if kind == "R":
+        return RequestVote(t(), seq(), rng.randint(0, term + 1), rng.random() < 0.5,
+                           rng.random() < 0.2)
+    if kind == "A":
+        prev = seq()
+        n = rng.randint(0, 4)
+        start = prev + 1 if rng.random() < 0.9 else seq()
+        tt = t()
+        ents = tuple(Entry(start + k, rng.randint(max(0, tt - 2), max(0, tt)), b"g")
+                     for k in range(n))
+        prev_term = core.term_at(prev) if -1 <= prev <= last and rng.random() < 0.7 else t()
+        return AppendEntries(tt, prev, max(0, prev_term), ents, seq(), rng.randint(0, 5))
+    if kind == "P":
+        return AppendResponse(t(), rng.random() < 0.5, seq(), rng.randint(0, term + 1), seq(),
+                              rng.randint(0, 5))
+    if kind == "T":
+        return TimeoutNow(t())
+    if kind == "I":
+        return ReadIndex(t(), rng.randint(0, 5))
+    return ReadIndexResponse(t(), rng.randint(0, 5), seq())
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_well_typed_garbage_never_raises_and_never_yields_a_bad_ready(seed):
+    """Whatever well-typed message arrives, the core neither raises nor asks the driver for
+    an impossible write (MemoryLog refuses non-contiguous appends) or a commit beyond its
+    log."""
+    rng = random.Random(seed)
+    log = MemoryLog([Entry(s, 1 + s // 3, b"x") for s in range(rng.randint(0, 8))])
+    core = RaftCore(1, [1, 2, 3], log, HardState(term=3), rng=random.Random(seed))
+    now = 0.0
+    reported_commit = -1
+    for k in range(600):
+        r = rng.random()
+        if r < 0.05:
+            now += rng.uniform(0, T)
+            core.tick(now)
+        elif r < 0.08:
+            core.campaign()
+        elif r < 0.12 and core.role is Role.LEADER:
+            core.propose([b"p%d" % k])
+        elif r < 0.14:
+            core.read_index(k)
+        else:
+            core.step(rng.choice([2, 3, 3, 99]), random_message(rng, core))
+        while core.has_ready():
+            rd = core.ready()
+            if rd.truncate_after is not None:
+                # never takes back an entry already reported committed
+                assert rd.truncate_after >= reported_commit
+                log.truncate_after(rd.truncate_after)
+            log.append(rd.entries)
+            core.advance(rd)
+            assert reported_commit <= rd.commit_seq <= log.seq
+            reported_commit = rd.commit_seq
+            assert all(to in (2, 3) for to, _ in rd.messages + rd.messages_after_persist)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_replayed_old_messages_are_harmless(seed):
+    c = Cluster([1, 2, 3, 4, 5], seed=seed)
+    c.wait_leader()
+    rng = random.Random(seed)
+    for k in range(40):
+        leader = c.leader()
+        if leader is not None and c.cores[leader].transfer_target is None:
+            c.propose([b"r%d" % k], at=leader)
+        # Replay a handful of messages from any time in the past, in random order.
+        for frm, to, m in rng.sample(c.sent, min(5, len(c.sent))):
+            c.net.append((frm, to, m))
+        if rng.random() < 0.15 and leader is not None:
+            c.crash(leader)
+            c.advance(0.05)
+            c.start(leader)
+        c.advance(rng.uniform(0.01, 0.3))
+    c.advance(3.0)
+    datas = [c.data(i) for i in c.ids]
+    assert all(d == datas[0] for d in datas)
+    # Liveness suffers (a replayed heartbeat of a crashed leader looks like a live one and
+    # delays the next election), safety and convergence must not.
+    assert len(datas[0]) >= 5
+    c.check_log_matching()
+
+
+def test_rejection_of_an_append_never_sent_is_ignored():
+    core, log = leader_core(3)
+    core.step(2, AppendResponse(1, True, 0))
+    drive(core, log)
+    # Claims to reject prev seq 3 (we only have 0) and hints seq 3: must not move next past
+    # our log (that would make the next probe refer to an entry we do not have).
+    core.step(2, AppendResponse(1, False, 3, conflict_term=0, conflict_seq=3))
+    drive(core, log)
+    assert core.progress[2].next == 1
+    core.step(2, AppendResponse(1, True, 99))  # success beyond our log: ignored too
+    drive(core, log)
+    assert core.progress[2].match == 0

@@ -764,7 +764,7 @@ class RaftCore:
         prev = m.prev_seq
         entries = m.entries
         n = len(entries)
-        if n and (entries[0].seq != prev + 1 or entries[-1].seq != prev + n):
+        if prev < -1 or (n and (entries[0].seq != prev + 1 or entries[-1].seq != prev + n)):
             return  # not a contiguous run after prev: malformed, drop
         last = log.last_seq
         if prev > last:
@@ -853,6 +853,8 @@ class RaftCore:
                 self._msgs.append((frm, TimeoutNow(self._term)))
             return
         rejected = m.match_seq
+        if rejected > log.last_seq:
+            return  # rejects an append we never sent
         if pr.probe:
             if rejected != pr.next - 1:
                 return  # answers an older probe
@@ -869,7 +871,7 @@ class RaftCore:
         else:
             nxt = m.conflict_seq
         if nxt > rejected:
-            nxt = rejected
+            nxt = rejected  # the hint may not send us forward
         pr.become_probe(nxt)
         self._dirty.add(frm)
 
