@@ -264,9 +264,14 @@ def test_stalled_stream_is_reprobed_after_lost_tail():
     drive(core, log)
     core.propose([b"a"])
     drive(core, log)  # lost on the way to 2
-    core.tick(core.next_deadline)
-    core.tick(core.next_deadline)
-    core.tick(core.next_deadline)
+    resent = []
+    while core._now < T - HB:  # slow is not lost: no resend within the election timeout
+        core.tick(core.next_deadline)
+        core.step(3, AppendResponse(1, True, core.last_seq))  # keep CheckQuorum happy
+        resent += [m for to, m in drive(core, log) if to == 2 and type(m) is AppendEntries
+                   and m.entries]
+    assert resent == []
+    core.tick(core.next_deadline + HB)
     out = drive(core, log)
     resent = [m for to, m in out if to == 2 and type(m) is AppendEntries and m.entries]
     assert resent and resent[0].entries[0] == Entry(1, 1, b"a")

@@ -932,7 +932,10 @@ class RaftCore:
         )))
 
     def _broadcast_heartbeat(self) -> None:
-        stall = 2 * self._cfg.heartbeat_interval
+        # A follower that acknowledged nothing for a whole election timeout while batches
+        # were out lost them (a lost batch in mid-stream shows up sooner, as a rejection of
+        # the next one). Shorter would resend to merely slow followers and make them slower.
+        stall = self._cfg.election_timeout
         now = self._now
         for p, pr in self._prs.items():
             if pr.probe:
