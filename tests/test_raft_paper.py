@@ -50,6 +50,22 @@ def test_5_2_election_elects_one_leader(n, down):
     assert took < 6 * T
 
 
+@pytest.mark.parametrize("n,delayed", [(5, 1), (5, 2), (3, 1)])
+def test_5_2_election_and_commit_with_slow_nodes(n, delayed):
+    ids = list(range(1, n + 1))
+    c = Cluster(ids, seed=30 + n + delayed)
+    for i in ids[:delayed]:
+        c.delay[i] = 0.2  # 0.4 s round trips: close to the election timeout
+    c.run_until(lambda: c.leader() is not None, timeout=20 * T)
+    c.advance(1.0)
+    leader = c.leader()
+    terms = {c.cores[i].term for i in ids}
+    c.propose([b"slow"], at=leader)
+    c.advance(2.0)
+    assert all(c.data(i) == [b"slow"] for i in ids)  # the slow nodes catch up too
+    assert c.leader() == leader and {c.cores[i].term for i in ids} == terms  # stable
+
+
 def test_5_2_no_leader_without_a_majority():
     c = Cluster([1, 2, 3, 4, 5], seed=3)
     for i in (1, 2, 3):

@@ -15,6 +15,8 @@ Every run checks two of Raft's safety properties as it goes and records violatio
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +67,10 @@ class Cluster:
         self.loss = loss
         self.duplicate = duplicate
         self.reorder = reorder
+        # node -> one-way delay (seconds) added to every message it sends or receives
+        self.delay: dict[NodeId, float] = {}
+        self._later: list[tuple[float, int, NodeId, NodeId, CoreMessage]] = []
+        self._order = itertools.count()
         self.committed: list[Entry] = []  # the one true sequence of applied entries
         self.leaders: dict[int, set[NodeId]] = {}
         self.violations: list[str] = []
@@ -90,6 +96,8 @@ class Cluster:
         Messages to it in flight are lost."""
         self.cores.pop(i, None)
         self.net = deque(x for x in self.net if x[1] != i)
+        self._later = [x for x in self._later if x[3] != i]
+        heapq.heapify(self._later)
 
     def restart(self, i: NodeId) -> RaftCore:
         self.crash(i)
@@ -113,7 +121,17 @@ class Cluster:
     # --- driving ----------------------------------------------------------------------
     def _send(self, frm: NodeId, to: NodeId, msg: CoreMessage) -> None:
         self.sent.append((frm, to, msg))
-        self.net.append((frm, to, msg))
+        d = self.delay.get(frm, 0.0) + self.delay.get(to, 0.0)
+        if d > 0:
+            heapq.heappush(self._later, (self.now + d, next(self._order), frm, to, msg))
+        else:
+            self.net.append((frm, to, msg))
+
+    def _release_due(self) -> None:
+        later = self._later
+        while later and later[0][0] <= self.now:
+            _, _, frm, to, msg = heapq.heappop(later)
+            self.net.append((frm, to, msg))
 
     def _fail(self, what: str) -> None:
         self.violations.append(what)
@@ -210,6 +228,7 @@ class Cluster:
         return count
 
     def stabilize(self, limit: int = 100000) -> None:
+        self._release_due()
         for i in self.up():
             self.handle(i)
         for _ in range(limit):
@@ -232,6 +251,8 @@ class Cluster:
             if not up:
                 break
             nd = min(self.cores[i].next_deadline for i in up)
+            if self._later and self._later[0][0] < nd:
+                nd = self._later[0][0]
             if nd > target:
                 break
             self.now = max(self.now, nd)
