@@ -782,3 +782,22 @@ def test_rejection_of_an_append_never_sent_is_ignored():
     core.step(2, AppendResponse(1, True, 99))  # success beyond our log: ignored too
     drive(core, log)
     assert core.progress[2].match == 0
+
+
+def test_harness_catches_a_forgotten_vote():
+    """The check behind "no node votes twice in a term" can fail: restart a voter with its
+    vote wiped (what a store that does not persist the vote would do) and it votes again."""
+    c = Cluster([1, 2, 3], seed=16, strict=False, config=RaftConfig(pre_vote=False))
+    c.cores[1].campaign()
+    c.handle(1)
+    c.stabilize()
+    term = c.cores[1].term
+    assert c.hard[3].vote == 1 or c.hard[2].vote == 1
+    voter = 3 if c.hard[3].vote == 1 else 2
+    c.crash(voter)
+    c.hard[voter] = HardState(term=term, vote=None)  # the bug: the vote did not survive
+    c.start(voter)
+    other = 2 if voter == 3 else 3
+    c.cores[voter].step(other, RequestVote(term, 99, term))
+    c.handle(voter)
+    assert any("voted for" in v for v in c.violations)
