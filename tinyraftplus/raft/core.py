@@ -250,6 +250,9 @@ class RaftCore:
         self._cfg = cfg
         self._rng = rng if rng is not None else random.Random()
         self._bugs = frozenset(bugs)
+        # The follower's refusal to overwrite committed entries would hide exactly the faults
+        # these hooks inject from the simulator's checks, so they switch it off.
+        self._unguarded = bool(self._bugs & {"commit_old_term", "skip_append_term_check"})
         self._now = float(now)
         self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
 
@@ -794,7 +797,7 @@ class RaftCore:
             if start < n:
                 first_new = entries[start].seq
                 if first_new <= last:
-                    if first_new <= self._commit and "skip_append_term_check" not in self._bugs:
+                    if first_new <= self._commit and not self._unguarded:
                         return  # would rewrite committed entries: impossible from a true leader
                     log.truncate_after(first_new - 1)
                 log.append(entries[start:] if start else entries)
