@@ -1,0 +1,804 @@
+"""The simulated cluster: N real ``RaftCore``s on virtual time, with faults, clients and checks.
+
+One :class:`Simulation` is one seed. Everything random in it (the network's faults, the crash
+schedule, the clients' choices, each core's election timeouts) comes from ``random.Random``
+instances derived from the seed, and every event goes through one :class:`EventQueue`, so a
+seed replays exactly: same seed, same trace.
+
+A run is ``steps`` slices of ``step_dt`` virtual seconds. At the start of each slice the fault
+scheduler may partition or heal the network, crash a node (at once, or armed to die at its
+k-th next storage step: between writing its vote and syncing it, between a truncate and the
+append that follows, ...), or crash the whole cluster; crashed nodes restart after a random
+delay from their durable state only. Then the slice's events run: message deliveries, timer
+ticks, client operations.
+
+After the last slice the simulation settles: it heals the network, restarts every node, lets
+the clients finish what they started (no new operations), reads every key once more, and waits
+for all nodes to apply the same log. It then checks that every acknowledged write is there and
+that the client history is linearizable.
+
+The node driver (:class:`SimNode`) follows the Raft core's driving protocol step by step
+(``tinyraftplus.raft.core``): send ``messages``; persist the hard state and sync it; truncate;
+append; sync; ``advance``; send ``messages_after_persist``; apply through ``commit_seq``; serve
+``read_states``. Client writes go to the leader through ``propose`` (a follower forwards them
+with ``Propose`` and waits to apply the seq the leader gave, as ``RaftNode`` does); reads go
+through ``read_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgumentError, NotLeaderError
+from ..raft.core import RaftConfig, RaftCore, Role
+from ..raft.messages import Propose, ProposeResponse
+from .app import OpSpec, SessionStateMachine, SimApp, kv_app
+from .invariants import Invariants, SafetyViolation
+from .linearizable import History, check
+from .network import PARTITION_KINDS, EventQueue, NetworkFaults, SimNetwork
+from .store import STORE_BUGS, SimCrash, SimStore
+
+__all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS"]
+
+CORE_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
+ALL_BUGS = CORE_BUGS | STORE_BUGS
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of a run. Anything left ``None`` is drawn from the seed (so different seeds
+    explore different cluster sizes and fault intensities); set it to pin it."""
+
+    steps: int = 300
+    step_dt: float = 0.010
+    nodes: int | None = None  # None: 3 or 5, from the seed
+    clients: int = 3
+    keys: int = 3
+    faults: bool = True
+    bugs: frozenset[str] = frozenset()
+    election_timeout: float = 0.15
+    heartbeat_interval: float = 0.03
+    attempt_timeout: float = 0.3  # a client retries an attempt after this long
+    op_timeout: float = 1.5  # and gives up on the operation (a "maybe") after this long
+    settle_time: float = 20.0  # virtual seconds allowed to settle after the last step
+    require_liveness: bool = True  # a cluster that cannot settle once healed is a failure
+    max_messages: int = 200_000  # more than this in one seed is a message storm: a failure
+    trace_tail: int = 60  # events shown around a failure
+
+    def __post_init__(self) -> None:
+        unknown = set(self.bugs) - ALL_BUGS
+        if unknown:
+            raise InvalidArgumentError(
+                f"SimConfig: unknown bug(s) {sorted(unknown)}; known: {sorted(ALL_BUGS)}"
+            )
+        if self.nodes is not None and self.nodes < 1:
+            raise InvalidArgumentError(f"SimConfig: nodes must be >= 1, got {self.nodes}")
+        if self.steps < 0:
+            raise InvalidArgumentError(f"SimConfig: steps must be >= 0, got {self.steps}")
+
+    def replay_command(self, seed: int) -> str:
+        parts = ["python -m tinyraftplus.sim", f"--seed {seed}", f"--steps {self.steps}"]
+        if self.nodes is not None:
+            parts.append(f"--nodes {self.nodes}")
+        if self.clients != SimConfig.clients:
+            parts.append(f"--clients {self.clients}")
+        if self.keys != SimConfig.keys:
+            parts.append(f"--keys {self.keys}")
+        if not self.faults:
+            parts.append("--no-faults")
+        for b in sorted(self.bugs):
+            parts.append(f"--bug {b}")
+        parts.append("--trace")
+        return " ".join(parts)
+
+
+@dataclass
+class SimResult:
+    seed: int
+    ok: bool
+    ops: int = 0
+    acked_writes: int = 0
+    elections: int = 0
+    crashes: int = 0
+    partitions: int = 0
+    messages: int = 0
+    commits: int = 0
+    checks: int = 0
+    virtual_time: float = 0.0
+    violation: SafetyViolation | None = None
+    trace_hash: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """Per-seed fault intensities."""
+
+    net: NetworkFaults
+    partition_p: float
+    heal_p: float
+    crash_p: float
+    crash_all_p: float
+    restart_delay: tuple[float, float]
+    torn: bool
+    skew: float
+    pre_vote: bool
+    check_quorum: bool
+    rpc_max: int
+    max_inflight: int
+
+
+def _profile(rng: random.Random, faults: bool) -> _Profile:
+    if not faults:
+        return _Profile(NetworkFaults.none(), 0.0, 0.0, 0.0, 0.0, (0.1, 0.1), False, 0.0,
+                        True, True, 64, 8)
+    drop = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
+    net = NetworkFaults(
+        drop=drop,
+        duplicate=rng.choice([0.0, 0.02, 0.05]),
+        delay_min=0.0005,
+        delay_max=rng.choice([0.002, 0.01, 0.03]),
+        long_delay=rng.choice([0.0, 0.02, 0.05]),
+        long_delay_max=0.25,
+    )
+    return _Profile(
+        net=net,
+        partition_p=rng.choice([0.005, 0.01, 0.03]),
+        heal_p=rng.choice([0.01, 0.03, 0.06]),
+        crash_p=rng.choice([0.003, 0.01, 0.03]),
+        crash_all_p=rng.choice([0.0, 0.0, 0.002]),
+        restart_delay=(0.02, rng.choice([0.1, 0.5, 1.0])),
+        torn=rng.random() < 0.5,
+        skew=rng.choice([0.0, 0.05, 0.2]),
+        pre_vote=rng.random() < 0.8,
+        check_quorum=rng.random() < 0.8,
+        rpc_max=rng.choice([1, 3, 64]),
+        max_inflight=rng.choice([1, 2, 8]),
+    )
+
+
+class _Attempt:
+    """One try of a client operation at one node; only the client's current attempt counts."""
+
+    __slots__ = ("client", "node", "seq", "term")
+
+    def __init__(self, client: _Client, node: Any) -> None:
+        self.client = client
+        self.node = node
+        self.seq = -1
+        self.term = -1
+
+    def done(self, result: Any) -> None:
+        self.client.on_done(self, result)
+
+    def error(self, reason: str, hint: Any = None) -> None:
+        self.client.on_error(self, reason, hint)
+
+
+class SimNode:
+    """The driver of one simulated node (see the module docstring for its protocol)."""
+
+    def __init__(self, sim: Simulation, node_id: Any, rate: float, offset: float) -> None:
+        self.sim = sim
+        self.id = node_id
+        self.rate = rate
+        self.offset = offset
+        self.store = SimStore(node_id, bugs=sim.config.bugs & STORE_BUGS,
+                              rng=random.Random(f"{sim.seed}:store:{node_id}"),
+                              torn=sim.profile.torn)
+        self.core: RaftCore | None = None
+        self.sm: SessionStateMachine | None = None
+        self.up = False
+        self.incarnation = 0
+        self.applied = -1
+        self.led_term = -1
+        self.results: dict[int, Any] = {}
+        self.write_waiters: dict[int, list[tuple[int, _Attempt]]] = {}
+        self.read_waiters: list[tuple[int, _Attempt, Any]] = []
+        self.reads: dict[int, tuple[_Attempt, Any]] = {}
+        self.forwards: dict[int, _Attempt] = {}
+        self.next_id = 1
+        self.tick_at = _INF
+        self.tick_gen = 0
+        self.crash_gen = 0
+
+    def local_now(self) -> float:
+        return self.offset + self.rate * self.sim.queue.now
+
+    # --- life cycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        sim = self.sim
+        self.incarnation += 1
+        hs = self.store.restart_hard_state()
+        rng = random.Random(f"{sim.seed}:core:{self.id}:{self.incarnation}")
+        self.core = RaftCore(
+            self.id, sim.node_ids, self.store, hs, config=sim.raft_config, rng=rng,
+            now=self.local_now(), commit_seq=-1, bugs=sim.config.bugs & CORE_BUGS,
+        )
+        self.sm = SessionStateMachine(sim.app.state_machine())
+        self.applied = -1
+        self.led_term = -1
+        self.results = {}
+        self.up = True
+        sim.inv.on_restart(self.id)
+        sim.trace("start", self.id, self.incarnation, hs.term, hs.vote, self.store.seq)
+        self.process()
+
+    def crash(self, why: str) -> None:
+        if not self.up:
+            return
+        kept = self.store.crash()
+        self.up = False
+        self.core = None
+        self.sm = None
+        self.write_waiters = {}
+        self.read_waiters = []
+        self.reads = {}
+        self.forwards = {}
+        self.tick_gen += 1
+        self.tick_at = _INF
+        self.crash_gen += 1
+        sim = self.sim
+        sim.crashes += 1
+        sim.trace("crash", self.id, why, kept, self.store.durable_seq)
+        sim.check_acked_durable(f"after node {self.id} crashed")
+        sim.schedule_restart(self)
+
+    # --- the driving protocol ----------------------------------------------------------
+    def process(self) -> None:
+        core = self.core
+        sim = self.sim
+        store = self.store
+        send = sim.net.send
+        me = self.id
+        while self.up and core is not None and core.has_ready():
+            rd = core.ready()
+            if rd.soft_state is not None:
+                ss = rd.soft_state
+                sim.trace("role", me, ss.role.value, ss.term, ss.leader)
+            for to, msg in rd.messages:
+                send(me, to, msg)
+            try:
+                if rd.hard_state is not None:
+                    store.set_hard_state(rd.hard_state)
+                    store.sync_hard_state()
+                wrote = False
+                if rd.truncate_after is not None:
+                    store.truncate_after(rd.truncate_after)
+                    wrote = True
+                if rd.entries:
+                    store.append(rd.entries)
+                    wrote = True
+                    inv = sim.inv
+                    for e in rd.entries:
+                        inv.on_append(me, e.seq, e.term, store.chain_at(e.seq))
+                if wrote:
+                    store.sync_log()
+            except SimCrash as crash:
+                self.crash(str(crash))
+                return
+            core.advance(rd)
+            for to, msg in rd.messages_after_persist:
+                send(me, to, msg)
+            if core.role is Role.LEADER and self.led_term != core.term:
+                self.led_term = core.term
+                sim.elections += 1
+                sim.trace("leader", me, core.term, store.seq)
+                sim.inv.on_leader(me, core.term, store.chain_snapshot())
+            commit = core.commit_seq
+            if rd.commit_seq > commit:
+                sim.fail("commit report",
+                         f"node {me}'s Ready says commit_seq {rd.commit_seq} but the core's "
+                         f"commit_seq is {commit}", [me])
+            sim.inv.on_commit(me, commit, core.term, store.seq, store.chain_at, store.term_at)
+            if rd.commit_seq > self.applied:
+                self._apply(rd.commit_seq)
+            for rs in rd.read_states:
+                self._read_state(rs.read_id, rs.index)
+        if self.up and core is not None:
+            self._schedule_tick()
+
+    def _apply(self, commit: int) -> None:
+        store = self.store
+        sm = self.sm
+        assert sm is not None
+        sim = self.sim
+        for seq in range(self.applied + 1, min(commit, store.seq) + 1):
+            e = store.entry(seq)
+            result = sm.apply(e.data, seq)
+            self.applied = seq
+            self.results[seq] = result
+            sim.commits += 1
+            waiters = self.write_waiters.pop(seq, None)
+            if waiters:
+                for term, att in waiters:
+                    if e.term == term:
+                        att.seq, att.term = seq, term
+                        att.done(result)
+                    else:
+                        att.error(f"entry at seq {seq} was replaced (term {e.term}, not {term})")
+        if self.read_waiters:
+            still = []
+            for index, att, query in self.read_waiters:
+                if index <= self.applied:
+                    att.done(sm.read(query))
+                else:
+                    still.append((index, att, query))
+            self.read_waiters = still
+
+    def _read_state(self, read_id: int, index: int) -> None:
+        entry = self.reads.pop(read_id, None)
+        if entry is None:
+            return
+        att, query = entry
+        if index == -2:
+            att.error("read index refused")
+        elif index <= self.applied:
+            assert self.sm is not None
+            att.done(self.sm.read(query))
+        else:
+            self.read_waiters.append((index, att, query))
+
+    def _schedule_tick(self) -> None:
+        core = self.core
+        assert core is not None
+        d = core.next_deadline
+        if d is None or d == _INF:
+            return
+        now = self.sim.queue.now
+        t = (d - self.offset) / self.rate
+        if t < now + 1e-4:  # timer resolution; also keeps a stuck deadline from spinning
+            t = now + 1e-4
+        if self.tick_at > now and self.tick_at <= t:
+            return  # an earlier or equal tick is already pending
+        self.tick_gen += 1
+        self.tick_at = t
+        self.sim.queue.at(t, self._on_tick, self.tick_gen)
+
+    def _on_tick(self, gen: int) -> None:
+        if gen != self.tick_gen or not self.up or self.core is None:
+            return
+        self.tick_at = _INF
+        self.core.tick(self.local_now())
+        self.process()
+
+    # --- network -------------------------------------------------------------------------
+    def on_message(self, src: Any, msg: Any) -> None:
+        if not self.up or self.core is None:
+            return
+        sim = self.sim
+        sim.trace("recv", src, self.id, msg)
+        if isinstance(msg, Propose):
+            try:
+                seq, term = self.core.propose(list(msg.items))
+            except NotLeaderError as e:
+                sim.net.send(self.id, src, ProposeResponse(msg.req_id, -1, 0, "not leader",
+                                                           e.leader))
+            else:
+                sim.net.send(self.id, src, ProposeResponse(msg.req_id, seq, term))
+        elif isinstance(msg, ProposeResponse):
+            att = self.forwards.pop(msg.req_id, None)
+            if att is not None:
+                if msg.first_seq < 0:
+                    att.error(f"forward refused: {msg.error}", msg.leader)
+                else:
+                    self._wait_write(msg.first_seq, msg.term, att)
+        else:
+            self.core.step(src, msg)
+        self.process()
+
+    # --- client entry points --------------------------------------------------------------
+    def _wait_write(self, seq: int, term: int, att: _Attempt) -> None:
+        if seq <= self.applied:
+            e = self.store.entry(seq) if seq <= self.store.seq else None
+            if e is not None and e.term == term:
+                att.seq, att.term = seq, term
+                att.done(self.results.get(seq))
+            else:
+                att.error(f"entry at seq {seq} was replaced")
+        else:
+            self.write_waiters.setdefault(seq, []).append((term, att))
+
+    def client_write(self, att: _Attempt, data: bytes) -> None:
+        core = self.core
+        if not self.up or core is None:
+            return  # the request is lost; the client times out
+        if core.role is Role.LEADER:
+            try:
+                seq, term = core.propose([data])
+            except NotLeaderError as e:
+                att.error("not leader", e.leader)
+                return
+            self._wait_write(seq, term, att)
+            self.process()
+        elif core.leader is not None and core.leader != self.id:
+            req = self.next_id
+            self.next_id += 1
+            self.forwards[req] = att
+            self.sim.net.send(self.id, core.leader, Propose(req, (data,)))
+        else:
+            att.error("no leader")
+
+    def client_read(self, att: _Attempt, query: Any) -> None:
+        core = self.core
+        if not self.up or core is None:
+            return
+        rid = self.next_id
+        self.next_id += 1
+        self.reads[rid] = (att, query)
+        core.read_index(rid)
+        self.process()
+
+
+class _Client:
+    """A sequential client: one operation at a time, retried until done or given up."""
+
+    def __init__(self, sim: Simulation, cid: int) -> None:
+        self.sim = sim
+        self.id = cid
+        self.rng = random.Random(f"{sim.seed}:client:{cid}")
+        self.n = 0
+        self.spec: OpSpec | None = None
+        self.hist_id = -1
+        self.started = 0.0
+        self.attempt: _Attempt | None = None
+        self.hint: Any = None
+        self.tries = 0
+        self.final: list[OpSpec] = []
+
+    @property
+    def idle(self) -> bool:
+        return self.spec is None
+
+    def issue(self) -> None:
+        sim = self.sim
+        if self.spec is not None:
+            return
+        if sim.stopping:
+            if not self.final:
+                return
+            spec = self.final.pop(0)
+        else:
+            spec = sim.app.workload.next_op(self.rng, self.id, self.n)
+        self.n += 1
+        self.spec = spec
+        self.tries = 0
+        self.started = sim.queue.now
+        self.hist_id = sim.history.invoke(self.id, spec.key, spec.kind, spec.input,
+                                          sim.queue.now)
+        sim.trace("invoke", self.id, self.hist_id, spec.kind, spec.key, spec.input)
+        self._try()
+
+    def _try(self) -> None:
+        sim = self.sim
+        spec = self.spec
+        assert spec is not None
+        rng = self.rng
+        ids = sim.node_ids
+        node = self.hint if (self.hint in sim.nodes and rng.random() < 0.8) else rng.choice(ids)
+        att = _Attempt(self, node)
+        self.attempt = att
+        self.tries += 1
+        sim.queue.after(sim.config.attempt_timeout, self._timeout, att)
+        target = sim.nodes[node]
+        if spec.write:
+            payload = sim.app.workload.encode(spec)
+            data = SessionStateMachine.wrap(self.id, self.n, payload)
+            target.client_write(att, data)
+        else:
+            target.client_read(att, sim.app.workload.query(spec))
+
+    def on_done(self, att: _Attempt, result: Any) -> None:
+        if att is not self.attempt or self.spec is None:
+            return
+        sim = self.sim
+        spec = self.spec
+        output = sim.app.workload.output(spec, result)
+        sim.history.ok(self.hist_id, output, sim.queue.now)
+        sim.trace("ok", self.id, self.hist_id, output, att.node, att.seq)
+        if spec.write:
+            sim.inv.on_ack(att.seq, att.term,
+                           f"client {self.id}'s {spec.kind}({spec.key!r}, {spec.input!r})")
+        self.hint = att.node
+        self._finish()
+
+    def on_error(self, att: _Attempt, reason: str, hint: Any) -> None:
+        if att is not self.attempt:
+            return
+        self.attempt = None
+        self.sim.trace("error", self.id, self.hist_id, att.node, reason, hint)
+        self.hint = hint
+        self.sim.queue.after(0.005 + self.rng.random() * 0.02, self._retry)
+
+    def _timeout(self, att: _Attempt) -> None:
+        if att is not self.attempt:
+            return
+        self.attempt = None
+        self.sim.trace("timeout", self.id, self.hist_id, att.node)
+        self.hint = None
+        self._retry()
+
+    def _retry(self) -> None:
+        sim = self.sim
+        if self.spec is None or self.attempt is not None:
+            return
+        if not sim.stopping and sim.queue.now - self.started > sim.config.op_timeout:
+            spec = self.spec
+            if spec.write:
+                sim.history.info(self.hist_id)  # maybe applied, maybe not
+            else:
+                sim.history.fail(self.hist_id)  # a read that never returned changed nothing
+            sim.trace("give-up", self.id, self.hist_id)
+            self._finish()
+            return
+        self._try()
+
+    def _finish(self) -> None:
+        self.attempt = None
+        self.spec = None
+        self.sim.queue.after(self.rng.random() * 0.03, self.issue)
+
+
+class Simulation:
+    """One seed of the simulator; :meth:`run` returns a :class:`SimResult` or raises
+    :class:`SafetyViolation`."""
+
+    def __init__(self, seed: int, config: SimConfig | None = None, app: SimApp | None = None,
+                 record_trace: bool = True) -> None:
+        self.seed = seed
+        self.config = config = config if config is not None else SimConfig()
+        self.app = app if app is not None else kv_app(config.keys)
+        master = random.Random(f"tinyraftplus-sim:{seed}")
+        n = config.nodes if config.nodes is not None else master.choice([3, 3, 5])
+        self.profile = _profile(master, config.faults)
+        p = self.profile
+        self.raft_config = RaftConfig(
+            election_timeout=config.election_timeout,
+            heartbeat_interval=config.heartbeat_interval,
+            rpc_max=p.rpc_max,
+            max_inflight=p.max_inflight,
+            pre_vote=p.pre_vote,
+            check_quorum=p.check_quorum,
+        )
+        self.node_ids: list[int] = list(range(1, n + 1))
+        self.quorum_size = n // 2 + 1
+        self.queue = EventQueue()
+        self._record = record_trace
+        self._trace: list[tuple[Any, ...]] = []
+        self.step = -1
+        self.fault_rng = random.Random(f"{seed}:faults")
+        self.net = SimNetwork(self.queue, self.node_ids, random.Random(f"{seed}:net"),
+                              p.net, self._deliver)
+        self.inv = Invariants(self.node_ids, self.quorum_size, self.fail)
+        self.history = History()
+        self.nodes: dict[int, SimNode] = {}
+        for i in self.node_ids:
+            rate = 1.0 + master.uniform(-p.skew, p.skew)
+            offset = master.uniform(0, 1000.0)
+            self.nodes[i] = SimNode(self, i, rate, offset)
+        self.clients = [_Client(self, c) for c in range(config.clients)]
+        self.stopping = False
+        self.crashes = 0
+        self.partitions = 0
+        self.elections = 0
+        self.commits = 0
+
+    # --- tracing and failing ------------------------------------------------------------------
+    def trace(self, kind: str, *args: Any) -> None:
+        if self._record:
+            self._trace.append((self.queue.now, self.step, kind, args))
+
+    def trace_lines(self, last: int | None = None) -> list[str]:
+        events = self._trace if last is None else self._trace[-last:]
+        return [f"  t={t:9.6f} step={s:4d} {kind:8s} " + " ".join(map(_fmt, args))
+                for t, s, kind, args in events]
+
+    def trace_hash(self) -> str:
+        h = hashlib.sha256()
+        for ev in self._trace:
+            h.update(repr(ev).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def fail(self, invariant: str, message: str, nodes: Sequence[Any]) -> None:
+        cfg = self.config
+        head = (f"SAFETY VIOLATION [{invariant}] seed={self.seed} step={self.step} "
+                f"t={self.queue.now:.6f} nodes={list(nodes)}: {message}")
+        lines = [head, f"replay: {cfg.replay_command(self.seed)}",
+                 f"cluster: {len(self.node_ids)} nodes, profile {self.profile}"]
+        if self._record and cfg.trace_tail:
+            lines.append(f"last {min(cfg.trace_tail, len(self._trace))} events:")
+            lines += self.trace_lines(cfg.trace_tail)
+        raise SafetyViolation(message, invariant=invariant, nodes=nodes, seed=self.seed,
+                              step=self.step, report="\n".join(lines))
+
+    def check_acked_durable(self, when: str) -> None:
+        self.inv.check_acked_durable(
+            {i: n.store.durable_term_at for i, n in self.nodes.items()}, when)
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _deliver(self, src: Any, dst: Any, msg: Any) -> None:
+        self.nodes[dst].on_message(src, msg)
+
+    def leader(self) -> int | None:
+        best = None
+        for i, node in self.nodes.items():
+            core = node.core
+            if node.up and core is not None and core.role is Role.LEADER:
+                if best is None or core.term > self.nodes[best].core.term:  # type: ignore
+                    best = i
+        return best
+
+    # --- faults -------------------------------------------------------------------------------
+    def _restart(self, node: SimNode, gen: int) -> None:
+        if not node.up and node.crash_gen == gen:
+            node.start()
+
+    def schedule_restart(self, node: SimNode) -> None:
+        if self.stopping:
+            return
+        lo, hi = self.profile.restart_delay
+        self.queue.after(self.fault_rng.uniform(lo, hi), self._restart, node, node.crash_gen)
+
+    def _crash_now(self, node: SimNode, why: str) -> None:
+        node.crash(why)
+
+    def _force_armed(self, node: SimNode, gen: int) -> None:
+        if node.up and node.crash_gen == gen and node.store.crash_armed:
+            self._crash_now(node, "armed crash did not fire in time")
+
+    def _faults(self) -> None:
+        p = self.profile
+        r = self.fault_rng
+        net = self.net
+        if net.cut:
+            if r.random() < p.heal_p:
+                net.heal()
+                self.trace("heal")
+        elif r.random() < p.partition_p:
+            kind = r.choice(PARTITION_KINDS)
+            desc = net.partition(kind, self.leader())
+            self.partitions += 1
+            self.trace("partition", desc)
+        if r.random() < p.crash_all_p:
+            for node in self.nodes.values():
+                if node.up:
+                    self._crash_now(node, "whole-cluster crash")
+            return
+        if r.random() < p.crash_p:
+            up = [n for n in self.nodes.values() if n.up]
+            down = len(self.nodes) - len(up)
+            if up and down < len(self.nodes) - self.quorum_size:
+                victim = r.choice(up)
+                if r.random() < 0.5 or victim.store.crash_armed:
+                    self._crash_now(victim, "crash")
+                else:
+                    k = r.randint(0, 4)
+                    victim.store.arm_crash(k)
+                    gen = victim.crash_gen
+                    self.trace("arm-crash", victim.id, k)
+                    self.queue.after(0.2, self._force_armed, victim, gen)
+
+    # --- the run -----------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        cfg = self.config
+        queue = self.queue
+        for node in self.nodes.values():
+            node.start()
+        for c in self.clients:
+            queue.after(c.rng.random() * 0.05, c.issue)
+        for step in range(cfg.steps):
+            self.step = step
+            self._faults()
+            queue.run_until((step + 1) * cfg.step_dt)
+            self._check_storm()
+        self.step = cfg.steps
+        self._settle()
+        ops = self.history.operations()
+        res = check(ops, self.app.model)
+        if res.ok is not True:
+            self.fail("linearizability", "client history is not linearizable:\n"
+                      + res.explain(), [])
+        return SimResult(
+            seed=self.seed, ok=True, ops=len(ops), acked_writes=len(self.inv.acked),
+            elections=self.elections, crashes=self.crashes, partitions=self.partitions,
+            messages=self.net.sent, commits=self.commits, checks=self.inv.checks,
+            virtual_time=queue.now,
+            trace_hash=self.trace_hash() if self._record else "",
+        )
+
+    def _check_storm(self) -> None:
+        if self.net.sent > self.config.max_messages:
+            self.fail("liveness", f"message storm: {self.net.sent} messages sent by "
+                      f"t={self.queue.now:.3f}s virtual (limit {self.config.max_messages})",
+                      list(self.nodes))
+
+    def _settle(self) -> None:
+        cfg = self.config
+        queue = self.queue
+        self.stopping = True
+        self.net.heal()
+        self.net.faults = NetworkFaults.none()
+        self.trace("settle")
+        for node in self.nodes.values():
+            node.store._crash_in = None
+            if not node.up:
+                node.start()
+        keys = sorted({k for k in getattr(self.app.workload, "keys", [])}, key=repr)
+        if keys and self.clients:
+            self.clients[0].final = [OpSpec("get", k, None, False) for k in keys]
+            if self.clients[0].idle:
+                queue.after(0.0, self.clients[0].issue)
+        deadline = queue.now + cfg.settle_time
+        # Let clients finish (including the final reads).
+        while queue.now < deadline and (not all(c.idle for c in self.clients)
+                                        or any(c.final for c in self.clients)):
+            queue.run_until(queue.now + 0.05)
+            self._check_storm()
+        # Let every node apply the same log.
+        while queue.now < deadline and not self._converged():
+            queue.run_until(queue.now + 0.05)
+            self._check_storm()
+        busy = [c.id for c in self.clients if not c.idle]
+        if cfg.require_liveness and (busy or not self._converged()):
+            state = {i: (n.core.role.value, n.core.term, n.core.commit_seq, n.applied,
+                         n.store.seq) for i, n in self.nodes.items() if n.core is not None}
+            self.fail("liveness",
+                      f"the healed cluster did not settle within {cfg.settle_time}s virtual "
+                      f"(clients still busy: {busy}; node role/term/commit/applied/last: "
+                      f"{state})", list(self.nodes))
+        for c in self.clients:
+            if c.spec is not None:  # only without require_liveness
+                if c.spec.write:
+                    self.history.info(c.hist_id)
+                else:
+                    self.history.fail(c.hist_id)
+                c.spec = None
+        self.check_acked_durable("after settling")
+        if self._converged():
+            for seq, term, what in self.inv.acked:
+                for i, node in self.nodes.items():
+                    if seq > node.store.seq or node.store.entry(seq).term != term:
+                        self.fail("acknowledged write durability",
+                                  f"{what} was acknowledged at seq {seq} term {term} but "
+                                  f"node {i}'s settled log does not hold it", [i])
+
+    def _converged(self) -> bool:
+        lead = self.leader()
+        if lead is None:
+            return False
+        lc = self.nodes[lead].core
+        assert lc is not None
+        target = lc.commit_seq
+        if target < lc.last_seq:
+            return False
+        for node in self.nodes.values():
+            if not node.up or node.core is None or node.applied != target:
+                return False
+        return True
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    return repr(x)
+
+
+def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = None,
+             record_trace: bool = True) -> SimResult:
+    """Run one seed; a violation comes back in ``SimResult.violation`` (not raised)."""
+    sim = Simulation(seed, config, app, record_trace)
+    try:
+        return sim.run()
+    except SafetyViolation as v:
+        return SimResult(seed=seed, ok=False, ops=len(sim.history), violation=v,
+                         crashes=sim.crashes, elections=sim.elections,
+                         messages=sim.net.sent, checks=sim.inv.checks,
+                         virtual_time=sim.queue.now)
+

@@ -1,0 +1,173 @@
+"""Raft's safety properties, checked incrementally while a simulation runs.
+
+Each check is O(1) or O(new entries) per event, so every event of every seed is checked:
+
+* **Election safety**: at most one leader per term (``on_leader``).
+* **Log matching**: if two logs hold an entry with the same seq and term, they are identical
+  up to it. Every entry any node ever writes is registered as ``(seq, term) -> chain hash``
+  (the chain hash covers the whole prefix, see ``store.py``); a second, different chain at the
+  same ``(seq, term)`` is a violation (``on_append``).
+* **Leader completeness**: an entry committed in term T is in the log of every leader of a
+  term after T. Each leader's log is snapshotted (as chain hashes) when it wins; it is checked
+  against everything committed so far, and every later commit is checked against the
+  snapshots of leaders of later terms (a commit can be *learned* after a later leader won).
+* **State machine safety**: no two nodes commit (and so apply) different entries at one seq:
+  every node's committed prefix must match one canonical committed log (``on_commit``).
+* **Commit monotonicity**: a node's commit index never goes backwards while it stays up
+  (after a restart it starts again from what its durable state says) and never passes the
+  end of its own log.
+* **Durability of acknowledged writes**: every write a client saw succeed is on the durable
+  log of at least a quorum of nodes, so no sequence of crashes of a minority can lose it
+  (``check_acked_durable``, run after every crash and at the end).
+
+A violation raises :class:`SafetyViolation` through the ``fail`` callback the simulator
+passes in, which adds the seed, the step and a replay command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import TinyRaftError
+
+__all__ = ["SafetyViolation", "Invariants"]
+
+
+class SafetyViolation(TinyRaftError):
+    """The simulated cluster broke a Raft safety property or linearizability.
+
+    ``invariant`` names the property, ``nodes`` the nodes involved; ``str()`` is the full
+    report (seed, step, replay command, trace around the failure)."""
+
+    def __init__(self, message: str, *, invariant: str, nodes: Sequence[Any] = (),
+                 seed: int | None = None, step: int | None = None, report: str = "") -> None:
+        super().__init__(report or message)
+        self.invariant = invariant
+        self.nodes = list(nodes)
+        self.seed = seed
+        self.step = step
+        self.short = message
+
+
+Fail = Callable[[str, str, Sequence[Any]], None]
+
+
+class Invariants:
+    def __init__(self, nodes: Sequence[Any], quorum_size: int, fail: Fail) -> None:
+        self.nodes = list(nodes)
+        self.quorum_size = quorum_size
+        self._fail = fail
+        self.leaders: dict[int, Any] = {}
+        # term -> (leader, chain hashes of its log when it won)
+        self.leader_logs: dict[int, tuple[Any, list[int]]] = {}
+        # (seq, term) -> (chain hash, first writer)
+        self.chains: dict[tuple[int, int], tuple[int, Any]] = {}
+        # canonical committed log: per seq (term, chain hash, commit term, first node)
+        self.committed: list[tuple[int, int, int, Any]] = []
+        self.commit_of: dict[Any, int] = {n: -1 for n in nodes}
+        # acknowledged writes: (seq, term, description)
+        self.acked: list[tuple[int, int, str]] = []
+        self.checks = 0
+
+    # --- election safety + leader completeness ------------------------------------------
+    def on_leader(self, node: Any, term: int, chain: list[int]) -> None:
+        self.checks += 1
+        other = self.leaders.get(term)
+        if other is None:
+            self.leaders[term] = node
+        elif other != node:
+            self._fail("election safety",
+                       f"two leaders in term {term}: node {other} and node {node}",
+                       [other, node])
+            return
+        else:
+            return  # already checked when it won
+        self.leader_logs[term] = (node, chain)
+        for seq, (_t, h, cterm, first) in enumerate(self.committed):
+            if cterm < term:
+                self._check_has(node, term, chain, seq, h, cterm, first)
+
+    def _check_has(self, leader: Any, term: int, chain: list[int], seq: int, h: int,
+                   cterm: int, first: Any) -> None:
+        if seq >= len(chain) or chain[seq] != h:
+            have = "nothing" if seq >= len(chain) else "a different entry"
+            self._fail(
+                "leader completeness",
+                f"node {leader} won term {term} but has {have} at seq {seq}, which was "
+                f"committed in term {cterm} (first reported by node {first})",
+                [leader, first],
+            )
+
+    # --- log matching --------------------------------------------------------------------
+    def on_append(self, node: Any, seq: int, term: int, chain: int) -> None:
+        key = (seq, term)
+        seen = self.chains.get(key)
+        if seen is None:
+            self.chains[key] = (chain, node)
+        elif seen[0] != chain:
+            self._fail(
+                "log matching",
+                f"node {node} holds an entry at seq {seq} term {term} whose log prefix "
+                f"differs from the one node {seen[1]} holds at the same seq and term",
+                [seen[1], node],
+            )
+
+    # --- commit --------------------------------------------------------------------------
+    def on_restart(self, node: Any) -> None:
+        self.commit_of[node] = -1
+
+    def on_commit(self, node: Any, commit: int, term: int, last_seq: int,
+                  chain_at: Callable[[int], int], term_at: Callable[[int], int]) -> None:
+        prev = self.commit_of[node]
+        if commit < prev:
+            self._fail("commit monotonicity",
+                       f"node {node}'s commit index went back from {prev} to {commit}", [node])
+            return
+        if commit == prev:
+            return
+        if commit > last_seq:
+            self._fail("commit beyond log",
+                       f"node {node} committed through seq {commit} but its log ends at "
+                       f"{last_seq}", [node])
+            return
+        self.checks += 1
+        self.commit_of[node] = commit
+        committed = self.committed
+        for seq in range(prev + 1, commit + 1):
+            h = chain_at(seq)
+            if seq < len(committed):
+                t0, h0, _c, first = committed[seq]
+                if h0 != h:
+                    self._fail(
+                        "state machine safety",
+                        f"node {node} committed seq {seq} (term {term_at(seq)}) but node "
+                        f"{first} committed a different entry there (term {t0})",
+                        [first, node],
+                    )
+                    return
+            else:
+                t = term_at(seq)
+                committed.append((t, h, term, node))
+                for lterm, (leader, chain) in self.leader_logs.items():
+                    if lterm > term:
+                        self._check_has(leader, lterm, chain, seq, h, term, node)
+
+    # --- durability of acknowledged writes ----------------------------------------------
+    def on_ack(self, seq: int, term: int, what: str) -> None:
+        self.acked.append((seq, term, what))
+
+    def check_acked_durable(self, durable_term_at: dict[Any, Callable[[int], int | None]],
+                            when: str) -> None:
+        self.checks += 1
+        for seq, term, what in self.acked:
+            holders = [n for n, f in durable_term_at.items() if f(seq) == term]
+            if len(holders) < self.quorum_size:
+                self._fail(
+                    "acknowledged write durability",
+                    f"{what} was acknowledged at seq {seq} term {term} but {when} only "
+                    f"{holders or 'no nodes'} hold it durably (a quorum is "
+                    f"{self.quorum_size}); crashing the others would lose it",
+                    holders,
+                )
+                return

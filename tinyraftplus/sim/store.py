@@ -1,0 +1,272 @@
+"""An in-memory log + hard-state store for one simulated node that models durability honestly.
+
+What a real disk does, and what this store therefore does:
+
+* A write is not durable until a sync (``fdatasync``) of its file returns. The store keeps two
+  images of each of its two "files" (the hard state and the log): the *current* image, which
+  is what the node reads back (the page cache), and the *durable* image (the platters).
+  ``sync_hard_state`` / ``sync_log`` copy the pending writes of one file into its durable
+  image.
+* A crash throws away the current image and reloads the durable one. With ``torn=True`` it
+  first lets a random prefix of the unsynced writes reach the disk (the kernel flushed some
+  dirty pages on its own before the power went), which is also what real disks do: unsynced
+  data may survive or not, and nothing acknowledged may depend on it either way.
+* A crash can land between any two storage steps. The driver arms one with
+  :meth:`SimStore.arm_crash`; the store raises :class:`SimCrash` just before the k-th storage
+  step from then on (writing the hard state, syncing it, truncating, appending, syncing the
+  log), so a node can die after its vote is durable but before its entries are, after a
+  truncate but before the append that should have followed it, and so on.
+
+The store also keeps, per entry, a chain hash (the hash of the previous entry's chain hash,
+this entry's term and its payload). Two logs that hold the same chain hash at a seq hold the
+same prefix, which is how the simulator checks Raft's Log Matching property in O(1) per entry.
+
+``bugs={"forget_vote"}`` is a deliberate, test-only fault: on restart the store hands back the
+persisted term without the vote, as a node would that forgot to persist or fsync its vote.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+
+from ..entry import Entry
+from ..errors import InvalidArgumentError
+from ..raft.core import HardState
+
+__all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
+
+STORE_BUGS = frozenset({"forget_vote"})
+
+
+class SimCrash(Exception):
+    """Raised by a storage step at which an armed crash fires; the driver kills the node."""
+
+
+def _chain(prev: int, entry: Entry) -> int:
+    return hash((prev, entry.term, entry.data))
+
+
+class _LogImage:
+    """One image of the log file: entries by seq (no compaction: entry ``i`` has seq ``i``)
+    and the chain hash of each."""
+
+    __slots__ = ("entries", "chain")
+
+    def __init__(self, entries: list[Entry] | None = None, chain: list[int] | None = None):
+        self.entries: list[Entry] = entries if entries is not None else []
+        self.chain: list[int] = chain if chain is not None else []
+
+    def copy(self) -> _LogImage:
+        return _LogImage(list(self.entries), list(self.chain))
+
+    def truncate_after(self, seq: int) -> None:
+        del self.entries[seq + 1:]
+        del self.chain[seq + 1:]
+
+    def append(self, entries: list[Entry]) -> None:
+        prev = self.chain[-1] if self.chain else 0
+        for e in entries:
+            prev = _chain(prev, e)
+            self.entries.append(e)
+            self.chain.append(prev)
+
+
+class SimStore:
+    """``LogStorage`` (for the Raft core) plus hard state, with honest durability.
+
+    The write path, in the order the driving protocol uses it::
+
+        set_hard_state(hs); sync_hard_state(); truncate_after(seq); append(entries); sync_log()
+
+    Each call is one storage step (a place an armed crash can fire). Reads (``seq``,
+    ``term_at``, ``entries``) see the current image, like reads through the page cache.
+    """
+
+    def __init__(self, node_id: object, *, bugs: Collection[str] = (),
+                 rng: random.Random | None = None, torn: bool = True) -> None:
+        unknown = set(bugs) - STORE_BUGS
+        if unknown:
+            raise InvalidArgumentError(
+                f"SimStore: unknown bug name(s) {sorted(unknown)}; known: {sorted(STORE_BUGS)}"
+            )
+        self.node_id = node_id
+        self.bugs = frozenset(bugs)
+        self._rng = rng if rng is not None else random.Random(0)
+        self._torn = torn
+        self._log = _LogImage()
+        self._durable_log = _LogImage()
+        # Unsynced log writes in order: ("t", seq) or ("a", [entries]).
+        self._pending_log: list[tuple[str, object]] = []
+        self._hard = HardState()
+        self._durable_hard = HardState()
+        self._hard_dirty = False
+        self._crash_in: int | None = None
+        self.steps = 0  # storage steps performed, for traces
+        self.syncs = 0
+
+    # --- LogStorage -----------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        return len(self._log.entries) - 1
+
+    @property
+    def first_seq(self) -> int:
+        return 0
+
+    def term_at(self, seq: int) -> int:
+        if seq == -1:
+            return 0
+        if not 0 <= seq < len(self._log.entries):
+            raise InvalidArgumentError(
+                f"SimStore(node {self.node_id}): term_at({seq}) outside the log "
+                f"(0..{self.seq})"
+            )
+        return self._log.entries[seq].term
+
+    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        if lo > hi:
+            return []
+        if lo < 0 or hi > self.seq:
+            raise InvalidArgumentError(
+                f"SimStore(node {self.node_id}): entries({lo}, {hi}) outside the log "
+                f"(0..{self.seq})"
+            )
+        out: list[Entry] = []
+        size = 0
+        for e in self._log.entries[lo:hi + 1]:
+            if out and size + len(e.data) > max_bytes:
+                break
+            out.append(e)
+            size += len(e.data)
+        return out
+
+    # --- reads for the driver and the invariants ---------------------------------------
+    @property
+    def hard_state(self) -> HardState:
+        return self._hard
+
+    def entry(self, seq: int) -> Entry:
+        return self._log.entries[seq]
+
+    def chain_at(self, seq: int) -> int:
+        """Chain hash of the current image at ``seq`` (0 for ``-1``)."""
+        return 0 if seq < 0 else self._log.chain[seq]
+
+    def chain_snapshot(self) -> list[int]:
+        return list(self._log.chain)
+
+    @property
+    def durable_seq(self) -> int:
+        return len(self._durable_log.entries) - 1
+
+    def durable_term_at(self, seq: int) -> int | None:
+        """Term of the durable entry at ``seq``, ``None`` if the durable log is shorter."""
+        if 0 <= seq < len(self._durable_log.entries):
+            return self._durable_log.entries[seq].term
+        return None
+
+    def durable_hard_state(self) -> HardState:
+        return self._durable_hard
+
+    # --- crash injection -------------------------------------------------------------------
+    def arm_crash(self, after_steps: int) -> None:
+        """Crash just before the ``after_steps``-th storage step from now (0: the next)."""
+        if after_steps < 0:
+            raise InvalidArgumentError(f"arm_crash: after_steps must be >= 0, got {after_steps}")
+        self._crash_in = after_steps
+
+    @property
+    def crash_armed(self) -> bool:
+        return self._crash_in is not None
+
+    def _storage_step(self, what: str) -> None:
+        if self._crash_in is not None:
+            if self._crash_in == 0:
+                self._crash_in = None
+                raise SimCrash(f"node {self.node_id} crashed before storage step '{what}'")
+            self._crash_in -= 1
+        self.steps += 1
+
+    # --- the write path --------------------------------------------------------------------
+    def set_hard_state(self, hs: HardState) -> None:
+        self._storage_step("write hard state")
+        self._hard = hs
+        self._hard_dirty = True
+
+    def sync_hard_state(self) -> None:
+        self._storage_step("sync hard state")
+        self._durable_hard = self._hard
+        self._hard_dirty = False
+        self.syncs += 1
+
+    def truncate_after(self, seq: int) -> None:
+        self._storage_step("truncate")
+        if seq < -1:
+            raise InvalidArgumentError(f"SimStore: truncate_after({seq}): seq must be >= -1")
+        if seq < self.seq:
+            self._log.truncate_after(seq)
+            self._pending_log.append(("t", seq))
+
+    def append(self, entries: list[Entry]) -> None:
+        self._storage_step("append")
+        expect = self.seq + 1
+        for i, e in enumerate(entries):
+            if e.seq != expect + i:
+                raise InvalidArgumentError(
+                    f"SimStore(node {self.node_id}): append of seq {e.seq} where seq "
+                    f"{expect + i} was next; the driver must truncate before appending"
+                )
+        batch = list(entries)
+        self._log.append(batch)
+        self._pending_log.append(("a", batch))
+
+    def sync_log(self) -> None:
+        self._storage_step("sync log")
+        for op in self._pending_log:
+            self._apply_to_durable(op)
+        self._pending_log.clear()
+        self.syncs += 1
+
+    def _apply_to_durable(self, op: tuple[str, object], limit: int | None = None) -> None:
+        kind, arg = op
+        if kind == "t":
+            self._durable_log.truncate_after(arg)  # type: ignore[arg-type]
+        else:
+            batch: list[Entry] = arg  # type: ignore[assignment]
+            self._durable_log.append(batch if limit is None else batch[:limit])
+
+    # --- crash and restart -----------------------------------------------------------------
+    def crash(self) -> str:
+        """Lose everything unsynced (maybe keeping a random prefix of it, see ``torn``);
+        returns a short description of what survived, for the trace."""
+        self._crash_in = None
+        kept = "nothing unsynced kept"
+        if self._torn and (self._pending_log or self._hard_dirty):
+            rng = self._rng
+            n = rng.randint(0, len(self._pending_log))
+            for op in self._pending_log[:n]:
+                self._apply_to_durable(op)
+            kept = f"{n}/{len(self._pending_log)} unsynced log writes kept"
+            if n < len(self._pending_log) and rng.random() < 0.5:
+                kind, arg = self._pending_log[n]
+                if kind == "a":
+                    part = rng.randint(0, len(arg))  # type: ignore[arg-type]
+                    self._apply_to_durable((kind, arg), limit=part)
+                    kept += f" + {part} entries of the next"
+            if self._hard_dirty and rng.random() < 0.5:
+                self._durable_hard = self._hard
+                kept += ", unsynced hard state kept"
+        self._pending_log.clear()
+        self._hard_dirty = False
+        self._log = self._durable_log.copy()
+        self._hard = self._durable_hard
+        return kept
+
+    def restart_hard_state(self) -> HardState:
+        """The hard state a restarting node reads back (``forget_vote`` drops the vote)."""
+        hs = self._durable_hard
+        if "forget_vote" in self.bugs:
+            hs = HardState(hs.term, None)
+            self._hard = hs
+        return hs
