@@ -77,10 +77,13 @@ class AppendResponse:
     """Answer to ``AppendEntries``.
 
     On success ``match_seq`` is the last seq the follower now holds *durably* that matches
-    the leader. On failure the follower gives a hint so the leader backs off a whole term at
-    a time: ``conflict_term`` is the follower's term at ``prev_seq`` (0 if it has no entry
-    there) and ``conflict_seq`` the first seq it holds with that term (or its last seq + 1
-    when the entry is missing).
+    the leader. On failure ``match_seq`` is the ``prev_seq`` it rejected (so the leader can
+    tell a stale rejection from a current one) and the follower gives a hint so the leader
+    backs off a whole term at a time: ``conflict_term`` is the follower's term at
+    ``prev_seq`` (0 if it has no entry there) and ``conflict_seq`` the first seq it holds
+    with that term (or its last seq + 1 when the entry is missing).
+    A follower at a newer term answers a stale leader's append with ``success=False`` and
+    its term, which makes that leader step down.
     """
 
     term: int
