@@ -117,6 +117,10 @@ def test_lease_ignores_real_votes_but_transfer_overrides():
     core = c.cores[f]
     term = core.term
     other = next(i for i in c.ids if i not in (leader, f))
+    core.step(other, RequestVote(term + 1, 100, term, pre_vote=True))
+    rd = core.ready()
+    assert rd.messages_after_persist == [(other, VoteResponse(term, False, pre_vote=True))]
+    core.advance(rd)
     core.step(other, RequestVote(term + 5, 100, term, pre_vote=False))
     assert core.term == term and core.vote != other
     rd = core.ready()
