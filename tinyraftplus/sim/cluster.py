@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidArgumentError, NotLeaderError
@@ -62,8 +62,9 @@ class SimConfig:
     keys: int = 3
     faults: bool = True
     bugs: frozenset[str] = frozenset()
-    election_timeout: float = 0.15
-    heartbeat_interval: float = 0.03
+    election_timeout: float | None = None  # None: 0.05 .. 0.3 s from the seed
+    # Pin fault-profile knobs (see ``_Profile``), e.g. ``(("rpc_max", 1),)``.
+    overrides: tuple[tuple[str, Any], ...] = ()
     attempt_timeout: float = 0.3  # a client retries an attempt after this long
     op_timeout: float = 1.5  # and gives up on the operation (a "maybe") after this long
     settle_time: float = 20.0  # virtual seconds allowed to settle after the last step
@@ -79,6 +80,12 @@ class SimConfig:
             )
         if self.nodes is not None and self.nodes < 1:
             raise InvalidArgumentError(f"SimConfig: nodes must be >= 1, got {self.nodes}")
+        bad = [k for k, _ in self.overrides if k not in _Profile.__dataclass_fields__]
+        if bad:
+            raise InvalidArgumentError(
+                f"SimConfig: unknown profile knob(s) {bad}; known: "
+                f"{sorted(_Profile.__dataclass_fields__)}"
+            )
         if self.steps < 0:
             raise InvalidArgumentError(f"SimConfig: steps must be >= 0, got {self.steps}")
 
@@ -92,6 +99,10 @@ class SimConfig:
             parts.append(f"--keys {self.keys}")
         if not self.faults:
             parts.append("--no-faults")
+        if self.election_timeout is not None:
+            parts.append(f"--election-timeout {self.election_timeout}")
+        for k, v in self.overrides:
+            parts.append(f"--set {k}={v!r}")
         for b in sorted(self.bugs):
             parts.append(f"--bug {b}")
         parts.append("--trace")
@@ -118,42 +129,55 @@ class SimResult:
 
 @dataclass(frozen=True)
 class _Profile:
-    """Per-seed fault intensities."""
+    """Per-seed fault intensities and Raft knobs (each drawn from the seed; pin any of them
+    with ``SimConfig.overrides`` or ``--set name=value``). Probabilities are per message
+    (network) or per step (partitions, crashes) unless said otherwise."""
 
-    net: NetworkFaults
-    partition_p: float
-    heal_p: float
-    crash_p: float
-    crash_all_p: float
-    restart_delay: tuple[float, float]
-    torn: bool
-    skew: float
-    pre_vote: bool
-    check_quorum: bool
-    rpc_max: int
-    max_inflight: int
+    drop: float = 0.0
+    duplicate: float = 0.0
+    delay_max: float = 0.005
+    long_delay: float = 0.0  # probability of a long delay (up to 250 ms: reordering)
+    partition_p: float = 0.0
+    heal_p: float = 0.0
+    crash_p: float = 0.0
+    crash_all_p: float = 0.0
+    leader_crash: float = 0.0  # share of crashes aimed at the current leader
+    vote_bounce: float = 0.0  # chance a node that just persisted a vote crashes, restarts at once
+    new_leader_crash: float = 0.0  # chance a new leader crashes within ~50 ms of winning
+    restart_min: float = 0.1
+    restart_max: float = 0.1
+    torn: bool = False  # a crash may keep a random prefix of the unsynced writes
+    skew: float = 0.0  # clock rate error, +/- this fraction
+    pre_vote: bool = True
+    check_quorum: bool = True
+    rpc_max: int = 64
+    max_inflight: int = 8
+
+    @property
+    def net(self) -> NetworkFaults:
+        return NetworkFaults(self.drop, self.duplicate, 0.0005, self.delay_max,
+                             self.long_delay, 0.25)
 
 
 def _profile(rng: random.Random, faults: bool) -> _Profile:
     if not faults:
-        return _Profile(NetworkFaults.none(), 0.0, 0.0, 0.0, 0.0, (0.1, 0.1), False, 0.0,
-                        True, True, 64, 8)
-    drop = rng.choice([0.0, 0.01, 0.05, 0.1, 0.2])
-    net = NetworkFaults(
-        drop=drop,
+        return _Profile()
+    return _Profile(
+        drop=rng.choice([0.0, 0.01, 0.05, 0.1, 0.2]),
         duplicate=rng.choice([0.0, 0.02, 0.05]),
-        delay_min=0.0005,
         delay_max=rng.choice([0.002, 0.01, 0.03]),
         long_delay=rng.choice([0.0, 0.02, 0.05]),
-        long_delay_max=0.25,
-    )
-    return _Profile(
-        net=net,
         partition_p=rng.choice([0.005, 0.01, 0.03]),
         heal_p=rng.choice([0.01, 0.03, 0.06]),
         crash_p=rng.choice([0.003, 0.01, 0.03]),
         crash_all_p=rng.choice([0.0, 0.0, 0.002]),
-        restart_delay=(0.02, rng.choice([0.1, 0.5, 1.0])),
+        leader_crash=rng.choice([0.0, 0.3, 0.7]),
+        vote_bounce=rng.choice([0.0, 0.1, 0.3]),
+        new_leader_crash=rng.choice([0.0, 0.1, 0.3]),
+        # a short restart (a process bounce) lets delayed messages from before the crash
+        # reach the restarted node: what catches a node that forgot its vote
+        restart_min=rng.choice([0.001, 0.02]),
+        restart_max=rng.choice([0.05, 0.2, 1.0]),
         torn=rng.random() < 0.5,
         skew=rng.choice([0.0, 0.05, 0.2]),
         pre_vote=rng.random() < 0.8,
@@ -230,7 +254,7 @@ class SimNode:
         sim.trace("start", self.id, self.incarnation, hs.term, hs.vote, self.store.seq)
         self.process()
 
-    def crash(self, why: str) -> None:
+    def crash(self, why: str, restart_in: float | None = None) -> None:
         if not self.up:
             return
         kept = self.store.crash()
@@ -248,7 +272,7 @@ class SimNode:
         sim.crashes += 1
         sim.trace("crash", self.id, why, kept, self.store.durable_seq)
         sim.check_acked_durable(f"after node {self.id} crashed")
-        sim.schedule_restart(self)
+        sim.schedule_restart(self, restart_in)
 
     # --- the driving protocol ----------------------------------------------------------
     def process(self) -> None:
@@ -265,9 +289,12 @@ class SimNode:
             for to, msg in rd.messages:
                 send(me, to, msg)
             try:
-                if rd.hard_state is not None:
-                    store.set_hard_state(rd.hard_state)
+                hs = rd.hard_state
+                if hs is not None:
+                    store.set_hard_state(hs)
                     store.sync_hard_state()
+                    if hs.vote is not None and hs.vote != me:
+                        sim.on_vote(self)
                 wrote = False
                 if rd.truncate_after is not None:
                     store.truncate_after(rd.truncate_after)
@@ -291,6 +318,7 @@ class SimNode:
                 sim.elections += 1
                 sim.trace("leader", me, core.term, store.seq)
                 sim.inv.on_leader(me, core.term, store.chain_snapshot())
+                sim.on_new_leader(self)
             commit = core.commit_seq
             if rd.commit_seq > commit:
                 sim.fail("commit report",
@@ -557,10 +585,15 @@ class Simulation:
         master = random.Random(f"tinyraftplus-sim:{seed}")
         n = config.nodes if config.nodes is not None else master.choice([3, 3, 5])
         self.profile = _profile(master, config.faults)
+        if config.overrides:
+            self.profile = replace(self.profile, **dict(config.overrides))
         p = self.profile
+        et = config.election_timeout
+        if et is None:
+            et = master.choice([0.05, 0.1, 0.15, 0.3])
         self.raft_config = RaftConfig(
-            election_timeout=config.election_timeout,
-            heartbeat_interval=config.heartbeat_interval,
+            election_timeout=et,
+            heartbeat_interval=et / 5,
             rpc_max=p.rpc_max,
             max_inflight=p.max_inflight,
             pre_vote=p.pre_vote,
@@ -640,14 +673,44 @@ class Simulation:
         if not node.up and node.crash_gen == gen:
             node.start()
 
-    def schedule_restart(self, node: SimNode) -> None:
+    def schedule_restart(self, node: SimNode, delay: float | None = None) -> None:
         if self.stopping:
             return
-        lo, hi = self.profile.restart_delay
-        self.queue.after(self.fault_rng.uniform(lo, hi), self._restart, node, node.crash_gen)
+        if delay is None:
+            p = self.profile
+            delay = self.fault_rng.uniform(p.restart_min, max(p.restart_min, p.restart_max))
+        self.queue.after(delay, self._restart, node, node.crash_gen)
 
     def _crash_now(self, node: SimNode, why: str) -> None:
         node.crash(why)
+
+    def _can_crash_one(self) -> bool:
+        down = sum(1 for n in self.nodes.values() if not n.up)
+        return down < len(self.nodes) - self.quorum_size
+
+    def on_vote(self, node: SimNode) -> None:
+        """A node just made a vote durable: maybe bounce it (crash, restart at once), which
+        lets vote requests already in flight reach it again after the restart."""
+        if self.stopping or not self.config.faults:
+            return
+        r = self.fault_rng
+        if r.random() < self.profile.vote_bounce:
+            self.queue.after(r.uniform(0.0, 0.002), self._bounce, node, node.crash_gen)
+
+    def _bounce(self, node: SimNode, gen: int) -> None:
+        if node.up and node.crash_gen == gen and self._can_crash_one() and not self.stopping:
+            node.crash("bounce after voting", restart_in=self.fault_rng.uniform(0.0005, 0.005))
+
+    def on_new_leader(self, node: SimNode) -> None:
+        if self.stopping or not self.config.faults:
+            return
+        r = self.fault_rng
+        if r.random() < self.profile.new_leader_crash:
+            self.queue.after(r.uniform(0.0, 0.05), self._crash_leader, node, node.crash_gen)
+
+    def _crash_leader(self, node: SimNode, gen: int) -> None:
+        if node.up and node.crash_gen == gen and self._can_crash_one() and not self.stopping:
+            node.crash("new leader crash")
 
     def _force_armed(self, node: SimNode, gen: int) -> None:
         if node.up and node.crash_gen == gen and node.store.crash_armed:
@@ -673,9 +736,12 @@ class Simulation:
             return
         if r.random() < p.crash_p:
             up = [n for n in self.nodes.values() if n.up]
-            down = len(self.nodes) - len(up)
-            if up and down < len(self.nodes) - self.quorum_size:
-                victim = r.choice(up)
+            if up and self._can_crash_one():
+                lead = self.leader()
+                if lead is not None and r.random() < p.leader_crash:
+                    victim = self.nodes[lead]
+                else:
+                    victim = r.choice(up)
                 if r.random() < 0.5 or victim.store.crash_armed:
                     self._crash_now(victim, "crash")
                 else:
@@ -687,6 +753,21 @@ class Simulation:
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> SimResult:
+        """Run the seed; raises :class:`SafetyViolation` on any violation, including an
+        unexpected exception out of the core or the state machine (reported as
+        ``invariant="exception"`` with its traceback and the trace)."""
+        try:
+            return self._run()
+        except SafetyViolation:
+            raise
+        except Exception as e:
+            import traceback
+
+            tb = "".join(traceback.format_exception(e)[-6:])
+            self.fail("exception", f"unexpected {type(e).__name__}: {e}\n{tb}", [])
+            raise  # unreachable: fail() raises
+
+    def _run(self) -> SimResult:
         cfg = self.config
         queue = self.queue
         for node in self.nodes.values():
