@@ -299,14 +299,15 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     known = Known()
     directory = tmp / "log"
+    directory.mkdir()  # FsLog refuses a missing parent directory; it creates DIR/NAME itself
     modes: dict[str, int] = {}
     torn = 0
     started = time.monotonic()
     for gen in range(1, kills + 1):
         mode, how = await _run_child(tmp, gen, rng.randrange(1 << 30), rng, known)
         modes[mode] = modes.get(mode, 0) + 1
-        if not directory.exists():
-            continue  # killed before the log directory was created
+        if not (directory / NAME).exists():
+            continue  # killed before open() created the log's directory
         torn += await _check(directory, known, f"after kill {gen} ({how})")
 
     # Appends continue in-process after the last crash, and survive a clean reopen.
