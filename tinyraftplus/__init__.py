@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from .entry import Entry
 from .errors import *  # noqa: F403  (the exception tree is part of the public API)
-from .errors import __all__ as _errors_all  # noqa: F401
+from .errors import __all__ as _errors_all
 
 # Imports the C extension: a missing build fails here with instructions (see _native).
-from .log import FsLog, StateFile  # noqa: E402, F401
+from .log import FsLog, StateFile
+from .node import AppendResult, RaftNode
+from .events import NodeEvent
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Entry", "FsLog", "StateFile", "RaftNode", "AppendResult", "NodeEvent", *_errors_all,
+]

@@ -329,7 +329,7 @@ class RaftNode:
             self._stopped.set()
 
     async def _open(self) -> None:
-        if not getattr(self.log, "is_open", True):
+        if _log_needs_open(self.log):
             await self.log.open()
             self._opened_log = True
         from .log.state import StateFile  # the C-backed log package; imported lazily
@@ -356,13 +356,14 @@ class RaftNode:
         )
 
     def _default_state_path(self) -> str:
-        d = getattr(self.log, "dir", None) or getattr(self.log, "directory", None)
-        name = getattr(self.log, "name", None)
-        if d is None or name is None:
+        # Beside the log's directory (DIR/NAME.raftstate), not inside it: the log owns its
+        # directory, and term and vote belong to the node, not to the log's records.
+        path = getattr(self.log, "path", None)
+        if path is None:
             raise InvalidArgumentError(
                 "RaftNode: cannot tell where to keep term and vote for this log; pass state_path="
             )
-        return os.path.join(os.fspath(d), f"{name}.raftstate")
+        return os.fspath(path).rstrip(os.sep) + ".raftstate"
 
     def _shutdown(self) -> None:
         err = NodeStoppedError(f"node {self.node_id!r} stopped")
@@ -663,6 +664,10 @@ class RaftNode:
                         try:
                             aw = await w.wait()
                         except NotLeaderError:
+                            # Leadership is moving (a hand-over to a preferred node, or we
+                            # just lost it): wait for the change rather than spin.
+                            with trio.move_on_after(self._config.heartbeat_interval):
+                                await self._role_changed.wait()
                             continue
                     else:
                         leader = await self.wait_leader()
@@ -830,6 +835,15 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def _log_needs_open(log: Any) -> bool:
+    """True for a log that was created but not opened yet (the node then owns opening and
+    closing it); False for one the caller opened."""
+    is_open = getattr(log, "is_open", None)
+    if is_open is not None:
+        return not is_open
+    return getattr(log, "_state", "open") == "new"
 
 
 def _check_item(data: Any, where: str) -> bytes:

@@ -862,7 +862,16 @@ class RaftCore:
             if rejected != pr.next - 1:
                 return  # answers an older probe
         elif rejected <= pr.match:
-            return  # answers a batch overtaken by later acknowledgements
+            if m.conflict_term != 0 or not 0 <= m.conflict_seq <= pr.match:
+                return  # answers a batch overtaken by later acknowledgements
+            # The follower no longer holds entries it acknowledged: its log was deleted or
+            # lost while it was down (the original supports wiping a node's log and letting
+            # it catch up). Start again from what it has. A reordered old rejection can also
+            # land here; it only costs a probe round, never safety (commit never goes back).
+            pr.match = m.conflict_seq - 1
+            pr.become_probe(m.conflict_seq)
+            self._dirty.add(frm)
+            return
         if m.conflict_term > 0:
             # Skip the follower's whole conflicting term: resume after our last entry of
             # that term if we have one, else at the first seq the follower has of it.
