@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-faults", action="store_true", help="no drops, partitions or crashes")
     p.add_argument("--bug", action="append", default=[], choices=sorted(ALL_BUGS),
                    help="switch on a deliberate bug (repeatable)")
+    p.add_argument("--preset", choices=["default", "churn"], default="default",
+                   help="churn: harsher faults that find subtle Raft bugs in fewer seeds")
     p.add_argument("--election-timeout", type=float, default=None,
                    help="seconds (default: 0.05 .. 0.3 from the seed)")
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
@@ -62,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidArgumentError(
                     f"--set {item!r}: VALUE must be a Python literal (0.2, 1, True)"
                 ) from None
-        config = SimConfig(steps=args.steps, nodes=args.nodes, clients=args.clients,
-                           keys=args.keys, faults=not args.no_faults,
-                           bugs=frozenset(args.bug), election_timeout=args.election_timeout,
-                           overrides=tuple(overrides))
+        kw = dict(steps=args.steps, clients=args.clients, keys=args.keys,
+                  faults=not args.no_faults, bugs=frozenset(args.bug),
+                  overrides=tuple(overrides))
+        if args.nodes is not None:
+            kw["nodes"] = args.nodes
+        if args.election_timeout is not None:
+            kw["election_timeout"] = args.election_timeout
+        config = SimConfig.churn(**kw) if args.preset == "churn" else SimConfig(**kw)
         factory = load_app(args.app) if args.app else None
     except InvalidArgumentError as e:
         print(f"error: {e}", file=sys.stderr)

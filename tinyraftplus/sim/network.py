@@ -97,6 +97,8 @@ class SimNetwork:
         self._deliver = deliver
         self._trace = trace
         self.cut: set[tuple[Any, Any]] = set()
+        # Scripted tests may drop chosen messages: ``filter(src, dst, msg) -> keep?``.
+        self.filter: Callable[[Any, Any, Any], bool] | None = None
         self.partition_desc = "healed"
         self.sent = 0
         self.dropped = 0
@@ -107,7 +109,8 @@ class SimNetwork:
         self.sent += 1
         f = self.faults
         rng = self.rng
-        if (src, dst) in self.cut or rng.random() < f.drop:
+        if (src, dst) in self.cut or rng.random() < f.drop or (
+                self.filter is not None and not self.filter(src, dst, msg)):
             self.dropped += 1
             return
         copies = 2 if rng.random() < f.duplicate else 1
