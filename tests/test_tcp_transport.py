@@ -462,3 +462,26 @@ async def test_port_in_use_is_a_clear_error():
             with pytest.raises(TransportError, match="cannot listen"):
                 async with TcpTransport(2, ("127.0.0.1", t.port), {1: None}, plaintext=True):
                     pass
+
+
+async def test_silent_strangers_are_bounded_in_number_and_time():
+    warns = Warnings()
+    with trio.fail_after(10):
+        async with AsyncExitStack() as stack:
+            t = await start(stack, 2, {1: None}, plaintext=True, warn=warns, max_pending=2,
+                            handshake_timeout=0.5)
+            silent = [await trio.open_tcp_stream("127.0.0.1", t.port) for _ in range(3)]
+            await warns.wait_for("max_pending")  # the third is turned away at once
+            assert len(warns.matching("max_pending")) == 1
+            await warns.wait_for("no handshake within 0.5 s")
+            for s in silent:  # all three were closed by the node
+                with trio.fail_after(2):
+                    try:
+                        assert await s.receive_some(10) == b""
+                    except trio.BrokenResourceError:
+                        pass
+                await s.aclose()
+            assert t.refused == 3
+            # and the node still accepts a real peer afterwards
+            t1 = await start(stack, 1, {2: ("127.0.0.1", t.port)}, plaintext=True)
+            await t1.wait_connected(2)

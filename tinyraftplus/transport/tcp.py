@@ -99,6 +99,11 @@ def _order(node_id: NodeId) -> tuple[int, int, str]:
     return (0, node_id, "") if type(node_id) is int else (1, 0, str(node_id))
 
 
+def _same_id(a: Any, b: Any) -> bool:
+    """Ids are equal and of the same type (``1 == True`` and ``1 == 1.0`` in Python)."""
+    return type(a) is type(b) and a == b
+
+
 def dials(a: NodeId, b: NodeId) -> bool:
     """Whether node ``a`` is the one that dials node ``b`` (the lower id dials)."""
     return _order(a) < _order(b)
@@ -530,8 +535,7 @@ class TcpTransport:
                 await stream.send_all(encode_frame(Hello(self.node_id, peer.id)))
                 decoder = FrameDecoder(self._max_frame)
                 hello, pending = await self._read_hello(stream, decoder)
-            if hello.node_id != peer.id or type(hello.node_id) is not type(peer.id) \
-                    or hello.to != self.node_id:
+            if not (_same_id(hello.node_id, peer.id) and _same_id(hello.to, self.node_id)):
                 raise ProtocolError(
                     f"{prefix}: it answered as node {hello.node_id!r} (to {hello.to!r}); "
                     f"check the peer address map"
@@ -630,7 +634,7 @@ class TcpTransport:
     def _check_inbound(self, hello: Hello, stream: trio.abc.Stream) -> _Peer:
         claimed = hello.node_id
         peer = self._peers.get(claimed)
-        if peer is None or type(peer.id) is not type(claimed):
+        if peer is None or not _same_id(peer.id, claimed):
             raise ProtocolError(f"it claims to be node {claimed!r}, which is not a peer")
         if self._tls is not None:
             cert = stream.getpeercert()  # type: ignore[attr-defined]
@@ -639,7 +643,7 @@ class TcpTransport:
                     f"it claims to be node {claimed!r} but its certificate names "
                     f"{cert_dns_names(cert) or 'no node'}; a node must use its own certificate"
                 )
-        if hello.to != self.node_id or type(hello.to) is not type(self.node_id):
+        if not _same_id(hello.to, self.node_id):
             raise ProtocolError(
                 f"node {claimed!r} meant to reach node {hello.to!r}; check its peer address map"
             )

@@ -1,4 +1,4 @@
-"""Mutual TLS between nodes: which certificate names which node, and the SSL contexts.
+r"""Mutual TLS between nodes: which certificate names which node, and the SSL contexts.
 
 Identity
 --------
@@ -15,6 +15,21 @@ DNS names are case-insensitive and limited to letters, digits and ``-``, so node
 with TLS must be ints >= 0 or strs of those characters (starting and ending with a letter or
 digit, at most 58 of them); two ids whose names collide (``1`` and ``"1"``, ``"a"`` and
 ``"A"``) cannot be told apart by a certificate and are refused in one cluster.
+
+Making certificates with openssl (one CA for the cluster, one certificate per node; the
+certificate is used both to accept and to dial, so it needs both key usages)::
+
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+        -subj "/CN=tinyraftplus cluster CA" -keyout ca.key -out ca.crt
+    id=1
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=node-$id" \
+        -keyout node-$id.key -out node-$id.csr
+    openssl x509 -req -in node-$id.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+        -days 825 -out node-$id.crt -extfile <(printf "%s\n" \
+        "subjectAltName=DNS:node-$id.tinyraftplus" "extendedKeyUsage=serverAuth,clientAuth")
+
+then ``TlsConfig.from_files("ca.crt", "node-1.crt", "node-1.key")`` on node 1. Keep
+``ca.key`` off the nodes.
 
 Both sides require TLS 1.2 or later, verify against the cluster's CA only (not the system's
 trust store: a certificate from a public CA must not admit a node), and require the other side
