@@ -178,8 +178,10 @@ class SimNetwork:
             self._cut_groups(a, b)
             desc = f"bridge {bridge} between {a} and {b}"
         elif kind == "oneway":
-            pairs = [(x, y) for x in nodes for y in nodes if x != y]
-            chosen = rng.sample(pairs, rng.randint(1, max(1, len(pairs) // 3)))
+            # one direction of each chosen pair: a -> b is cut while b -> a still works
+            pairs = [(x, y) for i, x in enumerate(nodes) for y in nodes[i + 1:]]
+            chosen = [p if rng.random() < 0.5 else (p[1], p[0])
+                      for p in rng.sample(pairs, rng.randint(1, max(1, len(pairs) // 2)))]
             self.cut.update(chosen)
             desc = "one-way cuts " + ",".join(f"{x}->{y}" for x, y in sorted(chosen, key=repr))
         else:
