@@ -409,7 +409,7 @@ async def test_stalled_peer_is_detected_by_keepalive():
                 assert t1.stats(2).connects >= 2
                 lost = warns.matching("nothing received for 0.5 s")
                 assert lost and isinstance(lost[0], TransportError)
-                assert 0.4 < accepted[1] - accepted[0] < 2.0
+                assert 0.4 < accepted[1] - accepted[0] < 4.0
             n.cancel_scope.cancel()
 
 
@@ -485,3 +485,33 @@ async def test_silent_strangers_are_bounded_in_number_and_time():
             # and the node still accepts a real peer afterwards
             t1 = await start(stack, 1, {2: ("127.0.0.1", t.port)}, plaintext=True)
             await t1.wait_connected(2)
+
+
+async def test_redial_backs_off_exponentially_with_jitter_up_to_the_cap():
+    """A peer that hangs up on every connection: the gaps between dials grow from about
+    backoff_min to backoff_max and stay there; only the first failure is a warning."""
+    import random
+
+    accepts: list[float] = []
+
+    async def hang_up(stream):
+        accepts.append(trio.current_time())
+        await stream.aclose()
+
+    warns = Warnings()
+    with trio.fail_after(15):
+        async with trio.open_nursery() as n:
+            listeners = await n.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+            addr = listeners[0].socket.getsockname()
+            async with AsyncExitStack() as stack:
+                await start(stack, 1, {2: addr}, plaintext=True, warn=warns,
+                            backoff_min=0.05, backoff_max=0.4, rng=random.Random(3))
+                while len(accepts) < 9:
+                    await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip(accepts, accepts[1:], strict=False)]
+    assert gaps[0] < 0.2  # first retry after ~[0.025, 0.05] s (+ scheduling)
+    assert all(g >= 0.2 * 0.95 for g in gaps[4:])  # capped delay drawn from [0.2, 0.4]
+    assert all(g < 0.4 + 0.5 for g in gaps)
+    assert sum(gaps[:2]) < sum(gaps[-2:])
+    assert len(warns.matching("dialing node 2")) == 1
