@@ -34,6 +34,7 @@ CASES = [
                                                  "state machine safety"}),
     ("forget_vote", SimConfig.churn(), 400, {"election safety", "leader completeness",
                                              "state machine safety"}),
+    ("skip_fsync", SimConfig(), 20, {"acknowledged write durability"}),
 ]
 
 

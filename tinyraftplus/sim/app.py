@@ -85,6 +85,10 @@ class Workload(Protocol):
         """The output to record for ``op`` given the state machine's result."""
         ...
 
+    # Optional: ``final_ops() -> list[OpSpec]``, operations (usually reads of everything)
+    # that one client runs after the cluster has healed, so that a write lost during the
+    # faults shows up in the history even if no later read happened to look at it.
+
 
 @dataclass(frozen=True)
 class SimApp:
@@ -177,6 +181,9 @@ class KVWorkload:
 
     def query(self, op: OpSpec) -> Any:
         return op.key
+
+    def final_ops(self) -> list[OpSpec]:
+        return [OpSpec("get", k, None, False) for k in self.keys]
 
     def output(self, op: OpSpec, result: Any) -> Any:
         return result

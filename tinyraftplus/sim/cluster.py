@@ -836,9 +836,10 @@ class Simulation:
             node.store._crash_in = None
             if not node.up:
                 node.start()
-        keys = sorted({k for k in getattr(self.app.workload, "keys", [])}, key=repr)
-        if keys and self.clients:
-            self.clients[0].final = [OpSpec("get", k, None, False) for k in keys]
+        final_ops = getattr(self.app.workload, "final_ops", None)
+        final = list(final_ops()) if final_ops is not None else []
+        if final and self.clients:
+            self.clients[0].final = final
             if self.clients[0].idle:
                 queue.after(0.0, self.clients[0].issue)
         deadline = queue.now + cfg.settle_time

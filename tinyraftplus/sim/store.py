@@ -21,8 +21,10 @@ The store also keeps, per entry, a chain hash (the hash of the previous entry's 
 this entry's term and its payload). Two logs that hold the same chain hash at a seq hold the
 same prefix, which is how the simulator checks Raft's Log Matching property in O(1) per entry.
 
-``bugs={"forget_vote"}`` is a deliberate, test-only fault: on restart the store hands back the
-persisted term without the vote, as a node would that forgot to persist or fsync its vote.
+``bugs`` holds deliberate, test-only faults: ``"forget_vote"`` hands back the persisted term
+without the vote on restart, as a node would that forgot to persist or fsync its vote;
+``"skip_fsync"`` makes ``sync_log`` return without making anything durable (a disk that lies
+about its write cache), which loses acknowledged writes at the next crash.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..raft.core import HardState
 
 __all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
 
-STORE_BUGS = frozenset({"forget_vote"})
+STORE_BUGS = frozenset({"forget_vote", "skip_fsync"})
 
 
 class SimCrash(Exception):
@@ -223,6 +225,8 @@ class SimStore:
 
     def sync_log(self) -> None:
         self._storage_step("sync log")
+        if "skip_fsync" in self.bugs:
+            return
         for op in self._pending_log:
             self._apply_to_durable(op)
         self._pending_log.clear()
