@@ -141,7 +141,17 @@ class Context:
     repeats: int = 5
     duration: float = 1.0
     baselines: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
     _counter: int = 0
+
+    def record_error(self, figure: str, exc: BaseException) -> None:
+        """Note that ``figure`` could not be measured, and go on with the others; the run
+        then exits non-zero and lists the errors in the JSON ``meta``."""
+        import traceback
+
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        self.errors.append(f"{figure} failed:\n{text}")
+        print(self.errors[-1], file=sys.stderr)
 
     def wants(self, name: str) -> bool:
         """True if the figure ``name`` was asked for (``--only`` prefixes; none: all)."""
@@ -178,12 +188,42 @@ def rate_for(duration: float, step: Callable[[], object]) -> tuple[int, float]:
             return n, now - start
 
 
-def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run ``argv`` as a child and return (its peak RSS in bytes, its stdout).
+PEAK_RSS_TAG = "PEAK_RSS_BYTES"
 
-    Uses ``os.wait4`` on that one child, so neither this process's memory nor other
-    children's counts (``RUSAGE_CHILDREN`` would give the maximum over every child reaped so
-    far). Raises ``RuntimeError`` with the child's output if it fails.
+
+def own_peak_rss() -> int:
+    """This process's peak resident set size in bytes, counting only its own image.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``. ``ru_maxrss`` (``RUSAGE_SELF`` or,
+    from the parent, ``RUSAGE_CHILDREN`` / ``wait4``) is not used there because the kernel
+    carries the pre-``exec`` high-water mark into it: a child spawned with ``vfork`` (what
+    ``subprocess`` uses) reports at least the parent's RSS, so a benchmark parent holding
+    60 MB would make every child look 60 MB big.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def print_peak_rss() -> None:
+    """For child scripts: print the line ``peak_rss_of`` looks for."""
+    print(f"{PEAK_RSS_TAG} {own_peak_rss()}", flush=True)
+
+
+def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``argv`` as a child and return (its peak RSS in bytes, its other output).
+
+    The child should end with ``print_peak_rss()`` (see ``own_peak_rss`` for why); if it does
+    not, ``wait4``'s ``ru_maxrss`` for that one child is used, which may include this
+    process's RSS. Raises ``RuntimeError`` with the child's output if it fails.
     """
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     assert proc.stdout is not None
@@ -193,8 +233,12 @@ def peak_rss_of(argv: list[str], env: dict[str, str] | None = None) -> tuple[int
     proc.stdout.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}:\n{out}")
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 if sys.platform == "darwin" else 1024
+    lines = out.splitlines()
+    for line in lines:
+        if line.startswith(PEAK_RSS_TAG + " "):
+            rest = "\n".join(x for x in lines if not x.startswith(PEAK_RSS_TAG))
+            return int(line.split()[1]), rest
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
     return usage.ru_maxrss * scale, out
 
 

@@ -85,7 +85,7 @@ async def _main(args: argparse.Namespace, tmpdir: Path) -> tuple[list[Result], l
             print(f"({title}: {len(got)} figures in {time.perf_counter() - started:.1f}s)",
                   file=sys.stderr)
         results.extend(got)
-    return results, errors
+    return results, errors + ctx.errors
 
 
 def main(argv: list[str] | None = None) -> int:
