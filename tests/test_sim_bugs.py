@@ -15,6 +15,10 @@ the correct core survives and the buggy one does not.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import msgpack
 import pytest
 
@@ -22,6 +26,8 @@ from tinyraftplus.raft.core import Role
 from tinyraftplus.raft.messages import AppendEntries
 from tinyraftplus.sim import SafetyViolation, SessionStateMachine, SimConfig, Simulation
 from tinyraftplus.sim.runner import run_seeds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = [
     # bug, config, seeds allowed, invariants that may catch it
@@ -46,7 +52,12 @@ def test_deliberate_bug_is_caught_within_bounded_seeds(bug, config, bound, expec
     first = min(s.failures, key=lambda o: o.seed)
     print(f"\n{bug}: caught at seed {first.seed} [{first.invariant}] {first.short}")
     assert first.invariant in expected, first.report
-    assert "replay: python -m tinyraftplus.sim" in first.report
+    # the report's replay command reproduces the violation (from the shell, in a new process)
+    line = next(x for x in first.report.splitlines() if x.startswith("replay: "))
+    args = line.split()[4:]  # drop "replay: python -m tinyraftplus.sim"
+    out = subprocess.run([sys.executable, "-m", "tinyraftplus.sim", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and first.short in out.stdout, out.stdout[-2000:]
 
 
 def test_the_churn_hunt_without_bugs_finds_nothing():
