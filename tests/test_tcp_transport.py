@@ -456,6 +456,17 @@ async def test_user_exception_in_body_is_not_wrapped():
                 raise KeyError("mine")
 
 
+async def test_cancelled_from_outside_exits_cleanly():
+    with trio.fail_after(5):
+        with trio.move_on_after(0.3) as cs:
+            async with TcpTransport(1, ("127.0.0.1", 0), {2: None}, plaintext=True) as t1:
+                async with TcpTransport(2, ("127.0.0.1", 0), {1: ("127.0.0.1", t1.port)},
+                                        plaintext=True):
+                    await trio.sleep_forever()
+        assert cs.cancelled_caught
+        await trio.sleep(0)  # trio's state is intact: still schedulable
+
+
 async def test_port_in_use_is_a_clear_error():
     with trio.fail_after(5):
         async with TcpTransport(1, ("127.0.0.1", 0), {2: None}, plaintext=True) as t:
@@ -515,3 +526,96 @@ async def test_redial_backs_off_exponentially_with_jitter_up_to_the_cap():
     assert all(g < 0.4 + 0.5 for g in gaps)
     assert sum(gaps[:2]) < sum(gaps[-2:])
     assert len(warns.matching("dialing node 2")) == 1
+
+
+# --- with the real consumer: RaftNodes over TcpTransport ---------------------------------------
+
+
+class _Counter:
+    """A state machine that records what it applied (deterministic, so replicas must agree)."""
+
+    def __init__(self) -> None:
+        self.applied: list[bytes] = []
+
+    def apply(self, bufs, seq):
+        out = []
+        for b in bufs:
+            if b is not None:
+                self.applied.append(b)
+            out.append(len(self.applied))
+        return out
+
+    def read(self, cmd):
+        return len(self.applied)
+
+
+async def test_raft_cluster_over_mutual_tls(ca, tmp_path):
+    """Three RaftNodes talk only through TcpTransport with mutual TLS: they elect a leader,
+    replicate appends made on the leader and on followers (forwarded as Propose), serve
+    linearizable reads on a follower (ReadIndex), and survive the leader going away."""
+    from tinyraftplus import FsLog, RaftNode
+
+    ids = [1, 2, 3]
+    tls = {i: tls_for(ca, node_dns_name(i)) for i in ids}
+    warns = Warnings()
+    sms = {i: _Counter() for i in ids}
+    nodes, ts, scopes = {}, {}, {}
+    opts = dict(election_timeout=0.3, ping_timeout=0.05, append_timeout=8.0, read_timeout=8.0)
+
+    async def run_node(i, *, task_status=trio.TASK_STATUS_IGNORED):
+        """One "process": its transport and its node, until its scope is cancelled."""
+        with trio.CancelScope() as scopes[i]:
+            async with TcpTransport(i, ("127.0.0.1", 0), {j: None for j in ids}, tls=tls[i],
+                                    warn=warns, **FAST) as t:
+                ts[i] = t
+                log = FsLog(str(tmp_path), f"node{i}", fsync=False)
+                nodes[i] = RaftNode(i, ids, t.send, log, apply=sms[i].apply,
+                                    read=sms[i].read, **opts)
+                t.set_handler(nodes[i].receive)
+                async with trio.open_nursery() as inner:
+                    await inner.start(nodes[i].serve)
+                    task_status.started()
+                    await trio.sleep_forever()
+
+    async def leader_among(alive):
+        while True:
+            states = [nodes[i].state for i in alive]
+            if states.count("leader") == 1:
+                lead = next(nodes[i] for i in alive if nodes[i].state == "leader")
+                if all(nodes[i].leader == lead.node_id for i in alive):
+                    return lead
+            await trio.sleep(0.02)
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            for i in ids:
+                await nursery.start(run_node, i)
+            for i in ids:
+                for j in ids:
+                    if i != j:
+                        ts[i].set_peer_address(j, ("127.0.0.1", ts[j].port))
+            lead = await leader_among(ids)
+            followers = [i for i in ids if i != lead.node_id]
+            async with trio.open_nursery() as n:
+                for k in range(100):
+                    n.start_soon(lead.append, b"L%d" % k)
+                for k in range(20):
+                    n.start_soon(nodes[followers[k % 2]].append, b"F%d" % k)
+            assert await nodes[followers[0]].read() == 120
+            while not all(len(sms[i].applied) == 120 for i in ids):
+                await trio.sleep(0.02)
+            assert sms[1].applied == sms[2].applied == sms[3].applied
+            assert sorted(sms[1].applied) == sorted(
+                [b"L%d" % k for k in range(100)] + [b"F%d" % k for k in range(20)])
+
+            # The leader's process goes away (node and transport); the others carry on.
+            gone = lead.node_id
+            scopes[gone].cancel()
+            alive = [i for i in ids if i != gone]
+            lead2 = await leader_among(alive)
+            await lead2.append(b"after")
+            other = next(i for i in alive if i != lead2.node_id)
+            assert await nodes[other].read() == 121
+            assert sms[lead2.node_id].applied[-1] == b"after"
+            nursery.cancel_scope.cancel()
+    assert not [w for w in warns if isinstance(w, ProtocolError)]
