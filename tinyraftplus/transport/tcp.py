@@ -270,6 +270,8 @@ class TcpTransport:
             )
         if type(queue_size) is not int or queue_size < 1:
             raise InvalidArgumentError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if type(queue_bytes) is not int or queue_bytes < 1:
+            raise InvalidArgumentError(f"queue_bytes must be an int >= 1, got {queue_bytes!r}")
         if not 0 < keepalive < idle_timeout:
             raise InvalidArgumentError(
                 f"need 0 < keepalive < idle_timeout, got keepalive={keepalive}, "
