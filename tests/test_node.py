@@ -61,7 +61,7 @@ async def test_elect_n5_with_delayed_nodes(tmp_path, delayed):
         r = await leader.append(b"x")
         for node in c.running():
             await node.wait_apply(r.seq)
-            assert node.head == b"x"
+            assert node.log.entries(r.seq, r.seq, 1 << 20)[0].data == b"x"
 
 
 async def _later(delay, fn, *args):
@@ -372,3 +372,17 @@ async def test_async_send_is_supported(tmp_path):
         r = await nodes[2].append(b"x")
         assert r.result == 1
         assert await nodes[1].read() == 1
+
+
+async def test_cancelled_async_with_stops_cleanly(tmp_path):
+    """Cancelling the block that owns a node must stop it and close its log, with Trio's
+    scopes intact; the log can then be opened again."""
+    with trio.move_on_after(0.3):
+        async with RaftNode(1, [1], lambda t, msg: None, FsLog(str(tmp_path), "a")) as node:
+            await node.append(b"one")
+            await trio.sleep_forever()
+    assert node.state == "stopped" and not node.running
+    async with RaftNode(1, [1], lambda t, msg: None, FsLog(str(tmp_path), "a")) as node:
+        r = await node.append(b"two")
+        assert node.log.entries(0, r.seq, 1 << 20)[-1].data == b"two"
+        assert b"one" in [e.data for e in node.log.entries(0, r.seq, 1 << 20)]

@@ -247,7 +247,8 @@ class RaftNode:
 
     def _reset_volatile(self) -> None:
         self._inbox: deque[tuple[Any, Any]] = deque()
-        self._proposals: list[tuple[tuple[bytes, ...], _Waiter]] = []
+        self._proposals: list[tuple[tuple[bytes, ...], _AppendWaiter]] = []
+        self._deadlines: deque[tuple[float, _AppendWaiter]] = deque()
         self._read_requests: list[int] = []
         self._campaign_requested = False
         self._wake = trio.Event()
@@ -283,7 +284,11 @@ class RaftNode:
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        await self.stop()
+        # Ask the node to stop without waiting here: the nursery's own exit waits for it,
+        # and must run even if this block is being cancelled from outside.
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
         return await self._own_nursery_cm.__aexit__(*exc)
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -314,6 +319,7 @@ class RaftNode:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._apply_task)
+                    nursery.start_soon(self._timeout_task)
                     task_status.started()
                     await self._drive()
         finally:
@@ -464,7 +470,8 @@ class RaftNode:
                 w.fail(e)
             else:
                 # Registered here, before any await, so the applier cannot miss it.
-                w.set(self._register(first, first + len(items) - 1, term))
+                w.first, w.last, w.term = first, first + len(items) - 1, term
+                self._waiters[first] = w
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
         for to, msg in rd.messages:
@@ -652,55 +659,92 @@ class RaftNode:
 
     async def _append(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
         self._check_running()
+        deadline = trio.current_time() + self.append_timeout
+        core = self._core
+        assert core is not None
+        if core.role is Role.LEADER:
+            # The hot path: one waiter and no cancel scope per append (a scope costs more
+            # than the rest of the append); ``_timeout_task`` enforces ``append_timeout``.
+            aw = _AppendWaiter(-1, -1, 0)
+            self._proposals.append((items, aw))
+            self._deadlines.append((deadline, aw))
+            self._wake.set()
+            try:
+                results = await aw.wait()
+                return aw.first, results
+            except NotLeaderError:
+                pass  # leadership moved before the driver proposed it: take the slow path
+            finally:
+                self._waiters.pop(aw.first, None)
         try:
-            with trio.fail_after(self.append_timeout):
-                while True:
-                    core = self._core
-                    assert core is not None
-                    if core.role is Role.LEADER:
-                        w = _Waiter()
-                        self._proposals.append((items, w))
-                        self._wake.set()
-                        try:
-                            aw = await w.wait()
-                        except NotLeaderError:
-                            # Leadership is moving (a hand-over to a preferred node, or we
-                            # just lost it): wait for the change rather than spin.
-                            with trio.move_on_after(self._config.heartbeat_interval):
-                                await self._role_changed.wait()
-                            continue
-                    else:
-                        leader = await self.wait_leader()
-                        if leader == self.node_id:
-                            continue
-                        rid = self._new_id()
-                        fw = _Waiter()
-                        self._forwards[rid] = (leader, fw)
-                        self._send(leader, m.Propose(rid, items))
-                        try:
-                            resp = await fw.wait()
-                        finally:
-                            self._forwards.pop(rid, None)
-                        if resp.first_seq < 0:
-                            await self._role_changed.wait()  # leadership moved; try again
-                            continue
-                        aw = self._register(
-                            resp.first_seq, resp.first_seq + len(items) - 1, resp.term
-                        )
-                    try:
-                        return aw.first, await aw.wait()
-                    finally:
-                        self._waiters.pop(aw.first, None)
+            with trio.fail_at(deadline):
+                return await self._append_slow(items)
         except trio.TooSlowError:
-            if self.leader is None:
-                raise NoLeaderError(
-                    f"append on node {self.node_id!r}: no leader within {self.append_timeout}s "
-                    "(is a quorum of nodes up and connected?)"
-                ) from None
-            raise RaftTimeoutError(
-                f"append on node {self.node_id!r} did not complete within {self.append_timeout}s "
-                "(no quorum, or an election is under way); it may still be applied later"
-            ) from None
+            raise self._append_timeout_error() from None
+
+    async def _append_slow(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
+        while True:
+            core = self._core
+            assert core is not None
+            if core.role is Role.LEADER:
+                aw = _AppendWaiter(-1, -1, 0)
+                self._proposals.append((items, aw))
+                self._wake.set()
+                try:
+                    results = await aw.wait()
+                    return aw.first, results
+                except NotLeaderError:
+                    # Leadership is moving (a hand-over to a preferred node, or we just
+                    # lost it): wait for the change rather than spin.
+                    with trio.move_on_after(self._config.heartbeat_interval):
+                        await self._role_changed.wait()
+                    continue
+                finally:
+                    self._waiters.pop(aw.first, None)
+            leader = await self.wait_leader()
+            if leader == self.node_id:
+                continue
+            rid = self._new_id()
+            fw = _Waiter()
+            self._forwards[rid] = (leader, fw)
+            self._send(leader, m.Propose(rid, items))
+            try:
+                resp = await fw.wait()
+            finally:
+                self._forwards.pop(rid, None)
+            if resp.first_seq < 0:
+                await self._role_changed.wait()  # leadership moved; try again
+                continue
+            aw = self._register(resp.first_seq, resp.first_seq + len(items) - 1, resp.term)
+            try:
+                results = await aw.wait()
+                return aw.first, results
+            finally:
+                self._waiters.pop(aw.first, None)
+
+    def _append_timeout_error(self) -> RaftTimeoutError | NoLeaderError:
+        if self.leader is None:
+            return NoLeaderError(
+                f"append on node {self.node_id!r}: no leader within {self.append_timeout}s "
+                "(is a quorum of nodes up and connected?)"
+            )
+        return RaftTimeoutError(
+            f"append on node {self.node_id!r} did not complete within {self.append_timeout}s "
+            "(no quorum, or an election is under way); it may still be applied later"
+        )
+
+    async def _timeout_task(self) -> None:
+        """Fail fast-path appends that outlive ``append_timeout``. Deadlines are queued in
+        the order they were made, so the queue is sorted; finished ones are dropped as the
+        sweep passes them (at least every quarter second, to bound memory)."""
+        q = self._deadlines
+        while True:
+            now = trio.current_time()
+            while q and (q[0][1].done or q[0][0] <= now):
+                _, w = q.popleft()
+                if not w.done:
+                    w.fail(self._append_timeout_error())
+            await trio.sleep_until(min(q[0][0], now + 0.25) if q else now + 0.25)
 
     async def read(self, cmd: Any = None) -> Any:
         """Linearizable read: confirm leadership with a quorum (ReadIndex), wait until this
