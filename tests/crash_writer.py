@@ -1,7 +1,8 @@
 """Child process for ``tests/test_log_crash.py``: append to an ``FsLog`` until SIGKILLed.
 
-Run as ``python tests/crash_writer.py DIR NAME GEN SEED SEGMENT_SIZE REPORT_FD``. It opens the
-log, reports ``R <seq> <first_seq>``, then runs several concurrent Trio tasks that do single
+Run as ``python tests/crash_writer.py DIR NAME GEN SEED SEGMENT_SIZE REPORT_FD``. It imports
+everything, waits for a ``go`` line on stdin (so the parent can start it ahead of time), opens
+the log, reports ``R <seq> <first_seq>``, then runs several concurrent Trio tasks that do single
 appends, batches and transactions (some aborted, some rolled back by an exception), and after
 every acknowledgement writes one line to ``REPORT_FD``:
 
@@ -75,7 +76,7 @@ class _Rollback(Exception):
 async def _run(directory: str, name: str, gen: int, seed: int, segment_size: int, fd: int) -> None:
     import trio
 
-    from tinyraftplus.log import FsLog
+    from tinyraftplus.log import FsLog  # already imported by main(): no delay here
 
     def report(line: str) -> None:
         os.write(fd, (line + "\n").encode())
@@ -151,7 +152,11 @@ async def _run(directory: str, name: str, gen: int, seed: int, segment_size: int
 def main(argv: list[str]) -> None:
     import trio
 
+    import tinyraftplus.log  # noqa: F401  (import before "go": the parent times from there)
+
     directory, name, gen, seed, segment_size, fd = argv
+    if sys.stdin.buffer.readline() != b"go\n":
+        sys.exit("crash_writer: the parent went away before saying go")
     trio.run(_run, directory, name, int(gen), int(seed), int(segment_size), int(fd))
 
 

@@ -48,7 +48,7 @@ from tinyraftplus.errors import LogLockedError  # noqa: E402
 from tinyraftplus.log import FsLog  # noqa: E402
 
 NAME = "crashlog"
-SEGMENT_SIZE = 8 << 10  # ~8 KiB: records are 30 B - 1.2 KiB, so a roll every ~15 records
+SEGMENT_SIZE = 16 << 10  # records are 30 B - 1 KiB: a roll every ~30 records (~5 per kill)
 
 
 @dataclass
@@ -135,19 +135,29 @@ class _Reports:
             raise AssertionError(f"partial report line from child: {self.buf!r}")
 
 
-async def _run_child(
-    tmp: Path, gen: int, seed: int, rng: random.Random, known: Known
-) -> tuple[str, str]:
-    """Start a child, kill it at a moment chosen by ``rng``; return the mode and details."""
-    directory = tmp / "log"
+@dataclass
+class _Child:
+    gen: int
+    proc: trio.Process
+    reports: _Reports
+    errpath: Path
+
+    def stderr(self) -> str:
+        return self.errpath.read_text(errors="replace")
+
+
+async def _spawn(tmp: Path, gen: int, seed: int, known: Known) -> _Child:
+    """Start a child; it imports everything, then waits for ``go`` on stdin before it opens
+    the log, so its interpreter start overlaps the parent's check of the previous one."""
     read_fd, write_fd = os.pipe()
-    errlog = open(tmp / f"child-{gen}.err", "wb")  # noqa: SIM115
+    errpath = tmp / f"child-{gen}.err"
+    errlog = open(errpath, "wb")  # noqa: SIM115
     try:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, str(_WRITER), str(directory), NAME, str(gen), str(seed),
+            [sys.executable, str(_WRITER), str(tmp / "log"), NAME, str(gen), str(seed),
              str(SEGMENT_SIZE), str(write_fd)],
             pass_fds=(write_fd,),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=errlog,
             stderr=errlog,
             env=_child_env(),
@@ -155,20 +165,37 @@ async def _run_child(
     finally:
         os.close(write_fd)
         errlog.close()
-    reports = _Reports(trio.lowlevel.FdStream(read_fd), gen, known)
+    return _Child(gen, proc, _Reports(trio.lowlevel.FdStream(read_fd), gen, known), errpath)
+
+
+async def _reap(child: _Child) -> None:
+    if child.proc.returncode is None:
+        child.proc.kill()
+        await child.proc.wait()
+    await child.reports.stream.aclose()
+    if child.proc.stdin is not None:
+        await child.proc.stdin.aclose()
+
+
+async def _drive(child: _Child, rng: random.Random, known: Known) -> tuple[str, str]:
+    """Let the child open the log and append; SIGKILL it at a moment chosen by ``rng``."""
+    gen, proc, reports = child.gen, child.proc, child.reports
+    directory = child.errpath.parent / "log"
     mode = rng.choices(
         ["startup", "first", "roll", "acks", "acks"], weights=[1, 2, 3, 3, 3]
     )[0]
     how = mode
+    assert proc.stdin is not None
     try:
         with trio.fail_after(30):
+            await proc.stdin.send_all(b"go\n")
             if mode == "startup":
-                # Anywhere from interpreter start to the middle of open()'s recovery.
-                delay = rng.uniform(0.0, 0.6)
+                # Anywhere from before open() through its recovery scan to the first appends.
+                delay = rng.uniform(0.0, 0.15)
                 with trio.move_on_after(delay):
                     while reports.ready is None and await reports.pump():
                         pass
-                how = f"startup+{delay:.3f}s"
+                how = f"startup+{delay * 1000:.1f}ms"
             else:
                 while reports.ready is None:
                     if not await reports.pump():
@@ -190,24 +217,23 @@ async def _run_child(
                         await trio.sleep(extra)
                     how = f"roll(files>={target})+{extra * 1000:.1f}ms"
                 else:
-                    want = rng.randint(1, 400)
+                    want = rng.randint(1, 250)
                     while reports.acks < want and await reports.pump():
                         pass
                     how = f"after {reports.acks} acks"
             if proc.returncode is not None:
-                err = (tmp / f"child-{gen}.err").read_text(errors="replace")
-                raise AssertionError(f"gen {gen}: child exited by itself ({how}):\n{err}")
+                raise AssertionError(
+                    f"gen {gen}: child exited by itself ({how}):\n{child.stderr()}"
+                )
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
             await reports.drain()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await reports.stream.aclose()
+        await _reap(child)
     if proc.returncode != -signal.SIGKILL:
-        err = (tmp / f"child-{gen}.err").read_text(errors="replace")
-        raise AssertionError(f"gen {gen}: child ended with {proc.returncode} ({how}):\n{err}")
+        raise AssertionError(
+            f"gen {gen}: child ended with {proc.returncode} ({how}):\n{child.stderr()}"
+        )
     if reports.ready is not None and reports.ready[0] != known.last_seq:
         raise AssertionError(
             f"gen {gen}: the child opened the log at seq {reports.ready[0]}, but the last "
@@ -302,13 +328,24 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
     directory.mkdir()  # FsLog refuses a missing parent directory; it creates DIR/NAME itself
     modes: dict[str, int] = {}
     torn = 0
+    driving = checking = 0.0
     started = time.monotonic()
-    for gen in range(1, kills + 1):
-        mode, how = await _run_child(tmp, gen, rng.randrange(1 << 30), rng, known)
-        modes[mode] = modes.get(mode, 0) + 1
-        if not (directory / NAME).exists():
-            continue  # killed before open() created the log's directory
-        torn += await _check(directory, known, f"after kill {gen} ({how})")
+    child = await _spawn(tmp, 1, rng.randrange(1 << 30), known)
+    try:
+        for gen in range(1, kills + 1):
+            t0 = time.monotonic()
+            mode, how = await _drive(child, rng, known)
+            t1 = time.monotonic()
+            driving += t1 - t0
+            modes[mode] = modes.get(mode, 0) + 1
+            if gen < kills:
+                child = await _spawn(tmp, gen + 1, rng.randrange(1 << 30), known)
+            if not (directory / NAME).exists():
+                continue  # killed before open() created the log's directory
+            torn += await _check(directory, known, f"after kill {gen} ({how})")
+            checking += time.monotonic() - t1
+    finally:
+        await _reap(child)
 
     # Appends continue in-process after the last crash, and survive a clean reopen.
     log = FsLog(str(directory), NAME, segment_size=SEGMENT_SIZE, fsync=True)
@@ -329,7 +366,8 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
     assert known.acked > kills, f"only {known.acked} acknowledged records in {kills} runs"
     files = sorted(p.name for p in directory.rglob("*") if p.is_file())
     print(
-        f"crash test: seed {seed}, {kills} kills in {time.monotonic() - started:.1f}s, "
+        f"crash test: seed {seed}, {kills} kills in {time.monotonic() - started:.1f}s "
+        f"({driving:.1f}s in children, {checking:.1f}s checking), "
         f"{known.acked} acked records, {known.last_seq + 1} in the log, {len(files)} files, "
         f"{torn} recovery warnings, kill modes {modes}"
     )
