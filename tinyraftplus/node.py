@@ -589,13 +589,21 @@ class RaftNode:
 
     def _finish_applied(self, ents: list[Entry], results: Any) -> None:
         waiters, active, recent = self._waiters, self._active, self._recent_results
-        for i, e in enumerate(ents):
-            r = results[i] if results is not None else None
-            recent.append((e.seq, e.term, r))
-            if waiters:
-                w = waiters.pop(e.seq, None)
-                if w is not None:
-                    active.append(w)
+        if results is None:
+            results = [None] * len(ents)
+        recent.extend(zip([e.seq for e in ents], [e.term for e in ents], results))
+        for e, r in zip(ents, results):
+            w = waiters.pop(e.seq, None) if waiters else None
+            if w is not None and not active and w.last == e.seq:
+                # The common case: a one-entry append, nothing else collecting.
+                if e.term == w.term:
+                    w.results.append(r)
+                    w.set(w.results)
+                else:
+                    w.fail(self._lost(w))
+                continue
+            if w is not None:
+                active.append(w)
             if active:
                 for w in list(active):
                     if e.term != w.term:
