@@ -87,7 +87,7 @@ def test_random_messages_do_not_break_a_live_cluster(tmp_path_factory, seed, jun
                     break
                 else:
                     raise AssertionError("the cluster stopped accepting appends")
-            leader = await c.leader()
+            await c.leader()
             await c.converge()
             for node in c.running():
                 for seq, data in acked:

@@ -102,7 +102,9 @@ class EventHub:
         self._subs: set[Subscription] = set()
         self._callbacks: dict[str, list[Callable[[NodeEvent], Any]]] = {k: [] for k in EVENT_KINDS}
 
-    def subscribe(self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024) -> Subscription:
+    def subscribe(
+        self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024
+    ) -> Subscription:
         wanted = _kinds(kinds)
         if maxlen < 1:
             raise ValueError(f"subscribe(maxlen={maxlen!r}): the buffer needs room for one event")

@@ -30,7 +30,7 @@ import logging
 import os
 import random
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from .errors import (
 from .events import EventHub, NodeEvent, Subscription
 from .raft import messages as m
 from .raft.core import HardState, Quorum, RaftConfig, RaftCore, Ready, Role
+from .raft.messages import NodeId
 from .validate import check_message
 
 log = logging.getLogger("tinyraftplus")
@@ -151,8 +152,8 @@ class RaftNode:
 
     def __init__(
         self,
-        node_id: Hashable,
-        nodes: Sequence[Hashable],
+        node_id: NodeId,
+        nodes: Sequence[NodeId],
         send: Callable[[Any, Any], Any],
         log: Any,
         *,
@@ -168,10 +169,10 @@ class RaftNode:
         apply_seq: int = -1,
         read: Callable[[Any], Any] | None = None,
         quorum: int | None = None,
-        group: dict[Hashable, Any] | None = None,
-        group_fn: Callable[[frozenset[Hashable]], bool] | None = None,
+        group: dict[NodeId, Any] | None = None,
+        group_fn: Callable[[frozenset[NodeId]], bool] | None = None,
         priority: int | None = None,
-        priorities: dict[Hashable, int] | None = None,
+        priorities: dict[NodeId, int] | None = None,
         pre_vote: bool = True,
         check_quorum: bool = True,
         state_path: str | os.PathLike[str] | None = None,
@@ -206,7 +207,8 @@ class RaftNode:
                 f"RaftNode(ping_timeout={ping_timeout}, election_timeout={election_timeout}): "
                 "heartbeats must come more often than elections time out"
             )
-        for name, iv in (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight)):
+        counts = (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight))
+        for name, iv in counts:
             if not (isinstance(iv, int) and iv >= 1):
                 raise InvalidArgumentError(f"RaftNode({name}={iv!r}): a positive int")
         if priority is not None:
@@ -375,12 +377,12 @@ class RaftNode:
         err = NodeStoppedError(f"node {self.node_id!r} stopped")
         for w in list(self._waiters.values()) + self._active:
             w.fail(err)
-        for _, w in self._proposals:
-            w.fail(err)
-        for _, w in self._forwards.values():
-            w.fail(err)
-        for w in self._reads.values():
-            w.fail(err)
+        for _, aw in self._proposals:
+            aw.fail(err)
+        for _, fw in self._forwards.values():
+            fw.fail(err)
+        for rw in self._reads.values():
+            rw.fail(err)
         self._waiters.clear()
         self._active.clear()
         self._proposals.clear()
@@ -591,8 +593,8 @@ class RaftNode:
         waiters, active, recent = self._waiters, self._active, self._recent_results
         if results is None:
             results = [None] * len(ents)
-        recent.extend(zip([e.seq for e in ents], [e.term for e in ents], results))
-        for e, r in zip(ents, results):
+        recent.extend(zip([e.seq for e in ents], [e.term for e in ents], results, strict=True))
+        for e, r in zip(ents, results, strict=True):
             w = waiters.pop(e.seq, None) if waiters else None
             if w is not None and not active and w.last == e.seq:
                 # The common case: a one-entry append, nothing else collecting.
@@ -626,7 +628,8 @@ class RaftNode:
         if first <= self._apply_seq:
             # Already applied (a forwarded append whose answer came late): use the memory.
             got = [(s, t, r) for (s, t, r) in self._recent_results if first <= s <= last]
-            if len(got) == last - first + 1 and all(t == term for _, t, _ in got) and last <= self._apply_seq:
+            whole = len(got) == last - first + 1 and last <= self._apply_seq
+            if whole and all(t == term for _, t, _ in got):
                 w.set([r for _, _, r in got])
                 return w
             if any(t != term for _, t, _ in got):
@@ -818,7 +821,9 @@ class RaftNode:
             self._check_running()
             await self._apply_changed.wait()
 
-    def subscribe(self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024) -> Subscription:
+    def subscribe(
+        self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024
+    ) -> Subscription:
         """An async iterator of events (``change``, ``commit``, ``apply``, ``warn``,
         ``error``); a slow reader loses the oldest events, never stalls the node."""
         return self.events.subscribe(kinds, maxlen=maxlen)
@@ -905,7 +910,8 @@ def _check_item(data: Any, where: str) -> bytes:
         raise InvalidArgumentError(f"{where}: expected bytes, got {type(data).__name__}")
     if not data:
         raise InvalidArgumentError(
-            f"{where}: empty payloads are reserved for the leader's no-op entry; send at least one byte"
+            f"{where}: empty payloads are reserved for the leader's no-op entry; "
+            "send at least one byte"
         )
     return data
 
