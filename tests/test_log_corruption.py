@@ -3,7 +3,7 @@
 A small log (several segments, single appends, batches, a transaction, an aborted one) is
 written and closed. Then, for every byte of it (one bit per byte), and for 500 random
 positions in a larger log, a copy gets that bit flipped and is read back through ``open``,
-``iter`` and ``read``. The rules:
+``iter`` and ``read``, after ``verify`` (in-process, through the CLI's ``main``). The rules:
 
 * every record the log returns equals the original record at that seq: never bad bytes;
 * a flip in the last atomic write of the log (its tail record or the batch that ends it)
@@ -12,7 +12,9 @@ positions in a larger log, a copy gets that bit flipped and is read back through
   file and whose ``.offset`` points at the damaged record (at or before the flipped byte);
 * a flip in a segment header raises ``LogCorruptError`` for that file unless the log never
   needs that header (then everything must still read back intact);
-* records are never silently dropped from the middle or the end of the log.
+* records are never silently dropped from the middle or the end of the log;
+* ``verify`` exits 1 naming the file and an offset at or before the flip for any damaged
+  record outside the last write, exits 0 or 1 (naming the file) otherwise, and changes nothing.
 
 The records' layout comes from the on-disk format documented in ``tinyraftplus.log.format``
 (and ``csrc/tplog.h``), parsed here independently with the ``crc32c`` package; the test
@@ -22,6 +24,8 @@ tinyraftplus.log verify`` is run on a few damaged copies and must fail naming fi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import re
@@ -241,6 +245,23 @@ async def _check_flip(
     low = layout.batch_start(rel, frame) if frame is not None else 0
     where = f"flip of bit {bit} at {rel}:{pos} ({_describe(layout, rel, pos)})"
 
+    # ``verify`` first: it is read-only, while open() may cut a torn tail.
+    flipped = path.read_bytes()
+    rc, out = _verify_in_process(work)
+    assert path.read_bytes() == flipped, f"{where}: verify modified the log"
+    if rel in layout.segments and not in_last_write:
+        assert rc == 1, f"{where}: verify exited {rc}, not 1, on a damaged segment: {out!r}"
+    if rc == 1:
+        m = re.search(r"(\S+) at byte offset (\d+)", out)
+        assert m and Path(m.group(1)).name == Path(rel).name, (
+            f"{where}: verify does not name {rel} as the damaged file: {out!r}"
+        )
+        assert low <= int(m.group(2)) <= pos, (
+            f"{where}: verify names offset {m.group(2)}, not in [{low}, {pos}]: {out!r}"
+        )
+    else:
+        assert rc == 0, f"{where}: verify exited {rc}: {out!r}"
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log = FsLog(str(work), NAME, segment_size=segment_size)
@@ -459,6 +480,18 @@ async def test_random_flips_in_a_larger_log(tmp_path: Path) -> None:
         raise
     print(f"larger log: {len(originals)} records in {len(layout.segments)} segments, "
           f"{len(targets)} flips: {outcomes}")
+
+
+def _verify_in_process(work: Path) -> tuple[int, str]:
+    """``python -m tinyraftplus.log verify WORK NAME`` run in this process (a subprocess per
+    flip would take minutes); returns (exit code, output). Calls the CLI's ``run`` with an
+    output stream, because its ``main`` prints to the ``sys.stdout`` bound at import time."""
+    from tinyraftplus.log.__main__ import run as verify_run
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        rc = verify_run(str(work), NAME, False, 40, out=buf)
+    return rc, buf.getvalue()
 
 
 def _verify_cli(work: Path) -> subprocess.CompletedProcess[str]:
