@@ -1,0 +1,656 @@
+"""``Client``: talk to a cluster of ``python -m tinyraftplus.server`` nodes (Trio).
+
+    async with Client(["10.0.0.1:7101", "10.0.0.2:7101", "10.0.0.3:7101"], tls=ctx) as c:
+        await c.put("k", "v")           # -> the key's revision (log seq)
+        await c.append("k", "w")        # -> the value's new length
+        assert await c.get("k") == b"vw"
+        await c.delete("k")             # -> whether the key existed
+
+Theory of operation
+-------------------
+**Any node will do, the leader is best.** Every node accepts every request (a follower
+forwards writes to the leader and serves linearizable reads with ReadIndex), so the client
+needs one working connection. It prefers the leader's, because that saves a hop: it asks the
+nodes it knows for their status, learns which address is which node id, and moves to the
+leader's address when a node names it (a redirect).
+
+**Retrying is safe.** A write that got no answer -- its connection broke, the node said "no
+leader" or "timeout", the attempt took longer than ``attempt_timeout`` -- is sent again,
+perhaps to another node, with the *same* ``(client_id, seq)``. The store's client sessions
+(:mod:`tinyraftplus.kv`) recognise a copy that was already applied and return the first
+result instead of applying it again. Each write also carries ``ack``, the lowest seq this
+client still waits for, so the store can forget the results of everything below.
+
+**Giving up is explicit.** After ``timeout`` seconds without success an operation raises
+``NoLeaderError`` (nodes answered but could not commit: no quorum, or an election that does
+not end) or ``TransportError`` (no node could be reached at all). A write that raised may or
+may not have been applied; a later write from the same client never re-applies it.
+
+**The client protocol** is the peer wire's framing (``[u32 length][u32 CRC32C][payload]``,
+see :mod:`tinyraftplus.transport.wire`) around msgpack arrays, many requests in flight on one
+connection, answered in any order:
+
+    request   [1, 1, rid]                                          status
+              [1, 2, rid, key]                                     get
+              [1, 3, rid, client_id, seq, ack, op, key, value]     write (put/append/delete)
+    response  [1, rid, "ok", result] | [1, rid, code, message]
+
+Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to retry),
+``stopped`` (the node is shutting down) -- all retried by the client -- and ``bad_request``,
+``stale``, ``error``, which are raised.
+
+With TLS (the default; ``plaintext=True`` to say you mean otherwise) the client presents a
+certificate signed by the cluster's CA and accepts any server whose certificate the CA
+signed and which names a node (``node-<id>.tinyraftplus``); :func:`client_ssl_context` makes
+such a context from PEM files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import trio
+
+from .errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    NoLeaderError,
+    ProtocolError,
+    RaftError,
+    RaftTimeoutError,
+    TinyRaftError,
+    TransportError,
+    UsageError,
+)
+from .kv import MAX_CLIENT_ID, check_key, check_write
+from .transport.tls import DNS_SUFFIX
+from .transport.wire import FrameDecoder, frame
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+logger = logging.getLogger("tinyraftplus.client")
+
+VERSION = 1
+TAG_STATUS = 1
+TAG_GET = 2
+TAG_WRITE = 3
+MAX_RID = (1 << 63) - 1
+CLIENT_MAX_FRAME = 2 << 20
+"""Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
+RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
+RECEIVE_SIZE = 256 * 1024
+
+Address = tuple[str, int]
+
+
+# --- the client protocol -------------------------------------------------------------------
+
+
+def encode_status(rid: int) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_STATUS, rid]))
+
+
+def encode_get(rid: int, key: bytes) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_GET, rid, key], use_bin_type=True))
+
+
+def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, key: bytes,
+                         value: bytes | None) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_WRITE, rid, client_id, seq, ack, op, key, value],
+                               use_bin_type=True))
+
+
+def decode_request(payload: bytes) -> list[Any]:
+    """Decode and validate one request payload (server side); raises ``ProtocolError``
+    saying what is wrong. Returns the msgpack array: ``[1, tag, rid, ...]``."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
+        raise ProtocolError(f"a request of {len(payload)} bytes is not msgpack "
+                            f"({type(e).__name__})") from None
+    if type(obj) is not list or len(obj) < 3:
+        raise ProtocolError(f"a request must be an array [1, tag, rid, ...], got "
+                            f"{type(obj).__name__}")
+    version, tag, rid = obj[0], obj[1], obj[2]
+    if type(version) is not int or version != VERSION:
+        raise ProtocolError(f"client protocol version {str(version)[:20]!r} (this node speaks "
+                            f"{VERSION})")
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        raise ProtocolError("request id must be an int in [0, 2**63)")
+    if tag == TAG_STATUS and type(tag) is int:
+        if len(obj) != 3:
+            raise ProtocolError("a status request has no fields")
+    elif tag == TAG_GET and type(tag) is int:
+        if len(obj) != 4:
+            raise ProtocolError("a get request is [1, 2, rid, key]")
+        try:
+            check_key(obj[3])
+        except InvalidArgumentError as e:
+            raise ProtocolError(f"get: {e}") from None
+    elif tag == TAG_WRITE and type(tag) is int:
+        if len(obj) != 9:
+            raise ProtocolError("a write request is [1, 3, rid, client_id, seq, ack, op, key, "
+                                "value]")
+        try:
+            check_write(*obj[3:])
+        except InvalidArgumentError as e:
+            raise ProtocolError(f"write: {e}") from None
+    else:
+        raise ProtocolError(f"unknown request tag {str(tag)[:20]!r}")
+    return obj
+
+
+def encode_response(rid: int, code: str, payload: Any) -> bytes:
+    return frame(msgpack.packb([VERSION, rid, code, payload], use_bin_type=True))
+
+
+def _decode_response(payload: bytes) -> tuple[int, str, Any]:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise ProtocolError(f"a response of {len(payload)} bytes is not msgpack "
+                            f"({type(e).__name__})") from None
+    if (type(obj) is not list or len(obj) != 4 or obj[0] != VERSION or type(obj[1]) is not int
+            or type(obj[2]) is not str):
+        raise ProtocolError("a response must be [1, rid, code, payload]")
+    return obj[1], obj[2], obj[3]
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def client_ssl_context(ca_file: str | os.PathLike[str], cert_file: str | os.PathLike[str],
+                       key_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """An SSL context for :class:`Client`: trusts only the cluster CA and presents the
+    client's certificate (servers refuse clients without one the CA signed).
+
+    The hostname check is off because one address list serves every node: instead the
+    client checks, after the handshake, that the server's certificate names a node."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=os.fspath(ca_file))
+        ctx.load_cert_chain(os.fspath(cert_file),
+                            None if key_file is None else os.fspath(key_file))
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgumentError(
+            f"cannot load the client's TLS files (CA {os.fspath(ca_file)!r}, certificate "
+            f"{os.fspath(cert_file)!r}): {e}"
+        ) from None
+    return ctx
+
+
+def _names_a_node(cert: dict[str, Any] | None) -> bool:
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        v = value.lower()
+        if kind == "DNS" and v.startswith("node-") and v.endswith(DNS_SUFFIX):
+            return True
+    return False
+
+
+def parse_address(a: str | Address) -> Address:
+    """``"host:port"`` (``[v6]:port`` too) or ``(host, port)`` -> ``(host, port)``."""
+    if isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) and type(a[1]) is int:
+        host, port = a
+    elif isinstance(a, str) and ":" in a:
+        host, _, p = a.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            port = int(p)
+        except ValueError:
+            raise InvalidArgumentError(f"address {a!r}: the port is not a number") from None
+    else:
+        raise InvalidArgumentError(f"address {a!r}: expected 'host:port' or (host, port)")
+    if not host or not 0 < port < 65536:
+        raise InvalidArgumentError(f"address {a!r}: need a host and a port in 1..65535")
+    return host, port
+
+
+def _as_bytes(v: Any, what: str) -> bytes:
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidArgumentError(f"{what} must be str or bytes, got {type(v).__name__}")
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("event", "code", "payload")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.code = ""
+        self.payload: Any = None
+
+    def set(self, code: str, payload: Any) -> None:
+        if not self.event.is_set():
+            self.code, self.payload = code, payload
+            self.event.set()
+
+
+class _Conn:
+    """One connection to one node: requests are written in batches by a writer task and
+    answers matched to waiters by request id in a reader task."""
+
+    def __init__(self, addr: Address, stream: trio.abc.Stream) -> None:
+        self.addr = addr
+        self.stream = stream
+        self.out: list[bytes] = []
+        self.wake = trio.Event()
+        self.pending: dict[int, _Waiter] = {}
+        self.closed = False
+        self.error = ""
+        self.scope = trio.CancelScope()
+        self.node_id: Any = None
+
+    def send(self, rid: int, data: bytes) -> _Waiter:
+        w = _Waiter()
+        if self.closed:
+            w.set("closed", self.error or "connection closed")
+            return w
+        self.pending[rid] = w
+        self.out.append(data)
+        self.wake.set()
+        return w
+
+    def close(self, why: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.error = why
+            for w in self.pending.values():
+                w.set("closed", why)
+            self.pending.clear()
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        with self.scope:
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._writer)
+                    await self._reader()
+                    n.cancel_scope.cancel()
+            except BaseException as exc:
+                e = exc
+                while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                    e = e.exceptions[0]
+                if isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError,
+                                  OSError)):
+                    self.close(f"connection to {self.addr[0]}:{self.addr[1]} failed: {e!r}")
+                elif isinstance(e, ProtocolError):
+                    self.close(f"bad answer from {self.addr[0]}:{self.addr[1]}: {e}")
+                else:
+                    raise
+        self.close(self.error or "connection closed")
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def _writer(self) -> None:
+        while True:
+            if not self.out:
+                self.wake = trio.Event()
+                await self.wake.wait()
+            buf = b"".join(self.out)
+            self.out.clear()
+            await self.stream.send_all(buf)
+
+    async def _reader(self) -> None:
+        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self.close(f"{self.addr[0]}:{self.addr[1]} closed the connection")
+                return
+            for payload in decoder.feed(data):
+                rid, code, body = _decode_response(payload)
+                w = self.pending.pop(rid, None)
+                if w is not None:
+                    w.set(code, body)
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class Client:
+    """A Trio client for the key-value cluster; see the module docstring.
+
+    ``addresses``: the nodes' client ports (``"host:port"`` or tuples), any subset of the
+    cluster (one is enough, all is best). ``tls``: an ``ssl.SSLContext`` from
+    :func:`client_ssl_context`; or ``plaintext=True``. ``timeout``: how long one operation
+    may take in all, retries included; ``attempt_timeout``: how long one attempt waits for an
+    answer before trying again (elsewhere); ``connect_timeout``: per TCP+TLS connection.
+    ``client_id``: this client's session id (random by default; reuse one only from one
+    client at a time). ``max_inflight``: writes in flight at once (the rest wait), below the
+    store's per-session memory.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str | Address],
+        *,
+        tls: ssl.SSLContext | None = None,
+        plaintext: bool = False,
+        timeout: float = 10.0,
+        attempt_timeout: float = 3.0,
+        connect_timeout: float = 2.0,
+        client_id: int | None = None,
+        max_inflight: int = 1024,
+        rng: random.Random | None = None,
+    ) -> None:
+        if isinstance(addresses, (str, tuple)):
+            addresses = [addresses]  # type: ignore[list-item]
+        addrs = [parse_address(a) for a in addresses]
+        if not addrs:
+            raise InvalidArgumentError("Client: give at least one node address")
+        if tls is None and plaintext is not True:
+            raise ConfigurationError(
+                "Client: no TLS context; pass tls=client_ssl_context(ca, cert, key), or "
+                "plaintext=True for a cluster started with --plaintext"
+            )
+        if tls is not None and plaintext:
+            raise ConfigurationError("Client: both tls and plaintext=True given; choose one")
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise InvalidArgumentError(f"Client: tls must be an ssl.SSLContext, got {tls!r}")
+        for name, v in (("timeout", timeout), ("attempt_timeout", attempt_timeout),
+                        ("connect_timeout", connect_timeout)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise InvalidArgumentError(f"Client({name}={v!r}): a positive number of seconds")
+        if not (isinstance(max_inflight, int) and 1 <= max_inflight <= 4096):
+            raise InvalidArgumentError(f"Client(max_inflight={max_inflight!r}): 1..4096")
+        self._rng = rng or random.Random()
+        if client_id is None:
+            client_id = random.SystemRandom().randrange(1, MAX_CLIENT_ID)
+        if type(client_id) is not int or not 0 <= client_id <= MAX_CLIENT_ID:
+            raise InvalidArgumentError(f"Client(client_id={client_id!r}): an int in [0, 2**63)")
+        self.addresses = addrs
+        self.client_id = client_id
+        self.timeout = float(timeout)
+        self.attempt_timeout = float(attempt_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self._tls = tls
+        self._conns: dict[Address, _Conn] = {}
+        self._connecting: dict[Address, trio.Event] = {}
+        self._ids: dict[Any, Address] = {}
+        self._target = 0
+        self._next_rid = 0
+        self._next_seq = 1
+        self._outstanding: dict[int, None] = {}
+        self._slots = trio.Semaphore(max_inflight)
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self.retries = 0
+        """Attempts that were sent again (for tests and curious users)."""
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        # Learn who is who (and who leads) now, so the first request goes to the leader.
+        with trio.move_on_after(self.connect_timeout):
+            await self._refresh()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        for c in list(self._conns.values()):
+            c.close("client closed")
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        return await self._nursery_cm.__aexit__(*exc)  # type: ignore[no-any-return]
+
+    # --- public API ---------------------------------------------------------------------
+
+    async def put(self, key: str | bytes, value: str | bytes) -> int:
+        """Set ``key`` to ``value``; returns the log seq it was applied at (its revision)."""
+        return int(await self._write("put", key, value))
+
+    async def append(self, key: str | bytes, value: str | bytes) -> int:
+        """Append ``value`` to ``key``'s value (creating it); returns the new length."""
+        return int(await self._write("append", key, value))
+
+    async def delete(self, key: str | bytes) -> bool:
+        """Remove ``key``; returns whether it existed."""
+        return bool(await self._write("delete", key, None))
+
+    async def get(self, key: str | bytes) -> bytes | None:
+        """The value of ``key`` (``None`` if absent), read linearizably."""
+        k = _as_bytes(key, "key")
+        check_key(k)
+        return await self._call(lambda rid: encode_get(rid, k))  # type: ignore[no-any-return]
+
+    async def status(self, address: str | Address | None = None) -> dict[str, Any]:
+        """The status of one node (its view: id, state, leader, term, commit and apply
+        seq, ...): the node at ``address``, or whichever the client is connected to."""
+        if address is None:
+            return await self._call(encode_status)  # type: ignore[no-any-return]
+        addr = parse_address(address)
+        with trio.fail_after(self.attempt_timeout):
+            st = await self._status_of(addr)
+        if st is None:
+            raise TransportError(f"no status from {addr[0]}:{addr[1]}")
+        return st
+
+    @property
+    def leader_address(self) -> Address | None:
+        """The address the client currently sends to (the leader's, once known)."""
+        return self.addresses[self._target]
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _write(self, op: str, key: Any, value: Any) -> Any:
+        k = _as_bytes(key, "key")
+        v = None if value is None else _as_bytes(value, "value")
+        seq = self._next_seq
+        check_write(self.client_id, seq, seq, op, k, v)
+        async with self._slots:
+            seq = self._next_seq
+            self._next_seq += 1
+            out = self._outstanding
+            out[seq] = None
+            cid = self.client_id
+            try:
+                # ack: the lowest seq still waiting (dict order is seq order), recomputed
+                # per attempt so that a retry also lets the store forget what it can.
+                return await self._call(
+                    lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
+            finally:
+                del out[seq]
+
+    def _rid(self) -> int:
+        self._next_rid += 1
+        return self._next_rid
+
+    async def _call(self, build: Callable[[int], bytes]) -> Any:
+        deadline = trio.current_time() + self.timeout
+        last: TinyRaftError | None = None
+        reached = False
+        attempt = 0
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise self._give_up(last, reached)
+            if attempt:
+                self.retries += 1
+                delay = min(0.5, 0.02 * 2 ** min(attempt, 10))
+                await trio.sleep(min(self._rng.uniform(delay / 2, delay),
+                                     max(0.0, deadline - now)))
+            attempt += 1
+            conn = await self._connection(deadline)
+            if conn is None:
+                last = TransportError("could not connect to " + self._addrs_text())
+                continue
+            reached = True
+            rid = self._rid()
+            w = conn.send(rid, build(rid))
+            with trio.move_on_at(min(deadline, trio.current_time() + self.attempt_timeout)):
+                await w.event.wait()
+            if not w.event.is_set():
+                last = RaftTimeoutError(
+                    f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
+                    f"{self.attempt_timeout}s")
+                self._move_on(conn, refresh=True)
+                continue
+            code, body = w.code, w.payload
+            if code == "ok":
+                return body
+            if code == "closed":
+                last = TransportError(str(body))
+                self._move_on(conn, refresh=True)
+                continue
+            if code in RETRYABLE:
+                last = NoLeaderError(f"{conn.addr[0]}:{conn.addr[1]}: {body}")
+                self._move_on(conn, refresh=code != "timeout" or attempt > 1)
+                continue
+            if code == "bad_request":
+                raise InvalidArgumentError(f"the server refused the request: {body}")
+            if code == "err":
+                raise RaftError(f"the store refused the request: {body}")
+            raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
+
+    def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
+        if not reached:
+            return TransportError(
+                f"no node could be reached within {self.timeout}s ({self._addrs_text()}); "
+                f"are the servers running, and are the addresses their client ports?"
+                + (f" Last error: {last}" if last else "")
+            )
+        return NoLeaderError(
+            f"no quorum: the request did not complete within {self.timeout}s "
+            f"(nodes: {self._addrs_text()}). A majority of the nodes must be up and able to "
+            f"reach each other. Last error: {last}. A write may or may not have been applied."
+        )
+
+    def _addrs_text(self) -> str:
+        return ", ".join(f"{h}:{p}" for h, p in self.addresses)
+
+    def _move_on(self, conn: _Conn, *, refresh: bool) -> None:
+        """After a failed attempt: try the next address now, and ask everyone in the
+        background which node leads (that answer wins when it comes)."""
+        if conn.closed or refresh:
+            i = self.addresses.index(conn.addr) if conn.addr in self.addresses else -1
+            if self.addresses[self._target] == conn.addr:
+                self._target = (i + 1) % len(self.addresses)
+        if refresh and self._nursery is not None and not getattr(self, "_refreshing", False):
+            self._nursery.start_soon(self._refresh)
+
+    async def _refresh(self) -> None:
+        """Ask every node for its status and point the client at the leader."""
+        self._refreshing = True
+        try:
+            statuses: dict[Address, dict[str, Any]] = {}
+
+            async def one(addr: Address) -> None:
+                with trio.move_on_after(min(self.attempt_timeout, 1.0)):
+                    st = await self._status_of(addr)
+                    if st is not None:
+                        statuses[addr] = st
+
+            async with trio.open_nursery() as n:
+                for a in self.addresses:
+                    n.start_soon(one, a)
+            for addr, st in statuses.items():
+                self._ids[st.get("id")] = addr
+            # A node that says it leads is believed over one that names another leader.
+            for addr, st in statuses.items():
+                if st.get("state") == "leader":
+                    self._target = self.addresses.index(addr)
+                    return
+            best = max((st.get("term", 0), st.get("leader")) for st in statuses.values()
+                       if st.get("leader") is not None) if any(
+                st.get("leader") is not None for st in statuses.values()) else None
+            if best is not None and best[1] in self._ids:
+                self._target = self.addresses.index(self._ids[best[1]])
+        finally:
+            self._refreshing = False
+
+    async def _status_of(self, addr: Address) -> dict[str, Any] | None:
+        conn = await self._connect(addr)
+        if conn is None:
+            return None
+        rid = self._rid()
+        w = conn.send(rid, encode_status(rid))
+        await w.event.wait()
+        if w.code != "ok" or not isinstance(w.payload, dict):
+            return None
+        conn.node_id = w.payload.get("id")
+        return w.payload
+
+    async def _connection(self, deadline: float) -> _Conn | None:
+        """A live connection, to the target address if possible, else to the next one that
+        answers; ``None`` if none could be made in this round (the caller backs off)."""
+        n = len(self.addresses)
+        for k in range(n):
+            if trio.current_time() >= deadline:
+                return None
+            addr = self.addresses[(self._target + k) % n]
+            with trio.move_on_at(deadline):
+                conn = await self._connect(addr)
+                if conn is not None:
+                    self._target = (self._target + k) % n
+                    return conn
+        return None
+
+    async def _connect(self, addr: Address) -> _Conn | None:
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        busy = self._connecting.get(addr)
+        if busy is not None:  # someone is connecting there already: share the result
+            await busy.wait()
+            conn = self._conns.get(addr)
+            return conn if conn is not None and not conn.closed else None
+        done = self._connecting[addr] = trio.Event()
+        try:
+            stream = await self._open_stream(addr)
+            if stream is None:
+                return None
+            conn = _Conn(addr, stream)
+            self._conns[addr] = conn
+            if self._nursery is None:
+                raise UsageError("use the Client inside `async with Client(...) as c:`")
+            self._nursery.start_soon(conn.run)
+            return conn
+        finally:
+            del self._connecting[addr]
+            done.set()
+
+    async def _open_stream(self, addr: Address) -> trio.abc.Stream | None:
+        host, port = addr
+        tcp: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(self.connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                if self._tls is None:
+                    return tcp
+                tls = trio.SSLStream(tcp, self._tls, server_hostname=None)
+                await tls.do_handshake()
+            if not _names_a_node(tls.getpeercert()):
+                logger.warning("refusing %s:%d: its certificate does not name a node "
+                               "(node-<id>%s)", host, port, DNS_SUFFIX)
+                await trio.aclose_forcefully(tls)
+                return None
+            return tls
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            logger.debug("cannot connect to %s:%d: %r", host, port, e)
+            if tcp is not None:
+                await trio.aclose_forcefully(tcp)
+            return None
+
+
+__all__ = [
+    "Client", "client_ssl_context", "parse_address", "decode_request", "encode_response",
+    "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
+]
