@@ -308,11 +308,12 @@ class FsLog:
                 f"damaged record (valid records follow at byte offset {r.resync_off})",
             )
         if r.commit_end != r.file_size:
-            why = (
-                f"torn record at byte offset {r.bad_off}"
-                if r.status == lib.TP_SCAN_TORN
-                else f"incomplete batch of {r.n - r.n_commit} records"
-            )
+            parts = []
+            if r.status == lib.TP_SCAN_TORN:
+                parts.append(f"torn record at byte offset {r.bad_off}")
+            if r.n_commit < r.n:
+                parts.append(f"incomplete batch of {r.n - r.n_commit} records")
+            why = " and ".join(parts)
             warnings.warn(
                 f"{seg.path}: {why}, left by a crash mid-write; cutting the log back to "
                 f"byte offset {r.commit_end} (last complete record: seq "
@@ -687,7 +688,6 @@ class FsLog:
         if not isinstance(exc, LogFullError):
             self._failed = exc  # type: ignore[assignment]
         self._wake(rnd.waiters, exc)
-        self._rewind()
 
     def _fail_queued(self, exc: BaseException) -> None:
         """Rounds framed after a failed one assumed its bytes: fail them all."""

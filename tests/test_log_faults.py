@@ -1,0 +1,212 @@
+"""Faults: full disk, failed writes and fsyncs, torn tails, damage in the middle."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+import trio
+
+from tinyraftplus import FsLog
+from tinyraftplus._native import lib
+from tinyraftplus.errors import LogCorruptError, LogFailedError, LogFullError
+from tinyraftplus.log import LogRecoveryWarning
+from tinyraftplus.log import format as fmt
+
+
+@pytest.fixture(autouse=True)
+def _disarm():
+    yield
+    lib.tp_inject_fault(0, 0, 0)
+
+
+def _seg0(tmp_path):
+    return tmp_path / "x" / fmt.segment_name(0)
+
+
+async def test_enospc_on_write_is_clean_and_recoverable(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append_batch([b"a", b"b"])
+        size_before = os.path.getsize(_seg0(tmp_path))
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        with pytest.raises(LogFullError, match="disk full") as ei:
+            await log.append_batch([b"c" * 5000, b"d"])
+        assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(_seg0(tmp_path))
+        assert log.seq == 1 and log.head == b"b"
+        # the half-written batch was cut back
+        assert os.path.getsize(_seg0(tmp_path)) == size_before
+        assert await log.append(b"e") == 2
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [b"a", b"b", b"e"]
+
+
+async def test_enospc_fails_every_waiting_append_and_rewinds_seqs(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"0")
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        results = []
+
+        async def w(i):
+            try:
+                results.append(("ok", await log.append(b"w%d" % i)))
+            except LogFullError:
+                results.append(("full", i))
+
+        async with trio.open_nursery() as n:
+            for i in range(50):
+                n.start_soon(w, i)
+        assert any(r[0] == "full" for r in results)
+        ok = sorted(r[1] for r in results if r[0] == "ok")
+        assert ok == list(range(1, 1 + len(ok)))  # no holes
+        assert log.seq == len(ok)
+        assert await log.append(b"after") == len(ok) + 1
+        entries = [e async for e in log.iter()]
+        assert [e.seq for e in entries] == list(range(len(ok) + 2))
+
+
+@pytest.mark.parametrize("op", ["write", "sync"])
+async def test_io_error_fails_the_log_for_good(tmp_path, op):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"durable")
+        lib.tp_inject_fault(lib.TP_OP_WRITE if op == "write" else lib.TP_OP_SYNC, errno.EIO, 0)
+        with pytest.raises(LogFailedError, match="fdatasync" if op == "sync" else "write"):
+            await log.append(b"lost")
+        # sticky: no retry, even though the next fsync would succeed
+        with pytest.raises(LogFailedError, match="refuses further writes"):
+            await log.append(b"again")
+        with pytest.raises(LogFailedError):
+            async with log.txn():
+                pass
+        with pytest.raises(LogFailedError):
+            await log.truncate(0)
+        assert log.seq == 0 and (await log.read(0)).data == b"durable"
+    async with FsLog(tmp_path, "x") as log:  # reopening recovers from what is on disk
+        assert (await log.read(0)).data == b"durable"
+        assert await log.append(b"next") == log.seq
+
+
+async def test_fsync_failure_after_some_successes(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        lib.tp_inject_fault(lib.TP_OP_SYNC, errno.EIO, 3)
+        for i in range(3):
+            await log.append(b"%d" % i)
+        with pytest.raises(LogFailedError, match="EIO"):
+            await log.append(b"x")
+
+
+async def test_torn_tail_is_cut_back_with_a_warning(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        for i in range(10):
+            await log.append(b"rec%d" % i * 20)
+    p = _seg0(tmp_path)
+    full = p.read_bytes()
+    for cut in (len(full) - 1, len(full) - 70, len(full) - 111):  # records are 112 bytes
+        p.write_bytes(full[:cut])
+        with pytest.warns(LogRecoveryWarning, match="torn record"):
+            async with FsLog(tmp_path, "x") as log:
+                assert log.seq == 8 and log.head == b"rec8" * 20
+        assert os.path.getsize(p) == len(full) - (len(full) - fmt.SEG_HDR) // 10
+    # garbage (zeros, as a crash can leave) after the last record
+    p.write_bytes(full + bytes(500))
+    with pytest.warns(LogRecoveryWarning):
+        async with FsLog(tmp_path, "x") as log:
+            assert log.seq == 9
+            assert await log.append(b"next") == 10
+
+
+async def test_incomplete_batch_disappears_whole(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"single")
+        await log.append_batch([b"b%d" % i * 10 for i in range(5)])
+    p = _seg0(tmp_path)
+    full = p.read_bytes()
+    p.write_bytes(full[: len(full) - 42])  # the batch's last record (32 + 30 bytes) cut
+    with pytest.warns(LogRecoveryWarning, match="incomplete batch of 4"):
+        async with FsLog(tmp_path, "x") as log:
+            assert log.seq == 0 and log.head == b"single"
+            assert await log.append(b"x") == 1
+
+
+async def test_flip_in_the_middle_of_the_tail_is_an_error(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        for i in range(10):
+            await log.append(b"r%d" % i)
+    p = _seg0(tmp_path)
+    raw = bytearray(p.read_bytes())
+    rec = 32 + 2
+    off = fmt.SEG_HDR + 4 * rec
+    raw[off + 33] ^= 0x01  # payload of seq 4
+    p.write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError) as ei:
+        await FsLog(tmp_path, "x").open()
+    assert ei.value.path == str(p) and ei.value.offset == off
+    assert str(off) in str(ei.value) and str(p) in str(ei.value)
+    # the failed open released the lock and left the file alone
+    assert p.read_bytes() == bytes(raw)
+    raw[off + 33] ^= 0x01
+    p.write_bytes(bytes(raw))
+    async with FsLog(tmp_path, "x") as log:
+        assert log.seq == 9
+
+
+async def test_interrupted_roll_leaves_removable_empty_segment(tmp_path):
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+        for i in range(40):
+            await log.append(bytes(200))
+        last = log.seq
+    d = tmp_path / "x"
+    nxt = d / fmt.segment_name(last + 1)
+    nxt.write_bytes(b"TPLOG")  # a header torn by a crash while rolling
+    with pytest.warns(LogRecoveryWarning, match="roll"):
+        async with FsLog(tmp_path, "x", segment_size=4096) as log:
+            assert log.seq == last
+            assert await log.append(b"y") == last + 1
+    assert not os.path.exists(nxt) or os.path.getsize(nxt) > fmt.SEG_HDR
+
+
+async def test_damaged_header_with_records_is_an_error(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"a")
+    p = _seg0(tmp_path)
+    raw = bytearray(p.read_bytes())
+    raw[3] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError, match="header") as ei:
+        await FsLog(tmp_path, "x").open()
+    assert ei.value.offset == 0
+
+
+def _can_mount_tmpfs(path) -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to mount a small tmpfs"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot mount tmpfs here: {r.stderr.strip()}"
+    return None
+
+
+async def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    why = _can_mount_tmpfs(mnt)
+    if why:
+        pytest.skip(why)
+    try:
+        async with FsLog(mnt, "x") as log:
+            acked = []
+            with pytest.raises(LogFullError):
+                for i in range(10_000):
+                    acked.append(await log.append(b"%08d" % i + bytes(1000)))
+            n = len(acked)
+            assert n > 100 and log.seq == n - 1
+            # the log is consistent: everything acknowledged is readable, nothing more
+            assert [e.seq async for e in log.iter()] == acked
+            await log.truncate(n // 2)  # free space, then append again
+            assert await log.append(b"after") == n // 2 + 1
+        async with FsLog(mnt, "x") as log:
+            assert log.seq == n // 2 + 1 and log.head == b"after"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
