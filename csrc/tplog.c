@@ -538,13 +538,11 @@ long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_
         uint64_t sz;
         int r = check_record(buf + pos, len - pos, first_seq + n, &sz);
         if (r == TP_ESHORT) {
-            /* A record cut by the end of the buffer is the caller's business (it read a
-             * short range) unless its header already says it cannot be valid. */
-            if (len - pos >= 4 && rd32(buf + pos) > TP_MAX_PAYLOAD) {
-                *bad_off = file_off + pos;
-                return TP_EBADLEN;
-            }
-            break;
+            /* The caller reads exactly the bytes its index says max_n records occupy, so
+             * a record running past the end is damage at this record (most often a
+             * flipped length field), not a short read to retry. */
+            *bad_off = file_off + pos;
+            return len - pos >= TP_REC_HDR ? TP_EBADLEN : TP_ESHORT;
         }
         if (r != 0) {
             *bad_off = file_off + pos;

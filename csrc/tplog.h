@@ -130,9 +130,10 @@ void tp_scan_release(tp_scan *s);
 
 /* Verify and parse the whole records in buf[0..len) (as read from file offset file_off),
  * the first of which must have seq `first_seq`. Writes per record the payload's start and
- * end (relative to buf) and term; stops after max_n records or at a record that does not
- * fit in the buffer. Returns the number of records parsed, or a negative TP_E* code with
- * *bad_off set to the file offset of the bad record. */
+ * end (relative to buf) and term; stops after max_n records or at the end of the buffer. A
+ * record that does not fit in the buffer is an error (TP_EBADLEN / TP_ESHORT): callers read
+ * exactly the bytes their index gives for max_n records. Returns the number of records
+ * parsed, or a negative TP_E* code with *bad_off set to the file offset of the bad record. */
 long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_seq,
               size_t max_n, uint64_t *starts, uint64_t *ends, uint64_t *terms,
               uint64_t *bad_off);
