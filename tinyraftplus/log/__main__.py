@@ -31,9 +31,7 @@ def run(dir: str, name: str, dump: bool, width: int, out=sys.stdout) -> int:  # 
     if not os.path.isdir(path):
         print(f"error: no log at {path}", file=sys.stderr)
         return 2
-    firsts = sorted(
-        f for f in map(fmt.parse_segment_name, os.listdir(path)) if f is not None
-    )
+    firsts = sorted(f for f in map(fmt.parse_segment_name, os.listdir(path)) if f is not None)
     if not firsts:
         print(f"error: {path} holds no segment files", file=sys.stderr)
         return 1
@@ -47,45 +45,67 @@ def run(dir: str, name: str, dump: bool, width: int, out=sys.stdout) -> int:  # 
             hdr = decode_seg_header(os.pread(fd, fmt.SEG_HDR, 0))
             if isinstance(hdr, int):
                 if is_tail and os.fstat(fd).st_size <= fmt.SEG_HDR and i > 0:
-                    print(f"note: {seg_path}: empty segment with a torn header (an interrupted"
-                          " roll); open removes it", file=out)
+                    print(
+                        f"note: {seg_path}: empty segment with a torn header (an interrupted"
+                        " roll); open removes it",
+                        file=out,
+                    )
                     break
                 print(f"CORRUPT {seg_path} at byte offset 0: {reason(hdr)}", file=out)
                 return 1
             if hdr[0] != first or first != expect:
-                print(f"CORRUPT {seg_path} at byte offset 16: starts at seq {hdr[0]}, expected"
-                      f" {expect} (name {first})", file=out)
+                print(
+                    f"CORRUPT {seg_path} at byte offset 16: starts at seq {hdr[0]}, expected"
+                    f" {expect} (name {first})",
+                    file=out,
+                )
                 return 1
             r = scan_fd(fd, first, True)
             if dump and r.n:
                 ents = parse_entries(
-                    os.pread(fd, r.end - fmt.SEG_HDR, fmt.SEG_HDR), fmt.SEG_HDR, first, r.n,
+                    os.pread(fd, r.end - fmt.SEG_HDR, fmt.SEG_HDR),
+                    fmt.SEG_HDR,
+                    first,
+                    r.n,
                     seg_path,
                 )
                 for e in ents:
                     print(f"{e.seq}\t{e.term}\t{len(e.data)}\t{_preview(e.data, width)}", file=out)
             if r.status == lib.TP_SCAN_CORRUPT or (r.status == lib.TP_SCAN_TORN and not is_tail):
-                print(f"CORRUPT {seg_path} at byte offset {r.bad_off}: {reason(r.reason)}"
-                      f" (record seq {first + r.n})", file=out)
+                print(
+                    f"CORRUPT {seg_path} at byte offset {r.bad_off}: {reason(r.reason)}"
+                    f" (record seq {first + r.n})",
+                    file=out,
+                )
                 return 1
             if not is_tail and r.n_commit != r.n:
-                print(f"CORRUPT {seg_path} at byte offset {r.commit_end}: sealed segment ends"
-                      " inside a batch", file=out)
+                print(
+                    f"CORRUPT {seg_path} at byte offset {r.commit_end}: sealed segment ends"
+                    " inside a batch",
+                    file=out,
+                )
                 return 1
             if is_tail and r.commit_end != r.file_size:
-                print(f"note: {seg_path}: torn tail at byte offset {r.commit_end}"
-                      f" ({r.file_size - r.commit_end} bytes, {r.n - r.n_commit} records of an"
-                      " incomplete batch); open cuts it back", file=out)
+                print(
+                    f"note: {seg_path}: torn tail at byte offset {r.commit_end}"
+                    f" ({r.file_size - r.commit_end} bytes, {r.n - r.n_commit} records of an"
+                    " incomplete batch); open cuts it back",
+                    file=out,
+                )
             n = r.n_commit if is_tail else r.n
             total += n
             expect = first + n
-    print(f"OK {path}: {len(firsts)} segment(s), {total} records, seqs {firsts[0]}..{expect - 1}",
-          file=out)
+    print(
+        f"OK {path}: {len(firsts)} segment(s), {total} records, seqs {firsts[0]}..{expect - 1}",
+        file=out,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyraftplus.log", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tinyraftplus.log", description=__doc__.split("\n")[0]
+    )
     p.add_argument("command", choices=["verify", "dump"])
     p.add_argument("dir", help="directory holding the log (the FsLog dir argument)")
     p.add_argument("name", help="log name (the FsLog name argument)")

@@ -40,6 +40,7 @@ from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from itertools import chain
 from typing import Any
 
 import outcome
@@ -65,6 +66,7 @@ from .segment import Segment, fsync_dir, parse_entries, scan_fd
 from .terms import TermIndex
 
 _HDR_GAP = bytes(fmt.REC_HDR)
+_HDR_BA = bytearray(fmt.REC_HDR)
 _BECOME_FLUSHER = object()
 _READ_STEP = 1 << 20  # bytes per pread when iterating
 
@@ -450,18 +452,20 @@ class FsLog:
         """Append records atomically (all or none survive a crash); return the first seq
         once all are durable. ``term`` is one term for all or one per item."""
         self._check_writable()
-        items, lens, terms = self._check_batch(items, term)
+        items, lens, terms, joined = self._check_batch(items, term)
         while self._blocked:
             await self._gate.park()
             self._check_writable()
         first = self._next_seq
-        rnd = self._frame(items, lens, seq, term if terms is None else 0, terms, atomic=True)
+        rnd = self._frame(
+            items, lens, seq, term if terms is None else 0, terms, atomic=True, joined=joined
+        )
         await self._wait_durable(rnd)
         return first
 
     def _check_batch(
         self, items: Any, term: Any
-    ) -> tuple[Sequence[Any], list[int], list[int] | None]:
+    ) -> tuple[Sequence[Any], list[int], list[int] | None, bytearray]:
         if isinstance(items, bytes | bytearray | memoryview | str) or not isinstance(
             items, Sequence
         ):
@@ -470,7 +474,17 @@ class FsLog:
             )
         if not items:
             raise InvalidArgumentError("append_batch needs at least one item, got an empty list")
-        lens = [_nbytes(x) for x in items]
+        # One C-level join both validates the types (TypeError for non-buffers) and lays
+        # the payloads out with a header gap before each, ready for framing in place.
+        lens = list(map(len, items))
+        try:
+            joined = _HDR_BA.join(chain((b"",), items))
+        except TypeError:
+            for x in items:
+                _nbytes(x)
+            raise
+        if len(joined) != sum(lens) + fmt.REC_HDR * len(lens):
+            lens = [_nbytes(x) for x in items]  # e.g. a memoryview with itemsize > 1
         terms = None
         if isinstance(term, int) and not isinstance(term, bool):
             _check_term(term)
@@ -480,7 +494,7 @@ class FsLog:
                     f"term must be an int or a sequence with one term per item ({len(items)} items)"
                 )
             terms = [_check_term(t) for t in term]
-        return items, lens, terms
+        return items, lens, terms, joined
 
     def _frame(
         self,
@@ -490,6 +504,7 @@ class FsLog:
         term: int,
         terms: list[int] | None,
         atomic: bool,
+        joined: bytearray | None = None,
     ) -> _Round:
         """Frame records into the open round (no await: seqs are assigned in call order)."""
         first = self._next_seq
@@ -519,9 +534,13 @@ class FsLog:
             lib.tp_frame_one(ffi.from_buffer("uint8_t[]", buf), pos, lens[0], first, last_term, 0)
             rnd.offs.append(off)
         else:
-            buf += _HDR_GAP
-            buf += _HDR_GAP.join(items)
-            c_lens = ffi.new("uint32_t[]", lens)
+            if joined is None:
+                joined = _HDR_BA.join(chain((b"",), items))
+            if pos == 0:
+                rnd.buf = buf = joined  # the common case for a batch: no copy
+            else:
+                buf += joined
+            c_lens = ffi.from_buffer("uint32_t[]", array("I", lens))
             c_terms = ffi.new("uint64_t[]", terms) if terms is not None else ffi.NULL
             offs = array("Q", bytes(8 * n))
             lib.tp_frame_batch(
@@ -1051,7 +1070,7 @@ class Txn:
         term: int | Sequence[int] = 0,
     ) -> int:
         self._check()
-        items, lens, terms = self._log._check_batch(items, term)
+        items, lens, terms, _ = self._log._check_batch(items, term)
         s = self._first + len(self._items)
         if seq is not None and seq != s:
             raise SeqMismatchError(

@@ -308,4 +308,6 @@ def parse_entries(data: bytes, file_off: int, first: int, n: int, path: str) -> 
     datas = map(data.__getitem__, map(slice, starts, ends))
     # tuple.__new__ through map keeps the per-record cost in C: Entry(...) would call a
     # Python-level __new__ for each of a million records.
-    return list(map(tuple.__new__, repeat(Entry), zip(range(first, first + n), terms, datas, strict=True)))
+    return list(
+        map(tuple.__new__, repeat(Entry), zip(range(first, first + n), terms, datas, strict=True))
+    )
