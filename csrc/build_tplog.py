@@ -48,6 +48,8 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
 
 void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
                   uint32_t flags);
+void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
+                  uint64_t term, uint32_t flags);
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out);

@@ -168,6 +168,16 @@ void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_
     frame_one(base + pos, len, seq, term, flags);
 }
 
+void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
+                  uint64_t term, uint32_t flags) {
+    wr32(hdr, len);
+    wr64(hdr + 8, seq);
+    wr64(hdr + 16, term);
+    wr32(hdr + 24, flags);
+    wr32(hdr + 28, 0);
+    wr32(hdr + 4, tp_crc32c(tp_crc32c(0, hdr + 8, TP_REC_HDR - 8), payload, len));
+}
+
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out) {
