@@ -51,7 +51,6 @@ import logging
 import os
 import random
 import ssl
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,9 +71,6 @@ from .errors import (
 from .kv import MAX_CLIENT_ID, check_key, check_write
 from .transport.tls import DNS_SUFFIX
 from .transport.wire import FrameDecoder, frame
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 logger = logging.getLogger("tinyraftplus.client")
 
@@ -277,25 +273,23 @@ class _Conn:
 
     async def run(self) -> None:
         with self.scope:
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._writer)
-                    await self._reader()
-                    n.cancel_scope.cancel()
-            except BaseException as exc:
-                e = exc
-                while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-                    e = e.exceptions[0]
-                if isinstance(e, (trio.BrokenResourceError, trio.ClosedResourceError,
-                                  OSError)):
-                    self.close(f"connection to {self.addr[0]}:{self.addr[1]} failed: {e!r}")
-                elif isinstance(e, ProtocolError):
-                    self.close(f"bad answer from {self.addr[0]}:{self.addr[1]}: {e}")
-                else:
-                    raise
+            async with trio.open_nursery() as n:
+                n.start_soon(self._guard, self._writer)
+                await self._guard(self._reader)
+                n.cancel_scope.cancel()
         self.close(self.error or "connection closed")
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(self.stream)
+
+    async def _guard(self, fn: Callable[[], Any]) -> None:
+        """Run the reader or the writer; a network or protocol error closes the connection
+        (both tasks usually fail together; one error is enough to report)."""
+        try:
+            await fn()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.close(f"connection to {self.addr[0]}:{self.addr[1]} failed: {e!r}")
+        except ProtocolError as e:
+            self.close(f"bad answer from {self.addr[0]}:{self.addr[1]}: {e}")
 
     async def _writer(self) -> None:
         while True:
@@ -333,7 +327,8 @@ class Client:
     answer before trying again (elsewhere); ``connect_timeout``: per TCP+TLS connection.
     ``client_id``: this client's session id (random by default; reuse one only from one
     client at a time). ``max_inflight``: writes in flight at once (the rest wait), below the
-    store's per-session memory.
+    store's per-session memory. ``backoff_max``: the longest pause between attempts
+    (they start at 10 ms and double, with jitter).
     """
 
     def __init__(
@@ -347,6 +342,7 @@ class Client:
         connect_timeout: float = 2.0,
         client_id: int | None = None,
         max_inflight: int = 1024,
+        backoff_max: float = 0.25,
         rng: random.Random | None = None,
     ) -> None:
         if isinstance(addresses, (str, tuple)):
@@ -364,7 +360,7 @@ class Client:
         if tls is not None and not isinstance(tls, ssl.SSLContext):
             raise InvalidArgumentError(f"Client: tls must be an ssl.SSLContext, got {tls!r}")
         for name, v in (("timeout", timeout), ("attempt_timeout", attempt_timeout),
-                        ("connect_timeout", connect_timeout)):
+                        ("connect_timeout", connect_timeout), ("backoff_max", backoff_max)):
             if not (isinstance(v, (int, float)) and v > 0):
                 raise InvalidArgumentError(f"Client({name}={v!r}): a positive number of seconds")
         if not (isinstance(max_inflight, int) and 1 <= max_inflight <= 4096):
@@ -379,6 +375,7 @@ class Client:
         self.timeout = float(timeout)
         self.attempt_timeout = float(attempt_timeout)
         self.connect_timeout = float(connect_timeout)
+        self.backoff_max = float(backoff_max)
         self._tls = tls
         self._conns: dict[Address, _Conn] = {}
         self._connecting: dict[Address, trio.Event] = {}
@@ -484,7 +481,7 @@ class Client:
                 raise self._give_up(last, reached)
             if attempt:
                 self.retries += 1
-                delay = min(0.5, 0.02 * 2 ** min(attempt, 10))
+                delay = min(self.backoff_max, 0.01 * 2 ** min(attempt, 10))
                 await trio.sleep(min(self._rng.uniform(delay / 2, delay),
                                      max(0.0, deadline - now)))
             attempt += 1

@@ -230,6 +230,8 @@ class Server:
         self.clients += 1
         try:
             await _ClientConnection(self, stream, where).run()
+        except Exception:  # a bug of ours: drop this connection, keep serving the others
+            logger.exception("node %r: internal error serving %s", self.config.node_id, where)
         finally:
             self.clients -= 1
             await trio.aclose_forcefully(stream)
@@ -280,29 +282,41 @@ class _ClientConnection:
         self.inflight = 0
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
+        self.closed = False
 
     async def run(self) -> None:
-        try:
-            async with trio.open_nursery() as n:
-                self.nursery = n
-                n.start_soon(self._writer)
-                await self._reader()
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            n.start_soon(self._guard, self._writer)
+            await self._guard(self._reader)
+            if not self.closed:
                 # The client finished sending: answer what is in flight, then close.
                 while self.inflight or self.out:
                     self.room = trio.Event()
                     await self.room.wait()
-                n.cancel_scope.cancel()
-        except BaseException as exc:
-            e = _single(exc)
-            if isinstance(e, _NET_ERRORS):
+            n.cancel_scope.cancel()
+
+    async def _guard(self, fn: Any) -> None:
+        """Run the reader or the writer; a network error or bad input ends the connection
+        (and only it). Both tasks often fail at once; the first error is the one reported."""
+        try:
+            await fn()
+        except _NET_ERRORS as e:
+            if not self.closed:
                 logger.debug("node %r: %s went away (%r)", self.server.config.node_id,
                              self.where, e)
-            elif isinstance(e, ProtocolError):
+            self._close()
+        except ProtocolError as e:
+            if not self.closed:
                 self.server.bad_connections += 1
                 logger.warning("node %r: closed the connection with %s: %s",
                                self.server.config.node_id, self.where, e)
-            else:
-                raise
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
