@@ -133,7 +133,9 @@ async def test_second_open_is_refused_and_destroy(tmp_path):
         "trio.run(m)\n"
     )
     async with FsLog(tmp_path, "x"):
-        p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+        )
         assert p.returncode != 0 and "LogLockedError" in p.stderr
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "0"
@@ -269,7 +271,7 @@ async def test_random_ops_against_model(tmp_path):
     rng = random.Random(3)
     model: list[tuple[int, bytes]] = []
     async with FsLog(tmp_path, "x", segment_size=4096) as log:
-        for step in range(300):
+        for _step in range(300):
             op = rng.random()
             if op < 0.5:
                 d = rng.randbytes(rng.randrange(0, 300))

@@ -153,7 +153,7 @@ async def test_flip_in_the_middle_of_the_tail_is_an_error(tmp_path):
 
 async def test_interrupted_roll_leaves_removable_empty_segment(tmp_path):
     async with FsLog(tmp_path, "x", segment_size=4096) as log:
-        for i in range(40):
+        for _ in range(40):
             await log.append(bytes(200))
         last = log.seq
     d = tmp_path / "x"
@@ -181,8 +181,11 @@ async def test_damaged_header_with_records_is_an_error(tmp_path):
 def _can_mount_tmpfs(path) -> str | None:
     if os.geteuid() != 0:
         return "needs root to mount a small tmpfs"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         return f"cannot mount tmpfs here: {r.stderr.strip()}"
     return None

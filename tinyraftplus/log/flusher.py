@@ -38,7 +38,7 @@ class Flusher:
         self._done = lib.tp_flusher_done_ptr(self._f)
         self._op = ffi.new("int*")
         self._poll = poll_us * 1e-6
-        self._keep = None
+        self._keep: object = None
 
     def submit(self, fd: int, buf: object, length: int, off: int, sync: bool) -> None:
         """Start a write; ``buf`` (a cffi buffer) must stay alive until ``wait`` returns."""

@@ -491,7 +491,13 @@ class FsLog:
             self._check_writable()
         first = self._next_seq
         rnd = self._frame(
-            items, lens, seq, term if terms is None else 0, terms, atomic=True, joined=joined
+            items,
+            lens,
+            seq,
+            term if isinstance(term, int) else 0,
+            terms,
+            atomic=True,
+            joined=joined,
         )
         await self._wait_durable(rnd)
         return first
@@ -672,8 +678,9 @@ class FsLog:
                         continue
                 self._queue.popleft()
                 self._submit(rnd)
-            rnd = self._inflight
-            assert rnd is not None and self._flusher is not None
+            inflight = self._inflight
+            assert inflight is not None and self._flusher is not None
+            rnd = inflight
             rc, op = await self._flusher.wait()
             self._inflight = None
             if rc == 0:
