@@ -23,7 +23,7 @@ client still waits for, so the store can forget the results of everything below.
 
 **Giving up is explicit.** After ``timeout`` seconds without success an operation raises
 ``NoLeaderError`` (nodes answered but could not commit: no quorum, or an election that does
-not end) or ``TransportError`` (no node could be reached at all). A write that raised may or
+not end) or ``TransportError`` (no node answered at all). A write that raised may or
 may not have been applied; a later write from the same client never re-applies it.
 
 **The client protocol** is the peer wire's framing (``[u32 length][u32 CRC32C][payload]``,
@@ -194,8 +194,9 @@ def _names_a_node(cert: dict[str, Any] | None) -> bool:
     return False
 
 
-def parse_address(a: str | Address) -> Address:
-    """``"host:port"`` (``[v6]:port`` too) or ``(host, port)`` -> ``(host, port)``."""
+def parse_address(a: str | Address, *, allow_zero: bool = False) -> Address:
+    """``"host:port"`` (``[v6]:port`` too) or ``(host, port)`` -> ``(host, port)``; port 0
+    ("pick one") only with ``allow_zero``."""
     if isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) and type(a[1]) is int:
         host, port = a
     elif isinstance(a, str) and ":" in a:
@@ -207,7 +208,7 @@ def parse_address(a: str | Address) -> Address:
             raise InvalidArgumentError(f"address {a!r}: the port is not a number") from None
     else:
         raise InvalidArgumentError(f"address {a!r}: expected 'host:port' or (host, port)")
-    if not host or not 0 < port < 65536:
+    if not host or not (0 if allow_zero else 1) <= port < 65536:
         raise InvalidArgumentError(f"address {a!r}: need a host and a port in 1..65535")
     return host, port
 
@@ -489,18 +490,19 @@ class Client:
             if conn is None:
                 last = TransportError("could not connect to " + self._addrs_text())
                 continue
-            reached = True
             rid = self._rid()
             w = conn.send(rid, build(rid))
             with trio.move_on_at(min(deadline, trio.current_time() + self.attempt_timeout)):
                 await w.event.wait()
             if not w.event.is_set():
+                reached = True  # it is up and speaks TLS with us; it cannot commit in time
                 last = RaftTimeoutError(
                     f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
                     f"{self.attempt_timeout}s")
                 self._move_on(conn, refresh=True)
                 continue
             code, body = w.code, w.payload
+            reached = reached or code != "closed"
             if code == "ok":
                 return body
             if code == "closed":
@@ -520,8 +522,9 @@ class Client:
     def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
         if not reached:
             return TransportError(
-                f"no node could be reached within {self.timeout}s ({self._addrs_text()}); "
-                f"are the servers running, and are the addresses their client ports?"
+                f"no node answered within {self.timeout}s ({self._addrs_text()}): connections "
+                f"failed, were closed (a TLS certificate the servers refuse?) or got no reply. "
+                f"Are the servers running, and are these their client ports?"
                 + (f" Last error: {last}" if last else "")
             )
         return NoLeaderError(

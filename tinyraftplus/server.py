@@ -421,7 +421,7 @@ def parse_peers(text: str) -> dict[Any, Address]:
         nid = _node_id(ident.strip())
         if nid in out:
             raise InvalidArgumentError(f"--peers: node {nid!r} is listed twice")
-        out[nid] = parse_address(addr.strip())
+        out[nid] = parse_address(addr.strip(), allow_zero=True)
     if not out:
         raise InvalidArgumentError("--peers: list every node as ID=HOST:PORT,...")
     return out
@@ -483,8 +483,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     if a.listen:
         from .client import parse_address
 
-        host, _, port = a.listen.rpartition(":")
-        peer_listen = (host, int(port)) if port == "0" else parse_address(a.listen)
+        peer_listen = parse_address(a.listen, allow_zero=True)
     client_host = a.client_host or (peers[node_id][0] if node_id in peers else "127.0.0.1")
     cfg = ServerConfig(
         node_id=node_id, peers=peers, data_dir=a.data,

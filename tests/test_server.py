@@ -1,0 +1,155 @@
+"""``python -m tinyraftplus.server`` as a program: ready line, SIGTERM, a locked data
+directory, command-line mistakes, and a TLS client port that refuses strangers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from test_multiprocess import READY, ROOT, ProcCluster, write_certs
+
+from tinyraftplus.client import Client
+from tinyraftplus.errors import TransportError
+from tinyraftplus.server import EXIT_LOCKED, EXIT_USAGE, parse_args, parse_peers
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def server(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tinyraftplus.server", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                            stdin=subprocess.DEVNULL, text=True, **kw)
+
+
+def wait_ready(p: subprocess.Popen, timeout: float = 30) -> list[str]:
+    """Read stdout lines until the ready line (the server prints nothing else there)."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = p.stdout.readline()
+    while not READY.search(line):
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no ready line; stderr:\n{p.stderr.read() if p.stderr else ''}")
+        line = p.stdout.readline()
+    return READY.search(line).groups()
+
+
+def one_node(tmp: Path, *extra: str) -> list[str]:
+    return ["--id", "1", "--peers", "1=127.0.0.1:0", "--client-port", "0",
+            "--data", str(tmp / "data"), "--election-timeout", "0.2", *extra]
+
+
+async def test_single_node_ready_line_ports_serve_then_sigterm_stops_cleanly(tmp_path):
+    p = server(*one_node(tmp_path, "--plaintext"))
+    try:
+        nid, ph, pp, ch, cp = await trio.to_thread.run_sync(wait_ready, p)
+        assert nid == "1" and ph == ch == "127.0.0.1" and int(pp) > 0 and int(cp) > 0
+        with trio.fail_after(20):
+            async with Client([f"{ch}:{cp}"], plaintext=True) as c:
+                await c.put("k", "v")
+                assert await c.get("k") == b"v"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        assert "SIGTERM received, stopping" in err and "stopped cleanly" in err
+    finally:
+        p.kill()
+        p.wait()
+    # The data survived the clean stop: a new process reads it back.
+    p = server(*one_node(tmp_path, "--plaintext"))
+    try:
+        _, _, _, ch, cp = await trio.to_thread.run_sync(wait_ready, p)
+        with trio.fail_after(20):
+            async with Client([f"{ch}:{cp}"], plaintext=True) as c:
+                assert await c.get("k") == b"v"
+    finally:
+        p.kill()
+        p.wait()
+
+
+async def test_refuses_a_data_directory_another_process_holds(tmp_path):
+    first = server(*one_node(tmp_path, "--plaintext"))
+    try:
+        await trio.to_thread.run_sync(wait_ready, first)
+        second = server(*one_node(tmp_path, "--plaintext"))
+        _, err = second.communicate(timeout=30)
+        assert second.returncode == EXIT_LOCKED
+        assert "in use by another process" in err and str(tmp_path / "data") in err
+        assert first.poll() is None  # the first one is unaffected
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", "--client-port", "0", "--data", "d"],
+         "--plaintext"),
+        (["--id", "4", "--peers", "1=127.0.0.1:7000", "--client-port", "0", "--data", "d",
+          "--plaintext"], "is not in --peers"),
+        (["--id", "1", "--peers", "1:7000", "--client-port", "0", "--data", "d",
+          "--plaintext"], "ID=HOST:PORT"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", "--client-port", "0", "--data", "d",
+          "--tls-ca", "/nonexistent/ca.pem", "--tls-cert", "/nonexistent/c.pem"],
+         "/nonexistent/ca.pem"),
+    ],
+)
+def test_command_line_mistakes_exit_2_with_a_reason(tmp_path, args, message):
+    p = subprocess.run([sys.executable, "-m", "tinyraftplus.server", *args], env=env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == EXIT_USAGE
+    assert message in p.stderr
+
+
+def test_parse_peers_and_args():
+    assert parse_peers("1=a:1, 2=b:2,x=[::1]:3") == {1: ("a", 1), 2: ("b", 2), "x": ("::1", 3)}
+    with pytest.raises(ValueError, match="twice"):
+        parse_peers("1=a:1,1=b:2")
+    cfg = parse_args(["--id", "2", "--peers", "1=h1:7001,2=h2:7002", "--client-port", "7102",
+                      "--data", "d", "--plaintext", "--election-timeout", "1.0"])
+    assert cfg.node_id == 2 and cfg.client_listen == ("h2", 7102)
+    assert cfg.ping_timeout == pytest.approx(0.2) and cfg.fsync is True
+
+
+async def test_tls_client_port_needs_a_certificate_from_the_cluster_ca(tmp_path):
+    import trustme
+
+    cl = ProcCluster(tmp_path, [1])
+    try:
+        with trio.fail_after(60):
+            await cl.start(1)
+            host, port = cl.client_addr[1]
+            # The right certificate works.
+            async with cl.client() as c:
+                await c.put("k", "v")
+            # No client certificate: the handshake fails, nothing is served.
+            bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            bare.check_hostname = False
+            bare.load_verify_locations(cafile=str(cl.certs["ca"]))
+            # A certificate from another CA (the client itself trusts the cluster's): refused.
+            other = write_certs(tmp_path / "other", [1], trustme.CA())
+            stranger = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            stranger.check_hostname = False
+            stranger.load_verify_locations(cafile=str(cl.certs["ca"]))
+            stranger.load_cert_chain(str(other["cert-client"]), str(other["key-client"]))
+            for ctx in (bare, stranger):
+                async with Client([(host, port)], tls=ctx, timeout=1.0,
+                                  connect_timeout=0.5) as c:
+                    with pytest.raises(TransportError, match="no node answered"):
+                        await c.get("k")
+            async with cl.client() as c:
+                assert (await c.status())["bad_connections"] >= 2
+        assert "TLS handshake failed" in cl.stderr(1)
+    finally:
+        cl.kill_all()
