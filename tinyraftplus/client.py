@@ -225,12 +225,13 @@ def _as_bytes(v: Any, what: str) -> bytes:
 
 
 class _Waiter:
-    __slots__ = ("event", "code", "payload")
+    __slots__ = ("event", "code", "payload", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         self.event = trio.Event()
         self.code = ""
         self.payload: Any = None
+        self.deadline = deadline
 
     def set(self, code: str, payload: Any) -> None:
         if not self.event.is_set():
@@ -253,8 +254,11 @@ class _Conn:
         self.scope = trio.CancelScope()
         self.node_id: Any = None
 
-    def send(self, rid: int, data: bytes) -> _Waiter:
-        w = _Waiter()
+    def send(self, rid: int, data: bytes, deadline: float) -> _Waiter:
+        """Queue a request; its waiter gets the answer, or code ``"timeout"`` from the
+        sweeper once ``deadline`` passed (no cancel scope per request: they cost more than
+        the rest of a request's handling here)."""
+        w = _Waiter(deadline)
         if self.closed:
             w.set("closed", self.error or "connection closed")
             return w
@@ -276,6 +280,7 @@ class _Conn:
         with self.scope:
             async with trio.open_nursery() as n:
                 n.start_soon(self._guard, self._writer)
+                n.start_soon(self._sweeper)
                 await self._guard(self._reader)
                 n.cancel_scope.cancel()
         self.close(self.error or "connection closed")
@@ -291,6 +296,15 @@ class _Conn:
             self.close(f"connection to {self.addr[0]}:{self.addr[1]} failed: {e!r}")
         except ProtocolError as e:
             self.close(f"bad answer from {self.addr[0]}:{self.addr[1]}: {e}")
+
+    async def _sweeper(self) -> None:
+        """Time out requests that passed their deadline (checked every 20 ms)."""
+        while True:
+            await trio.sleep(0.02)
+            now = trio.current_time()
+            late = [rid for rid, w in self.pending.items() if w.deadline <= now]
+            for rid in late:
+                self.pending.pop(rid).set("timeout_local", "no answer in time")
 
     async def _writer(self) -> None:
         while True:
@@ -486,15 +500,17 @@ class Client:
                 await trio.sleep(min(self._rng.uniform(delay / 2, delay),
                                      max(0.0, deadline - now)))
             attempt += 1
-            conn = await self._connection(deadline)
+            conn = self._conns.get(self.addresses[self._target])
+            if conn is None or conn.closed:
+                conn = await self._connection(deadline)
             if conn is None:
                 last = TransportError("could not connect to " + self._addrs_text())
                 continue
             rid = self._rid()
-            w = conn.send(rid, build(rid))
-            with trio.move_on_at(min(deadline, trio.current_time() + self.attempt_timeout)):
-                await w.event.wait()
-            if not w.event.is_set():
+            w = conn.send(rid, build(rid),
+                          min(deadline, trio.current_time() + self.attempt_timeout))
+            await w.event.wait()
+            if w.code == "timeout_local":
                 reached = True  # it is up and speaks TLS with us; it cannot commit in time
                 last = RaftTimeoutError(
                     f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
@@ -581,7 +597,7 @@ class Client:
         if conn is None:
             return None
         rid = self._rid()
-        w = conn.send(rid, encode_status(rid))
+        w = conn.send(rid, encode_status(rid), trio.current_time() + self.attempt_timeout)
         await w.event.wait()
         if w.code != "ok" or not isinstance(w.payload, dict):
             return None
