@@ -327,6 +327,10 @@ class _ClientConnection:
                 await self.room.wait()
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
+                if decoder.buffered:
+                    raise ProtocolError(
+                        f"the connection ended inside a frame ({decoder.buffered} bytes of "
+                        f"an incomplete frame)")
                 return
             writes: list[tuple[int, bytes]] = []
             for payload in decoder.feed(data):
