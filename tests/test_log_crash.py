@@ -329,6 +329,7 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
     modes: dict[str, int] = {}
     torn = 0
     driving = checking = 0.0
+    fresh_tail = 0
     started = time.monotonic()
     child = await _spawn(tmp, 1, rng.randrange(1 << 30), known)
     try:
@@ -342,6 +343,9 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
                 child = await _spawn(tmp, gen + 1, rng.randrange(1 << 30), known)
             if not (directory / NAME).exists():
                 continue  # killed before open() created the log's directory
+            segs = sorted((directory / NAME).glob("*.seg"))
+            if segs and segs[-1].stat().st_size < 2048:
+                fresh_tail += 1  # killed within a few records of a roll
             torn += await _check(directory, known, f"after kill {gen} ({how})")
             checking += time.monotonic() - t1
     finally:
@@ -369,7 +373,8 @@ async def _crash_loop(tmp: Path, kills: int, seed: int) -> None:
         f"crash test: seed {seed}, {kills} kills in {time.monotonic() - started:.1f}s "
         f"({driving:.1f}s in children, {checking:.1f}s checking), "
         f"{known.acked} acked records, {known.last_seq + 1} in the log, {len(files)} files, "
-        f"{torn} recovery warnings, kill modes {modes}"
+        f"{torn} recovery warnings, {fresh_tail} kills with a tail segment under 2 KiB, "
+        f"kill modes {modes}"
     )
 
 
