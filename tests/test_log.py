@@ -116,6 +116,22 @@ async def test_use_after_close_and_before_open(tmp_path):
         await log.open()
 
 
+async def test_is_open_follows_open_and_close(tmp_path):
+    log = FsLog(tmp_path, "x")
+    assert not log.is_open
+    await log.open()
+    assert log.is_open
+    other = FsLog(tmp_path, "x")
+    with pytest.raises(LogLockedError):
+        await other.open()
+    assert not other.is_open  # a failed open leaves it closed
+    await log.close()
+    assert not log.is_open
+    async with FsLog(tmp_path, "x") as again:
+        assert again.is_open
+    assert not again.is_open
+
+
 async def test_second_open_is_refused_and_destroy(tmp_path):
     async with FsLog(tmp_path, "x") as log:
         await log.append(b"a")

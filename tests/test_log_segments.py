@@ -168,3 +168,52 @@ async def test_open_reads_only_index_headers(tmp_path, monkeypatch):
 
 def test_entry_is_plain_tuple():
     assert Entry(1, 2, b"x") == (1, 2, b"x")
+
+
+async def test_damaged_index_sizes_never_size_a_read(tmp_path, monkeypatch):
+    """Regression: a flipped run count in an index header (bytes 12..16) made open() ask
+    ``os.pread`` for up to 32 GiB and die with a bare MemoryError. Every bit of every size
+    field of the index header is flipped in turn: open must rebuild the index from the
+    segment (the index is a cache), read everything back intact, and never issue a read
+    larger than the files involved."""
+    async with FsLog(tmp_path, "x", segment_size=SEG) as log:
+        await _fill(log, 120)
+        expect = [e async for e in log.iter()]
+    d = tmp_path / "x"
+    idx = d / sorted(n for n in os.listdir(d) if n.endswith(".idx"))[0]
+    pristine = idx.read_bytes()
+    biggest = max(os.path.getsize(d / n) for n in os.listdir(d))
+    sizes: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, off: int) -> bytes:
+        sizes.append(n)
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", pread)
+    # nruns (12..16), count (24..32), data end (32..40)
+    for pos in [*range(12, 16), *range(24, 40)]:
+        for bit in range(8):
+            raw = bytearray(pristine)
+            raw[pos] ^= 1 << bit
+            idx.write_bytes(bytes(raw))
+            sizes.clear()
+            async with FsLog(tmp_path, "x", segment_size=SEG) as log:
+                assert [e async for e in log.iter()] == expect, (pos, bit)
+            assert max(sizes) <= max(biggest, 1 << 20), (pos, bit, max(sizes))
+            assert idx.read_bytes() == pristine, "the damaged index was not rewritten"
+
+
+async def test_missing_middle_segment_is_an_error_not_a_huge_read(tmp_path):
+    """Without the segment in the middle, the one before it would have to hold the
+    missing records too: open says so naming the file, instead of trusting the count."""
+    async with FsLog(tmp_path, "x", segment_size=SEG) as log:
+        await _fill(log, 200)
+    names = _segs(tmp_path / "x")
+    assert len(names) >= 4
+    os.unlink(tmp_path / "x" / names[2])
+    with pytest.raises(LogCorruptError) as ei:
+        async with FsLog(tmp_path, "x", segment_size=SEG):
+            pass
+    assert ei.value.path == str(tmp_path / "x" / names[1])
+    assert ei.value.offset == os.path.getsize(tmp_path / "x" / names[1])

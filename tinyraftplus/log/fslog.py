@@ -280,6 +280,7 @@ class FsLog:
             if i < len(self._segs) - 1:
                 seg.sealed = True
                 seg.count = self._segs[i + 1].first_seq - seg.first_seq
+                self._check_sealed_size(seg)
         self._first_seq = self._segs[0].first_seq
         self._terms = TermIndex(self._first_seq - 1, self._segs[0].prev_term)
         for seg in self._segs[:-1]:
@@ -298,6 +299,22 @@ class FsLog:
         self._head = None
         if self._seq >= self._first_seq:
             self._head = self._locate(self._seq).read_entries(self._seq, self._seq)[0].data
+
+    @staticmethod
+    def _check_sealed_size(seg: Segment) -> None:
+        """A sealed segment must be big enough for the records its neighbours' names say
+        it holds (a missing segment file, for one, makes it too small). Checked before the
+        count sizes any buffer: a count read from the disk is never trusted unchecked."""
+        size = os.fstat(seg.open_fd(False)).st_size
+        if seg.count > (size - fmt.SEG_HDR) // fmt.REC_HDR:
+            raise LogCorruptError(
+                f"{seg.path} is {size} bytes, too small for the {seg.count} records "
+                f"(seqs {seg.first_seq}..{seg.last_seq}) that the next segment's name implies:"
+                f" a segment file is missing or this one was cut short at byte offset {size};"
+                " restore the log from a replica",
+                path=seg.path,
+                offset=size,
+            )
 
     def _recover_tail(self, seg: Segment) -> None:
         seg.sealed = False
@@ -410,6 +427,12 @@ class FsLog:
     def head_term(self) -> int:
         """Term of the last durable record (0 when empty)."""
         return self._terms.term_at(self._seq)
+
+    @property
+    def is_open(self) -> bool:
+        """True between a successful ``open()`` and ``close()``: whoever holds an open log
+        may use it, and a wrapper (the Raft node) opens only a log that is not yet open."""
+        return self._state == "open"
 
     @property
     def closed(self) -> bool:

@@ -196,6 +196,7 @@ class Segment:
         except FileNotFoundError:
             return None
         try:
+            idx_size = os.fstat(fd).st_size
             head = os.pread(fd, 4096, 0)
             if len(head) < fmt.IDX_HDR.size:
                 return None
@@ -204,14 +205,16 @@ class Segment:
                 return None
             runs_len = nruns * fmt.IDX_RUN.size
             need = fmt.IDX_HDR.size + runs_len
+            # Sizes come from disk: check them against the file before reading (a flipped
+            # run count would otherwise ask for gigabytes).
+            if count != self.count or idx_size != need + count * _U64:
+                return None
             if len(head) < need:
                 head = os.pread(fd, need, 0)
                 if len(head) < need:
                     return None
             body = head[fmt.IDX_HDR.size : need]
             if lib.tp_crc32c(lib.tp_crc32c(0, head, 44), body, runs_len) != crc:
-                return None
-            if count != self.count or os.fstat(fd).st_size != need + count * _U64:
                 return None
             if os.fstat(self.open_fd(False)).st_size != data_end:
                 return None
