@@ -335,3 +335,10 @@ async def test_in_process_cluster_survives_restart_of_a_node(tmp_path, ca):
                         assert await one.get(f"k{k}") == f"v{k}".encode()
                 assert c.servers[victim].store.data[b"k35"] == b"v35"
             nursery.cancel_scope.cancel()
+
+
+async def test_errors_inside_the_client_block_are_not_wrapped_in_groups():
+    with pytest.raises(TransportError):  # not an ExceptionGroup around it
+        async with Client(["127.0.0.1:9"], plaintext=True, timeout=0.2,
+                          connect_timeout=0.1) as c:
+            await c.get("k")

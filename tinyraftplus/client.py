@@ -421,7 +421,11 @@ class Client:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         self._nursery = None
-        return await self._nursery_cm.__aexit__(*exc)  # type: ignore[no-any-return]
+        # The body's own exception is not handed to the nursery: it would come back wrapped
+        # in an ExceptionGroup, and a caller should catch NoLeaderError, not a group of one.
+        # The background tasks (connections) handle their own errors.
+        await self._nursery_cm.__aexit__(None, None, None)
+        return False
 
     # --- public API ---------------------------------------------------------------------
 
