@@ -808,9 +808,12 @@ class Simulation:
         self._settle()
         ops = self.history.operations()
         res = check(ops, self.app.model)
-        if res.ok is not True:
+        if res.ok is False:
             self.fail("linearizability", "client history is not linearizable:\n"
                       + res.explain(), [])
+        if res.ok is None:
+            self.fail("linearizability undecided", "the checker gave up (too many "
+                      "configurations):\n" + res.explain(), [])
         return SimResult(
             seed=self.seed, ok=True, ops=len(ops), acked_writes=len(self.inv.acked),
             elections=self.elections, crashes=self.crashes, partitions=self.partitions,

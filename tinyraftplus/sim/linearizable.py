@@ -105,9 +105,15 @@ class Model(Protocol):
         ...
 
     def observes(self, reader: Operation, writer: Operation) -> bool:
-        """True when ``reader``'s output shows ``writer``'s effect (used only to keep
-        shrunk counterexamples readable; returning False is always safe)."""
+        """True when ``reader``'s output shows ``writer``'s effect (used to keep shrunk
+        counterexamples readable; returning False is safe unless the model sets
+        ``drop_unobserved_pending``)."""
         ...
+
+    # Optional class attribute ``drop_unobserved_pending = True``: the model promises that
+    # a pending operation no completed operation ``observes`` can be left out (it may
+    # always "never have happened"). Without it, histories with many operations that never
+    # returned make the search exponential.
 
 
 class KVModel:
@@ -119,6 +125,12 @@ class KVModel:
     """
 
     KINDS = ("put", "get", "append")
+
+    # With unique values, a pending write no read shows can be taken as never applied: a
+    # pending append that no read contains only ever adds a token no read returned, and a
+    # pending put no read contains is overwritten before any read. Leaving such writes out
+    # keeps the search small when many writes never returned.
+    drop_unobserved_pending = True
 
     def init(self, key: Hashable) -> Hashable:
         return None
@@ -326,6 +338,12 @@ def minimal_offending_set(ops: Sequence[Operation], model: Model | None = None,
     return current
 
 
+def _drop_unobserved(ops: list[Operation], model: Model) -> list[Operation]:
+    done = [o for o in ops if o.ret is not None]
+    return [o for o in ops
+            if o.ret is not None or any(model.observes(r, o) for r in done)]
+
+
 def check(history: Iterable[Operation] | History, model: Model | None = None,
           max_states: int = 2_000_000, shrink: bool = True,
           key_fn: Callable[[Operation], Hashable] | None = None) -> CheckResult:
@@ -347,6 +365,8 @@ def check(history: Iterable[Operation] | History, model: Model | None = None,
             )
         k = key_fn(op) if key_fn is not None else op.key
         by_key.setdefault(k, []).append(op)
+    if getattr(model, "drop_unobserved_pending", False):
+        by_key = {k: _drop_unobserved(v, model) for k, v in by_key.items()}
     verdicts = []
     overall: bool | None = True
     for k in sorted(by_key, key=repr):
