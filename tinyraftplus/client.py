@@ -10,9 +10,12 @@ Theory of operation
 -------------------
 **Any node will do, the leader is best.** Every node accepts every request (a follower
 forwards writes to the leader and serves linearizable reads with ReadIndex), so the client
-needs one working connection. It prefers the leader's, because that saves a hop: it asks the
-nodes it knows for their status, learns which address is which node id, and moves to the
-leader's address when a node names it (a redirect).
+needs one working connection. It prefers the leader's: that saves a hop, and a follower
+that still believes in a leader that just died would forward into the void until its
+timeout. So the client asks every address for its status and sends to the node that says it
+leads (the highest term wins if two do for a moment), on start, after every failed attempt
+(before sending again, for up to ``attempt_timeout``), and in the background while it has
+not found one.
 
 **Retrying is safe.** A write that got no answer -- its connection broke, the node said "no
 leader" or "timeout", the attempt took longer than ``attempt_timeout`` -- is sent again,
@@ -402,6 +405,9 @@ class Client:
         self._slots = trio.Semaphore(max_inflight)
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
+        self._finding: trio.Event | None = None
+        self._found = False
+        self._last_search = -1e9
         self.retries = 0
         """Attempts that were sent again (for tests and curious users)."""
 
@@ -412,7 +418,7 @@ class Client:
         self._nursery = await self._nursery_cm.__aenter__()
         # Learn who is who (and who leads) now, so the first request goes to the leader.
         with trio.move_on_after(self.connect_timeout):
-            await self._refresh()
+            await self._find_leader()
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
@@ -494,15 +500,27 @@ class Client:
         last: TinyRaftError | None = None
         reached = False
         attempt = 0
+        seek = 0  # rounds spent looking for a leader since the last failure
+        seek_until = 0.0
         while True:
             now = trio.current_time()
             if now >= deadline:
                 raise self._give_up(last, reached)
             if attempt:
-                self.retries += 1
-                delay = min(self.backoff_max, 0.01 * 2 ** min(attempt, 10))
+                delay = min(self.backoff_max, 0.01 * 2 ** min(attempt + seek, 10))
                 await trio.sleep(min(self._rng.uniform(delay / 2, delay),
                                      max(0.0, deadline - now)))
+                # Find the leader before sending again: a follower that still believes in a
+                # leader that just died would forward the request into the void. If none
+                # says it leads for an attempt_timeout, send anyway (the client may reach
+                # only followers).
+                if seek and trio.current_time() < seek_until:
+                    with trio.move_on_at(deadline):
+                        if not await self._find_leader():
+                            seek += 1
+                            continue
+                seek = 0
+                self.retries += 1
             attempt += 1
             conn = self._conns.get(self.addresses[self._target])
             if conn is None or conn.closed:
@@ -514,30 +532,37 @@ class Client:
             w = conn.send(rid, build(rid),
                           min(deadline, trio.current_time() + self.attempt_timeout))
             await w.event.wait()
-            if w.code == "timeout_local":
+            code, body = w.code, w.payload
+            if code == "ok":
+                if not self._found and self._finding is None and self._nursery is not None \
+                        and trio.current_time() - self._last_search > 0.5:
+                    # Served, but not known to be by the leader (none had been elected when
+                    # we looked): look again in the background, to save the forwarding hop
+                    # and not depend on a follower when the leader changes.
+                    self._last_search = trio.current_time()
+                    self._nursery.start_soon(self._find_leader)
+                return body
+            if code == "timeout_local":
                 reached = True  # it is up and speaks TLS with us; it cannot commit in time
                 last = RaftTimeoutError(
                     f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
                     f"{self.attempt_timeout}s")
-                self._move_on(conn, refresh=True)
-                continue
-            code, body = w.code, w.payload
-            reached = reached or code != "closed"
-            if code == "ok":
-                return body
-            if code == "closed":
+            elif code == "closed":
                 last = TransportError(str(body))
-                self._move_on(conn, refresh=True)
-                continue
-            if code in RETRYABLE:
+            elif code in RETRYABLE:
+                reached = True
                 last = NoLeaderError(f"{conn.addr[0]}:{conn.addr[1]}: {body}")
-                self._move_on(conn, refresh=code != "timeout" or attempt > 1)
-                continue
-            if code == "bad_request":
+            elif code == "bad_request":
                 raise InvalidArgumentError(f"the server refused the request: {body}")
-            if code == "err":
+            elif code == "err":
                 raise RaftError(f"the store refused the request: {body}")
-            raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
+            else:
+                raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
+            # Retry: move off this address (the leader search may point back to it).
+            if self.addresses[self._target] == conn.addr and len(self.addresses) > 1:
+                self._target = (self._target + 1) % len(self.addresses)
+            seek = 1
+            seek_until = trio.current_time() + self.attempt_timeout
 
     def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
         if not reached:
@@ -556,45 +581,45 @@ class Client:
     def _addrs_text(self) -> str:
         return ", ".join(f"{h}:{p}" for h, p in self.addresses)
 
-    def _move_on(self, conn: _Conn, *, refresh: bool) -> None:
-        """After a failed attempt: try the next address now, and ask everyone in the
-        background which node leads (that answer wins when it comes)."""
-        if conn.closed or refresh:
-            i = self.addresses.index(conn.addr) if conn.addr in self.addresses else -1
-            if self.addresses[self._target] == conn.addr:
-                self._target = (i + 1) % len(self.addresses)
-        if refresh and self._nursery is not None and not getattr(self, "_refreshing", False):
-            self._nursery.start_soon(self._refresh)
-
-    async def _refresh(self) -> None:
-        """Ask every node for its status and point the client at the leader."""
-        self._refreshing = True
+    async def _find_leader(self) -> bool:
+        """Ask every node which one leads and point the client at it; True if a node said
+        it leads. Concurrent callers share one round of questions."""
+        ev = self._finding
+        if ev is not None:
+            await ev.wait()
+            return self._found
+        ev = self._finding = trio.Event()
         try:
-            statuses: dict[Address, dict[str, Any]] = {}
-
-            async def one(addr: Address) -> None:
-                with trio.move_on_after(min(self.attempt_timeout, 1.0)):
-                    st = await self._status_of(addr)
-                    if st is not None:
-                        statuses[addr] = st
-
-            async with trio.open_nursery() as n:
-                for a in self.addresses:
-                    n.start_soon(one, a)
-            for addr, st in statuses.items():
-                self._ids[st.get("id")] = addr
-            # A node that says it leads is believed over one that names another leader.
-            for addr, st in statuses.items():
-                if st.get("state") == "leader":
-                    self._target = self.addresses.index(addr)
-                    return
-            best = max((st.get("term", 0), st.get("leader")) for st in statuses.values()
-                       if st.get("leader") is not None) if any(
-                st.get("leader") is not None for st in statuses.values()) else None
-            if best is not None and best[1] in self._ids:
-                self._target = self.addresses.index(self._ids[best[1]])
+            self._found = await self._refresh()
         finally:
-            self._refreshing = False
+            self._finding = None
+            ev.set()
+        return self._found
+
+    async def _refresh(self) -> bool:
+        """Ask every node for its status and point the client at the leader."""
+        statuses: dict[Address, dict[str, Any]] = {}
+
+        async def one(addr: Address) -> None:
+            with trio.move_on_after(min(self.attempt_timeout, 1.0)):
+                st = await self._status_of(addr)
+                if st is not None:
+                    statuses[addr] = st
+
+        async with trio.open_nursery() as n:
+            for a in self.addresses:
+                n.start_soon(one, a)
+        for addr, st in statuses.items():
+            self._ids[st.get("id")] = addr
+        # A node that says it leads is believed over one that names another leader.
+        claims = [(st.get("term", 0), addr) for addr, st in statuses.items()
+                  if st.get("state") == "leader"]
+        if claims:
+            # Two claims happen for a moment (a deposed leader that has not heard yet):
+            # the higher term is the real one.
+            self._target = self.addresses.index(max(claims)[1])
+            return True
+        return False
 
     async def _status_of(self, addr: Address) -> dict[str, Any] | None:
         conn = await self._connect(addr)

@@ -1,0 +1,73 @@
+"""A replicated key-value store in three processes: ``python examples/kvstore.py``.
+
+Starts three ``python -m tinyraftplus.server`` nodes on loopback (plaintext, to need no
+certificates; see the README for mutual TLS), writes and reads through
+``tinyraftplus.client.Client``, kills the leader with SIGKILL, keeps writing through the
+two survivors, and stops everything. The state machine is ``tinyraftplus.kv.KVStore``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+from tinyraftplus.client import Client
+
+READY = re.compile(r"ready id=(\d+) peer=\S+ client=(\S+)")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_cluster(data: str) -> tuple[dict[int, subprocess.Popen], list[str]]:
+    peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip((1, 2, 3), free_ports(3), strict=True))
+    procs, addrs = {}, []
+    for i in (1, 2, 3):
+        procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "tinyraftplus.server", "--id", str(i), "--peers", peers,
+             "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext",
+             "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, text=True)
+    for i in (1, 2, 3):
+        line = procs[i].stdout.readline()  # the server's one line: "... ready ..."
+        addrs.append(READY.search(line).group(2))
+    return procs, addrs
+
+
+async def main(procs: dict[int, subprocess.Popen], addrs: list[str]) -> None:
+    async with Client(addrs, plaintext=True) as c:
+        print("put  ->", await c.put("greeting", "hello"))
+        print("append ->", await c.append("greeting", ", world"))
+        print("get  ->", await c.get("greeting"))
+
+        leader = (await c.status())["leader"]
+        print(f"killing the leader, node {leader}")
+        procs[leader].kill()
+        t0 = time.monotonic()
+        await c.put("after", "the failover")
+        print(f"a write committed {time.monotonic() - t0:.2f}s later, without node {leader}")
+        print("get  ->", await c.get("after"), "| status:", await c.status())
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        procs, addrs = start_cluster(tmp)
+        try:
+            trio.run(main, procs, addrs)
+        finally:
+            for p in procs.values():
+                p.kill()
+                p.wait()
