@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from msgpack import packb
 
 from .client import (
     CLIENT_MAX_FRAME,
@@ -67,7 +68,7 @@ from .errors import (
     TinyRaftError,
     UsageError,
 )
-from .kv import KVStore, encode_write
+from .kv import KVStore
 from .log import FsLog
 from .node import RaftNode
 from .transport.tcp import TcpTransport
@@ -341,7 +342,9 @@ class _ClientConnection:
                 elif tag == TAG_GET:
                     self._start(self._get, rid, req[3])
                 else:
-                    writes.append((rid, encode_write(*req[3:])))
+                    # decode_request validated the fields: pack them as the log command
+                    # (the layout encode_write makes) without checking them twice.
+                    writes.append((rid, packb(req[3:], use_bin_type=True)))
             for i in range(0, len(writes), BATCH_MAX):
                 self._start(self._write, writes[i:i + BATCH_MAX], n=len(writes[i:i + BATCH_MAX]))
 
