@@ -235,3 +235,40 @@ def test_decode_request_never_raises_anything_but_protocol_error(seed):
             decode_request(msgpack.packb(obj, use_bin_type=True))
         except ProtocolError:
             pass
+
+
+async def test_half_a_frame_is_not_waited_for_forever(tmp_path):
+    """A client that sends part of a frame and stalls is cut off after ``frame_timeout``
+    (with a warning), while an idle client between frames is left alone."""
+    from test_client import client_ctx, node_tls
+    from test_multiprocess import free_ports
+
+    from tinyraftplus.server import Server, ServerConfig
+
+    ca = trustme_ca()
+    peer, cport = free_ports(2)
+    cfg = ServerConfig(node_id=1, peers={1: ("127.0.0.1", peer)}, data_dir=str(tmp_path / "d"),
+                       client_listen=("127.0.0.1", cport), tls=node_tls(ca, 1), fsync=False,
+                       election_timeout=0.2, ping_timeout=0.04, frame_timeout=0.5)
+    srv = Server(cfg)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            await n.start(srv.serve)
+            half = await open_tls(("127.0.0.1", cport), client_ctx(ca))
+            idle = await open_tls(("127.0.0.1", cport), client_ctx(ca))
+            f = frame(msgpack.packb([1, 1, 5]))
+            await half.send_all(f[:6])
+            t0 = trio.current_time()
+            assert await closed_by_server(half, timeout=5)
+            assert 0.4 <= trio.current_time() - t0 < 3
+            assert srv.bad_connections == 1
+            await idle.send_all(f)  # the idle one still works
+            got = await idle.receive_some(65536)
+            assert got and srv.bad_connections == 1
+            n.cancel_scope.cancel()
+
+
+def trustme_ca():
+    import trustme
+
+    return trustme.CA()

@@ -397,7 +397,6 @@ class Client:
         self._tls = tls
         self._conns: dict[Address, _Conn] = {}
         self._connecting: dict[Address, trio.Event] = {}
-        self._ids: dict[Any, Address] = {}
         self._target = 0
         self._next_rid = 0
         self._next_seq = 1
@@ -609,8 +608,6 @@ class Client:
         async with trio.open_nursery() as n:
             for a in self.addresses:
                 n.start_soon(one, a)
-        for addr, st in statuses.items():
-            self._ids[st.get("id")] = addr
         # A node that says it leads is believed over one that names another leader.
         claims = [(st.get("term", 0), addr) for addr, st in statuses.items()
                   if st.get("state") == "leader"]

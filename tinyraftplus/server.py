@@ -113,6 +113,8 @@ class ServerConfig:
     read_timeout: float = 5.0
     max_inflight: int = 4096
     handshake_timeout: float = 5.0
+    frame_timeout: float = 30.0
+    """A client that started a frame must finish it within this time."""
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -326,7 +328,18 @@ class _ClientConnection:
             while self.inflight >= max_inflight:
                 self.room = trio.Event()
                 await self.room.wait()
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if decoder.buffered:
+                # Inside a frame: the rest must follow soon (a client that sends half a
+                # frame and waits would hold a connection and its buffer for ever).
+                with trio.move_on_after(self.server.config.frame_timeout) as waited:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if waited.cancelled_caught:
+                    raise ProtocolError(
+                        f"the rest of a frame did not come within "
+                        f"{self.server.config.frame_timeout}s ({decoder.buffered} bytes "
+                        f"buffered)")
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 if decoder.buffered:
                     raise ProtocolError(
