@@ -270,8 +270,12 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
  * result. Hand-off in: the job fields under a mutex plus an atomic `ready` flag; after a
  * job the thread spins on that flag for up to `spin_ns` before sleeping on the condition
  * variable, because waking a sleeping thread costs tens of microseconds on a VM, a large
- * share of a ~100 us fdatasync. Hand-off out: an eventfd the Trio thread waits on, and an
- * atomic `done` word it can poll (tp_flusher_done_ptr) to skip the epoll wake-up. */
+ * share of a ~100 us fdatasync. It spins only while jobs have recently been arriving within
+ * that window (`gap_avg`): when they do not (a slow disk makes the Trio side gather big
+ * rounds, or the log is idle) spinning only burns a core that a loaded machine needs, and
+ * on 2 busy cores it delays the very thread that would submit the next job. Hand-off out:
+ * an eventfd the Trio thread waits on, and an atomic `done` word it can poll
+ * (tp_flusher_done_ptr) to skip the epoll wake-up. */
 struct tp_flusher {
     pthread_t thread;
     pthread_mutex_t mu;
@@ -282,6 +286,8 @@ struct tp_flusher {
     _Atomic int ready;
     int done; /* read by Python through tp_flusher_done_ptr */
     long spin_ns;
+    long gap_avg;  /* moving average of the time from a job's end to the next job */
+    long done_at;  /* when the last job ended (0: none yet) */
     int fd, sync;
     const void *buf;
     size_t len;
@@ -298,7 +304,8 @@ static long now_ns(void) {
 static void *flusher_main(void *arg) {
     tp_flusher *f = arg;
     for (;;) {
-        if (!atomic_load_explicit(&f->ready, memory_order_acquire) && f->spin_ns > 0) {
+        if (!atomic_load_explicit(&f->ready, memory_order_acquire) && f->spin_ns > 0 &&
+            f->gap_avg < f->spin_ns) {
             long until = now_ns() + f->spin_ns;
             while (!atomic_load_explicit(&f->ready, memory_order_acquire) && now_ns() < until) {
 #ifdef TP_X86
@@ -321,8 +328,14 @@ static void *flusher_main(void *arg) {
         size_t len = f->len;
         uint64_t off = f->off;
         pthread_mutex_unlock(&f->mu);
+        if (f->done_at) {
+            /* Capped so that one idle pause is forgotten after a few quick jobs. */
+            long gap = now_ns() - f->done_at, cap = 4 * f->spin_ns;
+            f->gap_avg = (3 * f->gap_avg + (gap < cap ? gap : cap)) / 4;
+        }
         int op = 0;
         int rc = tp_write(fd, buf, len, off, sync, &op);
+        f->done_at = now_ns();
         pthread_mutex_lock(&f->mu);
         f->rc = rc;
         f->failed_op = op;
