@@ -65,7 +65,7 @@ from ..errors import (
 from . import format as fmt
 from ._codes import corrupt, write_error
 from .flusher import Flusher
-from .segment import Segment, fsync_dir, parse_entries, scan_fd
+from .segment import Records, Segment, entries_of, fsync_dir, parse_entries, scan_fd
 from .terms import TermIndex
 
 _HDR_GAP = bytes(fmt.REC_HDR)
@@ -1063,17 +1063,18 @@ class FsLog:
             chunk = await trio.to_thread.run_sync(
                 self._read_step, seg, seq, min(self._seq, seg.last_seq)
             )
-            for e in chunk:
+            # The whole chunk is verified; entries are made as the consumer takes them.
+            for e in entries_of(*chunk):
                 yield e
-            seq += len(chunk)
+            seq += len(chunk.starts)
 
     @staticmethod
-    def _read_step(seg: Segment, lo: int, top: int) -> list[Entry]:
+    def _read_step(seg: Segment, lo: int, top: int) -> Records:
         offs = seg.ensure_offsets()
         i = lo - seg.first_seq
         limit = offs[i] + _READ_STEP
         j = bisect_right(offs, limit, i + 1, top - seg.first_seq + 1) - 1
-        return seg.read_entries(lo, seg.first_seq + max(j, i))
+        return seg.read_verified(lo, seg.first_seq + max(j, i))
 
     def __repr__(self) -> str:
         return f"<FsLog {self.path} {self._state} seq={self._seq} first_seq={self._first_seq}>"

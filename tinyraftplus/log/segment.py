@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 from array import array
-from itertools import repeat
+from collections.abc import Iterator
+from itertools import count, repeat
 from typing import NamedTuple
 
 from .._native import ffi, lib
@@ -20,6 +21,7 @@ from . import format as fmt
 from ._codes import corrupt
 
 _U64 = ffi.sizeof("uint64_t")
+_ZEROS = bytes(_U64)
 
 
 def fsync_dir(path: str) -> None:
@@ -277,16 +279,51 @@ class Segment:
 
     def read_entries(self, lo: int, hi: int) -> list[Entry]:
         """Records lo..hi, CRC-checked (blocking: one pread)."""
+        return list(entries_of(*self.read_verified(lo, hi)))
+
+    def read_verified(self, lo: int, hi: int) -> Records:
+        """Records lo..hi, all CRC-checked, not yet turned into ``Entry`` objects
+        (blocking: one pread)."""
         start, end = self.span(lo, hi)
         fd = self.open_fd(False)
         data = os.pread(fd, end - start, start)
-        return parse_entries(data, start, lo, hi - lo + 1, self.path)
+        return parse_records(data, start, lo, hi - lo + 1, self.path)
+
+
+class Records(NamedTuple):
+    """Verified records in one buffer: record i is ``data[starts[i]:ends[i]]``."""
+
+    data: bytes
+    first: int
+    starts: array
+    ends: array
+    terms: array
+
+
+def entries_of(data: bytes, first: int, starts: array, ends: array, terms: array) -> Iterator[Entry]:
+    """``Entry`` objects for verified records, made one at a time as they are consumed.
+
+    Lazily on purpose: a consumer that drops each entry before taking the next keeps the
+    number of live tuples at one, so the cyclic GC never runs for them; building a list of
+    a chunk's ~8,000 entries first set off collections that cost more than the parse.
+    ``tuple.__new__`` through ``map`` keeps the per-record work in C (``Entry(...)`` would
+    run a Python-level ``__new__`` per record)."""
+    payloads = map(data.__getitem__, map(slice, starts, ends))
+    return map(tuple.__new__, repeat(Entry), zip(count(first), terms, payloads))
 
 
 def parse_entries(data: bytes, file_off: int, first: int, n: int, path: str) -> list[Entry]:
-    starts = array("Q", bytes(8 * n))
-    ends = array("Q", bytes(8 * n))
-    terms = array("Q", bytes(8 * n))
+    """The ``n`` records in ``data`` (read from ``file_off`` of ``path``), CRC-checked."""
+    return list(entries_of(*parse_records(data, file_off, first, n, path)))
+
+
+def parse_records(data: bytes, file_off: int, first: int, n: int, path: str) -> Records:
+    """Check the ``n`` records in ``data`` (read from ``file_off`` of ``path``), the first
+    of which must have seq ``first``, all in one C call before any of them is returned;
+    raise ``LogCorruptError`` naming the file and offset of the first bad one."""
+    starts = array("Q", _ZEROS) * n
+    ends = array("Q", _ZEROS) * n
+    terms = array("Q", _ZEROS) * n
     bad = ffi.new("uint64_t*")
     got = lib.tp_parse(
         data,
@@ -308,9 +345,4 @@ def parse_entries(data: bytes, file_off: int, first: int, n: int, path: str) -> 
             path=path,
             offset=file_off + len(data),
         )
-    datas = map(data.__getitem__, map(slice, starts, ends))
-    # tuple.__new__ through map keeps the per-record cost in C: Entry(...) would call a
-    # Python-level __new__ for each of a million records.
-    return list(
-        map(tuple.__new__, repeat(Entry), zip(range(first, first + n), terms, datas, strict=True))
-    )
+    return Records(data, first, starts, ends, terms)
