@@ -15,9 +15,9 @@ and lets them run for two scheduler batches before it submits the next round: mo
 append again at once, so the next ``fdatasync`` carries all the appenders rather than the
 half that happened to append while the last one was in flight (with 256 appenders this
 measured 1.4-1.7x the throughput of submitting the next round first). Once its own round is
-durable the flusher hands the role to a task waiting on a later round and returns. A cancelled waiter just stops
-waiting: its record was framed and will be written (it may or may not end up durable), and
-the log stays consistent.
+durable the flusher hands the role to a task waiting on a later round and returns. A
+cancelled waiter just stops waiting: its record was framed and will be written (it may or
+may not end up durable), and the log stays consistent.
 
 Records become visible (``seq``, ``read``, ``iter``, ``entries``) only once durable. An
 ``append_batch`` or a transaction is framed as one atomic batch (MORE flags, see

@@ -300,7 +300,9 @@ class Records(NamedTuple):
     terms: array
 
 
-def entries_of(data: bytes, first: int, starts: array, ends: array, terms: array) -> Iterator[Entry]:
+def entries_of(
+    data: bytes, first: int, starts: array, ends: array, terms: array
+) -> Iterator[Entry]:
     """``Entry`` objects for verified records, made one at a time as they are consumed.
 
     Lazily on purpose: a consumer that drops each entry before taking the next keeps the
