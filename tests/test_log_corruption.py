@@ -4,8 +4,8 @@ A small log (three 4 KiB segments, single appends, batches, a transaction, an ab
 written and closed. Then, for every byte of it (one random bit per byte; the default suite
 takes every header and index byte and every 4th payload byte, ``-m slow`` every byte), and
 for 500 aimed random positions in a larger log, a copy gets that bit flipped and is read
-back through ``open``,
-``iter`` and ``read``, after ``verify`` (in-process, through the CLI's ``main``). The rules:
+back through ``open``, ``iter`` and ``read``, after ``verify`` (in-process, through the CLI's
+``run``). The rules:
 
 * every record the log returns equals the original record at that seq: never bad bytes;
 * a flip in the last atomic write of the log (its tail record or the batch that ends it)
