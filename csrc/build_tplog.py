@@ -54,6 +54,9 @@ size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t se
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out);
 
+size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_prev,
+                       uint64_t *out);
+
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op);
 
 typedef struct tp_flusher tp_flusher;

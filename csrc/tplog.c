@@ -191,6 +191,15 @@ size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t se
     return pos;
 }
 
+size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_prev,
+                       uint64_t *out) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i == 0 ? (!has_prev || terms[0] != prev) : terms[i] != terms[i - 1]) out[k++] = i;
+    }
+    return k;
+}
+
 /* ---------------------------------------------------------- fault injection ---- */
 
 /* Test hook: armed with tp_inject_fault; costs one relaxed atomic load per write. */

@@ -93,6 +93,13 @@ size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t se
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
                       uint64_t *offs_out);
 
+/* Where the term changes in terms[0..n): writes to out the indexes i with terms[i] !=
+ * terms[i - 1] (for i == 0: != prev, or always if !has_prev) and returns how many. Lets a
+ * batch of a million records with a handful of terms note its term runs without a Python
+ * loop over the records. */
+size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_prev,
+                       uint64_t *out);
+
 /* pwrite `len` bytes at `off` (looping over short writes), then fdatasync if `sync`.
  * On a write failure the file is truncated back to `off`. Returns 0 or -errno and sets
  * *failed_op to TP_OP_WRITE or TP_OP_SYNC. */

@@ -95,6 +95,18 @@ def _check_term(term: object) -> int:
     return term
 
 
+def _term_array(terms: Sequence[Any]) -> array:
+    """Per-record terms as ``array('Q')``, checked in C-level passes (``array`` itself
+    refuses non-integers and values outside 0..2**64-1) rather than one Python call per
+    record: the Raft driver passes a term list with every batch it persists."""
+    if set(map(type, terms)) == {int}:
+        with contextlib.suppress(OverflowError):
+            return array("Q", terms)
+    for t in terms:
+        _check_term(t)  # raises, naming the bad term; or int subclasses, which are fine
+    return array("Q", terms)
+
+
 class _Round:
     """Records framed for one write: one buffer, one segment, its waiters."""
 
@@ -124,6 +136,20 @@ class _Round:
         self.waiters: list[trio.lowlevel.Task] = []
         self.cbuf: Any = None
         self.cur_term: int | None = None  # term of the last record framed here
+
+
+def _note_term_changes(rnd: _Round, first: int, terms: array) -> None:
+    """Add to ``rnd.terms`` where the terms of records ``first...`` change (found in C)."""
+    idx = array("Q", bytes(8)) * len(terms)
+    prev = rnd.cur_term
+    k = lib.tp_term_changes(
+        ffi.from_buffer("uint64_t[]", terms),
+        len(terms),
+        prev or 0,
+        prev is not None,
+        ffi.from_buffer("uint64_t[]", idx),
+    )
+    rnd.terms.extend((first + i, terms[i]) for i in idx[:k])
 
 
 class FsLog:
@@ -531,7 +557,7 @@ class FsLog:
 
     def _check_batch(
         self, items: Any, term: Any
-    ) -> tuple[Sequence[Any], list[int], list[int] | None, bytearray]:
+    ) -> tuple[Sequence[Any], list[int], array | None, bytearray]:
         if isinstance(items, bytes | bytearray | memoryview | str) or not isinstance(
             items, Sequence
         ):
@@ -559,7 +585,7 @@ class FsLog:
                 raise InvalidArgumentError(
                     f"term must be an int or a sequence with one term per item ({len(items)} items)"
                 )
-            terms = [_check_term(t) for t in term]
+            terms = _term_array(term)
         return items, lens, terms, joined
 
     def _frame(
@@ -568,7 +594,7 @@ class FsLog:
         lens: list[int],
         seq: int | None,
         term: int,
-        terms: list[int] | None,
+        terms: Sequence[int] | None,
         atomic: bool,
         joined: bytearray | None = None,
     ) -> _Round:
@@ -580,6 +606,8 @@ class FsLog:
                 expected=first,
                 got=seq,
             )
+        if terms is not None and not isinstance(terms, array):
+            terms = array("Q", terms)  # a transaction's list, checked as it was built
         n = len(lens)
         if first + n - 1 > fmt.MAX_U64:
             raise InvalidArgumentError(f"seq would pass 2**64-1 in {self.path}")
@@ -607,7 +635,7 @@ class FsLog:
             else:
                 buf += joined
             c_lens = ffi.from_buffer("uint32_t[]", array("I", lens))
-            c_terms = ffi.new("uint64_t[]", terms) if terms is not None else ffi.NULL
+            c_terms = ffi.from_buffer("uint64_t[]", terms) if terms is not None else ffi.NULL
             offs = array("Q", bytes(8 * n))
             lib.tp_frame_batch(
                 ffi.from_buffer("uint8_t[]", buf) + pos,
@@ -621,15 +649,13 @@ class FsLog:
                 ffi.from_buffer("uint64_t[]", offs),
             )
             rnd.offs.extend(offs)
+        if terms is not None and terms.count(last_term) == n:
+            terms, term = None, last_term  # one term after all: the common case
         if terms is None:
             if term != rnd.cur_term:
                 rnd.terms.append((first, term))
         else:
-            prev = rnd.cur_term
-            for i, t in enumerate(terms):
-                if t != prev:
-                    rnd.terms.append((first + i, t))
-                    prev = t
+            _note_term_changes(rnd, first, terms)
         rnd.cur_term = last_term
         last = items[-1]
         rnd.last_data = last if type(last) is bytes else bytes(last)
