@@ -342,3 +342,37 @@ async def test_errors_inside_the_client_block_are_not_wrapped_in_groups():
         async with Client(["127.0.0.1:9"], plaintext=True, timeout=0.2,
                           connect_timeout=0.1) as c:
             await c.get("k")
+
+
+async def test_client_never_runs_a_session_window_ahead_of_its_oldest_write(monkeypatch):
+    """The store forgets results beyond a bound; the client never issues a seq so far ahead
+    of its oldest unanswered write that the store could have forgotten that write's result."""
+    import tinyraftplus.client as client_mod
+
+    monkeypatch.setattr(client_mod, "SESSION_WINDOW", 3)
+    release = trio.Event()
+    seen: list[int] = []
+
+    async def fake_call(self, build):
+        seq = self._next_seq - 1
+        seen.append(seq)
+        if seq == 1:
+            await release.wait()  # the oldest write is stuck (retrying, say)
+        return 0
+
+    monkeypatch.setattr(Client, "_call", fake_call)
+    with trio.fail_after(10):
+        await _window_scenario(release, seen)
+
+
+async def _window_scenario(release, seen):
+    async with Client(["127.0.0.1:9"], plaintext=True, connect_timeout=0.1) as c:
+        async with trio.open_nursery() as n:
+            n.start_soon(c.put, "k", "1")
+            await trio.sleep(0.05)
+            for _ in range(5):
+                n.start_soon(c.put, "k", "x")
+            await trio.sleep(0.2)
+            assert seen == [1, 2, 3]  # seq 4 would be a window ahead of seq 1
+            release.set()
+        assert seen == [1, 2, 3, 4, 5, 6]

@@ -84,6 +84,9 @@ TAG_WRITE = 3
 MAX_RID = (1 << 63) - 1
 CLIENT_MAX_FRAME = 2 << 20
 """Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
+SESSION_WINDOW = 2048
+"""Most seqs a client runs ahead of its oldest unanswered write (below the store's
+``max_results`` of 4096, so a result the client may still ask for again is never dropped)."""
 RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
 RECEIVE_SIZE = 256 * 1024
 
@@ -401,6 +404,7 @@ class Client:
         self._next_rid = 0
         self._next_seq = 1
         self._outstanding: dict[int, None] = {}
+        self._window_moved = trio.Event()
         self._slots = trio.Semaphore(max_inflight)
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
@@ -477,9 +481,16 @@ class Client:
         seq = self._next_seq
         check_write(self.client_id, seq, seq, op, k, v)
         async with self._slots:
+            out = self._outstanding
+            # The store keeps the results of seqs from the ack on, up to a bound: never run
+            # so far ahead of the oldest write still waiting that its result could be
+            # forgotten while it may still be retried.
+            while out and self._next_seq - next(iter(out)) >= SESSION_WINDOW:
+                if self._window_moved.is_set():  # one event shared by all who wait
+                    self._window_moved = trio.Event()
+                await self._window_moved.wait()
             seq = self._next_seq
             self._next_seq += 1
-            out = self._outstanding
             out[seq] = None
             cid = self.client_id
             try:
@@ -489,6 +500,7 @@ class Client:
                     lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
             finally:
                 del out[seq]
+                self._window_moved.set()
 
     def _rid(self) -> int:
         self._next_rid += 1
