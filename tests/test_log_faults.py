@@ -213,3 +213,46 @@ async def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
             assert log.seq == n // 2 + 1 and log.head == b"after"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("appenders", [1, 20])
+async def test_failed_roll_fails_every_append_that_needed_it(tmp_path, monkeypatch, appenders):
+    """Regression: when creating the next segment failed (disk full), the append whose
+    task was flushing at the time got its seq back as if durable, though its record was
+    never written (its round failed while queued, and only waiting tasks were told).
+    Every seq an append returns must be in the log, before and after a reopen."""
+    from tinyraftplus.log.segment import Segment
+
+    real_create = Segment.create_file
+    full = True
+
+    def create_file(self):
+        if full and self.first_seq > 0:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", self.path)
+        return real_create(self)
+
+    monkeypatch.setattr(Segment, "create_file", create_file)
+    acked: list[int] = []
+    failures = 0
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+
+        async def appender(i: int) -> None:
+            nonlocal failures
+            for k in range(40):
+                try:
+                    acked.append(await log.append(b"%03d-%03d" % (i, k) + bytes(200)))
+                except LogFullError:
+                    failures += 1
+                    return
+
+        async with trio.open_nursery() as n:
+            for i in range(appenders):
+                n.start_soon(appender, i)
+        assert failures == appenders  # every appender reached the full disk
+        assert sorted(acked) == list(range(len(acked))) and log.seq == len(acked) - 1
+        assert [e.seq async for e in log.iter()] == sorted(acked)
+        full = False  # space again: the roll now succeeds and appends continue
+        assert await log.append(b"after") == len(acked)
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+        assert [e.seq async for e in log.iter()] == list(range(len(acked) + 1))
+        assert log.head == b"after"
