@@ -376,3 +376,24 @@ async def _window_scenario(release, seen):
             assert seen == [1, 2, 3]  # seq 4 would be a window ahead of seq 1
             release.set()
         assert seen == [1, 2, 3, 4, 5, 6]
+
+
+async def test_client_keeps_at_most_max_inflight_writes(monkeypatch):
+    inflight = peak = 0
+
+    async def fake_call(self, build):
+        nonlocal inflight, peak
+        inflight += 1
+        peak = max(peak, inflight)
+        await trio.sleep(0.01)
+        inflight -= 1
+        return 0
+
+    monkeypatch.setattr(Client, "_call", fake_call)
+    with trio.fail_after(10):
+        async with Client(["127.0.0.1:9"], plaintext=True, connect_timeout=0.1,
+                          max_inflight=3) as c:
+            async with trio.open_nursery() as n:
+                for _ in range(20):
+                    n.start_soon(c.put, "k", "x")
+    assert peak == 3

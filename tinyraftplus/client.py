@@ -405,7 +405,7 @@ class Client:
         self._next_seq = 1
         self._outstanding: dict[int, None] = {}
         self._window_moved = trio.Event()
-        self._slots = trio.Semaphore(max_inflight)
+        self._max_inflight = max_inflight
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self._finding: trio.Event | None = None
@@ -480,27 +480,28 @@ class Client:
         v = None if value is None else _as_bytes(value, "value")
         seq = self._next_seq
         check_write(self.client_id, seq, seq, op, k, v)
-        async with self._slots:
-            out = self._outstanding
-            # The store keeps the results of seqs from the ack on, up to a bound: never run
-            # so far ahead of the oldest write still waiting that its result could be
-            # forgotten while it may still be retried.
-            while out and self._next_seq - next(iter(out)) >= SESSION_WINDOW:
-                if self._window_moved.is_set():  # one event shared by all who wait
-                    self._window_moved = trio.Event()
-                await self._window_moved.wait()
-            seq = self._next_seq
-            self._next_seq += 1
-            out[seq] = None
-            cid = self.client_id
-            try:
-                # ack: the lowest seq still waiting (dict order is seq order), recomputed
-                # per attempt so that a retry also lets the store forget what it can.
-                return await self._call(
-                    lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
-            finally:
-                del out[seq]
-                self._window_moved.set()
+        out = self._outstanding
+        # At most max_inflight writes at once; and since the store keeps the results of seqs
+        # from the ack on only up to a bound, never run so far ahead of the oldest write
+        # still waiting that its result could be forgotten while it may still be retried.
+        # (A counter, not a trio.Semaphore: no scheduling point on the fast path.)
+        while out and (len(out) >= self._max_inflight
+                       or self._next_seq - next(iter(out)) >= SESSION_WINDOW):
+            if self._window_moved.is_set():  # one event shared by all who wait
+                self._window_moved = trio.Event()
+            await self._window_moved.wait()
+        seq = self._next_seq
+        self._next_seq += 1
+        out[seq] = None
+        cid = self.client_id
+        try:
+            # ack: the lowest seq still waiting (dict order is seq order), recomputed per
+            # attempt so that a retry also lets the store forget what it can.
+            return await self._call(
+                lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
+        finally:
+            del out[seq]
+            self._window_moved.set()
 
     def _rid(self) -> int:
         self._next_rid += 1
