@@ -8,6 +8,7 @@ import random
 import crc32c
 import pytest
 import trio
+import trio.testing
 
 from tinyraftplus import Entry, FsLog, StateFile
 from tinyraftplus.errors import (
@@ -373,3 +374,27 @@ async def test_state_file(tmp_path):
         sf.load()
     with pytest.raises(InvalidArgumentError):
         await sf.save("text")
+
+
+@pytest.mark.parametrize("count", [1, 3])
+async def test_batch_items_changed_while_waiting_do_not_change_the_record(tmp_path, count):
+    """Regression: append_batch measured its items, then (while a transaction held the
+    gate) waited, then for a one-item batch copied the item again: a bytearray grown in
+    between was framed with its old length but copied whole, so the round held more bytes
+    than its records, and every later write landed at the wrong offset. The records hold
+    the items as they were when append_batch was called."""
+    items = [bytearray(b"item%d" % i) for i in range(count)]
+    want = [bytes(x) for x in items]
+    async with FsLog(tmp_path, "x") as log:
+        async with trio.open_nursery() as n:
+            async with log.txn() as txn:
+                await txn.append(b"txn")
+                n.start_soon(log.append_batch, items)
+                await trio.testing.wait_all_tasks_blocked()
+                for x in items:
+                    x.extend(b" changed while waiting")
+        assert await log.append(b"after") == count + 1
+        assert log.head == b"after"
+        assert [e.data async for e in log.iter()] == [b"txn", *want, b"after"]
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [b"txn", *want, b"after"]

@@ -68,7 +68,6 @@ from .flusher import Flusher
 from .segment import Records, Segment, entries_of, fsync_dir, parse_entries, scan_fd
 from .terms import TermIndex
 
-_HDR_GAP = bytes(fmt.REC_HDR)
 _HDR_BA = bytearray(fmt.REC_HDR)
 _BECOME_FLUSHER = object()
 _READ_STEP = 1 << 20  # bytes per pread when iterating
@@ -638,18 +637,18 @@ class FsLog:
         pos = len(buf)
         off = rnd.file_off + pos
         last_term = terms[-1] if terms is not None else term
+        # Only ``joined`` (laid out when the call was made, before any await) is framed:
+        # the caller may change its items while the append waits at the gate.
+        if joined is None:
+            joined = _HDR_BA.join(chain((b"",), items))
+        if pos == 0:
+            rnd.buf = buf = joined  # the common case for a batch: no copy
+        else:
+            buf += joined
         if n == 1:
-            buf += _HDR_GAP
-            buf += items[0]
             lib.tp_frame_one(ffi.from_buffer("uint8_t[]", buf), pos, lens[0], first, last_term, 0)
             rnd.offs.append(off)
         else:
-            if joined is None:
-                joined = _HDR_BA.join(chain((b"",), items))
-            if pos == 0:
-                rnd.buf = buf = joined  # the common case for a batch: no copy
-            else:
-                buf += joined
             c_lens = ffi.from_buffer("uint32_t[]", array("I", lens))
             c_terms = ffi.from_buffer("uint64_t[]", terms) if terms is not None else ffi.NULL
             offs = array("Q", bytes(8 * n))
@@ -673,8 +672,8 @@ class FsLog:
         else:
             _note_term_changes(rnd, first, terms)
         rnd.cur_term = last_term
-        last = items[-1]
-        rnd.last_data = last if type(last) is bytes else bytes(last)
+        with memoryview(joined) as whole:
+            rnd.last_data = whole[len(joined) - lens[-1] :].tobytes()
         rnd.count += n
         rnd.seg.write_end += total
         self._next_seq = first + n
