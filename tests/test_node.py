@@ -415,3 +415,27 @@ async def test_lossy_network_stays_consistent(tmp_path):
         assert all(held[s] == d for s, d in acked)
         counts = {c.sms[i].count for i in c.nodes}
         assert len(counts) == 1
+
+
+async def test_forwarded_append_fails_fast_when_the_leader_changes(tmp_path):
+    """A follower's forwarded append whose leader dies unanswered fails with
+    LeadershipLostError at the leader change, not after append_timeout."""
+    from tinyraftplus.raft.messages import Propose
+
+    net = MemoryNetwork(seed=2)
+    real = net._deliver
+
+    def deliver(frm, to, msg):
+        if type(msg) is Propose:
+            return  # the leader never sees the forwarded append
+        real(frm, to, msg)
+
+    net._deliver = deliver
+    async with cluster(tmp_path, 3, net=net, append_timeout=30.0) as c:
+        leader = await _one_leader(c)
+        follower = next(n for n in c.running() if n is not leader)
+        t0 = trio.current_time()
+        c.nursery.start_soon(c.stop, leader.node_id)
+        with pytest.raises(LeadershipLostError, match="may or may not"):
+            await follower.append(b"orphan")
+        assert trio.current_time() - t0 < 10.0

@@ -502,6 +502,8 @@ class RaftNode:
             ss = rd.soft_state
             self._role_changed.set()
             self._role_changed = trio.Event()
+            if self._forwards:
+                self._abandon_forwards(ss.leader)
             self.events.emit("change", state=ss.role.value, leader=ss.leader, term=ss.term)
         if rd.commit_seq > self._commit_seq:
             self._commit_seq = rd.commit_seq
@@ -512,6 +514,19 @@ class RaftNode:
             w = self._reads.pop(rs.read_id, None)
             if w is not None:
                 w.set(rs.index)
+
+    def _abandon_forwards(self, leader: Any) -> None:
+        """The leader changed while appends forwarded to the old one wait for its answer.
+        The answer may never come; the entries may or may not have been proposed. Fail
+        those appends now rather than at ``append_timeout``; retrying them here could apply
+        them twice, so that is left to callers that can tell (client sessions)."""
+        for rid, (target, w) in list(self._forwards.items()):
+            if target != leader:
+                del self._forwards[rid]
+                w.fail(LeadershipLostError(
+                    f"node {target!r} stopped being leader before answering an append "
+                    f"forwarded by node {self.node_id!r}; it may or may not be applied"
+                ))
 
     # ------------------------------------------------------------------ sending
     def _send(self, to: Any, msg: Any) -> None:
