@@ -223,6 +223,14 @@ class FsLog:
         self._gate = trio.lowlevel.ParkingLot()
         self._idle = trio.lowlevel.ParkingLot()
         self._txn: Txn | None = None
+        # Reads in worker threads and changes to the set of files (truncate, compact,
+        # close) exclude each other: a reader could otherwise open a file being deleted
+        # or read a range being cut. Reads are one chunk each, so a long ``iter`` delays
+        # a truncate by one chunk at most, never by its whole length.
+        self._reads = 0
+        self._reshaping = False
+        self._reads_done = trio.lowlevel.ParkingLot()
+        self._reshaped = trio.lowlevel.ParkingLot()
         self._last_framed_term = 0
         self._hdr = ffi.new("uint8_t[]", fmt.REC_HDR)
         self._hdr_view = ffi.buffer(self._hdr)
@@ -305,7 +313,7 @@ class FsLog:
         for i, seg in enumerate(self._segs):
             hdr = seg.read_header()
             if isinstance(hdr, int):
-                if len(self._segs) == 1 and os.fstat(seg.open_fd(False)).st_size <= fmt.SEG_HDR:
+                if len(self._segs) == 1 and os.fstat(seg.open_fd()).st_size <= fmt.SEG_HDR:
                     seg.close_fd()
                     os.unlink(seg.path)
                     seg.create_file()
@@ -323,7 +331,6 @@ class FsLog:
                 )
             seg.prev_term = hdr[1]
             if i < len(self._segs) - 1:
-                seg.sealed = True
                 seg.count = self._segs[i + 1].first_seq - seg.first_seq
                 self._check_sealed_size(seg)
         self._first_seq = self._segs[0].first_seq
@@ -350,7 +357,7 @@ class FsLog:
         """A sealed segment must be big enough for the records its neighbours' names say
         it holds (a missing segment file, for one, makes it too small). Checked before the
         count sizes any buffer: a count read from the disk is never trusted unchecked."""
-        size = os.fstat(seg.open_fd(False)).st_size
+        size = os.fstat(seg.open_fd()).st_size
         if seg.count > (size - fmt.SEG_HDR) // fmt.REC_HDR:
             raise LogCorruptError(
                 f"{seg.path} is {size} bytes, too small for the {seg.count} records "
@@ -362,11 +369,10 @@ class FsLog:
             )
 
     def _recover_tail(self, seg: Segment) -> None:
-        seg.sealed = False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(seg.idx_path)  # only sealed segments have one
         seg.close_fd()
-        fd = seg.open_fd(True)
+        fd = seg.open_fd()
         r = scan_fd(fd, seg.first_seq, True)
         if r.status == lib.TP_SCAN_CORRUPT:
             raise corrupt(
@@ -412,7 +418,9 @@ class FsLog:
             self._blocked = True
             with trio.CancelScope(shield=True):
                 await self._drain()
+                await self._reshape_begin()
                 self._state = "closed"
+                self._reshape_end()
                 self._gate.unpark_all()
                 if self._flusher is not None:
                     self._flusher.stop()
@@ -805,7 +813,7 @@ class FsLog:
     def _submit(self, rnd: _Round) -> None:
         assert self._flusher is not None
         seg = rnd.seg
-        fd = seg.open_fd(True)
+        fd = seg.open_fd()
         rnd.cbuf = ffi.from_buffer(rnd.buf)
         self._flusher.submit(fd, rnd.cbuf, len(rnd.buf), rnd.file_off, self._fsync)
         self._inflight = rnd
@@ -884,7 +892,6 @@ class FsLog:
                     seg.path,
                 )
             return LogFailedError(f"cannot create segment {seg.path}: {e}")
-        prev.sealed = True
         prev.close_fd()
         return None
 
@@ -942,11 +949,24 @@ class FsLog:
             if seq == self._seq:
                 return
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._truncate_sync, seq)
+                await self._reshape_begin()
+                try:
+                    i, cut = await trio.to_thread.run_sync(self._truncate_sync, seq)
+                    self._truncate_apply(seq, i, cut)
+                except OSError as e:
+                    self._failed = LogFailedError(
+                        f"truncating {self.path} to seq {seq} failed half-way ({e}); the log "
+                        "refuses further writes: reopen it to continue from what is on disk"
+                    )
+                    raise self._failed from e
+                finally:
+                    self._reshape_end()
         finally:
             self._exclusive_end()
 
-    def _truncate_sync(self, seq: int) -> None:
+    def _truncate_sync(self, seq: int) -> tuple[int, int]:
+        """The file work of a truncate (blocking): delete later segments, end a cut batch,
+        cut the segment holding ``seq``; returns that segment's index and the cut."""
         i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
         seg = self._segs[i]
         cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
@@ -957,16 +977,18 @@ class FsLog:
             os.unlink(later.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(seg.idx_path)
-        seg.close_fd()
-        fd = seg.open_fd(True)
+        fd = seg.open_fd()
         if seq >= seg.first_seq:
             self._end_batch_at(seg, fd, seq)
         os.ftruncate(fd, cut)
         os.fdatasync(fd)
         fsync_dir(self.path)
+        return i, cut
+
+    def _truncate_apply(self, seq: int, i: int, cut: int) -> None:
+        seg = self._segs[i]
         del self._segs[i + 1 :]
         del self._firsts[i + 1 :]
-        seg.sealed = False
         n = seq + 1 - seg.first_seq
         assert seg.offs is not None
         del seg.offs[n:]
@@ -1009,23 +1031,36 @@ class FsLog:
                 drop += 1
             if drop:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._compact_sync, drop)
+                    await self._reshape_begin()
+                    try:
+                        # Forget the segments first, on this thread: a synchronous read
+                        # (``entries``) then never looks for a file being deleted.
+                        gone = self._segs[:drop]
+                        del self._segs[:drop]
+                        del self._firsts[:drop]
+                        first = self._segs[0]
+                        self._first_seq = first.first_seq
+                        self._terms.drop_before(first.first_seq, first.prev_term)
+                        await trio.to_thread.run_sync(self._compact_sync, gone)
+                    except OSError as e:
+                        self._failed = LogFailedError(
+                            f"compacting {self.path} failed half-way ({e}); the log refuses "
+                            "further writes: reopen it to continue from what is on disk"
+                        )
+                        raise self._failed from e
+                    finally:
+                        self._reshape_end()
         finally:
             self._exclusive_end()
 
-    def _compact_sync(self, drop: int) -> None:
+    def _compact_sync(self, gone: list[Segment]) -> None:
         # Oldest first: a crash part-way leaves a shorter prefix gone, still contiguous.
-        for seg in self._segs[:drop]:
+        for seg in gone:
             seg.close_fd()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(seg.idx_path)
             os.unlink(seg.path)
         fsync_dir(self.path)
-        del self._segs[:drop]
-        del self._firsts[:drop]
-        first = self._segs[0]
-        self._first_seq = first.first_seq
-        self._terms.drop_before(first.first_seq, first.prev_term)
 
     # --- reads ------------------------------------------------------------------------
     def _locate(self, seq: int) -> Segment:
@@ -1092,11 +1127,38 @@ class FsLog:
         self._check_open()
         self._check_range(seq)
         seg = self._locate(seq)
-        if seg.offs is not None and seg.end - seg.offs[-1] < 65536:
+        if not self._reshaping and seg.offs is not None and seg.end - seg.offs[-1] < 65536:
             ent = seg.read_entries(seq, seq)[0]
             await trio.lowlevel.checkpoint()
             return ent
-        return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
+        await self._read_begin()
+        try:
+            self._check_open()  # the log may have changed while we waited
+            self._check_range(seq)
+            seg = self._locate(seq)
+            return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
+        finally:
+            self._read_end()
+
+    async def _read_begin(self) -> None:
+        while self._reshaping:
+            await self._reshaped.park()
+        self._reads += 1
+
+    def _read_end(self) -> None:
+        self._reads -= 1
+        if not self._reads:
+            self._reads_done.unpark_all()
+
+    async def _reshape_begin(self) -> None:
+        """Stop new reads in threads and wait for those running (call shielded)."""
+        self._reshaping = True
+        while self._reads:
+            await self._reads_done.park()
+
+    def _reshape_end(self) -> None:
+        self._reshaping = False
+        self._reshaped.unpark_all()
 
     def iter(self, start: int = 0) -> AsyncIterator[Entry]:
         """Async iterator over durable records from ``start`` (clamped to ``first_seq``),
@@ -1107,18 +1169,26 @@ class FsLog:
 
     async def _iter(self, start: int) -> AsyncIterator[Entry]:
         seq = max(start, self._first_seq)
+        if seq > self._seq:
+            # Nothing to read still checkpoints: a task polling for new records with
+            # ``async for`` must not be able to starve the appenders it waits for.
+            await trio.lowlevel.checkpoint()
         while True:
-            self._check_open()
-            if seq > self._seq:
-                return
-            if seq < self._first_seq:
-                raise InvalidArgumentError(
-                    f"seq {seq} was compacted away while iterating {self.path}"
+            await self._read_begin()
+            try:
+                self._check_open()
+                if seq > self._seq:
+                    return
+                if seq < self._first_seq:
+                    raise InvalidArgumentError(
+                        f"seq {seq} was compacted away while iterating {self.path}"
+                    )
+                seg = self._locate(seq)
+                chunk = await trio.to_thread.run_sync(
+                    self._read_step, seg, seq, min(self._seq, seg.last_seq)
                 )
-            seg = self._locate(seq)
-            chunk = await trio.to_thread.run_sync(
-                self._read_step, seg, seq, min(self._seq, seg.last_seq)
-            )
+            finally:
+                self._read_end()
             # The whole chunk is verified; entries are made as the consumer takes them.
             for e in entries_of(*chunk):
                 yield e

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from array import array
 from collections.abc import Iterator
 from itertools import count, repeat
@@ -107,11 +108,11 @@ class Segment:
         "count",
         "end",
         "write_end",
-        "sealed",
         "created",
         "idx_offsets_at",
         "idx_offsets_crc",
         "runs_from_scan",
+        "fd_lock",
     )
 
     def __init__(self, dir: str, first_seq: int, prev_term: int = 0) -> None:
@@ -125,27 +126,32 @@ class Segment:
         self.count = 0
         self.end = fmt.SEG_HDR
         self.write_end = fmt.SEG_HDR
-        self.sealed = False
         self.created = True
         self.idx_offsets_at = -1
         self.idx_offsets_crc = 0
         self.runs_from_scan: list[tuple[int, int]] = []
+        self.fd_lock = threading.Lock()
 
     @property
     def last_seq(self) -> int:
         return self.first_seq + self.count - 1
 
     # --- files ------------------------------------------------------------------------
-    def open_fd(self, writable: bool) -> int:
-        if self.fd is None:
-            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-            self.fd = os.open(self.path, flags)
-        return self.fd
+    def open_fd(self) -> int:
+        """The segment's descriptor, opened on first use. Read-write even for reading: a
+        descriptor a reader opened must serve the writer too if the segment becomes the
+        tail again (truncate), and the log holds the directory's lock anyway."""
+        with self.fd_lock:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            return self.fd
 
     def close_fd(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Close the descriptor; waits for a read in progress on it (see ``read_verified``)."""
+        with self.fd_lock:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
     def create_file(self) -> None:
         """Create the file with its header, durably (blocking)."""
@@ -165,7 +171,7 @@ class Segment:
         self.created = True
 
     def read_header(self) -> tuple[int, int] | int:
-        fd = self.open_fd(False)
+        fd = self.open_fd()
         return decode_seg_header(os.pread(fd, fmt.SEG_HDR, 0))
 
     # --- index cache ------------------------------------------------------------------
@@ -218,7 +224,7 @@ class Segment:
             body = head[fmt.IDX_HDR.size : need]
             if lib.tp_crc32c(lib.tp_crc32c(0, head, 44), body, runs_len) != crc:
                 return None
-            if os.fstat(self.open_fd(False)).st_size != data_end:
+            if os.fstat(self.open_fd()).st_size != data_end:
                 return None
             runs = [fmt.IDX_RUN.unpack_from(body, i * 16) for i in range(nruns)]
         finally:
@@ -252,7 +258,7 @@ class Segment:
 
     def rebuild_index(self) -> array:
         """Scan a sealed segment whose index is missing or damaged, and rewrite it."""
-        r = scan_fd(self.open_fd(False), self.first_seq, True)
+        r = scan_fd(self.open_fd(), self.first_seq, True)
         if r.status != lib.TP_SCAN_CLEAN or r.n != self.count:
             off = r.bad_off if r.status != lib.TP_SCAN_CLEAN else r.end
             raise corrupt(
@@ -285,8 +291,13 @@ class Segment:
         """Records lo..hi, all CRC-checked, not yet turned into ``Entry`` objects
         (blocking: one pread)."""
         start, end = self.span(lo, hi)
-        fd = self.open_fd(False)
-        data = os.pread(fd, end - start, start)
+        # Under the lock: readers run in worker threads while the event loop may close
+        # this descriptor (a roll closes the old tail's), and a number closed mid-read can
+        # be reused at once by the next segment's file.
+        with self.fd_lock:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            data = os.pread(self.fd, end - start, start)
         return parse_records(data, start, lo, hi - lo + 1, self.path)
 
 
