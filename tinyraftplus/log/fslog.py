@@ -222,7 +222,6 @@ class FsLog:
         self._blocked = False
         self._gate = trio.lowlevel.ParkingLot()
         self._idle = trio.lowlevel.ParkingLot()
-        self._txn: Txn | None = None
         # Reads in worker threads and changes to the set of files (truncate, compact,
         # close) exclude each other: a reader could otherwise open a file being deleted
         # or read a range being cut. Reads are one chunk each, so a long ``iter`` delays
@@ -254,11 +253,9 @@ class FsLog:
         self._state = "open"
 
     def _open_sync(self) -> None:
-        created = False
         if not os.path.isdir(self.path):
             os.makedirs(self.path, exist_ok=True)
             fsync_dir(self._parent)
-            created = True
         lock_fd = os.open(
             os.path.join(self.path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
         )
@@ -272,13 +269,13 @@ class FsLog:
             ) from None
         self._lock_fd = lock_fd
         try:
-            self._recover(created)
+            self._recover()
             self._flusher = Flusher(self._spin_us, self._poll_us)
         except BaseException:
             self._release_files()
             raise
 
-    def _recover(self, created: bool) -> None:
+    def _recover(self) -> None:
         names = os.listdir(self.path)
         for n in names:
             if n.endswith(".tmp"):
@@ -1220,7 +1217,6 @@ class Txn:
     async def __aenter__(self) -> Txn:
         await self._log._exclusive_begin()
         self._state = "open"
-        self._log._txn = self
         self._first = self._log._next_seq
         return self
 
@@ -1238,7 +1234,6 @@ class Txn:
         finally:
             if self._state != "committed":
                 self._state = "aborted"
-            log._txn = None
             log._exclusive_end()
 
     @property
