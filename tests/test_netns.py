@@ -4,14 +4,28 @@ namespace; the 10.231.0.0/24 addresses exist only inside the test's namespaces, 
 are unique per run, and everything is deleted in ``finally``.
 
 Scenarios: cut one node off (link down) and heal; isolate the leader (the rest elect a new
-one and commit, the old one cannot commit, and rejoins); 50 ms delay and 5 % loss with
-``tc netem`` (skipped where the kernel has no netem).
+one and commit, the old one cannot commit, and rejoins); 50 ms delay and 5 % loss, and the
+cluster still elects, commits and reads back.
+
+Delay and loss are made one of two real ways (the test's report line says which):
+
+* ``tc netem`` on every node's link, both ends, where the kernel has ``sch_netem``;
+* otherwise (kernels built without netem, such as the CI machines'): 5 % random loss in the
+  kernel, an ``iptables`` ``statistic`` rule (or an ``nft`` ``numgen`` rule) dropping packets
+  that arrive on ``eth0`` in every namespace, and 50 ms delay from a userspace relay in each
+  server's namespace (this file run as ``python tests/test_netns.py relay ...``). The servers
+  listen on 127.0.0.1 only; their advertised peer and client addresses belong to the relay,
+  which holds every chunk 50 ms, in order, in both directions, before forwarding it. So every
+  byte between nodes, and between the client and a node, crosses one relay and one lossy hop.
+  ``TINYRAFTPLUS_NETNS_SHAPING=relay`` forces this path where netem exists too.
 
 The test process cannot reach into the namespaces, so a small driver (this file run as a
 script, ``python tests/test_netns.py driver ...``) runs the client inside the client
 namespace and takes JSON commands on stdin.
 
-Needs root and iproute2 (``apt-get install -y iproute2``); skipped with the reason otherwise.
+Needs root and iproute2 (``apt-get install -y iproute2``), and for the delay-and-loss test
+``tc netem`` or ``iptables``/``nft`` (``apt-get install -y iptables``); skipped with the
+reason otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -285,44 +300,408 @@ async def test_isolate_the_leader(net, tmp_path):
         cl.kill_all()
 
 
-@pytest.fixture
-def netem(net):
-    """The network, where ``tc netem`` works (checked in a sync fixture so that the skip
-    reason reaches the report)."""
-    reason = _netem_unavailable(net.br)
-    if reason:
-        pytest.skip(reason)
-    return net
+DELAY = 0.050  # seconds, per hop and direction
+LOSS = 0.05  # probability that a packet is dropped
+INNER_PEER_PORT = PEER_PORT + 1  # where a server listens (on 127.0.0.1) behind its relay
+INNER_CLIENT_PORT = CLIENT_PORT + 1
 
 
-@pytest.mark.netns
-async def test_delay_and_loss_still_commit(netem, tmp_path):
-    import trio
+def _loss_tool(ns: str) -> tuple[list[str], str] | str:
+    """The first of iptables / iptables-legacy / nft that can install (and remove) a random
+    drop rule in ``ns``: ``(argv prefix, kind)``; otherwise the reason, as a string."""
+    why = []
+    for cmd in ("iptables", "iptables-legacy"):
+        if shutil.which(cmd) is None:
+            why.append(f"no {cmd}")
+            continue
+        rule = ["INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random",
+                "--probability", str(LOSS), "-j", "DROP"]
+        r = _run("ip", "netns", "exec", ns, cmd, "-A", *rule, check=False)
+        if r.returncode == 0:
+            _run("ip", "netns", "exec", ns, cmd, "-D", *rule, check=False)
+            return [cmd], "iptables"
+        why.append(f"{cmd}: {r.stderr.strip()}")
+    if shutil.which("nft") is None:
+        why.append("no nft")
+    else:
+        r = _run("ip", "netns", "exec", ns, "nft", "add", "table", "ip", "trploss", check=False)
+        if r.returncode == 0:
+            _run("ip", "netns", "exec", ns, "nft", "delete", "table", "ip", "trploss",
+                 check=False)
+            return ["nft"], "nft"
+        why.append(f"nft: {r.stderr.strip()}")
+    return "; ".join(why)
 
-    net = netem
-    cl = _cluster(net, tmp_path, 1.0)
-    drive = Driver(net, "client", _addrs(net), cl.certs, tmp_path / "driver.err")
-    shaped: list[tuple[str, str]] = []
-    try:
-        with trio.fail_after(240):
-            await cl.start_all()
-            await _leader(drive, net, IDS)
-            # 50 ms and 5 % loss on every node's link, both directions.
+
+def _add_loss(ns: str, tool: tuple[list[str], str]) -> None:
+    """Drop each packet arriving on ``eth0`` in ``ns`` with probability ``LOSS``. The rule is
+    on input only: a drop on output makes connect() fail with EPERM at once instead of
+    looking like a lost packet."""
+    argv, kind = tool
+    pre = ["ip", "netns", "exec", ns, *argv]
+    if kind == "iptables":
+        _run(*pre, "-A", "INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random",
+             "--probability", str(LOSS), "-j", "DROP")
+    else:
+        _run(*pre, "add", "table", "ip", "trploss")
+        _run(*pre, "add", "chain", "ip", "trploss", "input",
+             "{ type filter hook input priority 0 ; policy accept ; }")
+        _run(*pre, "add", "rule", "ip", "trploss", "input", "iifname", "eth0", "numgen",
+             "random", "mod", "100", "<", str(round(LOSS * 100)), "counter", "drop")
+
+
+def _dropped(ns: str, tool: tuple[list[str], str]) -> int:
+    """Packets the loss rule in ``ns`` has dropped so far (its kernel counter)."""
+    import re
+
+    argv, kind = tool
+    pre = ["ip", "netns", "exec", ns, *argv]
+    if kind == "iptables":
+        out = _run(*pre, "-L", "INPUT", "-v", "-n", "-x").stdout
+        return sum(int(line.split()[0]) for line in out.splitlines()
+                   if "DROP" in line and "statistic" in line)
+    out = _run(*pre, "list", "chain", "ip", "trploss", "input").stdout
+    return sum(int(m) for m in re.findall(r"packets (\d+)", out))
+
+
+class Shaping:
+    """How this run adds delay and loss: ``mechanism`` is ``"netem"`` or
+    ``"relay+iptables"`` / ``"relay+nft"``."""
+
+    def __init__(self, net: Net) -> None:
+        self.net = net
+        self.mechanism = ""
+        self.loss_tool: tuple[list[str], str] | None = None
+        self.netem: list[tuple[str, str]] = []
+        self.relays: dict[Any, subprocess.Popen] = {}
+        self.relay_out: dict[Any, Path] = {}
+
+    @property
+    def relayed(self) -> bool:
+        return self.loss_tool is not None
+
+    def cluster(self, tmp: Path, et: float):
+        """The server processes; behind the relays, servers listen on 127.0.0.1 only, so the
+        relay is the only way in."""
+        if not self.relayed:
+            return _cluster(self.net, tmp, et)
+        from test_multiprocess import ProcCluster
+
+        return ProcCluster(
+            tmp, IDS, election_timeout=et, hosts={i: self.net.addr[i] for i in IDS},
+            wrap=self.net.exec, peer_port=PEER_PORT, client_port=INNER_CLIENT_PORT,
+            extra=["--client-host", "127.0.0.1", "--listen", f"127.0.0.1:{INNER_PEER_PORT}"],
+        )
+
+    async def apply(self, tmp: Path) -> None:
+        import time
+
+        import trio
+
+        net = self.net
+        if not self.relayed:
+            # Both ends of every node's link: node -> bridge and bridge -> node.
             for i in IDS:
                 for ns, dev in ((net.br, f"b{i}"), (net.ns[i], "eth0")):
                     _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
-                         "netem", "delay", "50ms", "loss", "5%")
-                    shaped.append((ns, dev))
-            r = await drive(op="load", prefix="slow", count=60, concurrency=8, timeout=30.0)
-            assert r["failed"] == 0, r
-            await _caught_up(drive, net, timeout=60)
-            await _check_everywhere(drive, net, dict(r["acked"]))
-    finally:
-        for ns, dev in shaped:
+                         "netem", "delay", f"{round(DELAY * 1000)}ms",
+                         "loss", f"{LOSS * 100:g}%")
+                    self.netem.append((ns, dev))
+            return
+        assert self.loss_tool is not None
+        for key in [*IDS, "client"]:
+            _add_loss(net.ns[key], self.loss_tool)
+        for i in IDS:
+            out = self.relay_out[i] = tmp / f"relay-{i}.out"
+            with open(out, "wb") as o, open(tmp / f"relay-{i}.err", "wb") as e:
+                self.relays[i] = subprocess.Popen(
+                    net.exec(i) + [
+                        sys.executable, __file__, "relay", str(DELAY),
+                        f"{net.addr[i]}:{PEER_PORT}=127.0.0.1:{INNER_PEER_PORT}",
+                        f"{net.addr[i]}:{CLIENT_PORT}=127.0.0.1:{INNER_CLIENT_PORT}"],
+                    stdin=subprocess.PIPE, stdout=o, stderr=e)
+        deadline = time.monotonic() + 15
+        for i, proc in self.relays.items():
+            while "relay ready" not in self.relay_out[i].read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = (tmp / f"relay-{i}.err").read_text()[-2000:]
+                    raise AssertionError(f"relay in {net.ns[i]} did not start: {err}")
+                await trio.sleep(0.05)
+
+    def evidence(self) -> dict[str, Any]:
+        """What shows the shaping was real: packets the kernel dropped, connections each
+        relay carried."""
+        if not self.relayed:
+            return {}
+        assert self.loss_tool is not None
+        return {
+            "dropped": {k: _dropped(self.net.ns[k], self.loss_tool) for k in [*IDS, "client"]},
+            "relayed": {i: self.relay_out[i].read_text().count("accepted ") for i in IDS},
+        }
+
+    def remove(self) -> None:
+        for ns, dev in self.netem:
             _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root",
                  check=False)
+        self.netem.clear()
+        for proc in self.relays.values():
+            if proc.stdin is not None:
+                proc.stdin.close()  # the relay exits when its stdin closes...
+            if proc.poll() is None:
+                proc.kill()  # ... but do not wait on that
+            proc.wait(10)
+        self.relays.clear()
+        # The loss rules live in the namespaces and go with them.
+
+
+@pytest.fixture
+def shaping(net):
+    """Delay and loss by netem where the kernel has it, by a relay and a kernel drop rule
+    where it does not; skipped (with both reasons) only when neither can be set up. Decided in
+    a sync fixture so that a skip reason reaches the report."""
+    forced = os.environ.get("TINYRAFTPLUS_NETNS_SHAPING", "")
+    if forced not in ("", "netem", "relay"):
+        pytest.fail(f"TINYRAFTPLUS_NETNS_SHAPING={forced!r}: use netem, relay or nothing")
+    sh = Shaping(net)
+    netem_reason = (_netem_unavailable(net.br) if forced != "relay"
+                    else "not tried (TINYRAFTPLUS_NETNS_SHAPING=relay)")
+    if netem_reason is None:
+        sh.mechanism = "netem"
+    elif forced == "netem":
+        pytest.skip(netem_reason)
+    else:
+        tool = _loss_tool(net.br)
+        if isinstance(tool, str):
+            pytest.skip(f"no way to add delay and loss: {netem_reason}; and the fallback "
+                        f"(relay + kernel drop rule) needs iptables with the statistic match "
+                        f"or nft ({tool}): apt-get install -y iptables")
+        sh.loss_tool = tool
+        sh.mechanism = f"relay+{tool[1]}"
+    try:
+        yield sh
+    finally:
+        sh.remove()
+
+
+@pytest.mark.netns
+async def test_delay_and_loss_still_commit(shaping, tmp_path, record_property):
+    """50 ms delay and 5 % loss on every hop (netem; or a delaying relay and a kernel drop
+    rule, see the module docstring): the cluster elects, commits every write through the
+    client and every node reads them all back."""
+    import trio
+
+    net = shaping.net
+    record_property("shaping", shaping.mechanism)
+    print(f"delay and loss by: {shaping.mechanism}")
+    cl = shaping.cluster(tmp_path, 1.0)
+    drive = Driver(net, "client", _addrs(net), cl.certs, tmp_path / "driver.err")
+    try:
+        with trio.fail_after(120):
+            # Shaped from the start: the election, too, happens over the slow, lossy network.
+            await shaping.apply(tmp_path)
+            await cl.start_all()
+            await _leader(drive, net, IDS)
+            # A write crosses at least client -> node, a round trip to a follower, and back:
+            # four one-way hops, each at least DELAY late. Unshaped, it takes milliseconds.
+            r = await drive(op="put", key="probe", value="p", timeout=30.0)
+            assert r["ok"], r
+            assert r["seconds"] >= 4 * DELAY, (shaping.mechanism, r)
+            r = await drive(op="load", prefix="slow", count=60, concurrency=8, timeout=30.0)
+            assert r["failed"] == 0, r
+            acked = dict(r["acked"], probe="p")
+            assert len(acked) == 61
+            await _caught_up(drive, net, timeout=60)
+            await _check_everywhere(drive, net, acked)
+            ev = shaping.evidence()
+            print(f"evidence: {ev}")
+            if shaping.relayed:
+                assert sum(ev["dropped"].values()) > 0, ev  # the loss was real
+                assert all(n > 0 for n in ev["relayed"].values()), ev  # every relay carried
+    finally:
         drive.close()
         cl.kill_all()
+
+
+async def test_relay_delays_keeps_order_and_closes(tmp_path):
+    """The fallback's relay, on loopback (no root needed): bytes arrive complete and in
+    order, each direction at least ``DELAY`` late, the hold does not throttle a stream, and a
+    close on either side closes the other."""
+    import random
+    import time
+
+    import trio
+    from test_multiprocess import free_ports
+
+    got = bytearray()
+    closed = trio.Event()
+    conns: list[trio.SocketStream] = []
+
+    async def echo(stream: trio.SocketStream) -> None:
+        conns.append(stream)
+        try:
+            while data := await stream.receive_some(65536):
+                got.extend(data)
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        closed.set()
+
+    relay_port, dead_port, nobody = free_ports(3)
+    async with trio.open_nursery() as n:
+        listeners = await n.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+        target = listeners[0].socket.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "relay", str(DELAY),
+             f"127.0.0.1:{relay_port}=127.0.0.1:{target}",
+             f"127.0.0.1:{dead_port}=127.0.0.1:{nobody}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line.startswith(b"relay ready"), (line, proc.stderr.read() if proc.stderr
+                                                     else b"")
+            c = await trio.open_tcp_stream("127.0.0.1", relay_port)
+            # One small round trip: two holds.
+            t = time.monotonic()
+            await c.send_all(b"x")
+            assert await c.receive_some(10) == b"x"
+            assert time.monotonic() - t >= 2 * DELAY
+            # 2 MB in chunks of random sizes, read back while sending: same bytes, same
+            # order, and not one hold per chunk (that would take 20+ s).
+            rng = random.Random(5)
+            blob = rng.randbytes(2_000_000)
+            back = bytearray()
+            t = time.monotonic()
+
+            async def send() -> None:
+                i = 0
+                while i < len(blob):
+                    k = rng.randint(1, 20_000)
+                    await c.send_all(blob[i:i + k])
+                    i += k
+
+            async def receive() -> None:
+                while len(back) < len(blob):
+                    back.extend(await c.receive_some(65536))
+
+            async with trio.open_nursery() as m:
+                m.start_soon(send)
+                m.start_soon(receive)
+            assert bytes(back) == blob
+            assert bytes(got) == b"x" + blob
+            assert time.monotonic() - t < 10
+            # The client closes: the relay closes the target's side (after the hold).
+            await c.aclose()
+            with trio.fail_after(5):
+                await closed.wait()
+            # The target closes: the client sees EOF.
+            closed = trio.Event()
+            c = await trio.open_tcp_stream("127.0.0.1", relay_port)
+            await c.send_all(b"hello")
+            with trio.fail_after(5):
+                while len(conns) < 2:
+                    await trio.sleep(0.01)
+                assert await c.receive_some(10) == b"hello"
+                await conns[1].aclose()
+                assert await c.receive_some(10) == b""
+            await c.aclose()
+            # Nothing behind the relay: the caller is closed on, the relay lives on.
+            d = await trio.open_tcp_stream("127.0.0.1", dead_port)
+            with trio.fail_after(5):
+                assert await d.receive_some(10) == b""
+            await d.aclose()
+            assert proc.poll() is None
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()  # the relay exits on its own when stdin closes
+            code = await trio.to_thread.run_sync(proc.wait, 10)
+            n.cancel_scope.cancel()
+        assert code == 0, proc.stderr.read() if proc.stderr else b""
+
+
+# --- the relay (runs inside a server's namespace) ------------------------------------------
+
+
+def _relay(delay: str, *mappings: str) -> None:
+    """Accept on each ``LISTEN_HOST:PORT`` and forward to its ``TARGET_HOST:PORT``, holding
+    every chunk ``delay`` seconds, in order, in both directions. When one side closes or
+    fails, what it sent before is still delivered (late, like everything), then both sides
+    are closed. Exits when stdin closes (the test ended, or died)."""
+    import trio
+
+    hold = float(delay)
+    broken = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+    def addr(s: str) -> tuple[str, int]:
+        host, _, port = s.rpartition(":")
+        return host, int(port)
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream,
+                   done: trio.CancelScope) -> None:
+        # One reader, one writer, one FIFO: order is kept, and the reader keeps reading while
+        # the writer waits, so the hold is latency, not a cap on throughput.
+        send, recv = trio.open_memory_channel[tuple[float, bytes]](1024)
+
+        async def reader() -> None:
+            async with send:
+                try:
+                    while True:
+                        try:
+                            data = await src.receive_some(65536)
+                        except broken:
+                            data = b""  # a reset ends this direction like an EOF
+                        await send.send((trio.current_time() + hold, data))
+                        if not data:
+                            return
+                except trio.BrokenResourceError:
+                    return  # the writer gave up: there is nobody left to carry it to
+
+        async def writer() -> None:
+            async with recv:
+                try:
+                    async for due, data in recv:
+                        await trio.sleep_until(due)
+                        if not data:
+                            break
+                        await dst.send_all(data)
+                except broken:
+                    pass
+            done.cancel()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(writer)
+
+    async def serve(listen: str, target: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async def handle(down: trio.SocketStream) -> None:
+            try:
+                up = await trio.open_tcp_stream(*addr(target))
+            except OSError:
+                await down.aclose()  # nobody home yet: the caller sees a close and retries
+                return
+            print(f"accepted {listen} -> {target}", flush=True)
+            try:
+                async with down, up:
+                    with trio.CancelScope() as done:
+                        async with trio.open_nursery() as n:
+                            n.start_soon(pump, down, up, done)
+                            n.start_soon(pump, up, down, done)
+            except Exception as e:  # one connection's trouble must not stop the relay
+                print(f"relay {listen} -> {target}: {e!r}", file=sys.stderr, flush=True)
+
+        host, port = addr(listen)
+        await trio.serve_tcp(handle, port, host=host, task_status=task_status)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            for m in mappings:
+                listen, _, target = m.partition("=")
+                await n.start(serve, listen, target)
+            print("relay ready", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.buffer.read)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 # --- the driver (runs inside a namespace) -------------------------------------------------
@@ -345,7 +724,9 @@ def _driver(addrs: str, ca: str, cert: str, key: str) -> None:
         op = cmd["op"]
         if op in ("put", "append"):
             async with client(everyone, cmd.get("timeout", 20.0)) as one:
-                return {"ok": True, "result": await getattr(one, op)(cmd["key"], cmd["value"])}
+                t = trio.current_time()  # connected (and the leader found) already
+                result = await getattr(one, op)(cmd["key"], cmd["value"])
+                return {"ok": True, "result": result, "seconds": trio.current_time() - t}
         if op == "get":
             async with client(cmd.get("addrs", everyone)) as one:
                 v = await one.get(cmd["key"])
@@ -414,3 +795,5 @@ def _driver(addrs: str, ca: str, cert: str, key: str) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "driver":
     _driver(*sys.argv[2:])
+elif __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "relay":
+    _relay(*sys.argv[2:])
