@@ -103,6 +103,40 @@ class _Waiter:
         return self.value
 
 
+class _Wakeup:
+    """Wakes the driver: ``set()`` from anywhere on the Trio thread, ``wait()`` by the one
+    driver task. Cheaper than a fresh ``trio.Event`` per round, which the driver, woken
+    several times per append, would otherwise make and drop constantly."""
+
+    __slots__ = ("_task", "_pending")
+
+    def __init__(self) -> None:
+        self._task: Any = None
+        self._pending = False
+
+    def set(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+        else:
+            self._pending = True
+
+    async def wait(self) -> None:
+        if self._pending:
+            # Something arrived while the driver was busy. No checkpoint needed: nothing can
+            # set the flag again until the driver yields, so this cannot spin.
+            self._pending = False
+            return
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
 class _AppendWaiter(_Waiter):
     __slots__ = ("first", "last", "term", "results")
 
@@ -220,6 +254,9 @@ class RaftNode:
         self._send_fn = send
         self._send_async = _is_async_callable(send)
         self._apply_fn = apply
+        # A sync apply runs inline in the driver (it would hold the one thread anyway); only
+        # an async one gets a task of its own, so that its awaits do not stall replication.
+        self._apply_async = apply is not None and _is_async_callable(apply)
         self._read_fn = read
         self._apply_max = apply_max
         self.append_timeout = float(append_timeout)
@@ -253,7 +290,7 @@ class RaftNode:
         self._deadlines: deque[tuple[float, _AppendWaiter]] = deque()
         self._read_requests: list[int] = []
         self._campaign_requested = False
-        self._wake = trio.Event()
+        self._wake = _Wakeup()
         self._commit_seq = -1
         self._apply_seq = self._initial_apply_seq
         self._commit_changed = trio.Event()
@@ -320,8 +357,10 @@ class RaftNode:
                 await self._open()
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._apply_task)
+                    if self._apply_async:
+                        nursery.start_soon(self._apply_task)
                     nursery.start_soon(self._timeout_task)
+                    nursery.start_soon(self._ticker_task)
                     task_status.started()
                     await self._drive()
         finally:
@@ -422,10 +461,7 @@ class RaftNode:
         core = self._core
         assert core is not None
         while True:
-            deadline = core.next_deadline
-            with trio.move_on_at(deadline):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            await self._wake.wait()
             core.tick(trio.current_time())
             if self._campaign_requested:
                 self._campaign_requested = False
@@ -442,6 +478,24 @@ class RaftNode:
                     core.read_index(rid)
             while core.has_ready():
                 await self._handle_ready(core, core.ready())
+            if not self._apply_async and self._apply_seq < self._commit_seq:
+                self._apply_inline()
+
+    async def _ticker_task(self) -> None:
+        """Wake the driver when the core has timed work (elections, heartbeats). It wakes
+        at least every quarter heartbeat, so a deadline that moved earlier is met within
+        that; the driver itself then needs no cancel scope per wait (those cost more than
+        the rest of a round)."""
+        core = self._core
+        assert core is not None
+        step = self._config.heartbeat_interval / 4
+        while True:
+            now = trio.current_time()
+            deadline = core.next_deadline
+            if deadline <= now:
+                self._wake.set()
+                deadline = now + step
+            await trio.sleep_until(min(deadline, now + step))
 
     def _dispatch(self, core: RaftCore, frm: Any, msg: Any) -> None:
         t = type(msg)
@@ -566,34 +620,64 @@ class RaftNode:
 
     # ------------------------------------------------------------------ the applier
     async def _apply_task(self) -> None:
+        """Feed committed entries to an ``async`` state machine, in order."""
+        assert self._apply_fn is not None
         while True:
             while self._apply_seq >= self._commit_seq:
                 await self._commit_changed.wait()
-            lo = self._apply_seq + 1
-            hi = min(self._commit_seq, lo + self._apply_max - 1)
-            ents = self._take_entries(lo, hi)
-            bufs: list[bytes | None] = [e.data or None for e in ents]
+            ents, bufs, lo = self._next_chunk()
+            try:
+                results = await self._apply_fn(bufs, lo)
+            except Exception as e:
+                self._apply_failed(lo, e)
+                raise
+            self._applied(ents, results)
+
+    def _apply_inline(self) -> None:
+        """Feed committed entries to a sync state machine (or none), in order."""
+        fn = self._apply_fn
+        while self._apply_seq < self._commit_seq:
+            ents, bufs, lo = self._next_chunk()
             results: Any = None
-            if self._apply_fn is not None:
+            if fn is not None:
                 try:
-                    results = await _maybe_await(self._apply_fn(bufs, lo))
+                    results = fn(bufs, lo)
                 except Exception as e:
-                    # The state machine must be deterministic; if it raises, replicas could
-                    # diverge, so the node stops rather than guess.
-                    self.events.emit("error", message=f"apply({lo}..) raised {e!r}", exc=e)
+                    self._apply_failed(lo, e)
                     raise
-                if results is not None and len(results) != len(ents):
+                if inspect.isawaitable(results):
                     err = UsageError(
-                        f"apply() returned {len(results)} results for {len(ents)} entries "
-                        f"(seq {lo}..{ents[-1].seq}); return one per entry or None"
+                        "apply() returned an awaitable from a plain function; declare it "
+                        "`async def` so the node awaits it in a task of its own"
                     )
                     self.events.emit("error", message=str(err), exc=err)
                     raise err
-            self._finish_applied(ents, results)
-            self._apply_seq = ents[-1].seq
-            self._apply_changed.set()
-            self._apply_changed = trio.Event()
-            self.events.emit("apply", seq=self._apply_seq)
+            self._applied(ents, results)
+
+    def _next_chunk(self) -> tuple[list[Entry], list[bytes | None], int]:
+        lo = self._apply_seq + 1
+        hi = min(self._commit_seq, lo + self._apply_max - 1)
+        ents = self._take_entries(lo, hi)
+        return ents, [e.data or None for e in ents], lo
+
+    def _apply_failed(self, lo: int, e: Exception) -> None:
+        # The state machine must be deterministic; if it raises, replicas could diverge,
+        # so the node stops rather than guess.
+        self.events.emit("error", message=f"apply({lo}..) raised {e!r}", exc=e)
+
+    def _applied(self, ents: list[Entry], results: Any) -> None:
+        if results is not None and len(results) != len(ents):
+            err = UsageError(
+                f"apply() returned {len(results)} results for {len(ents)} entries "
+                f"(seq {ents[0].seq}..{ents[-1].seq}); return one per entry or None"
+            )
+            self.events.emit("error", message=str(err), exc=err)
+            raise err
+        self._finish_applied(ents, results)
+        self._apply_seq = ents[-1].seq
+        self._apply_changed.set()
+        self._apply_changed = trio.Event()
+        self.events.emit("apply", seq=self._apply_seq)
 
     def _take_entries(self, lo: int, hi: int) -> list[Entry]:
         cache = self._cache
