@@ -219,6 +219,7 @@ async def _caught_up(drive: Driver, net: Net, timeout: float = 30.0) -> None:
 async def _check_everywhere(drive: Driver, net: Net, acked: dict[str, str]) -> None:
     r = await drive(op="check", keys=acked, addrs=_addrs(net))
     assert r["ok"] and not r["mismatches"], r
+    assert r["checked"] == len(acked) * len(IDS), r
 
 
 @pytest.mark.netns
@@ -495,23 +496,33 @@ async def test_delay_and_loss_still_commit(shaping, tmp_path, record_property):
     print(f"delay and loss by: {shaping.mechanism}")
     cl = shaping.cluster(tmp_path, 1.0)
     drive = Driver(net, "client", _addrs(net), cl.certs, tmp_path / "driver.err")
+    t0 = trio.current_time()
+
+    def phase(name: str) -> None:
+        print(f"{trio.current_time() - t0:6.1f}s {name}")
+
     try:
         with trio.fail_after(120):
             # Shaped from the start: the election, too, happens over the slow, lossy network.
             await shaping.apply(tmp_path)
             await cl.start_all()
             await _leader(drive, net, IDS)
+            phase("elected")
             # A write crosses at least client -> node, a round trip to a follower, and back:
             # four one-way hops, each at least DELAY late. Unshaped, it takes milliseconds.
             r = await drive(op="put", key="probe", value="p", timeout=30.0)
             assert r["ok"], r
             assert r["seconds"] >= 4 * DELAY, (shaping.mechanism, r)
+            phase(f"one write took {r['seconds']:.3f}s")
             r = await drive(op="load", prefix="slow", count=60, concurrency=8, timeout=30.0)
             assert r["failed"] == 0, r
             acked = dict(r["acked"], probe="p")
             assert len(acked) == 61
+            phase(f"61 writes committed (load: {r['seconds']:.1f}s)")
             await _caught_up(drive, net, timeout=60)
+            phase("all caught up")
             await _check_everywhere(drive, net, acked)
+            phase("all read back from every node")
             ev = shaping.evidence()
             print(f"evidence: {ev}")
             if shaping.relayed:
@@ -768,13 +779,26 @@ def _driver(addrs: str, ca: str, cert: str, key: str) -> None:
                     "seconds": trio.current_time() - t}
         if op == "check":
             bad = []
-            for a in cmd["addrs"]:
+            keys = list(cmd["keys"].items())
+
+            async def check(a: str) -> None:
+                # Concurrent reads: on a slow network one at a time would take minutes.
                 async with client([a]) as one:
-                    for key, value in cmd["keys"].items():
-                        got = await one.get(key)
-                        if got != value.encode():
-                            bad.append([a, key, value, None if got is None else got.decode()])
-            return {"ok": True, "mismatches": bad}
+                    async def reader(k: int) -> None:
+                        for key, value in keys[k::16]:
+                            got = await one.get(key)
+                            if got != value.encode():
+                                bad.append([a, key, value,
+                                            None if got is None else got.decode()])
+
+                    async with trio.open_nursery() as n:
+                        for k in range(16):
+                            n.start_soon(reader, k)
+
+            async with trio.open_nursery() as n:
+                for a in cmd["addrs"]:
+                    n.start_soon(check, a)
+            return {"ok": True, "mismatches": bad, "checked": len(keys) * len(cmd["addrs"])}
         return {"ok": False, "error": f"unknown op {op}"}
 
     async def main() -> None:
