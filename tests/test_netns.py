@@ -83,9 +83,9 @@ class Net:
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
         self.br = f"trp{tag}br"
-        self.ns = {i: f"trp{tag}n{i}" for i in IDS}
+        self.ns: dict[Any, str] = {i: f"trp{tag}n{i}" for i in IDS}
         self.ns["client"] = f"trp{tag}cl"
-        self.addr = {i: f"{SUBNET}.{i}" for i in IDS}
+        self.addr: dict[Any, str] = {i: f"{SUBNET}.{i}" for i in IDS}
         self.addr["client"] = f"{SUBNET}.100"
         self.tag = tag
         self.created: list[str] = []
