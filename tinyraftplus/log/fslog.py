@@ -742,6 +742,13 @@ class FsLog:
                 if nxt is not None:
                     trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
                     return _round_error(mine)
+                if not self._queue:
+                    # Return now, before the gather below: the tasks just woken will
+                    # queue more, and whoever appends first (often this very task) takes
+                    # the role and gathers. Staying would keep this task flushing for
+                    # the others while its own next append waits.
+                    self._stop_flushing()
+                    return _round_error(mine)
             if self._gather:
                 # The tasks just woken mostly append again at once: two scheduler
                 # batches let them all join the queued round, so one fdatasync carries
