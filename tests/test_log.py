@@ -428,3 +428,54 @@ async def test_batch_items_changed_while_waiting_do_not_change_the_record(tmp_pa
         assert [e.data async for e in log.iter()] == [b"txn", *want, b"after"]
     async with FsLog(tmp_path, "x") as log:
         assert [e.data async for e in log.iter()] == [b"txn", *want, b"after"]
+
+
+async def test_a_failure_while_framing_leaves_no_trace(tmp_path, monkeypatch):
+    """Regression: framing put a batch's bytes into the shared round, then failed on a
+    later step (the term bookkeeping), leaving bytes that no seq or offset accounted for;
+    the next record in the round was then framed at the wrong offset with a reused seq,
+    which recovery reads as damage in the middle of the log. A failed append must leave
+    the round exactly as it was."""
+    from tinyraftplus.log import fslog
+
+    real = fslog._term_changes
+    calls = 0
+
+    def failing_once(*args):  # noqa: ANN002
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected failure while framing")
+        return real(*args)
+
+    monkeypatch.setattr(fslog, "_term_changes", failing_once)
+    outcome: dict[str, object] = {}
+    async with FsLog(tmp_path, "x") as log:
+
+        async def single(data: bytes) -> None:
+            outcome[data.decode()] = await log.append(data, term=1)
+
+        async def batch() -> None:
+            try:
+                await log.append_batch([b"b1", b"b2"], term=[1, 2])
+            except RuntimeError as exc:
+                outcome["batch"] = exc
+
+        async with trio.open_nursery() as n:
+            async with log.txn() as txn:  # holds the gate: the three share one round
+                await txn.append(b"t", term=1)
+                n.start_soon(single, b"a")
+                await trio.testing.wait_all_tasks_blocked()
+                n.start_soon(batch)
+                await trio.testing.wait_all_tasks_blocked()
+                n.start_soon(single, b"c")
+                await trio.testing.wait_all_tasks_blocked()
+        assert calls == 1 and isinstance(outcome["batch"], RuntimeError)
+        # Trio may run the two woken appenders in either order; the batch is between.
+        assert sorted([outcome["a"], outcome["c"]]) == [1, 2]
+        assert await log.append_batch([b"d1", b"d2"], term=[2, 3]) == 3
+        mid = sorted([(outcome["a"], 1, b"a"), (outcome["c"], 1, b"c")])
+        want = [(0, 1, b"t"), *mid, (3, 2, b"d1"), (4, 3, b"d2")]
+        assert [tuple(e) async for e in log.iter()] == want
+    async with FsLog(tmp_path, "x") as log:
+        assert [tuple(e) async for e in log.iter()] == want

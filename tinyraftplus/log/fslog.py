@@ -153,10 +153,10 @@ class _Round:
         self.error: BaseException | None = None
 
 
-def _note_term_changes(rnd: _Round, first: int, terms: array) -> None:
-    """Add to ``rnd.terms`` where the terms of records ``first...`` change (found in C)."""
+def _term_changes(prev: int | None, first: int, terms: array) -> list[tuple[int, int]]:
+    """``(seq, term)`` wherever the terms of records ``first...`` change, starting from
+    ``prev`` (the term before them; None: none). Found in C: no Python loop per record."""
     idx = array("Q", bytes(8)) * len(terms)
-    prev = rnd.cur_term
     k = lib.tp_term_changes(
         ffi.from_buffer("uint64_t[]", terms),
         len(terms),
@@ -164,7 +164,7 @@ def _note_term_changes(rnd: _Round, first: int, terms: array) -> None:
         prev is not None,
         ffi.from_buffer("uint64_t[]", idx),
     )
-    rnd.terms.extend((first + i, terms[i]) for i in idx[:k])
+    return [(first + i, terms[i]) for i in idx[:k]]
 
 
 class FsLog:
@@ -533,13 +533,19 @@ class FsLog:
             )
         rnd = self._open_round(fmt.REC_HDR + n)
         buf = rnd.buf
-        rnd.offs.append(rnd.file_off + len(buf))
+        pos = len(buf)
         lib.tp_frame_hdr(self._hdr, data, n, s, term, 0)
-        buf += self._hdr_view
-        buf += data
-        if term != rnd.cur_term:
-            rnd.terms.append((s, term))
-            rnd.cur_term = term
+        try:  # the round's bytes and bookkeeping change together or not at all
+            rnd.offs.append(rnd.file_off + pos)
+            buf += self._hdr_view
+            buf += data
+            if term != rnd.cur_term:
+                rnd.terms.append((s, term))
+        except BaseException:
+            del buf[pos:]
+            del rnd.offs[rnd.count :]
+            raise
+        rnd.cur_term = term
         rnd.last_data = data
         rnd.count += 1
         rnd.seg.write_end += fmt.REC_HDR + n
@@ -638,47 +644,56 @@ class FsLog:
                 )
         total = sum(lens) + fmt.REC_HDR * n
         rnd = self._open_round(total)
-        buf = rnd.buf
-        pos = len(buf)
+        pos = len(rnd.buf)
         off = rnd.file_off + pos
         last_term = terms[-1] if terms is not None else term
+        if terms is not None and terms.count(last_term) == n:
+            terms, term = None, last_term  # one term after all: the common case
+        # Everything that can fail happens before the round changes: a round whose bytes
+        # and bookkeeping disagreed would put every later record at a wrong offset.
         # Only ``joined`` (laid out when the call was made, before any await) is framed:
         # the caller may change its items while the append waits at the gate.
         if joined is None:
             joined = _HDR_BA.join(chain((b"",), items))
-        if pos == 0:
-            rnd.buf = buf = joined  # the common case for a batch: no copy
-        else:
-            buf += joined
+        c_joined = ffi.from_buffer("uint8_t[]", joined)
         if n == 1:
-            lib.tp_frame_one(ffi.from_buffer("uint8_t[]", buf), pos, lens[0], first, last_term, 0)
-            rnd.offs.append(off)
+            lib.tp_frame_one(c_joined, 0, lens[0], first, last_term, 0)
+            offs = array("Q", (off,))
         else:
-            c_lens = ffi.from_buffer("uint32_t[]", array("I", lens))
-            c_terms = ffi.from_buffer("uint64_t[]", terms) if terms is not None else ffi.NULL
             offs = array("Q", bytes(8 * n))
             lib.tp_frame_batch(
-                ffi.from_buffer("uint8_t[]", buf) + pos,
-                c_lens,
+                c_joined,
+                ffi.from_buffer("uint32_t[]", array("I", lens)),
                 n,
                 first,
                 term,
-                c_terms,
+                ffi.from_buffer("uint64_t[]", terms) if terms is not None else ffi.NULL,
                 1 if atomic else 0,
                 off,
                 ffi.from_buffer("uint64_t[]", offs),
             )
-            rnd.offs.extend(offs)
-        if terms is not None and terms.count(last_term) == n:
-            terms, term = None, last_term  # one term after all: the common case
+        del c_joined  # releases the buffer export, so the round can grow it later
         if terms is None:
-            if term != rnd.cur_term:
-                rnd.terms.append((first, term))
+            changes = [(first, term)] if term != rnd.cur_term else []
         else:
-            _note_term_changes(rnd, first, terms)
-        rnd.cur_term = last_term
+            changes = _term_changes(rnd.cur_term, first, terms)
         with memoryview(joined) as whole:
-            rnd.last_data = whole[len(joined) - lens[-1] :].tobytes()
+            last_data = whole[len(joined) - lens[-1] :].tobytes()
+        n_offs, n_terms = len(rnd.offs), len(rnd.terms)
+        try:
+            if pos == 0:
+                rnd.buf = joined  # the common case for a batch: no copy
+            else:
+                rnd.buf += joined
+            rnd.offs.extend(offs)
+            rnd.terms.extend(changes)
+        except BaseException:
+            del rnd.buf[pos:]
+            del rnd.offs[n_offs:]
+            del rnd.terms[n_terms:]
+            raise
+        rnd.cur_term = last_term
+        rnd.last_data = last_data
         rnd.count += n
         rnd.seg.write_end += total
         self._next_seq = first + n
