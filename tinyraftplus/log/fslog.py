@@ -135,6 +135,7 @@ class _Round:
         "cur_term",
         "done",
         "error",
+        "nbytes",
     )
 
     def __init__(self, seg: Segment, file_off: int, first_seq: int) -> None:
@@ -150,6 +151,7 @@ class _Round:
         self.cbuf: Any = None
         self.cur_term: int | None = None  # term of the last record framed here
         self.done = False  # durable, or failed with ``error``
+        self.nbytes = 0  # what its records add up to; ``len(buf)`` must agree
         self.error: BaseException | None = None
 
 
@@ -548,6 +550,7 @@ class FsLog:
         rnd.cur_term = term
         rnd.last_data = data
         rnd.count += 1
+        rnd.nbytes += fmt.REC_HDR + n
         rnd.seg.write_end += fmt.REC_HDR + n
         self._next_seq = s + 1
         self._last_framed_term = term
@@ -695,6 +698,7 @@ class FsLog:
         rnd.cur_term = last_term
         rnd.last_data = last_data
         rnd.count += n
+        rnd.nbytes += total
         rnd.seg.write_end += total
         self._next_seq = first + n
         self._last_framed_term = last_term
@@ -804,15 +808,21 @@ class FsLog:
 
     def _check_placement(self, rnd: _Round) -> LogFailedError | None:
         """A round must start exactly where its segment's durable records end, with the
-        next seq: anything else would write records over others or leave a gap. Framing
-        guarantees it; this check (one comparison per round) turns a bug there into a
-        failed log instead of a corrupt one."""
+        next seq, and hold exactly the bytes its records add up to: anything else would
+        write records over others, leave a gap, or put records where no seq expects them.
+        Framing guarantees it; these comparisons (per round, not per record) turn a bug
+        there into a failed log instead of a corrupt one."""
         seg = rnd.seg
-        if rnd.file_off == seg.end and rnd.first_seq == seg.first_seq + seg.count:
+        if (
+            rnd.file_off == seg.end
+            and rnd.first_seq == seg.first_seq + seg.count
+            and len(rnd.buf) == rnd.nbytes
+        ):
             return None
         return LogFailedError(
-            f"internal error in {seg.path}: a round of seqs from {rnd.first_seq} was framed "
-            f"for byte offset {rnd.file_off}, but the segment's records end at seq "
+            f"internal error in {seg.path}: a round of {rnd.count} records from seq "
+            f"{rnd.first_seq} ({rnd.nbytes} bytes, buffer of {len(rnd.buf)}) was framed for "
+            f"byte offset {rnd.file_off}, but the segment's records end at seq "
             f"{seg.first_seq + seg.count - 1}, byte offset {seg.end}; nothing was written and "
             "the log refuses further writes: close and reopen it, and please report this"
         )
