@@ -278,6 +278,18 @@ async def test_txn_commit_abort_exception(tmp_path):
         assert [e.data async for e in log.iter()] == [b"before", b"t1", b"t2", b"t3", b"next"]
 
 
+async def test_log_append_inside_its_own_txn_is_an_error_not_a_hang(tmp_path):
+    async with FsLog(tmp_path, "x") as log:
+        with trio.fail_after(5):
+            async with log.txn() as txn:
+                await txn.append(b"in")
+                with pytest.raises(UsageError, match="txn.append"):
+                    await log.append(b"deadlock?")
+                with pytest.raises(UsageError, match="txn.append"):
+                    await log.append_batch([b"deadlock?"])
+        assert [e.data async for e in log.iter()] == [b"in"]
+
+
 async def test_txn_serializes_other_appends_and_close_waits(tmp_path):
     log = FsLog(tmp_path, "x")
     await log.open()

@@ -519,8 +519,7 @@ class FsLog:
         if type(term) is not int or not 0 <= term <= fmt.MAX_U64:
             _check_term(term)
         while self._blocked:
-            await self._gate.park()
-            self._check_writable()
+            await self._wait_at_gate()
         s = self._next_seq
         if seq is not None and seq != s:
             raise SeqMismatchError(
@@ -569,8 +568,7 @@ class FsLog:
         self._check_writable()
         items, lens, terms, joined = self._check_batch(items, term)
         while self._blocked:
-            await self._gate.park()
-            self._check_writable()
+            await self._wait_at_gate()
         first = self._next_seq
         rnd = self._frame(
             items,
@@ -952,11 +950,23 @@ class FsLog:
         self._gate.unpark_all()
         self._excl.release()
 
+    async def _wait_at_gate(self) -> None:
+        """Wait for an exclusive operation to end; in the task running it (a transaction
+        whose body calls ``log.append``) that would wait forever, so it raises instead."""
+        if self._excl.statistics().owner is trio.lowlevel.current_task():
+            raise UsageError(
+                f"log.append inside a transaction on {self.path} would wait for the "
+                "transaction to end: append through the transaction (txn.append) instead"
+            )
+        await self._gate.park()
+        self._check_writable()
+
     # --- transactions -----------------------------------------------------------------
     def txn(self) -> Txn:
         """``async with log.txn() as txn:`` appends that become durable and visible
         together at exit, or not at all (exception or ``await txn.abort()``). Other
-        appends wait while a transaction is open; do not call ``log.append`` inside it."""
+        appends wait while a transaction is open; ``log.append`` from inside it raises
+        ``UsageError`` (it would wait for itself): use ``txn.append``."""
         self._check_open()
         return Txn(self)
 
