@@ -26,8 +26,9 @@ def _seg0(tmp_path):
     return tmp_path / "x" / fmt.segment_name(0)
 
 
-async def test_enospc_on_write_is_clean_and_recoverable(tmp_path):
-    async with FsLog(tmp_path, "x") as log:
+@pytest.mark.parametrize("fsync", [True, False])  # False: small writes go inline
+async def test_enospc_on_write_is_clean_and_recoverable(tmp_path, fsync):
+    async with FsLog(tmp_path, "x", fsync=fsync) as log:
         await log.append_batch([b"a", b"b"])
         size_before = os.path.getsize(_seg0(tmp_path))
         lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
@@ -66,9 +67,9 @@ async def test_enospc_fails_every_waiting_append_and_rewinds_seqs(tmp_path):
         assert [e.seq for e in entries] == list(range(len(ok) + 2))
 
 
-@pytest.mark.parametrize("op", ["write", "sync"])
-async def test_io_error_fails_the_log_for_good(tmp_path, op):
-    async with FsLog(tmp_path, "x") as log:
+@pytest.mark.parametrize(("op", "fsync"), [("write", True), ("sync", True), ("write", False)])
+async def test_io_error_fails_the_log_for_good(tmp_path, op, fsync):
+    async with FsLog(tmp_path, "x", fsync=fsync) as log:
         await log.append(b"durable")
         lib.tp_inject_fault(lib.TP_OP_WRITE if op == "write" else lib.TP_OP_SYNC, errno.EIO, 0)
         with pytest.raises(LogFailedError, match="fdatasync" if op == "sync" else "write"):
