@@ -130,7 +130,7 @@ class Segment:
         self.idx_offsets_at = -1
         self.idx_offsets_crc = 0
         self.runs_from_scan: list[tuple[int, int]] = []
-        self.fd_lock = threading.Lock()
+        self.fd_lock = threading.RLock()  # see read_verified
 
     @property
     def last_seq(self) -> int:
@@ -295,9 +295,7 @@ class Segment:
         # this descriptor (a roll closes the old tail's), and a number closed mid-read can
         # be reused at once by the next segment's file.
         with self.fd_lock:
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-            data = os.pread(self.fd, end - start, start)
+            data = os.pread(self.open_fd(), end - start, start)
         return parse_records(data, start, lo, hi - lo + 1, self.path)
 
 
