@@ -10,9 +10,9 @@ from cluster import FAST, Counter, cluster
 from tinyraftplus import FsLog, RaftNode
 from tinyraftplus.errors import (
     ClosedError,
-    LeadershipLostError,
     ConfigurationError,
     InvalidArgumentError,
+    LeadershipLostError,
     NoLeaderError,
     RaftTimeoutError,
 )

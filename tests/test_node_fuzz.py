@@ -61,7 +61,7 @@ def test_random_messages_do_not_break_a_live_cluster(tmp_path_factory, seed, jun
     async def main():
         rng = random.Random(seed)
         async with cluster(root, 3, append_timeout=10.0) as c:
-            leader = await c.leader()
+            await c.leader()
             warns = []
             for node in c.running():
                 node.on("warn", lambda ev: warns.append(ev.message))
