@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TextIO
 
 from .._native import lib
 from . import format as fmt
@@ -26,7 +27,9 @@ def _preview(data: bytes, width: int) -> str:
     return shown + ("..." if len(data) > width else "")
 
 
-def run(dir: str, name: str, dump: bool, width: int, out=sys.stdout) -> int:  # noqa: ANN001
+def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) -> int:
+    # Look stdout up per call (not at import), so a caller that redirects it is honoured.
+    out = out if out is not None else sys.stdout
     path = os.path.join(dir, name)
     if not os.path.isdir(path):
         print(f"error: no log at {path}", file=sys.stderr)
