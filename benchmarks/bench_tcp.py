@@ -16,30 +16,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ._common import Context, Result, Target, child_env, median
+from ._common import Context, Result, Target, child_env, free_ports, median
 from .baseline import write_fdatasync_rate
 
 TITLE = "Raft over TCP: 3 server processes, mutual TLS, fsync on"
 CONCURRENCY = 256
 SIZE = 100
 READY = re.compile(r"tinyraftplus-server ready id=(\S+) peer=\S+ client=(\S+):(\d+)")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _certs(directory: Path) -> dict[str, str]:
@@ -62,7 +50,7 @@ class _Cluster:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.certs = _certs(directory)
-        ports = _free_ports(3)
+        ports = free_ports(3)
         self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip((1, 2, 3), ports,
                                                                     strict=True))
         self.procs: list[subprocess.Popen] = []

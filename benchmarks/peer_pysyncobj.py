@@ -17,30 +17,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from ._common import child_env
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from ._common import child_env, free_ports
 
 
 def measure(directory: Path, seconds: float, concurrency: int, size: int) -> float:
     """Start three PySyncObj processes, return the leader's committed writes per second."""
-    addrs = [f"127.0.0.1:{p}" for p in _free_ports(3)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     procs, outs = [], []
     try:
         for i, me in enumerate(addrs):
