@@ -29,12 +29,12 @@ import inspect
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import trio
 
 from .entry import Entry
@@ -42,6 +42,7 @@ from .errors import (
     ClosedError,
     InvalidArgumentError,
     LeadershipLostError,
+    MemberStateLostError,
     NodeStoppedError,
     NoLeaderError,
     NotLeaderError,
@@ -51,9 +52,10 @@ from .errors import (
 )
 from .events import EventHub, NodeEvent, Subscription
 from .raft import messages as m
-from .raft.core import HardState, Quorum, RaftConfig, RaftCore, Ready, Role
+from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
-from .validate import check_message
+from .raft.state import HardState, Recovery, decode_hard_state, encode_hard_state
+from .raft.validate import check_message
 
 log = logging.getLogger("tinyraftplus")
 
@@ -182,6 +184,15 @@ class RaftNode:
         size; group (node id -> group name) and group_fn (``fn(frozenset(ids)) -> bool``):
         replication groups; priority: this node's leader priority (or priorities: id -> int for
         every node); pre_vote (True), check_quorum (True); seed: for the election-timeout rng.
+
+    Starting without durable state (a new node, or one that lost its disk): by default the
+    node *recovers* (``tinyraftplus.raft.recovery``): it asks every other member for its term
+    and log, votes for nobody until its log has caught up, and so can never vote twice in a
+    term or help elect a leader that lacks a committed entry. A brand-new cluster whose
+    members all start needs nothing else. ``bootstrap=True`` says "this is a brand-new
+    cluster" and lets a node without state vote at once, so that a new cluster can elect a
+    leader with members missing; never pass it to a node that lost its data (its peers
+    recognise it and ignore it). With state on disk, ``bootstrap`` is ignored.
     """
 
     def __init__(
@@ -213,6 +224,7 @@ class RaftNode:
         seed: int | None = None,
         inbox_max: int = 1 << 16,
         send_queue_max: int = 1 << 12,
+        bootstrap: bool = False,
     ) -> None:
         nodes = list(nodes)
         if len(set(nodes)) != len(nodes):
@@ -277,6 +289,7 @@ class RaftNode:
         self._initial_apply_seq = apply_seq
         self._inbox_max = inbox_max
         self._send_queue_max = send_queue_max
+        self._bootstrap = bool(bootstrap)
 
         self.events = EventHub(node_id)
         self._core: RaftCore | None = None
@@ -381,12 +394,9 @@ class RaftNode:
             self._opened_log = True
         from .log.state import StateFile  # the C-backed log package; imported lazily
 
-        self._state = StateFile(self._state_path or self._default_state_path())
-        raw = self._state.load()
-        hs = HardState()
-        if raw is not None:
-            term, vote = msgpack.unpackb(raw)
-            hs = HardState(term=term, vote=vote)
+        path = self._state_path or self._default_state_path()
+        self._state = StateFile(path)
+        hs = await self._load_hard_state(path)
         # A durable state machine may be ahead of nothing we know; commit starts where it is.
         commit = min(self._apply_seq, self.log.seq)
         self._commit_seq = commit
@@ -401,6 +411,34 @@ class RaftNode:
             now=trio.current_time(),
             commit_seq=commit,
         )
+
+    async def _load_hard_state(self, path: str) -> HardState:
+        """The member's durable state, or a new identity (bootstrap or recovery) written
+        before the node says anything. Raises ``MemberStateLostError`` for a member whose
+        log is gone while its hard state remains."""
+        raw = self._state.load()
+        if raw is None:
+            rec = None if self._bootstrap else Recovery()
+            hs = HardState(incarnation=_new_incarnation(), recovery=rec)
+            if rec is not None:
+                log.info(
+                    "tinyraftplus node %r: no state at %s; recovering from the other members "
+                    "(pass bootstrap=True only to start a brand-new cluster)", self.node_id, path,
+                )
+        else:
+            hs = decode_hard_state(raw, path)
+            if hs.has_log and self.log.seq < 0:
+                raise MemberStateLostError(
+                    f"node {self.node_id!r}: its log ({getattr(self.log, 'path', self.log)}) is "
+                    f"empty, but its state ({path}) says it held entries: it lost its log and "
+                    "is not the member it was. Delete the state file too and restart the node "
+                    "without bootstrap; it then recovers from the other members"
+                )
+            if hs.incarnation:
+                return hs
+            hs = HardState(hs.term, hs.vote, _new_incarnation(), has_log=self.log.seq >= 0)
+        await self._state.save(encode_hard_state(hs))
+        return hs
 
     def _default_state_path(self) -> str:
         # Beside the log's directory (DIR/NAME.raftstate), not inside it: the log owns its
@@ -533,8 +571,7 @@ class RaftNode:
         for to, msg in rd.messages:
             self._send(to, msg)
         if rd.hard_state is not None:
-            hs = rd.hard_state
-            await self._state.save(msgpack.packb([hs.term, hs.vote]))
+            await self._state.save(encode_hard_state(rd.hard_state))
         if rd.truncate_after is not None:
             await self.log.truncate(rd.truncate_after)
             cache = self._cache
@@ -552,6 +589,8 @@ class RaftNode:
         core.advance(rd)
         for to, msg in rd.messages_after_persist:
             self._send(to, msg)
+        for warning in rd.warnings:
+            self._warn(warning)
         if rd.soft_state is not None:
             ss = rd.soft_state
             self._role_changed.set()
@@ -991,6 +1030,12 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def _new_incarnation() -> int:
+    """Larger than any earlier incarnation of this node id: a wiped node restarts later in
+    wall-clock time (nanoseconds, so two restarts within a second differ)."""
+    return time.time_ns()
 
 
 def _log_needs_open(log: Any) -> bool:

@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 from ..entry import Entry
 from ..errors import ConfigurationError, InvalidArgumentError, NotLeaderError, UsageError
@@ -63,6 +63,8 @@ from .messages import (
     NodeId,
     ReadIndex,
     ReadIndexResponse,
+    Recover,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
@@ -70,6 +72,9 @@ from .messages import (
 from .progress import Progress
 from .quorum import Quorum
 from .raftlog import RaftLog
+from .recovery import MemberIdentity
+from .state import LEARN_TERM, HardState, Recovery
+from .storage import LogStorage
 
 
 class Role(str, Enum):
@@ -77,15 +82,6 @@ class Role(str, Enum):
     PRE_CANDIDATE = "pre_candidate"
     CANDIDATE = "candidate"
     LEADER = "leader"
-
-
-@dataclass(frozen=True, slots=True)
-class HardState:
-    """What must survive a crash before the node acts on it: the current term and the vote
-    cast in it (``None``: no vote yet in this term)."""
-
-    term: int = 0
-    vote: NodeId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,28 +113,9 @@ class Ready:
     messages_after_persist: list[tuple[NodeId, CoreMessage]] = field(default_factory=list)
     commit_seq: int = -1
     read_states: list[ReadState] = field(default_factory=list)
-
-
-class LogStorage(Protocol):
-    """What the core reads from the durable log: synchronous and cheap (``FsLog`` keeps the
-    terms in memory and reads payloads with one ``pread``; the simulator's store is a list).
-    The core keeps entries it has handed out in a ``Ready`` but that were not yet
-    ``advance``d in memory itself, so storage only ever sees durable writes."""
-
-    @property
-    def seq(self) -> int:
-        """Last seq held, ``-1`` when empty."""
-
-    @property
-    def first_seq(self) -> int:
-        """First seq held (0 unless a prefix was compacted away)."""
-
-    def term_at(self, seq: int) -> int:
-        """Term of the entry at ``seq``; 0 for ``seq == -1``."""
-
-    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
-        """Entries ``lo..hi`` inclusive, stopping early once ``max_bytes`` of payload are
-        gathered (but always at least one entry when ``lo <= hi``)."""
+    # Things an operator should hear about (a peer that lost its data, ...): the driver
+    # reports each as a warning event.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +169,7 @@ def _check_config(cfg: RaftConfig) -> None:
         )
 
 
-class RaftCore:
+class RaftCore(MemberIdentity):
     """One node's Raft state machine. See the module docstring for the driving protocol.
 
     ``bugs`` is a TEST-ONLY hook: a set of deliberate faults the simulator switches on to
@@ -258,6 +235,15 @@ class RaftCore:
 
         self._term = hard_state.term
         self._vote: NodeId | None = hard_state.vote
+        # identity (recovery.py): ours, the peers' as last seen, and recovery progress
+        self._inc = hard_state.incarnation
+        self._peer_inc: dict[NodeId, int] = {
+            p: i for p, i in hard_state.peers if p in self._peer_set
+        }
+        self._recovery: Recovery | None = hard_state.recovery
+        self._recover_replies: dict[NodeId, RecoverResponse] = {}
+        self._has_log = hard_state.has_log
+        self._hs_changed = False
         self._role = Role.FOLLOWER
         self._leader: NodeId | None = None
         self._commit = max(-1, min(commit_seq, self._log.last_seq))
@@ -289,7 +275,9 @@ class RaftCore:
         self._transfer_deadline = _NEVER
         self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
         self._reads_pending: deque[_Read] = deque()  # in a heartbeat round, by round
-        self._read_round = 1  # the round reads arriving now will join
+        # The round reads arriving now will join. Heartbeats carry the last round sent
+        # (``_read_round - 1``, from 1 on), so that a rejected heartbeat is recognisable.
+        self._read_round = 2
         self._read_round_open = False  # reads joined the round that was not sent yet
         self._read_acks: dict[NodeId, int] = {}
         # follower state: read_id -> (leader asked, deadline)
@@ -299,6 +287,7 @@ class RaftCore:
         self._msgs: list[tuple[NodeId, CoreMessage]] = []
         self._msgs_after: list[tuple[NodeId, CoreMessage]] = []
         self._read_states: list[ReadState] = []
+        self._warnings: list[str] = []
         self._emitted_hs = hard_state
         self._emitted_soft = SoftState(self._role, None, self._term)
         self._emitted_commit = self._commit
@@ -312,11 +301,15 @@ class RaftCore:
             TimeoutNow: self._on_timeout_now,
             ReadIndex: self._on_read_index,
             ReadIndexResponse: self._on_read_index_response,
+            Recover: self._on_recover,
+            RecoverResponse: self._on_recover_response,
         }
         if len(ids) == 1:
             self._election_deadline = self._now  # alone: elect itself at the first tick
         else:
             self._reset_election_timer()
+        if self._recovery is not None:
+            self._election_deadline = self._now  # start (or resume) recovering at once
 
     # --- introspection ----------------------------------------------------------------
     @property
@@ -344,8 +337,15 @@ class RaftCore:
         return self._vote
 
     @property
+    def incarnation(self) -> int:
+        return self._inc
+
+    @property
     def hard_state(self) -> HardState:
-        return HardState(self._term, self._vote)
+        return HardState(
+            self._term, self._vote, self._inc, tuple(self._peer_inc.items()), self._recovery,
+            self._has_log,
+        )
 
     @property
     def commit_seq(self) -> int:
@@ -441,7 +441,10 @@ class RaftCore:
                 self._transfer_deadline = _NEVER
             self._expire_leader_reads(now)
         elif now >= self._election_deadline:
-            self._start_election(pre_vote=self._cfg.pre_vote)
+            if self._recovery is not None:
+                self._recovery_tick()
+            else:
+                self._start_election(pre_vote=self._cfg.pre_vote)
         if self._reads_forwarded:
             self._expire_forwarded_reads(now)
 
@@ -450,9 +453,18 @@ class RaftCore:
         ignored (they are normal on a network); never raises for a well-typed message."""
         if from_id not in self._peer_set:
             return
-        handler = self._handlers.get(type(msg))
-        if handler is not None:
-            handler(from_id, msg)
+        t = type(msg)
+        handler = self._handlers.get(t)
+        if handler is None:
+            return
+        if msg.inc != self._peer_inc.get(from_id, 0) and not self._check_inc(from_id, msg):
+            return
+        rec = self._recovery
+        if rec is not None and rec.phase == LEARN_TERM and t is not Recover and (
+            t is not RecoverResponse
+        ):
+            return  # until the term is known this node acts on nothing (recovery.py)
+        handler(from_id, msg)
 
     def propose(self, items: Sequence[bytes]) -> tuple[int, int]:
         """Leader only: append ``items`` (non-empty bytes) at the end of the log; returns
@@ -506,13 +518,14 @@ class RaftCore:
         elif self._leader is not None:
             leader = self._leader
             self._reads_forwarded[read_id] = (leader, self._now + self._cfg.election_timeout)
-            self._msgs.append((leader, ReadIndex(self._term, read_id)))
+            self._msgs.append((leader, ReadIndex(self._term, read_id, self._inc)))
         else:
             self._read_states.append(ReadState(read_id, -2))
 
     def campaign(self) -> None:
-        """Start an election now (skipping PreVote), e.g. in tests."""
-        if self._role is not Role.LEADER:
+        """Start an election now (skipping PreVote), e.g. in tests. A recovering node
+        does not campaign."""
+        if self._role is not Role.LEADER and self._recovery is None:
             self._start_election(pre_vote=False)
 
     # --- outputs ----------------------------------------------------------------------
@@ -522,6 +535,8 @@ class RaftCore:
             self._msgs
             or self._msgs_after
             or self._read_states
+            or self._warnings
+            or self._hs_changed
             or self._log.has_unstable()
             or self._commit > self._emitted_commit
             or self._emitted_hs.term != self._term
@@ -542,14 +557,25 @@ class RaftCore:
         soft = self._emitted_soft
         if soft.role is not self._role or soft.leader != self._leader or soft.term != self._term:
             rd.soft_state = self._emitted_soft = SoftState(self._role, self._leader, self._term)
-        hs = self._emitted_hs
-        if hs.term != self._term or hs.vote != self._vote:
-            rd.hard_state = self._emitted_hs = HardState(self._term, self._vote)
         rd.truncate_after, rd.entries = self._log.take_unstable()
+        if rd.entries and not self._has_log:
+            self._has_log = self._hs_changed = True
+        hs = self._emitted_hs
+        if self._hs_changed or hs.term != self._term or hs.vote != self._vote:
+            rd.hard_state = self._emitted_hs = self.hard_state
+            self._hs_changed = False
         if self._msgs:
             rd.messages, self._msgs = self._msgs, []
         if self._msgs_after:
             rd.messages_after_persist, self._msgs_after = self._msgs_after, []
+        if rd.hard_state is not None and rd.messages:
+            # Nothing that depends on a hard state leaves before it is durable, whatever
+            # the quorum: a one-node quorum wins inside one step, and its first appends
+            # carry the new term (etcd's rule).
+            rd.messages_after_persist[:0] = rd.messages
+            rd.messages = []
+        if self._warnings:
+            rd.warnings, self._warnings = self._warnings, []
         if self._read_states:
             rd.read_states, self._read_states = self._read_states, []
         self._emitted_commit = self._commit
@@ -568,6 +594,8 @@ class RaftCore:
             self._log.stable_to(last.seq, last.term)
             if self._role is Role.LEADER:
                 self._maybe_commit()
+            elif self._recovery is not None:
+                self._maybe_recovered()
 
     # --- roles ------------------------------------------------------------------------
     def _reset_election_timer(self) -> None:
@@ -597,13 +625,17 @@ class RaftCore:
         log = self._log
         if pre_vote:
             self._role = Role.PRE_CANDIDATE
-            req = RequestVote(self._term + 1, log.last_seq, log.last_term, pre_vote=True)
+            req = RequestVote(
+                self._term + 1, log.last_seq, log.last_term, pre_vote=True, inc=self._inc
+            )
             out = self._msgs  # asks for nothing durable
         else:
             self._role = Role.CANDIDATE
             self._term += 1
             self._vote = self._id
-            req = RequestVote(self._term, log.last_seq, log.last_term, transfer=transfer)
+            req = RequestVote(
+                self._term, log.last_seq, log.last_term, transfer=transfer, inc=self._inc
+            )
             out = self._msgs_after  # only once term and vote are on disk
         for p in self._peers:
             out.append((p, req))
@@ -686,10 +718,11 @@ class RaftCore:
             # A pre-vote changes nothing here: it only says whether a vote would be granted.
             grant = (
                 m.term > self._term
+                and self._recovery is None
                 and (m.transfer or not self._in_lease())
                 and self._log_ok(m.last_seq, m.last_term)
             )
-            resp = VoteResponse(m.term if grant else self._term, grant, pre_vote=True)
+            resp = VoteResponse(m.term if grant else self._term, grant, True, self._inc)
             self._msgs_after.append((frm, resp))
             return
         if m.term > self._term:
@@ -697,15 +730,17 @@ class RaftCore:
                 return  # a disruptive candidate; its term must not depose a live leader
             self._become_follower(m.term, None)
         if m.term < self._term:
-            self._msgs_after.append((frm, VoteResponse(self._term, False)))
+            self._msgs_after.append((frm, VoteResponse(self._term, False, inc=self._inc)))
             return
-        grant = (self._vote is None or self._vote == frm) and self._log_ok(
-            m.last_seq, m.last_term
+        grant = (
+            (self._vote is None or self._vote == frm)
+            and self._recovery is None
+            and self._log_ok(m.last_seq, m.last_term)
         )
         if grant:
             self._vote = frm
             self._reset_election_timer()
-        self._msgs_after.append((frm, VoteResponse(self._term, grant)))
+        self._msgs_after.append((frm, VoteResponse(self._term, grant, inc=self._inc)))
 
     def _on_vote_response(self, frm: NodeId, m: VoteResponse) -> None:
         if m.pre_vote:
@@ -731,10 +766,13 @@ class RaftCore:
         self._tally()
 
     def _on_timeout_now(self, frm: NodeId, m: TimeoutNow) -> None:
-        if m.term < self._term or self._role is Role.LEADER:
+        # Only from the leader of our current term, and so only once: campaigning moves
+        # this node to the next term, where a duplicate is stale. A TimeoutNow from anyone
+        # else would start an election that bypasses PreVote and the lease check.
+        if m.term != self._term or self._leader != frm or self._role is not Role.FOLLOWER:
             return
-        if m.term > self._term:
-            self._become_follower(m.term, None)
+        if self._recovery is not None:
+            return
         self._start_election(pre_vote=False, transfer=True)
 
     # --- replication: follower side ---------------------------------------------------
@@ -746,7 +784,7 @@ class RaftCore:
                 return
             # Tell the stale leader about the newer term so that it steps down.
             self._msgs_after.append(
-                (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id))
+                (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id, inc=self._inc))
             )
             return
         if m.term > term:
@@ -773,7 +811,7 @@ class RaftCore:
         if prev > last:
             self._msgs_after.append((frm, AppendResponse(
                 self._term, False, prev, conflict_term=0, conflict_seq=last + 1,
-                read_id=m.read_id,
+                read_id=m.read_id, inc=self._inc,
             )))
             return
         if prev >= log.first_seq and log.term_at(prev) != m.prev_term:
@@ -781,6 +819,7 @@ class RaftCore:
             cs = log.first_of_term(prev, floor=self._commit + 1)
             self._msgs_after.append((frm, AppendResponse(
                 self._term, False, prev, conflict_term=ct, conflict_seq=cs, read_id=m.read_id,
+                inc=self._inc,
             )))
             return
         if n:
@@ -802,11 +841,16 @@ class RaftCore:
                     log.truncate_after(first_new - 1)
                 log.append(entries[start:] if start else entries)
         last_new = prev + n
+        if log.last_term == m.term and log.last_seq > last_new:
+            # Entries of the leader's own term can only have come from it, so they match
+            # its log: say how far we hold them (a heartbeat then tells the leader of a lost
+            # last batch at once).
+            last_new = log.last_seq
         commit = m.commit_seq if m.commit_seq < last_new else last_new
         if commit > self._commit:
             self._commit = commit
         self._msgs_after.append(
-            (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id))
+            (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id, inc=self._inc))
         )
 
     # --- replication: leader side -----------------------------------------------------
@@ -817,6 +861,14 @@ class RaftCore:
         if m.term < self._term or self._role is not Role.LEADER:
             return
         pr = self._prs[frm]
+        if pr.lost:
+            return  # until it comes back as a new incarnation (recovery.py)
+        if not m.success and m.read_id:
+            # Heartbeats go at prev = match, which this follower acknowledged in this term:
+            # rejecting one means it lost entries it promised to keep.
+            self._read_acks.pop(frm, None)
+            self._lost_member(frm, m)
+            return
         self._recent_active.add(frm)
         if m.read_id:
             if m.read_id > self._read_acks.get(frm, 0):
@@ -842,6 +894,8 @@ class RaftCore:
                 if self._role is not Role.LEADER:
                     return
             elif pr.probe:
+                if ms < pr.next - 1:
+                    return  # a read round's heartbeat, not the probe: keep probing
                 pr.become_replicate(self._now)
             if pr.match < log.last_seq:
                 self._dirty.add(frm)
@@ -853,25 +907,16 @@ class RaftCore:
                 # An up-to-date follower we prefer as leader: hand over.
                 self._transfer_target = frm
                 self._transfer_deadline = self._now + self._cfg.election_timeout
-                self._msgs.append((frm, TimeoutNow(self._term)))
+                self._msgs.append((frm, TimeoutNow(self._term, self._inc)))
             return
         rejected = m.match_seq
-        if rejected > log.last_seq:
-            return  # rejects an append we never sent
-        if pr.probe:
-            if rejected != pr.next - 1:
-                return  # answers an older probe
-        elif rejected <= pr.match:
-            if m.conflict_term != 0 or not 0 <= m.conflict_seq <= pr.match:
-                return  # answers a batch overtaken by later acknowledgements
-            # The follower no longer holds entries it acknowledged: its log was deleted or
-            # lost while it was down (the original supports wiping a node's log and letting
-            # it catch up). Start again from what it has. A reordered old rejection can also
-            # land here; it only costs a probe round, never safety (commit never goes back).
-            pr.match = m.conflict_seq - 1
-            pr.become_probe(m.conflict_seq)
-            self._dirty.add(frm)
+        if rejected > log.last_seq or rejected <= pr.match:
+            # Rejects an append we never sent, or one overtaken by later acknowledgements
+            # (reordered). A follower that really lost acknowledged entries is found by
+            # the next heartbeat (above), so this never resends in a loop.
             return
+        if pr.probe and rejected != pr.next - 1:
+            return  # answers an older probe
         if m.conflict_term > 0:
             # Skip the follower's whole conflicting term: resume after our last entry of
             # that term if we have one, else at the first seq the follower has of it.
@@ -889,7 +934,7 @@ class RaftCore:
 
     def _maybe_commit(self) -> None:
         log = self._log
-        matches = {p: pr.match for p, pr in self._prs.items()}
+        matches = {p: pr.match for p, pr in self._prs.items() if not pr.lost}
         matches[self._id] = log.stable
         n = self._quorum.highest(matches)
         if n <= self._commit:
@@ -909,6 +954,8 @@ class RaftCore:
         last = log.last_seq
         cfg = self._cfg
         term = self._term
+        if pr.lost:
+            return
         if pr.probe:
             if pr.probe_sent:
                 return
@@ -917,8 +964,11 @@ class RaftCore:
                 log.slice(nxt, min(last, nxt + cfg.rpc_max - 1), cfg.rpc_max_bytes)
                 if nxt <= last else []
             )
+            # At prev = match (a seq it acknowledged) a rejection means lost data: mark it
+            # as a heartbeat so that the answer is recognised.
+            rid = self._read_round - 1 if nxt - 1 == pr.match >= 0 else 0
             self._msgs.append((p, AppendEntries(
-                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit, rid, self._inc
             )))
             pr.probe_sent = True
             return
@@ -930,36 +980,49 @@ class RaftCore:
             if not infl:
                 pr.last_progress = self._now  # the stall clock starts with the first batch
             self._msgs.append((p, AppendEntries(
-                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit, 0, self._inc
             )))
             pr.next = nxt + len(ents)
             infl.append(pr.next - 1)
 
     def _heartbeat(self, p: NodeId, pr: Progress, read_id: int) -> None:
         # prev = match: the follower is known to hold it, so a heartbeat never causes a
-        # rejection (and a fallback to probing) just because batches are still in flight.
-        match = pr.match
+        # rejection (and a fallback to probing) just because batches are still in flight;
+        # if it is rejected all the same, the follower lost data (``_on_append_response``).
+        # A lost member gets prev = -1: it keeps following, and nothing it says counts.
+        match = pr.match if not pr.lost else -1
         self._msgs.append((p, AppendEntries(
-            self._term, match, self._log.term_at(match), (), self._commit, read_id
+            self._term, match, self._log.term_at(match), (), self._commit, read_id, self._inc
         )))
 
     def _broadcast_heartbeat(self) -> None:
-        # A follower that acknowledged nothing for a whole election timeout while batches
-        # were out lost them (a lost batch in mid-stream shows up sooner, as a rejection of
-        # the next one). Shorter would resend to merely slow followers and make them slower.
-        stall = self._cfg.election_timeout
+        # A follower that acknowledged nothing for a few heartbeats while batches were out
+        # lost them (a lost batch in mid-stream shows up sooner, as a rejection of the next
+        # one; a lost last batch shows up in a heartbeat's answer, which says how far the
+        # follower holds this term's entries). Probe again from what it has.
+        cfg = self._cfg
+        stall = min(cfg.election_timeout, 3 * cfg.heartbeat_interval)
         now = self._now
+        rnd = self._read_round - 1  # the last read round sent: acknowledging it again is true
         for p, pr in self._prs.items():
-            if pr.probe:
-                pr.probe_sent = False  # the last probe may be lost: send another
-                self._send_append(p, pr)
+            if pr.probe and not pr.lost:
+                if pr.probe_sent:
+                    # No answer to the last probe yet: ask again without entries, so a dead
+                    # follower costs a heartbeat, not a batch.
+                    nxt = pr.next
+                    rid = rnd if nxt - 1 == pr.match >= 0 else 0
+                    self._msgs.append((p, AppendEntries(
+                        self._term, nxt - 1, self._log.term_at(nxt - 1), (), self._commit, rid,
+                        self._inc,
+                    )))
+                else:
+                    self._send_append(p, pr)
                 continue
             if pr.inflight and now - pr.last_progress >= stall:
-                # Batches were lost (or the follower is stuck): probe from the known match.
                 pr.become_probe(pr.match + 1)
                 self._send_append(p, pr)
                 continue
-            self._heartbeat(p, pr, 0)
+            self._heartbeat(p, pr, rnd)
 
     def _flush(self) -> None:
         """Send what stepping queued: appends to dirty followers and a read round."""
@@ -1018,7 +1081,9 @@ class RaftCore:
         if r.origin is None:
             self._read_states.append(ReadState(r.read_id, index))
         else:
-            self._msgs.append((r.origin, ReadIndexResponse(self._term, r.read_id, index)))
+            self._msgs.append(
+                (r.origin, ReadIndexResponse(self._term, r.read_id, index, self._inc))
+            )
 
     def _fail_read(self, r: _Read) -> None:
         self._answer_read(r, -2)
@@ -1040,7 +1105,7 @@ class RaftCore:
         if self._role is Role.LEADER:
             self._leader_read(m.read_id, frm)
         else:
-            self._msgs.append((frm, ReadIndexResponse(self._term, m.read_id, -2)))
+            self._msgs.append((frm, ReadIndexResponse(self._term, m.read_id, -2, self._inc)))
 
     def _on_read_index_response(self, frm: NodeId, m: ReadIndexResponse) -> None:
         pending = self._reads_forwarded.get(m.read_id)

@@ -17,7 +17,7 @@ from collections import deque
 
 
 class Progress:
-    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress")
+    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost")
 
     def __init__(self, next_seq: int, now: float) -> None:
         self.match = -1  # highest seq known to be durable on the follower and matching us
@@ -27,6 +27,16 @@ class Progress:
         # replicate state: last seq of each unacknowledged batch, oldest first
         self.inflight: deque[int] = deque()
         self.last_progress = now  # when match last advanced (or streaming (re)started)
+        # The follower reported a log shorter than ``match`` without changing incarnation:
+        # it lost acknowledged entries, so it is not counted (``recovery.py``).
+        self.lost = False
+
+    def forget(self, next_seq: int, now: float) -> None:
+        """The follower is a new incarnation: nothing it acknowledged before counts."""
+        self.match = -1
+        self.lost = False
+        self.last_progress = now
+        self.become_probe(next_seq)
 
     def become_probe(self, next_seq: int) -> None:
         self.probe = True
@@ -43,4 +53,6 @@ class Progress:
 
     def __repr__(self) -> str:
         state = "probe" if self.probe else f"replicate inflight={len(self.inflight)}"
+        if self.lost:
+            state += " LOST"
         return f"Progress(match={self.match}, next={self.next}, {state})"

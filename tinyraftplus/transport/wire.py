@@ -16,7 +16,7 @@ message's dataclass fields in declaration order, every one always present (no de
 the wire, so "missing" and "extra" are both simply a wrong length). Flat arrays rather than
 maps keep field names off the wire and make ``AppendEntries`` -- the hot path -- cheap:
 
-    [1, 3, term, prev_seq, prev_term, commit_seq, read_id, [term, ...], [data, ...]]
+    [2, 3, term, prev_seq, prev_term, commit_seq, read_id, inc, [term, ...], [data, ...]]
 
 The entries' seqs are not sent: Raft's entries always follow ``prev_seq`` one by one, so the
 ``i``-th entry is ``prev_seq + 1 + i``. The encoder refuses entries that are not contiguous.
@@ -57,12 +57,16 @@ from ..raft.messages import (
     ProposeResponse,
     ReadIndex,
     ReadIndexResponse,
+    Recover,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: every Raft message carries its sender's incarnation (``inc``, last); ``Recover`` and
+``RecoverResponse`` are new."""
 
 MAX_U63 = (1 << 63) - 1
 """Largest seq, term or id a message may carry (the log stores them as signed 64-bit)."""
@@ -124,6 +128,8 @@ TAG_READ_INDEX = 6
 TAG_READ_INDEX_RESPONSE = 7
 TAG_PROPOSE = 8
 TAG_PROPOSE_RESPONSE = 9
+TAG_RECOVER = 10
+TAG_RECOVER_RESPONSE = 11
 TAG_HELLO = 16
 TAG_PING = 17
 
@@ -137,6 +143,8 @@ _NAMES = {
     TAG_READ_INDEX_RESPONSE: "ReadIndexResponse",
     TAG_PROPOSE: "Propose",
     TAG_PROPOSE_RESPONSE: "ProposeResponse",
+    TAG_RECOVER: "Recover",
+    TAG_RECOVER_RESPONSE: "RecoverResponse",
     TAG_HELLO: "Hello",
     TAG_PING: "Ping",
 }
@@ -191,29 +199,32 @@ def _arity(obj: list, n: int) -> None:
 
 
 def _v_request_vote(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 5)
+    _arity(obj, 6)
     _int(obj, 2, 1)  # term: a candidate is always past term 0
     _int(obj, 3, -1)  # last_seq
     _int(obj, 4, 0, obj[2])  # last_term <= term
     _bool(obj, 5)
     _bool(obj, 6)
+    _int(obj, 7, 0)  # inc
 
 
 def _v_vote_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 3)
+    _arity(obj, 4)
     _int(obj, 2, 0)
     _bool(obj, 3)
     _bool(obj, 4)
+    _int(obj, 5, 0)
 
 
 def _v_append_entries(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 7)
+    _arity(obj, 8)
     _int(obj, 2, 0)  # term
     _int(obj, 3, -1)  # prev_seq
     _int(obj, 4, 0, obj[2])  # prev_term <= term
     _int(obj, 5, -1)  # commit_seq
     _int(obj, 6, 0)  # read_id
-    terms, datas = obj[7], obj[8]
+    _int(obj, 7, 0)  # inc
+    terms, datas = obj[8], obj[9]
     if type(terms) is not list or type(datas) is not list:
         raise ProtocolError(
             f"AppendEntries entry terms and data must be two arrays, got "
@@ -251,31 +262,49 @@ def _v_append_entries(obj: list, lim: WireLimits) -> None:
 
 
 def _v_append_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 6)
+    _arity(obj, 7)
     _int(obj, 2, 0)
     _bool(obj, 3)
     _int(obj, 4, -1)
     _int(obj, 5, 0)
     _int(obj, 6, -1)
     _int(obj, 7, 0)
+    _int(obj, 8, 0)
 
 
 def _v_timeout_now(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 1)
+    _arity(obj, 2)
     _int(obj, 2, 1)
+    _int(obj, 3, 0)
 
 
 def _v_read_index(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 3)
+    _int(obj, 2, 0)
+    _int(obj, 3, 0)
+    _int(obj, 4, 0)
+
+
+def _v_read_index_response(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 4)
+    _int(obj, 2, 0)
+    _int(obj, 3, 0)
+    _int(obj, 4, -2)  # -2: refused
+    _int(obj, 5, 0)
+
+
+def _v_recover(obj: list, lim: WireLimits) -> None:
     _arity(obj, 2)
     _int(obj, 2, 0)
     _int(obj, 3, 0)
 
 
-def _v_read_index_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 3)
+def _v_recover_response(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 4)
     _int(obj, 2, 0)
-    _int(obj, 3, 0)
-    _int(obj, 4, -2)  # -2: refused
+    _int(obj, 3, -1)
+    _int(obj, 4, 0, obj[2])
+    _int(obj, 5, 0)
 
 
 def _v_propose(obj: list, lim: WireLimits) -> None:
@@ -346,7 +375,7 @@ def _fields_append_entries(m: AppendEntries) -> list:
         terms, datas = [], []
     return [
         PROTOCOL_VERSION, TAG_APPEND_ENTRIES,
-        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, terms, datas,
+        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, m.inc, terms, datas,
     ]
 
 
@@ -369,17 +398,20 @@ def _fields_simple(tag: int, names: tuple[str, ...]) -> Callable[[Any], list]:
 
 
 _FIELDS: dict[int, tuple[str, ...]] = {
-    TAG_REQUEST_VOTE: ("term", "last_seq", "last_term", "pre_vote", "transfer"),
-    TAG_VOTE_RESPONSE: ("term", "granted", "pre_vote"),
+    TAG_REQUEST_VOTE: ("term", "last_seq", "last_term", "pre_vote", "transfer", "inc"),
+    TAG_VOTE_RESPONSE: ("term", "granted", "pre_vote", "inc"),
     TAG_APPEND_ENTRIES: (
-        "term", "prev_seq", "prev_term", "commit_seq", "read_id", "entry_terms", "entry_data",
+        "term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", "entry_terms",
+        "entry_data",
     ),
     TAG_APPEND_RESPONSE: (
-        "term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id",
+        "term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id", "inc",
     ),
-    TAG_TIMEOUT_NOW: ("term",),
-    TAG_READ_INDEX: ("term", "read_id"),
-    TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index"),
+    TAG_TIMEOUT_NOW: ("term", "inc"),
+    TAG_READ_INDEX: ("term", "read_id", "inc"),
+    TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index", "inc"),
+    TAG_RECOVER: ("term", "inc"),
+    TAG_RECOVER_RESPONSE: ("term", "last_seq", "last_term", "inc"),
     TAG_PROPOSE: ("req_id", "items"),
     TAG_PROPOSE_RESPONSE: ("req_id", "first_seq", "term", "error", "leader"),
     TAG_HELLO: ("node_id", "to"),
@@ -396,6 +428,8 @@ _CLASSES: dict[int, type] = {
     TAG_READ_INDEX_RESPONSE: ReadIndexResponse,
     TAG_PROPOSE: Propose,
     TAG_PROPOSE_RESPONSE: ProposeResponse,
+    TAG_RECOVER: Recover,
+    TAG_RECOVER_RESPONSE: RecoverResponse,
     TAG_HELLO: Hello,
     TAG_PING: Ping,
 }
@@ -410,6 +444,8 @@ _VALIDATORS: dict[int, Callable[[list, WireLimits], None]] = {
     TAG_READ_INDEX_RESPONSE: _v_read_index_response,
     TAG_PROPOSE: _v_propose,
     TAG_PROPOSE_RESPONSE: _v_propose_response,
+    TAG_RECOVER: _v_recover,
+    TAG_RECOVER_RESPONSE: _v_recover_response,
     TAG_HELLO: _v_hello,
     TAG_PING: _v_ping,
 }
@@ -453,7 +489,7 @@ def encode(msg: WireMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
 
 def _build(tag: int, obj: list) -> WireMessage:
     if tag == TAG_APPEND_ENTRIES:
-        terms, datas = obj[7], obj[8]
+        terms, datas = obj[8], obj[9]
         if terms:
             first = obj[3] + 1
             # tuple.__new__ builds each Entry in C; Entry(...) would run Python code per entry.
@@ -463,7 +499,7 @@ def _build(tag: int, obj: list) -> WireMessage:
             ))
         else:
             entries = ()
-        return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6])
+        return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6], obj[7])
     if tag == TAG_PROPOSE:
         return Propose(obj[2], tuple(obj[3]))
     return _CLASSES[tag](*obj[2:])
