@@ -59,8 +59,12 @@ from .raft.validate import check_message
 
 log = logging.getLogger("tinyraftplus")
 
-_RESULT_MEMORY = 1 << 16  # applied results kept for forwarded appends whose answer is late
-_CACHE_MAX = 1 << 17  # persisted-but-unapplied entries kept in memory for the applier
+# Memory that grows with payload size is bounded in bytes, not only in counts.
+_RESULT_MEMORY = 1 << 14  # applied results kept for forwarded appends whose answer is late...
+_RESULT_MEMORY_BYTES = 16 << 20  # ... and at most about this many bytes of them
+_CACHE_MAX_BYTES = 64 << 20  # persisted-but-unapplied entries kept in memory for the applier
+_SEND_QUEUE_BYTES = 64 << 20  # payload queued per peer for an async send
+_PROPOSALS_REMEMBERED = 1 << 12  # forwarded appends answered, to drop duplicated Proposes
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,14 +313,24 @@ class RaftNode:
         self._commit_changed = trio.Event()
         self._apply_changed = trio.Event()
         self._role_changed = trio.Event()
+        # Append waiters by first seq; two waiters for one seq (an append lost in a leader
+        # change and the next one given the same seq in a later term) share it through
+        # ``_waiters_extra`` (rare), and only the entry applied there decides which wins.
         self._waiters: dict[int, _AppendWaiter] = {}
+        self._waiters_extra: list[_AppendWaiter] = []
         self._active: list[_AppendWaiter] = []
         self._forwards: dict[int, tuple[Any, _Waiter]] = {}
         self._reads: dict[int, _Waiter] = {}
-        self._next_id = 1
-        self._recent_results: deque[tuple[int, int, Any]] = deque(maxlen=_RESULT_MEMORY)
+        # Request ids go out in Propose and ReadIndex; starting from the clock keeps them
+        # unique across restarts, so the leader's duplicate filter never confuses two.
+        self._next_id = time.time_ns()
+        self._recent_results: deque[tuple[int, int, Any, int]] = deque()
+        self._recent_bytes = 0
+        self._proposed: dict[tuple[Any, int], tuple[int, int]] = {}
         self._cache: deque[Entry] = deque()
+        self._cache_bytes = 0
         self._send_queues: dict[Any, deque[Any]] = {}
+        self._send_bytes: dict[Any, int] = {}
         self._send_wakes: dict[Any, trio.Event] = {}
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -451,8 +465,11 @@ class RaftNode:
         return os.fspath(path).rstrip(os.sep) + ".raftstate"
 
     def _shutdown(self) -> None:
+        # The state machine outlives a stop: started again, the node resumes applying
+        # where it left off instead of feeding it the whole log a second time.
+        self._initial_apply_seq = self._apply_seq
         err = NodeStoppedError(f"node {self.node_id!r} stopped")
-        for w in list(self._waiters.values()) + self._active:
+        for w in list(self._waiters.values()) + self._waiters_extra + self._active:
             w.fail(err)
         for _, aw in self._proposals:
             aw.fail(err)
@@ -461,6 +478,7 @@ class RaftNode:
         for rw in self._reads.values():
             rw.fail(err)
         self._waiters.clear()
+        self._waiters_extra.clear()
         self._active.clear()
         self._proposals.clear()
         self._forwards.clear()
@@ -538,11 +556,21 @@ class RaftNode:
     def _dispatch(self, core: RaftCore, frm: Any, msg: Any) -> None:
         t = type(msg)
         if t is m.Propose:
+            key = (frm, msg.req_id)
+            done = self._proposed.get(key)
+            if done is not None:
+                # A duplicate (networks duplicate): answer again, never append twice.
+                self._send(frm, m.ProposeResponse(msg.req_id, done[0], done[1]))
+                return
             try:
                 first, term = core.propose(msg.items)
             except NotLeaderError as e:
                 self._send(frm, m.ProposeResponse(msg.req_id, -1, 0, "not leader", e.leader))
             else:
+                proposed = self._proposed
+                proposed[key] = (first, term)
+                if len(proposed) > _PROPOSALS_REMEMBERED:
+                    del proposed[next(iter(proposed))]  # the oldest
                 self._send(frm, m.ProposeResponse(msg.req_id, first, term))
         elif t is m.ProposeResponse:
             fw = self._forwards.get(msg.req_id)
@@ -565,7 +593,7 @@ class RaftNode:
             else:
                 # Registered here, before any await, so the applier cannot miss it.
                 w.first, w.last, w.term = first, first + len(items) - 1, term
-                self._waiters[first] = w
+                self._add_waiter(w)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
         for to, msg in rd.messages:
@@ -576,16 +604,19 @@ class RaftNode:
             await self.log.truncate(rd.truncate_after)
             cache = self._cache
             while cache and cache[-1].seq > rd.truncate_after:
-                cache.pop()
+                self._cache_bytes -= len(cache.pop().data)
         ents = rd.entries
         if ents:
             await self.log.append_batch(
                 [e.data for e in ents], seq=ents[0].seq, term=[e.term for e in ents]
             )
-            if len(self._cache) < _CACHE_MAX:
+            if self._cache_bytes < _CACHE_MAX_BYTES:
                 self._cache.extend(ents)
+                self._cache_bytes += sum(len(e.data) for e in ents)
             else:
-                self._cache.clear()  # the applier is far behind; it reads from the log instead
+                # The applier is far behind; it reads from the log instead.
+                self._cache.clear()
+                self._cache_bytes = 0
         core.advance(rd)
         for to, msg in rd.messages_after_persist:
             self._send(to, msg)
@@ -630,10 +661,13 @@ class RaftNode:
                 self._send_wakes[to] = trio.Event()
                 assert self._nursery is not None
                 self._nursery.start_soon(self._sender_task, to)
-            if len(q) >= self._send_queue_max:
-                q.popleft()
+            size = _payload_bytes(msg)
+            queued = self._send_bytes.get(to, 0) + size
+            while q and (len(q) >= self._send_queue_max or queued > _SEND_QUEUE_BYTES):
+                queued -= _payload_bytes(q.popleft())
                 self.dropped_messages += 1
             q.append(msg)
+            self._send_bytes[to] = queued
             self._send_wakes[to].set()
             return
         try:
@@ -648,6 +682,7 @@ class RaftNode:
                 self._send_wakes[to] = trio.Event()
                 await self._send_wakes[to].wait()
             msg = q.popleft()
+            self._send_bytes[to] -= _payload_bytes(msg)
             try:
                 await self._send_fn(to, msg)
             except Exception as e:
@@ -721,19 +756,25 @@ class RaftNode:
     def _take_entries(self, lo: int, hi: int) -> list[Entry]:
         cache = self._cache
         while cache and cache[0].seq < lo:
-            cache.popleft()
+            self._cache_bytes -= len(cache.popleft().data)
         if cache and cache[0].seq == lo:
             n = min(hi - lo + 1, len(cache))
-            return [cache.popleft() for _ in range(n)]
+            got = [cache.popleft() for _ in range(n)]
+            self._cache_bytes -= sum(len(e.data) for e in got)
+            return got
         return self.log.entries(lo, hi, 8 << 20)
 
     def _finish_applied(self, ents: list[Entry], results: Any) -> None:
-        waiters, active, recent = self._waiters, self._active, self._recent_results
+        waiters, active, extra = self._waiters, self._active, self._waiters_extra
         if results is None:
             results = [None] * len(ents)
-        recent.extend(zip([e.seq for e in ents], [e.term for e in ents], results, strict=True))
+        self._remember_results(ents, results)
         for e, r in zip(ents, results, strict=True):
             w = waiters.pop(e.seq, None) if waiters else None
+            if extra:
+                for x in [x for x in extra if x.first == e.seq]:
+                    extra.remove(x)
+                    active.append(x)
             if w is not None and not active and w.last == e.seq:
                 # The common case: a one-entry append, nothing else collecting.
                 if e.term == w.term:
@@ -755,6 +796,31 @@ class RaftNode:
                         active.remove(w)
                         w.set(w.results)
 
+    def _remember_results(self, ents: list[Entry], results: list[Any]) -> None:
+        recent = self._recent_results
+        size = self._recent_bytes
+        for e, r in zip(ents, results, strict=True):
+            n = len(r) if isinstance(r, (bytes, bytearray, str)) else 64
+            recent.append((e.seq, e.term, r, n))
+            size += n
+        while recent and (len(recent) > _RESULT_MEMORY or size > _RESULT_MEMORY_BYTES):
+            size -= recent.popleft()[3]
+        self._recent_bytes = size
+
+    def _add_waiter(self, w: _AppendWaiter) -> None:
+        if w.first in self._waiters:
+            self._waiters_extra.append(w)
+        else:
+            self._waiters[w.first] = w
+
+    def _drop_waiter(self, w: _AppendWaiter) -> None:
+        """Forget ``w`` (done, timed out or cancelled), and only ``w``: another append may
+        wait at the same seq in another term."""
+        if self._waiters.get(w.first) is w:
+            del self._waiters[w.first]
+        elif w in self._waiters_extra:
+            self._waiters_extra.remove(w)
+
     def _lost(self, w: _AppendWaiter) -> LeadershipLostError:
         return LeadershipLostError(
             f"the leader of term {w.term} lost its role before seq {w.first}..{w.last} were "
@@ -765,7 +831,7 @@ class RaftNode:
         w = _AppendWaiter(first, last, term)
         if first <= self._apply_seq:
             # Already applied (a forwarded append whose answer came late): use the memory.
-            got = [(s, t, r) for (s, t, r) in self._recent_results if first <= s <= last]
+            got = [(s, t, r) for (s, t, r, _) in self._recent_results if first <= s <= last]
             whole = len(got) == last - first + 1 and last <= self._apply_seq
             if whole and all(t == term for _, t, _ in got):
                 w.set([r for _, _, r in got])
@@ -780,7 +846,7 @@ class RaftNode:
             w.results = [r for _, _, r in got]
             self._active.append(w)
             return w
-        self._waiters[first] = w
+        self._add_waiter(w)
         return w
 
     # ------------------------------------------------------------------ public API
@@ -824,7 +890,7 @@ class RaftNode:
             except NotLeaderError:
                 pass  # leadership moved before the driver proposed it: take the slow path
             finally:
-                self._waiters.pop(aw.first, None)
+                self._drop_waiter(aw)
         try:
             with trio.fail_at(deadline):
                 return await self._append_slow(items)
@@ -849,7 +915,7 @@ class RaftNode:
                         await self._role_changed.wait()
                     continue
                 finally:
-                    self._waiters.pop(aw.first, None)
+                    self._drop_waiter(aw)
             leader = await self.wait_leader()
             if leader == self.node_id:
                 continue
@@ -869,7 +935,7 @@ class RaftNode:
                 results = await aw.wait()
                 return aw.first, results
             finally:
-                self._waiters.pop(aw.first, None)
+                self._drop_waiter(aw)
 
     def _append_timeout_error(self) -> RaftTimeoutError | NoLeaderError:
         if self.leader is None:
@@ -1030,6 +1096,16 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def _payload_bytes(msg: Any) -> int:
+    """Payload bytes a queued message holds (what makes a send queue big)."""
+    t = type(msg)
+    if t is m.AppendEntries:
+        return sum(len(e.data) for e in msg.entries)
+    if t is m.Propose:
+        return sum(map(len, msg.items))
+    return 0
 
 
 def _new_incarnation() -> int:

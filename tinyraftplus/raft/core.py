@@ -864,6 +864,8 @@ class RaftCore(MemberIdentity):
         if pr.lost:
             return  # until it comes back as a new incarnation (recovery.py)
         if not m.success and m.read_id:
+            if m.read_id < pr.hb_floor:
+                return  # answers a heartbeat sent to its previous incarnation
             # Heartbeats go at prev = match, which this follower acknowledged in this term:
             # rejecting one means it lost entries it promised to keep.
             self._read_acks.pop(frm, None)

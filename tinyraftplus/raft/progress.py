@@ -17,7 +17,8 @@ from collections import deque
 
 
 class Progress:
-    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost")
+    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost",
+                 "hb_floor")
 
     def __init__(self, next_seq: int, now: float) -> None:
         self.match = -1  # highest seq known to be durable on the follower and matching us
@@ -30,11 +31,16 @@ class Progress:
         # The follower reported a log shorter than ``match`` without changing incarnation:
         # it lost acknowledged entries, so it is not counted (``recovery.py``).
         self.lost = False
+        # Only a heartbeat numbered at least this (sent to the current incarnation) tells
+        # of lost data when it is rejected.
+        self.hb_floor = 0
 
-    def forget(self, next_seq: int, now: float) -> None:
-        """The follower is a new incarnation: nothing it acknowledged before counts."""
+    def forget(self, next_seq: int, now: float, hb_floor: int) -> None:
+        """The follower is a new incarnation: nothing it acknowledged before counts, and
+        heartbeats sent to its old incarnation say nothing about the new one."""
         self.match = -1
         self.lost = False
+        self.hb_floor = hb_floor
         self.last_progress = now
         self.become_probe(next_seq)
 

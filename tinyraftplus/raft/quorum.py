@@ -26,9 +26,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from ..errors import ConfigurationError, InvalidArgumentError
 from .messages import NodeId
 
-MAX_ENUMERATED_NODES = 20
-"""A custom ``group_fn`` is called for all ``2 ** n`` subsets at construction; beyond this
-many nodes that stops being instant and the configuration is refused."""
+MAX_ENUMERATED_NODES = 16
+"""A custom ``group_fn`` is called for all ``2 ** n`` subsets at construction (about 0.25 s
+for 16 nodes, doubling with each more); beyond this many nodes the configuration is refused.
+Majorities, ``quorum=N`` and ``group`` without ``group_fn`` intersect by construction and
+are never enumerated, whatever the size."""
+
+_TABLES: dict[tuple[object, ...], bytes] = {}
+"""Enumerated rules, by (nodes, count, groups, group_fn): every node of a process builds the
+same rule, and it is checked once. Bounded: a process holds a handful of clusters."""
+_TABLES_MAX = 64
 
 
 def _fmt(ids: Iterable[NodeId]) -> str:
@@ -111,7 +118,19 @@ class Quorum:
         if group_fn is not None:
             if not callable(group_fn):
                 raise InvalidArgumentError(f"group_fn must be callable, got {group_fn!r}")
-            self._table = self._enumerate(group_fn)
+            groups = None if group is None else tuple(sorted(group.items(), key=repr))
+            key = (ids, self.count, groups, group_fn)
+            try:
+                table = _TABLES.get(key)
+            except TypeError:  # unhashable group names: check, but do not remember
+                key, table = None, None
+            if table is None:
+                table = self._enumerate(group_fn)
+                if key is not None:
+                    if len(_TABLES) >= _TABLES_MAX:
+                        del _TABLES[next(iter(_TABLES))]
+                    _TABLES[key] = table
+            self._table = table
 
         if not self._accepts_mask((1 << n) - 1):
             raise ConfigurationError(
@@ -139,7 +158,9 @@ class Quorum:
         if n > MAX_ENUMERATED_NODES:
             raise ConfigurationError(
                 f"cannot verify group_fn for {n} nodes (2**{n} subsets); at most "
-                f"{MAX_ENUMERATED_NODES} nodes are supported with a custom group_fn"
+                f"{MAX_ENUMERATED_NODES} nodes are supported with a custom group_fn. For more "
+                "nodes use group= alone (a majority in every group), quorum=N or the default "
+                "majority, which are safe by construction and need no check"
             )
         size = 1 << n
         count = self.count

@@ -84,6 +84,7 @@ class MemberIdentity:
     _msgs: list[tuple[NodeId, CoreMessage]]
     _msgs_after: list[tuple[NodeId, CoreMessage]]
     _warnings: list[str]
+    _read_round: int
 
     def _reset_election_timer(self) -> None:
         raise NotImplementedError  # RaftCore's
@@ -111,7 +112,8 @@ class MemberIdentity:
         pr = self._prs.get(frm)
         if pr is not None and known:
             # Whatever it acknowledged before is gone with its old state.
-            pr.forget(self._log.last_seq + 1, self._now)
+            pr.forget(self._log.last_seq + 1, self._now, self._read_round)
+            self._read_round += 1  # later heartbeats carry ids from the floor on
             self._dirty.add(frm)
         return True
 

@@ -45,6 +45,7 @@ from .store import STORE_BUGS, SimCrash, SimStore
 __all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS"]
 
 CORE_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
+# (store bugs, including "trust_wiped", are in store.py)
 ALL_BUGS = CORE_BUGS | STORE_BUGS
 
 _INF = float("inf")
@@ -143,6 +144,7 @@ class SimResult:
     elections: int = 0
     crashes: int = 0
     partitions: int = 0
+    wipes: int = 0
     messages: int = 0
     commits: int = 0
     checks: int = 0
@@ -177,6 +179,7 @@ class _Profile:
     check_quorum: bool = True
     rpc_max: int = 64
     max_inflight: int = 8
+    wipe_p: float = 0.0  # per step: a node crashes and loses its disk (one at a time)
 
     @property
     def net(self) -> NetworkFaults:
@@ -338,6 +341,9 @@ class SimNode:
             core.advance(rd)
             for to, msg in rd.messages_after_persist:
                 send(me, to, msg)
+            if me in sim.lost and not core.recovering:
+                sim.lost.discard(me)
+                sim.trace("recovered", me, core.term, store.seq)
             if core.role is Role.LEADER and self.led_term != core.term:
                 self.led_term = core.term
                 sim.elections += 1
@@ -610,6 +616,11 @@ class Simulation:
         master = random.Random(f"tinyraftplus-sim:{seed}")
         n = config.nodes if config.nodes is not None else master.choice([3, 3, 5])
         self.profile = _profile(master, config.faults)
+        if config.faults:
+            # Drawn from a generator of its own so that adding the fault kept every other
+            # draw of a seed (and the seeds' earlier histories) as it was.
+            wipe = random.Random(f"{seed}:wipe").choice([0.0, 0.002, 0.005, 0.01])
+            self.profile = replace(self.profile, wipe_p=wipe)
         if config.overrides:
             self.profile = replace(self.profile, **dict(config.overrides))
         p = self.profile
@@ -646,6 +657,10 @@ class Simulation:
         self.partitions = 0
         self.elections = 0
         self.commits = 0
+        self.wipes = 0
+        # Nodes whose disk was wiped and that have not finished recovering: until then they
+        # hold less than they acknowledged, which the durability check allows for.
+        self.lost: set[int] = set()
 
     # --- tracing and failing ------------------------------------------------------------------
     def trace(self, kind: str, *args: Any) -> None:
@@ -678,7 +693,8 @@ class Simulation:
 
     def check_acked_durable(self, when: str) -> None:
         self.inv.check_acked_durable(
-            {i: n.store.durable_term_at for i, n in self.nodes.items()}, when)
+            {i: n.store.durable_term_at for i, n in self.nodes.items()}, when,
+            lost=len(self.lost))
 
     # --- plumbing ---------------------------------------------------------------------------
     def _deliver(self, src: Any, dst: Any, msg: Any) -> None:
@@ -754,6 +770,18 @@ class Simulation:
             desc = net.partition(kind, self.leader())
             self.partitions += 1
             self.trace("partition", desc)
+        if p.wipe_p and not self.lost and r.random() < p.wipe_p:
+            up = [n for n in self.nodes.values() if n.up]
+            if up and self._can_crash_one():
+                victim = r.choice(up)
+                victim.crash("crash, then the disk is wiped")
+                victim.store.wipe()
+                self.wipes += 1
+                if "trust_wiped" not in self.config.bugs:
+                    self.lost.add(victim.id)
+                self.trace("wipe", victim.id)
+                self.check_acked_durable(f"after node {victim.id} lost its disk")
+                return
         if r.random() < p.crash_all_p:
             for node in self.nodes.values():
                 if node.up:
@@ -817,7 +845,7 @@ class Simulation:
         return SimResult(
             seed=self.seed, ok=True, ops=len(ops), acked_writes=len(self.inv.acked),
             elections=self.elections, crashes=self.crashes, partitions=self.partitions,
-            messages=self.net.sent, commits=self.commits, checks=self.inv.checks,
+            wipes=self.wipes, messages=self.net.sent, commits=self.commits, checks=self.inv.checks,
             virtual_time=queue.now,
             trace_hash=self.trace_hash() if self._record else "",
         )

@@ -158,11 +158,14 @@ class Invariants:
         self.acked.append((seq, term, what))
 
     def check_acked_durable(self, durable_term_at: dict[Any, Callable[[int], int | None]],
-                            when: str) -> None:
+                            when: str, lost: int = 0) -> None:
+        """Every acknowledged write is durable on a quorum; while ``lost`` nodes (wiped, not
+        yet recovered) hold less than they acknowledged, on ``quorum - lost`` nodes."""
         self.checks += 1
+        need = self.quorum_size - lost
         for seq, term, what in self.acked:
             holders = [n for n, f in durable_term_at.items() if f(seq) == term]
-            if len(holders) < self.quorum_size:
+            if len(holders) < need:
                 self._fail(
                     "acknowledged write durability",
                     f"{what} was acknowledged at seq {seq} term {term} but {when} only "
