@@ -119,9 +119,9 @@ class Quorum:
             if not callable(group_fn):
                 raise InvalidArgumentError(f"group_fn must be callable, got {group_fn!r}")
             groups = None if group is None else tuple(sorted(group.items(), key=repr))
-            key = (ids, self.count, groups, group_fn)
+            key: tuple[object, ...] | None = (ids, self.count, groups, group_fn)
             try:
-                table = _TABLES.get(key)
+                table = _TABLES.get(key)  # type: ignore[arg-type]
             except TypeError:  # unhashable group names: check, but do not remember
                 key, table = None, None
             if table is None:

@@ -209,6 +209,7 @@ class SimStore:
         self._storage_step("sync hard state")
         self._durable_hard = self._hard
         self._hard_dirty = False
+        self._has_state = self._started = True
         self.syncs += 1
 
     def truncate_after(self, seq: int) -> None:
