@@ -195,8 +195,9 @@ class RaftNode:
     term or help elect a leader that lacks a committed entry. A brand-new cluster whose
     members all start needs nothing else. ``bootstrap=True`` says "this is a brand-new
     cluster" and lets a node without state vote at once, so that a new cluster can elect a
-    leader with members missing; never pass it to a node that lost its data (its peers
-    recognise it and ignore it). With state on disk, ``bootstrap`` is ignored.
+    leader with members missing; never pass it to a node that lost its data (peers that knew
+    its old incarnation ignore it and warn; one that never heard from it cannot tell). With
+    state on disk, ``bootstrap`` is ignored.
     """
 
     def __init__(

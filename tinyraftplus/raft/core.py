@@ -884,6 +884,7 @@ class RaftCore(MemberIdentity):
             if ms > pr.match:
                 pr.match = ms
                 pr.last_progress = self._now
+                pr.idle_beats = 0
                 if pr.probe:
                     pr.become_replicate(self._now)
                 else:
@@ -998,13 +999,11 @@ class RaftCore(MemberIdentity):
         )))
 
     def _broadcast_heartbeat(self) -> None:
-        # A follower that acknowledged nothing for a few heartbeats while batches were out
-        # lost them (a lost batch in mid-stream shows up sooner, as a rejection of the next
-        # one; a lost last batch shows up in a heartbeat's answer, which says how far the
-        # follower holds this term's entries). Probe again from what it has.
-        cfg = self._cfg
-        stall = min(cfg.election_timeout, 3 * cfg.heartbeat_interval)
-        now = self._now
+        # A follower that acknowledged nothing for three heartbeat ticks while batches were
+        # out lost them (a lost batch in mid-stream shows up sooner, as a rejection of the
+        # next one; a lost last batch shows up in a heartbeat's answer, which says how far
+        # the follower holds this term's entries). Probe again from what it has. Ticks are
+        # counted, not timed: heartbeat times are sums of floats.
         rnd = self._read_round - 1  # the last read round sent: acknowledging it again is true
         for p, pr in self._prs.items():
             if pr.probe and not pr.lost:
@@ -1020,10 +1019,12 @@ class RaftCore(MemberIdentity):
                 else:
                     self._send_append(p, pr)
                 continue
-            if pr.inflight and now - pr.last_progress >= stall:
-                pr.become_probe(pr.match + 1)
-                self._send_append(p, pr)
-                continue
+            if pr.inflight:
+                pr.idle_beats += 1
+                if pr.idle_beats >= 3:
+                    pr.become_probe(pr.match + 1)
+                    self._send_append(p, pr)
+                    continue
             self._heartbeat(p, pr, rnd)
 
     def _flush(self) -> None:

@@ -18,7 +18,7 @@ from collections import deque
 
 class Progress:
     __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost",
-                 "hb_floor")
+                 "hb_floor", "idle_beats")
 
     def __init__(self, next_seq: int, now: float) -> None:
         self.match = -1  # highest seq known to be durable on the follower and matching us
@@ -28,6 +28,7 @@ class Progress:
         # replicate state: last seq of each unacknowledged batch, oldest first
         self.inflight: deque[int] = deque()
         self.last_progress = now  # when match last advanced (or streaming (re)started)
+        self.idle_beats = 0  # heartbeat ticks with batches out and no progress
         # The follower reported a log shorter than ``match`` without changing incarnation:
         # it lost acknowledged entries, so it is not counted (``recovery.py``).
         self.lost = False
@@ -56,6 +57,7 @@ class Progress:
         self.next = self.match + 1
         self.inflight.clear()
         self.last_progress = now
+        self.idle_beats = 0
 
     def __repr__(self) -> str:
         state = "probe" if self.probe else f"replicate inflight={len(self.inflight)}"

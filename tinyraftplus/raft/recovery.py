@@ -101,6 +101,12 @@ class MemberIdentity:
             if inc == 0:
                 return False  # a node of the first wave among upgraded ones: cannot tell
             # A new identity that did not recover: bootstrapped again after losing its data.
+            # Whatever its old incarnation acknowledged is gone: stop counting it at once.
+            pr = self._prs.get(frm)
+            if pr is not None and not pr.lost:
+                pr.forget(self._log.last_seq + 1, self._now, self._read_round)
+                self._read_round += 1
+                pr.lost = True
             self._warnings.append(
                 f"node {frm!r} came back with new state (incarnation {inc}, was {known}) "
                 "without recovering: it lost its data and was started with bootstrap; its "
