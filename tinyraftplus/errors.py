@@ -113,6 +113,12 @@ class MemberStateLostError(RaftError):
     The message says how to bring it back (recovery, or remove and re-add it)."""
 
 
+class MembershipError(RaftError):
+    """A membership change was refused (another is in flight, the leader has not committed
+    an entry of its term yet, ``expected_config_seq`` is stale, a learner lags, ...); the
+    message says which and what to do. Nothing was proposed."""
+
+
 class ConfigurationError(UsageError, ValueError):
     """A cluster configuration is unsafe or inconsistent (for example, disjoint quorums)."""
 
@@ -146,6 +152,7 @@ __all__ = [
     "RaftTimeoutError",
     "NodeStoppedError",
     "MemberStateLostError",
+    "MembershipError",
     "ConfigurationError",
     "ProtocolError",
     "TransportError",

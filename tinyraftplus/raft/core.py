@@ -56,6 +56,7 @@ from typing import Any
 
 from ..entry import Entry
 from ..errors import ConfigurationError, InvalidArgumentError, NotLeaderError, UsageError
+from .membership import Config, ConfigStack, JointQuorum, QuorumRule
 from .messages import (
     AppendEntries,
     AppendResponse,
@@ -72,6 +73,7 @@ from .messages import (
 from .progress import Progress
 from .quorum import Quorum
 from .raftlog import RaftLog
+from .reconfig import Reconfiguration
 from .recovery import MemberIdentity
 from .state import LEARN_TERM, HardState, Recovery
 from .storage import LogStorage
@@ -133,7 +135,12 @@ class RaftConfig:
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
 
 
-KNOWN_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
+KNOWN_BUGS = frozenset({
+    "count_vote_twice", "commit_old_term", "skip_append_term_check",
+    # membership: a configuration takes effect when committed instead of when appended;
+    # a leader proposes a change before an entry of its own term is committed
+    "config_on_commit", "skip_own_term_rule",
+})
 
 _NEVER = float("inf")
 
@@ -169,7 +176,7 @@ def _check_config(cfg: RaftConfig) -> None:
         )
 
 
-class RaftCore(MemberIdentity):
+class RaftCore(MemberIdentity, Reconfiguration):
     """One node's Raft state machine. See the module docstring for the driving protocol.
 
     ``bugs`` is a TEST-ONLY hook: a set of deliberate faults the simulator switches on to
@@ -195,13 +202,14 @@ class RaftCore(MemberIdentity):
         now: float = 0.0,
         commit_seq: int = -1,
         bugs: Collection[str] = (),
+        join: bool = False,
     ) -> None:
         ids = tuple(nodes)
-        if node_id not in ids:
+        if node_id not in ids and not join:
             raise ConfigurationError(f"node id {node_id!r} is not among the nodes {ids!r}")
         if quorum is None:
-            quorum = Quorum(ids)
-        elif set(quorum.nodes) != set(ids):
+            quorum = Quorum([i for i in ids if i != node_id] if join else ids)
+        elif set(quorum.nodes) != set(ids) - ({node_id} if join else set()):
             raise ConfigurationError(
                 f"the quorum was built for nodes {quorum.nodes!r}, not {ids!r}"
             )
@@ -214,16 +222,13 @@ class RaftCore(MemberIdentity):
             )
         if not isinstance(hard_state, HardState) or hard_state.term < 0:
             raise InvalidArgumentError(f"bad hard state {hard_state!r}: need HardState(term>=0)")
-        if hard_state.vote is not None and hard_state.vote not in ids:
+        if hard_state.configs is None and hard_state.vote not in (None, *ids):
+            # (after membership changes a vote may name a node removed since)
             raise InvalidArgumentError(
                 f"hard state votes for {hard_state.vote!r}, which is not among the nodes {ids!r}"
             )
 
         self._id = node_id
-        self._nodes = ids
-        self._peers = tuple(i for i in ids if i != node_id)
-        self._peer_set = frozenset(self._peers)
-        self._quorum = quorum
         self._cfg = cfg
         self._rng = rng if rng is not None else random.Random()
         self._bugs = frozenset(bugs)
@@ -233,17 +238,35 @@ class RaftCore(MemberIdentity):
         self._now = float(now)
         self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
 
+        # membership (reconfig.py): the configurations that may still be in force, the
+        # latest of which is; without any in the hard state, the one given by ``nodes``
+        # (a joining node: the others as voters, itself as a learner).
+        self._rule = QuorumRule.of(quorum)
+        configs = hard_state.configs
+        if configs is None:
+            voters = frozenset(ids) - ({node_id} if join else frozenset())
+            boot = Config(voters, frozenset({node_id}) if join else frozenset(),
+                          groups=quorum.groups or {})
+            configs = ConfigStack(((-1, 0, boot),))
+        else:
+            configs = configs.matching(self._log.term_at, self._log.last_seq)
+        self._configs = configs
+        self._config = configs.latest[2]
+        self._quorum: JointQuorum = JointQuorum(quorum, None)
+        self._prs: dict[NodeId, Progress] = {}
+        self._dirty: set[NodeId] = set()
+        self._role = Role.FOLLOWER
+        self._hs_changed = configs is not hard_state.configs and hard_state.configs is not None
+        self._use_configs(configs)
+
         self._term = hard_state.term
         self._vote: NodeId | None = hard_state.vote
         # identity (recovery.py): ours, the peers' as last seen, and recovery progress
         self._inc = hard_state.incarnation
-        self._peer_inc: dict[NodeId, int] = {
-            p: i for p, i in hard_state.peers if p in self._peer_set
-        }
+        self._peer_inc: dict[NodeId, int] = dict(hard_state.peers)
         self._recovery: Recovery | None = hard_state.recovery
         self._recover_replies: dict[NodeId, RecoverResponse] = {}
         self._has_log = hard_state.has_log
-        self._hs_changed = False
         self._role = Role.FOLLOWER
         self._leader: NodeId | None = None
         self._commit = max(-1, min(commit_seq, self._log.last_seq))
@@ -251,11 +274,12 @@ class RaftCore(MemberIdentity):
         # The election timeout window of this node: [lo, lo + width). Priorities split
         # [T, 2T) into one slice per distinct priority, highest first, so that after a
         # leader fails the highest-priority live node times out first.
-        prios = cfg.priorities or {}
-        self._prio = {i: prios.get(i, 0) for i in ids}
-        levels = sorted(set(self._prio.values()), reverse=True)
+        self._prio = dict(cfg.priorities or {})
+        levels = sorted(set(self._prio.values()) | {0}, reverse=True)
         width = cfg.election_timeout / len(levels)
-        self._timeout_lo = cfg.election_timeout + levels.index(self._prio[node_id]) * width
+        self._timeout_lo = (
+            cfg.election_timeout + levels.index(self._prio.get(node_id, 0)) * width
+        )
         self._timeout_width = width
 
         self._election_deadline = _NEVER
@@ -264,8 +288,6 @@ class RaftCore(MemberIdentity):
         self._transfer_campaign = False
 
         # leader state
-        self._prs: dict[NodeId, Progress] = {}
-        self._dirty: set[NodeId] = set()
         self._bcast = False
         self._heartbeat_deadline = _NEVER
         self._check_quorum_deadline = _NEVER
@@ -273,6 +295,7 @@ class RaftCore(MemberIdentity):
         self._prev_active: set[NodeId] = set()
         self._transfer_target: NodeId | None = None
         self._transfer_deadline = _NEVER
+        self._transfer_sent = False
         self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
         self._reads_pending: deque[_Read] = deque()  # in a heartbeat round, by round
         # The round reads arriving now will join. Heartbeats carry the last round sent
@@ -304,7 +327,7 @@ class RaftCore(MemberIdentity):
             Recover: self._on_recover,
             RecoverResponse: self._on_recover_response,
         }
-        if len(ids) == 1:
+        if self._voters == () and self._is_voter:
             self._election_deadline = self._now  # alone: elect itself at the first tick
         else:
             self._reset_election_timer()
@@ -342,9 +365,10 @@ class RaftCore(MemberIdentity):
 
     @property
     def hard_state(self) -> HardState:
+        configs = self._configs
         return HardState(
             self._term, self._vote, self._inc, tuple(self._peer_inc.items()), self._recovery,
-            self._has_log,
+            self._has_log, None if configs.latest[0] < 0 else configs,
         )
 
     @property
@@ -369,7 +393,7 @@ class RaftCore(MemberIdentity):
         return self._cfg
 
     @property
-    def quorum(self) -> Quorum:
+    def quorum(self) -> JointQuorum:
         return self._quorum
 
     @property
@@ -443,6 +467,8 @@ class RaftCore(MemberIdentity):
         elif now >= self._election_deadline:
             if self._recovery is not None:
                 self._recovery_tick()
+            elif not self._is_voter:
+                self._reset_election_timer()  # a learner (or removed node) never campaigns
             else:
                 self._start_election(pre_vote=self._cfg.pre_vote)
         if self._reads_forwarded:
@@ -525,7 +551,7 @@ class RaftCore(MemberIdentity):
     def campaign(self) -> None:
         """Start an election now (skipping PreVote), e.g. in tests. A recovering node
         does not campaign."""
-        if self._role is not Role.LEADER and self._recovery is None:
+        if self._role is not Role.LEADER and self._recovery is None and self._is_voter:
             self._start_election(pre_vote=False)
 
     # --- outputs ----------------------------------------------------------------------
@@ -637,7 +663,7 @@ class RaftCore(MemberIdentity):
                 self._term, log.last_seq, log.last_term, transfer=transfer, inc=self._inc
             )
             out = self._msgs_after  # only once term and vote are on disk
-        for p in self._peers:
+        for p in self._voters:
             out.append((p, req))
         self._tally()
 
@@ -646,7 +672,7 @@ class RaftCore(MemberIdentity):
         votes = self._votes
         granted = [i for i, v in votes.items() if v]
         if "count_vote_twice" in self._bugs:
-            extra = [p for p in self._nodes if p not in votes]
+            extra = [p for p in self._voters if p not in votes]
             granted += extra[: len(granted) - 1]  # every grant but our own counts again
         q = self._quorum
         if q.is_quorum(granted):
@@ -655,7 +681,7 @@ class RaftCore(MemberIdentity):
             else:
                 self._become_leader()
             return
-        possible = [i for i in self._nodes if votes.get(i, True)]
+        possible = [i for i in (self._id, *self._voters) if votes.get(i, True)]
         if not q.is_quorum(possible):
             self._become_follower(self._term, None)
 
@@ -678,6 +704,17 @@ class RaftCore(MemberIdentity):
         self._read_acks = {}
         log.append([Entry(nxt, self._term, b"")])  # the no-op: commits earlier terms' entries
         self._bcast = True
+
+    def _leading(self) -> bool:
+        return self._role is Role.LEADER
+
+    def _election_timeout(self) -> float:
+        return self._cfg.election_timeout
+
+    def _step_down_removed(self) -> None:
+        # A configuration without this node is committed: it led the change to the end and
+        # now leaves (thesis 4.2.2); a voter of the new configuration times out and wins.
+        self._become_follower(self._term, None)
 
     def _end_leadership(self) -> None:
         for r in self._reads_waiting:
@@ -839,7 +876,12 @@ class RaftCore(MemberIdentity):
                     if first_new <= self._commit and not self._unguarded:
                         return  # would rewrite committed entries: impossible from a true leader
                     log.truncate_after(first_new - 1)
-                log.append(entries[start:] if start else entries)
+                    self._configs_truncated(first_new - 1)
+                new = entries[start:] if start else entries
+                log.append(new)
+                for e in new:
+                    if e.kind:
+                        self._config_appended(e)  # in force from now on, committed or not
         last_new = prev + n
         if log.last_term == m.term and log.last_seq > last_new:
             # Entries of the leader's own term can only have come from it, so they match
@@ -849,6 +891,8 @@ class RaftCore(MemberIdentity):
         commit = m.commit_seq if m.commit_seq < last_new else last_new
         if commit > self._commit:
             self._commit = commit
+            if len(self._configs.items) > 1:
+                self._configs_committed()
         self._msgs_after.append(
             (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id, inc=self._inc))
         )
@@ -900,17 +944,17 @@ class RaftCore(MemberIdentity):
                 if ms < pr.next - 1:
                     return  # a read round's heartbeat, not the probe: keep probing
                 pr.become_replicate(self._now)
+            if self._transfer_target is not None:
+                self._maybe_send_timeout_now(frm)
             if pr.match < log.last_seq:
                 self._dirty.add(frm)
             elif (
                 self._transfer_target is None
-                and self._prio[frm] > self._prio[self._id]
+                and self._prio.get(frm, 0) > self._prio.get(self._id, 0)
                 and self._transfer_deadline == _NEVER
+                and frm in self._voters
             ):
-                # An up-to-date follower we prefer as leader: hand over.
-                self._transfer_target = frm
-                self._transfer_deadline = self._now + self._cfg.election_timeout
-                self._msgs.append((frm, TimeoutNow(self._term, self._inc)))
+                self._start_transfer(frm)  # an up-to-date voter we prefer as leader
             return
         rejected = m.match_seq
         if rejected > log.last_seq or rejected <= pr.match:
@@ -938,13 +982,18 @@ class RaftCore(MemberIdentity):
     def _maybe_commit(self) -> None:
         log = self._log
         matches = {p: pr.match for p, pr in self._prs.items() if not pr.lost}
-        matches[self._id] = log.stable
+        if self._is_voter:  # a leader being removed leads the change without counting
+            matches[self._id] = log.stable
         n = self._quorum.highest(matches)
         if n <= self._commit:
             return
         if log.term_at(n) != self._term and "commit_old_term" not in self._bugs:
             return  # section 5.4.2: only the current term's entries commit by counting
         self._commit = n
+        if self._configs.latest[0] >= 0:
+            self._configs_committed()
+            if self._role is not Role.LEADER:
+                return
         if self._reads_waiting and log.term_at(n) == self._term:
             # The leader now knows the commit seq of its term: waiting reads can start.
             waiting = self._reads_waiting

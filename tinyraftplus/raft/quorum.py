@@ -53,7 +53,7 @@ class Quorum:
 
     __slots__ = (
         "nodes", "count", "_group_need", "_group_of", "_table", "_bit", "_majority_only",
-        "description",
+        "description", "quorum_arg", "group_fn",
     )
 
     def __init__(
@@ -73,6 +73,10 @@ class Quorum:
                 f"duplicate node ids {', '.join(dups)}: every id must be unique"
             )
         self.nodes: tuple[NodeId, ...] = ids
+        # The rule as given, so that a membership change can build the same rule for
+        # another set of nodes (``membership.QuorumRule``).
+        self.quorum_arg = quorum
+        self.group_fn = group_fn
         self._bit = {node: 1 << i for i, node in enumerate(ids)}
         self._group_need: dict[object, int] | None = None
         self._group_of: dict[NodeId, object] | None = None
@@ -268,6 +272,10 @@ class Quorum:
             if self._accepts_mask(mask):
                 return v
         return default
+
+    @property
+    def groups(self) -> dict[NodeId, object] | None:
+        return dict(self._group_of) if self._group_of is not None else None
 
     def __repr__(self) -> str:
         return f"Quorum({_fmt(self.nodes)}: {self.description})"

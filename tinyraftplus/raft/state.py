@@ -16,7 +16,8 @@ acknowledged, so it must not be trusted as the member it was (see ``recovery.py`
   hard state says so but whose log is empty lost its log; the driver refuses to start it.
 
 The encoding is a msgpack array ``[term, vote, incarnation, [peer, inc, ...], recovery,
-has_log]`` with ``recovery`` either ``None`` or ``[phase, target_seq, target_term]``; the
+has_log, configs]`` with ``recovery`` either ``None`` or ``[phase, target_seq, target_term]``
+and ``configs`` either ``None`` or ``[[seq, term, config entry payload], ...]``; the
 first-wave form ``[term, vote]`` still decodes (incarnation 0, i.e. unknown).
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import msgpack
 
 from ..errors import InvalidArgumentError
+from .membership import ConfigStack
 from .messages import NodeId
 
 LEARN_TERM = 1
@@ -60,6 +62,9 @@ class HardState:
     peers: tuple[tuple[NodeId, int], ...] = ()
     recovery: Recovery | None = None
     has_log: bool = False
+    # The latest committed configuration and the uncommitted ones after it (membership.py);
+    # None until the first change: the configuration the node was constructed with.
+    configs: ConfigStack | None = None
 
 
 def encode_hard_state(hs: HardState) -> bytes:
@@ -67,6 +72,7 @@ def encode_hard_state(hs: HardState) -> bytes:
     return msgpack.packb([
         hs.term, hs.vote, hs.incarnation, [x for pair in hs.peers for x in pair],
         None if rec is None else [rec.phase, rec.target_seq, rec.target_term], hs.has_log,
+        None if hs.configs is None else hs.configs.encode(),
     ])
 
 
@@ -75,17 +81,18 @@ def decode_hard_state(raw: bytes, where: str = "hard state") -> HardState:
     Raises ``InvalidArgumentError`` naming ``where`` for anything else."""
     try:
         v: Any = msgpack.unpackb(raw)
-        if not isinstance(v, list) or len(v) not in (2, 6):
-            raise ValueError(f"expected an array of 2 or 6 items, got {v!r:.60}")
+        if not isinstance(v, list) or len(v) not in (2, 6, 7):
+            raise ValueError(f"expected an array of 2, 6 or 7 items, got {v!r:.60}")
         term, vote = v[0], v[1]
         if len(v) == 2:
             return HardState(int(term), vote)
-        _, _, inc, flat, rec, has_log = v
+        _, _, inc, flat, rec, has_log = v[:6]
+        configs = ConfigStack.decode(v[6]) if len(v) > 6 and v[6] is not None else None
         peers = tuple((flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2))
         recovery = None if rec is None else Recovery(int(rec[0]), int(rec[1]), int(rec[2]))
         if recovery is not None and recovery.phase not in (LEARN_TERM, CATCH_UP):
             raise ValueError(f"unknown recovery phase {recovery.phase}")
-        return HardState(int(term), vote, int(inc), peers, recovery, bool(has_log))
+        return HardState(int(term), vote, int(inc), peers, recovery, bool(has_log), configs)
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
         raise InvalidArgumentError(
             f"{where}: cannot decode ({e}); the file is damaged: treat this member as one "
