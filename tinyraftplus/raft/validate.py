@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..entry import Entry
+from ..entry import ENTRY_TYPES
 from ..errors import ProtocolError
 from . import messages as m
 
@@ -58,7 +58,7 @@ def check_message(msg: Any, *, max_entries: int = 65536, max_bytes: int = 64 << 
             raise ProtocolError(f"{len(ents)} entries in one message (limit {max_entries})")
         seq, term, total = msg.prev_seq, msg.prev_term, 0
         for e in ents:
-            if type(e) is not Entry:
+            if type(e) not in ENTRY_TYPES:
                 raise ProtocolError(f"entries hold {type(e).__name__}, not Entry")
             if e.seq != seq + 1:
                 raise ProtocolError(f"entry seq {e.seq} does not follow {seq}")

@@ -16,7 +16,8 @@ message's dataclass fields in declaration order, every one always present (no de
 the wire, so "missing" and "extra" are both simply a wrong length). Flat arrays rather than
 maps keep field names off the wire and make ``AppendEntries`` -- the hot path -- cheap:
 
-    [2, 3, term, prev_seq, prev_term, commit_seq, read_id, inc, [term, ...], [data, ...]]
+    [2, 3, term, prev_seq, prev_term, commit_seq, read_id, inc, [term, ...], [data, ...],
+     [index of each configuration entry, ...]]
 
 The entries' seqs are not sent: Raft's entries always follow ``prev_seq`` one by one, so the
 ``i``-th entry is ``prev_seq + 1 + i``. The encoder refuses entries that are not contiguous.
@@ -46,7 +47,7 @@ from typing import Any
 import msgpack
 from crc32c import crc32c
 
-from ..entry import Entry
+from ..entry import ENTRY_TYPES, ConfigEntry, Entry
 from ..errors import InvalidArgumentError, ProtocolError
 from ..raft.messages import (
     AppendEntries,
@@ -217,7 +218,7 @@ def _v_vote_response(obj: list, lim: WireLimits) -> None:
 
 
 def _v_append_entries(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 8)
+    _arity(obj, 9)
     _int(obj, 2, 0)  # term
     _int(obj, 3, -1)  # prev_seq
     _int(obj, 4, 0, obj[2])  # prev_term <= term
@@ -234,6 +235,19 @@ def _v_append_entries(obj: list, lim: WireLimits) -> None:
     if n != len(datas):
         raise ProtocolError(
             f"AppendEntries has {n} entry terms but {len(datas)} entry payloads"
+        )
+    configs = obj[10]
+    if type(configs) is not list:
+        raise ProtocolError(
+            f"AppendEntries.entry_configs must be an array, got {_show(configs)}"
+        )
+    if configs and (
+        set(map(type, configs)) != {int} or sorted(set(configs)) != configs
+        or configs[0] < 0 or configs[-1] >= n
+    ):
+        raise ProtocolError(
+            "AppendEntries.entry_configs must list distinct entry indexes in order, each "
+            f"below {n}, got {_show(configs)}"
         )
     if not n:
         return
@@ -353,7 +367,9 @@ def _v_ping(obj: list, lim: WireLimits) -> None:
 
 def _fields_append_entries(m: AppendEntries) -> list:
     ents = m.entries
-    if not isinstance(ents, (tuple, list)) or (ents and set(map(type, ents)) != {Entry}):
+    if not isinstance(ents, (tuple, list)) or (
+        ents and not set(map(type, ents)) <= _ENTRY_TYPE_SET
+    ):
         raise InvalidArgumentError(
             f"cannot encode AppendEntries: entries must be a tuple of Entry, got {_show(ents)}"
         )
@@ -368,14 +384,17 @@ def _fields_append_entries(m: AppendEntries) -> list:
             )
         terms: list[Any] = list(term_col)
         datas: list[Any] = list(data_col)
+        # The rare configuration entries, by index (a list that is almost always empty).
+        configs = [i for i, e in enumerate(ents) if e.kind] if ConfigEntry in set(
+            map(type, ents)) else []
         if set(map(type, datas)) != {bytes}:
             # The log may hand out memoryviews or bytearrays; the wire carries bytes.
             datas = [bytes(d) if isinstance(d, (bytearray, memoryview)) else d for d in datas]
     else:
-        terms, datas = [], []
+        terms, datas, configs = [], [], []
     return [
         PROTOCOL_VERSION, TAG_APPEND_ENTRIES,
-        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, m.inc, terms, datas,
+        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, m.inc, terms, datas, configs,
     ]
 
 
@@ -402,7 +421,7 @@ _FIELDS: dict[int, tuple[str, ...]] = {
     TAG_VOTE_RESPONSE: ("term", "granted", "pre_vote", "inc"),
     TAG_APPEND_ENTRIES: (
         "term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", "entry_terms",
-        "entry_data",
+        "entry_data", "entry_configs",
     ),
     TAG_APPEND_RESPONSE: (
         "term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id", "inc",
@@ -460,6 +479,8 @@ for _tag, _cls in _CLASSES.items():
         _ENCODERS[_cls] = (_tag, _fields_simple(_tag, _FIELDS[_tag]))
 del _tag, _cls
 
+_ENTRY_TYPE_SET = frozenset(ENTRY_TYPES)
+
 _PING_PAYLOAD = msgpack.packb([PROTOCOL_VERSION, TAG_PING])
 
 
@@ -497,6 +518,11 @@ def _build(tag: int, obj: list) -> WireMessage:
                 tuple.__new__, [Entry] * len(terms),
                 zip(range(first, first + len(terms)), terms, datas, strict=True),
             ))
+            if obj[10]:
+                lst = list(entries)
+                for i in obj[10]:
+                    lst[i] = ConfigEntry(*lst[i])
+                entries = tuple(lst)
         else:
             entries = ()
         return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6], obj[7])
