@@ -21,6 +21,7 @@ from tinyraftplus.raft.messages import (
     AppendResponse,
     ReadIndex,
     ReadIndexResponse,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
@@ -585,10 +586,24 @@ def test_vote_and_append_responses_wait_for_persistence_leader_appends_do_not():
     ]
 
 
-def test_unknown_senders_stale_terms_and_odd_messages_are_ignored():
+def test_stale_configuration_follows_a_leader_it_does_not_know_yet():
+    """Membership (thesis 4.2): a node that has not seen the latest configuration must
+    still follow its leader, whom it may not know; which nodes may talk to it at all is the
+    driver's decision (``RaftNode.receive``), what counts is the configuration's."""
+    f = RaftCore(2, [1, 2, 3], MemoryLog(), HardState(term=1))
+    f.step(9, AppendEntries(4, -1, 0, (Entry(0, 4, b"x"),), 0))
+    assert f.leader == 9 and f.term == 4 and f.last_seq == 0
+    # ... but an acknowledgement from a node outside the configuration counts for nothing
+    core, log = leader_core(3)
+    core.propose([b"y"])
+    drive(core, log)
+    core.step(9, AppendResponse(core.term, True, core.last_seq))
+    assert core.commit_seq < core.last_seq
+
+
+def test_stale_terms_and_odd_messages_are_ignored():
     core, log = leader_core(3)
     term = core.term
-    core.step(99, AppendEntries(50, 0, 0, (), 0))
     core.step(1, AppendEntries(50, 0, 0, (), 0))  # from itself
     core.step(2, "not a message")  # type: ignore[arg-type]
     core.step(2, VoteResponse(term - 1, True))
@@ -640,8 +655,9 @@ def test_constructor_checks():
                  config=RaftConfig(heartbeat_interval=1.0, election_timeout=0.5))
     with pytest.raises(InvalidArgumentError):
         RaftCore(1, [1, 2, 3], MemoryLog(), HardState(), bugs=["no_such_bug"])
-    with pytest.raises(InvalidArgumentError):
-        RaftCore(1, [1, 2, 3], MemoryLog(), HardState(term=1, vote=7))
+    # A vote for a node outside the configuration is legitimate with membership changes
+    # (one removed since, or added later): not refused.
+    assert RaftCore(1, [1, 2, 3], MemoryLog(), HardState(term=1, vote=7)).vote == 7
 
 
 def test_next_deadline_follows_the_role():
@@ -780,7 +796,13 @@ def test_well_typed_garbage_never_raises_and_never_yields_a_bad_ready(seed):
             core.advance(rd)
             assert reported_commit <= rd.commit_seq <= log.seq
             reported_commit = rd.commit_seq
-            assert all(to in (2, 3) for to, _ in rd.messages + rd.messages_after_persist)
+            # Messages to a node outside the configuration (99) are only answers to it, or a
+            # read forwarded to it as the leader (a node must follow a leader it does not
+            # know yet): no election or replication is started there.
+            answers = (VoteResponse, AppendResponse, ReadIndexResponse, RecoverResponse,
+                       ReadIndex)
+            assert all(to in (2, 3) or isinstance(m, answers)
+                       for to, m in rd.messages + rd.messages_after_persist)
 
 
 @pytest.mark.parametrize("seed", range(10))

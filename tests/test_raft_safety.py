@@ -333,11 +333,11 @@ def test_leader_does_not_count_the_old_match_of_a_node_with_a_new_incarnation():
     core.step(2, AppendResponse(1, True, 2, inc=102))
     assert core.progress[2].match == 2 and core.commit_seq == -1  # {1, 2}: not 3 of 5
     # 2 lost its disk and recovers under a new incarnation: the leader forgets its match.
-    core.step(2, Recover(0, inc=1102))
+    core.step(2, Recover(0, inc=1103))
     out = drive(core, log)
     assert core.progress[2].match == -1
-    assert (2, RecoverResponse(1, 2, 1, inc=101)) in out
-    assert dict(core.hard_state.peers)[2] == 1102
+    assert (2, RecoverResponse(1, 2, 1, (1, 2, 3, 4, 5), inc=101)) in out
+    assert dict(core.hard_state.peers)[2] == 1103
     # A delayed acknowledgement from its past life is ignored...
     core.step(2, AppendResponse(1, True, 2, inc=102))
     assert core.progress[2].match == -1
@@ -353,9 +353,9 @@ def test_new_incarnation_that_did_not_recover_is_ignored_and_reported():
     the newcomer's messages and warns."""
     core, log = _leader5()
     core.step(2, AppendResponse(1, True, 2, inc=102))
-    core.step(2, AppendResponse(1, True, 2, inc=5555))  # claims the entries, new identity
+    core.step(2, AppendResponse(1, True, 2, inc=5556))  # claims the entries, new identity
     rd = core.ready()
-    assert any("node 2" in w and "5555" in w for w in rd.warnings)
+    assert any("node 2" in w and "5556" in w for w in rd.warnings)
     core.advance(rd)
     assert dict(core.hard_state.peers)[2] == 102  # the newcomer was not adopted
     core.step(3, AppendResponse(1, True, 2, inc=103))
@@ -363,7 +363,7 @@ def test_new_incarnation_that_did_not_recover_is_ignored_and_reported():
     assert core.commit_seq == 2
     core.propose([b"c"])
     drive(core, log)
-    core.step(2, AppendResponse(1, True, 3, inc=5555))
+    core.step(2, AppendResponse(1, True, 3, inc=5556))
     core.step(3, AppendResponse(1, True, 3, inc=103))
     # The old incarnation's match is forgotten and the member is not counted any more.
     assert core.progress[2].match == -1 and core.progress[2].lost
@@ -373,7 +373,7 @@ def test_new_incarnation_that_did_not_recover_is_ignored_and_reported():
 def test_old_match_not_counted_once_a_non_recovered_new_incarnation_was_seen():
     core, log = _leader5()
     core.step(2, AppendResponse(1, True, 2, inc=102))
-    core.step(2, AppendResponse(1, False, 2, conflict_seq=0, inc=5555))  # wiped, bootstrapped
+    core.step(2, AppendResponse(1, False, 2, conflict_seq=0, inc=5556))  # wiped, bootstrapped
     drive(core, log)
     core.step(3, AppendResponse(1, True, 2, inc=103))
     # Only 1 and 3 hold seqs 0..2 now: 2 of 5, not a quorum.
@@ -391,7 +391,7 @@ def test_wiped_member_bootstrapped_again_cannot_elect_a_leader_without_a_committ
     c.crash(2)
     c.logs[2] = MemoryLog()
     c.applied[2] = []
-    c.hard[2] = HardState(incarnation=9999)  # bootstrap=True on a wiped member
+    c.hard[2] = HardState(incarnation=9998)  # bootstrap=True on a wiped member (even)
     c.start(2)
     c.crash(1)
     c.cut.clear()

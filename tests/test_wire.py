@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyraftplus.entry import Entry
+from tinyraftplus.entry import ConfigEntry, Entry
 from tinyraftplus.errors import InvalidArgumentError, ProtocolError
 from tinyraftplus.raft.messages import (
     AppendEntries,
@@ -79,7 +79,9 @@ def append_entries(draw):
     n = draw(st.integers(0, 40))
     prev_seq = draw(st.integers(-1, MAX - n))
     ts = sorted(draw(st.lists(st.integers(prev_term, term), min_size=n, max_size=n)))
-    ents = tuple(Entry(prev_seq + 1 + i, t, draw(payloads)) for i, t in enumerate(ts))
+    # Mostly plain entries, sometimes configuration entries (anywhere, any number of them).
+    kinds = st.sampled_from([Entry, Entry, Entry, ConfigEntry])
+    ents = tuple(draw(kinds)(prev_seq + 1 + i, t, draw(payloads)) for i, t in enumerate(ts))
     return AppendEntries(term, prev_seq, prev_term, ents, draw(seqs), draw(u63), draw(incs))
 
 
@@ -93,7 +95,8 @@ def request_votes(draw):
 @st.composite
 def recover_responses(draw):
     term = draw(terms)
-    return RecoverResponse(term, draw(seqs), draw(st.integers(0, term)), draw(incs))
+    voters = tuple(draw(st.lists(node_ids, max_size=7)))
+    return RecoverResponse(term, draw(seqs), draw(st.integers(0, term)), voters, draw(incs))
 
 
 messages = st.one_of(
@@ -122,7 +125,16 @@ def test_every_message_round_trips(msg):
     out = decode(payload)
     assert out == msg and type(out) is type(msg)
     if isinstance(msg, AppendEntries):
-        assert all(type(e) is Entry for e in out.entries)
+        # Entry == ConfigEntry with the same triple (tuple equality), so compare the types:
+        # every entry comes back exactly as an Entry or a ConfigEntry, as it was sent.
+        assert len(out.entries) == len(msg.entries)
+        assert all(type(e) in (Entry, ConfigEntry) for e in out.entries)
+        assert [type(e) for e in out.entries] == [type(e) for e in msg.entries]
+        for i in range(len(msg.entries)):
+            assert type(out.entries[i]) is type(msg.entries[i])
+        assert msgpack.unpackb(payload)[10] == [
+            i for i, e in enumerate(msg.entries) if type(e) is ConfigEntry
+        ]
     # Framing: header is length + CRC32C (checked against the bitwise oracle), big-endian.
     f = encode_frame(msg)
     length, crc = struct.unpack(">II", f[:8])
@@ -134,7 +146,14 @@ def test_wire_layout_is_the_documented_flat_array():
     # Literal version 2 and literal tags: this is the documented layout, not "whatever the
     # code says the current version is".
     m = AppendEntries(5, 9, 4, (Entry(10, 4, b"a"), Entry(11, 5, b"bc")), 8, 3, 77)
-    assert msgpack.unpackb(encode(m)) == [2, 3, 5, 9, 4, 8, 3, 77, [4, 5], [b"a", b"bc"]]
+    assert msgpack.unpackb(encode(m)) == [2, 3, 5, 9, 4, 8, 3, 77, [4, 5], [b"a", b"bc"], []]
+    # Configuration entries travel as the indexes (into this message's entries) of the
+    # entries that are ConfigEntry, in order.
+    m = AppendEntries(5, 9, 4, (ConfigEntry(10, 4, b"a"), Entry(11, 5, b"bc"),
+                                ConfigEntry(12, 5, b"d")), 8, 3, 77)
+    assert msgpack.unpackb(encode(m)) == [
+        2, 3, 5, 9, 4, 8, 3, 77, [4, 5, 5], [b"a", b"bc", b"d"], [0, 2]
+    ]
     assert msgpack.unpackb(encode(Hello("n1", 2))) == [2, 16, "n1", 2]
 
 
@@ -143,7 +162,11 @@ def test_wire_layout_is_the_documented_flat_array():
     [
         (RequestVote(4, 10, 3, True, False, 6), [2, 1, 4, 10, 3, True, False, 6]),
         (VoteResponse(4, True, False, 6), [2, 2, 4, True, False, 6]),
-        (AppendEntries(5, 9, 4, (), 8, 3, 77), [2, 3, 5, 9, 4, 8, 3, 77, [], []]),
+        (AppendEntries(5, 9, 4, (), 8, 3, 77), [2, 3, 5, 9, 4, 8, 3, 77, [], [], []]),
+        (AppendEntries(5, 9, 4, (Entry(10, 4, b"a"), ConfigEntry(11, 5, b"c")), 8, 3, 77),
+         [2, 3, 5, 9, 4, 8, 3, 77, [4, 5], [b"a", b"c"], [1]]),
+        (AppendEntries(5, 9, 4, (ConfigEntry(10, 5, b""),), 8, 3, 77),
+         [2, 3, 5, 9, 4, 8, 3, 77, [5], [b""], [0]]),
         (AppendResponse(4, False, 9, 2, 7, 3, 6), [2, 4, 4, False, 9, 2, 7, 3, 6]),
         (TimeoutNow(4, 6), [2, 5, 4, 6]),
         (ReadIndex(4, 3, 6), [2, 6, 4, 3, 6]),
@@ -151,24 +174,27 @@ def test_wire_layout_is_the_documented_flat_array():
         (Propose(5, (b"a", b"b")), [2, 8, 5, [b"a", b"b"]]),
         (ProposeResponse(5, -1, 0, "no leader", "n2"), [2, 9, 5, -1, 0, "no leader", "n2"]),
         (Recover(4, 6), [2, 10, 4, 6]),
-        (RecoverResponse(4, 10, 3, 6), [2, 11, 4, 10, 3, 6]),
+        (RecoverResponse(4, 10, 3, (1, "b"), 6), [2, 11, 4, 10, 3, [1, "b"], 6]),
         (Hello(1, None), [2, 16, 1, None]),
         (Ping(), [2, 17]),
         # inc is always on the wire, even when it is the default 0.
         (RequestVote(4, 10, 3), [2, 1, 4, 10, 3, False, False, 0]),
         (VoteResponse(4, True), [2, 2, 4, True, False, 0]),
-        (AppendEntries(5, 9, 4, (), 8), [2, 3, 5, 9, 4, 8, 0, 0, [], []]),
+        (AppendEntries(5, 9, 4, (), 8), [2, 3, 5, 9, 4, 8, 0, 0, [], [], []]),
         (AppendResponse(4, True, 9), [2, 4, 4, True, 9, 0, -1, 0, 0]),
         (TimeoutNow(4), [2, 5, 4, 0]),
         (ReadIndex(4, 3), [2, 6, 4, 3, 0]),
         (ReadIndexResponse(4, 3, 8), [2, 7, 4, 3, 8, 0]),
         (Recover(4), [2, 10, 4, 0]),
-        (RecoverResponse(4, -1, 0), [2, 11, 4, -1, 0, 0]),
+        (RecoverResponse(4, -1, 0), [2, 11, 4, -1, 0, [], 0]),
     ],
 )
 def test_every_message_has_its_documented_layout(msg, layout):
     assert msgpack.unpackb(encode(msg)) == layout
-    assert decode(msgpack.packb(layout, use_bin_type=True)) == msg
+    out = decode(msgpack.packb(layout, use_bin_type=True))
+    assert out == msg
+    if isinstance(msg, AppendEntries):  # equality alone does not tell Entry from ConfigEntry
+        assert [type(e) for e in out.entries] == [type(e) for e in msg.entries]
 
 
 def test_ping_bytes_are_fixed():
@@ -204,6 +230,10 @@ KINDS = {
     or (type(v) is str and 1 <= len(v) <= 256),
     "id?": lambda v: v is None or KINDS["id"](v),
     "err?": lambda v: v is None or (type(v) is str and len(v) <= 4096),
+    # AppendEntries.entry_configs of a message without entries: only the empty array.
+    "configs0": lambda v: type(v) is list and v == [],
+    # RecoverResponse.voters: an array of node ids
+    "voters": lambda v: type(v) is list and len(v) <= 1024 and all(KINDS["id"](x) for x in v),
 }
 
 # Valid examples (fields beyond version and tag), the kind of each field and its name (an
@@ -215,8 +245,10 @@ SPEC = {
         ["term", "last_seq", "last_term", "pre_vote", "transfer", "inc"]),
     2: ([3, True, False, 7], ["term", "bool", "bool", "u63"],
         ["term", "granted", "pre_vote", "inc"]),
-    3: ([MAX, 5, 0, 4, 0, 7, [], []], ["term", "seq", "term", "seq", "u63", "u63", None, None],
-        ["term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", None, None]),
+    3: ([MAX, 5, 0, 4, 0, 7, [], [], []],
+        ["term", "seq", "term", "seq", "u63", "u63", None, None, "configs0"],
+        ["term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", None, None,
+         "entry_configs"]),
     4: ([3, True, 7, 2, -1, 0, 7], ["term", "bool", "seq", "term", "seq", "u63", "u63"],
         ["term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id", "inc"]),
     5: ([2, 7], ["term1", "u63"], ["term", "inc"]),
@@ -226,7 +258,8 @@ SPEC = {
     9: ([4, -1, 0, "no leader", 3], ["u63", "seq", "term", "err?", "id?"],
         ["req_id", "first_seq", "term", "error", "leader"]),
     10: ([3, 7], ["term", "u63"], ["term", "inc"]),
-    11: ([MAX, 5, 0, 7], ["term", "seq", "term", "u63"], ["term", "last_seq", "last_term", "inc"]),
+    11: ([MAX, 5, 0, [1, "a"], 7], ["term", "seq", "term", "voters", "u63"],
+         ["term", "last_seq", "last_term", "voters", "inc"]),
     16: ([1, "b"], ["id", "id?"], ["node_id", "to"]),
     17: ([], [], []),
 }
@@ -275,40 +308,52 @@ def test_missing_and_extra_fields_are_refused(tag):
 
 
 @pytest.mark.parametrize(
-    "tag, v1_fields",
+    "tag, v1_fields, missing",
     [
-        (1, [3, 5, 2, False, False]),
-        (2, [3, True, False]),
-        (3, [3, 5, 2, 4, 0, [3], [b"a"]]),
-        (4, [3, True, 7, 2, -1, 0]),
-        (5, [3]),
-        (6, [3, 9]),
-        (7, [3, 9, 4]),
+        (1, [3, 5, 2, False, False], 1),
+        (2, [3, True, False], 1),
+        (3, [3, 5, 2, 4, 0, [3], [b"a"]], 2),  # no inc and no entry_configs
+        (4, [3, True, 7, 2, -1, 0], 1),
+        (5, [3], 1),
+        (6, [3, 9], 1),
+        (7, [3, 9, 4], 1),
     ],
 )
-def test_version_1_layout_under_the_current_version_is_refused(tag, v1_fields):
-    # A version-1 body without inc, even if labelled with the current version, is one field
-    # short: never read with a field shifted into the wrong slot.
-    with pytest.raises(ProtocolError, match=f"{wire._NAMES[tag]} must have {len(v1_fields) + 1} "
-                       r"fields \(.*inc.*\)"):
+def test_version_1_layout_under_the_current_version_is_refused(tag, v1_fields, missing):
+    # A version-1 body without inc, even if labelled with the current version, is short of
+    # fields: never read with a field shifted into the wrong slot.
+    with pytest.raises(ProtocolError, match=f"{wire._NAMES[tag]} must have "
+                       f"{len(v1_fields) + missing} "
+                       r"fields \(.*inc.*\), got " f"{len(v1_fields)}$"):
         decode(raw(tag, v1_fields))
+
+
+def test_append_entries_without_entry_configs_is_refused():
+    # The AppendEntries of version 2 before configuration entries (inc, no entry_configs) is
+    # one field short: refused by its length, never decoded as if entry_configs were [].
+    for body in ([3, 5, 2, 4, 0, 7, [3], [b"a"]], [3, 5, 2, 4, 0, 7, [], []]):
+        with pytest.raises(ProtocolError, match=r"AppendEntries must have 9 fields "
+                           r"\(.*, inc, entry_terms, entry_data, entry_configs\), got 8$"):
+            decode(raw(3, body))
 
 
 def test_cross_field_ranges():
     with pytest.raises(ProtocolError, match="last_term"):
         decode(raw(1, [3, 5, 4, False, False, 0]))  # last_term > term
     with pytest.raises(ProtocolError, match="prev_term"):
-        decode(raw(3, [3, 5, 4, 4, 0, 0, [], []]))  # prev_term > term
+        decode(raw(3, [3, 5, 4, 4, 0, 0, [], [], []]))  # prev_term > term
     last_term = r"RecoverResponse.last_term must be an int in \[0, {}\]"
     with pytest.raises(ProtocolError, match=last_term.format(3)):
-        decode(raw(11, [3, 5, 4, 0]))  # last_term > term
+        decode(raw(11, [3, 5, 4, [], 0]))  # last_term > term
     with pytest.raises(ProtocolError, match=last_term.format(0)):
-        decode(raw(11, [0, -1, 1, 0]))
+        decode(raw(11, [0, -1, 1, [], 0]))
     # The bound is inclusive.
     assert decode(raw(1, [3, 5, 3, False, False, 0])) == RequestVote(3, 5, 3)
-    assert decode(raw(3, [3, 5, 3, 4, 0, 0, [], []])) == AppendEntries(3, 5, 3, (), 4)
-    assert decode(raw(11, [3, 5, 3, 0])) == RecoverResponse(3, 5, 3)
-    assert decode(raw(11, [0, -1, 0, MAX])) == RecoverResponse(0, -1, 0, MAX)
+    assert decode(raw(3, [3, 5, 3, 4, 0, 0, [], [], []])) == AppendEntries(3, 5, 3, (), 4)
+    assert decode(raw(11, [3, 5, 3, [], 0])) == RecoverResponse(3, 5, 3)
+    assert decode(raw(11, [0, -1, 0, [2], MAX])) == RecoverResponse(0, -1, 0, (2,), MAX)
+    with pytest.raises(ProtocolError, match="RecoverResponse.voters"):
+        decode(raw(11, [3, 5, 3, list(range(1025)), 0]))
 
 
 @pytest.mark.parametrize(
@@ -330,22 +375,138 @@ def test_cross_field_ranges():
 )
 def test_bad_entries_are_refused(terms, datas, why):
     with pytest.raises(ProtocolError, match=why):
-        decode(raw(3, [3, 10, 1, 5, 0, 7, terms, datas]))
+        decode(raw(3, [3, 10, 1, 5, 0, 7, terms, datas, []]))
+
+
+# --- configuration entries: AppendEntries.entry_configs ------------------------------------
+
+# Three entries after prev_seq=10 (seqs 11, 12, 13), within [prev_term=1, term=3].
+AE_HEAD = [3, 10, 1, 5, 0, 7]
+AE_TERMS = [1, 1, 2]
+AE_DATAS = [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize("configs", [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]])
+def test_entry_configs_decode_to_config_entries_at_those_indexes(configs):
+    out = decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+    assert isinstance(out, AppendEntries)
+    assert out.entries == (Entry(11, 1, b"a"), Entry(12, 1, b"b"), Entry(13, 2, b"c"))
+    assert [type(e) for e in out.entries] == [
+        ConfigEntry if i in configs else Entry for i in range(3)
+    ]
+    assert [e.kind for e in out.entries] == [1 if i in configs else 0 for i in range(3)]
+    # And back: the encoder sends the same indexes.
+    assert msgpack.unpackb(encode(out))[8:] == [AE_TERMS, AE_DATAS, configs]
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [None, 0, 1, -1, True, 1.0, "x", "", b"x", b"", {}, {"a": 1}, msgpack.ExtType(1, b"")],
+)
+def test_entry_configs_must_be_an_array(configs):
+    for terms, datas in ((AE_TERMS, AE_DATAS), ([], [])):
+        with pytest.raises(ProtocolError,
+                           match=r"AppendEntries\.entry_configs must be an array"):
+            decode(raw(3, [*AE_HEAD, terms, datas, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [True], [False], [0, True], [1.0], [0.0], [None], ["0"], [b"\x00"], [[0]], [{}],
+        [0, 1.0], [0, None],
+    ],
+)
+def test_entry_configs_items_must_be_ints(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[1, 0], [2, 1], [0, 2, 1], [2, 0, 1], [2, 1, 0]],
+)
+def test_entry_configs_must_be_in_order(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[0, 0], [1, 1], [2, 2], [0, 1, 1], [0, 0, 1, 2], [0, 1, 2, 2], [1, 1, 1]],
+)
+def test_entry_configs_must_not_repeat(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[-1], [-1, 0], [-1, 0, 1], [-2, 2], [-(1 << 63)], [-(1 << 63), 0]],
+)
+def test_entry_configs_must_not_be_negative(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[3], [0, 3], [2, 3], [0, 1, 2, 3], [4], [MAX], [(1 << 64) - 1], [0, (1 << 64) - 1]],
+)
+def test_entry_configs_must_index_an_entry_of_the_message(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list") as ei:
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+    assert "below 3" in str(ei.value)
+
+
+@pytest.mark.parametrize("configs", [[0], [1], [0, 1], [MAX]])
+def test_entry_configs_of_a_message_without_entries_must_be_empty(configs):
+    # A heartbeat carries no entries, so no index can be valid.
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list") as ei:
+        decode(raw(3, [*AE_HEAD, [], [], configs]))
+    assert "below 0" in str(ei.value)
+    assert decode(raw(3, [*AE_HEAD, [], [], []])) == AppendEntries(3, 10, 1, (), 5, 0, 7)
+
+
+def test_encoder_accepts_entries_mixing_entry_and_config_entry():
+    ents = (ConfigEntry(5, 1, b"c0"), Entry(6, 1, b"a"), Entry(7, 2, b""),
+            ConfigEntry(8, 2, bytearray(b"c1")), Entry(9, 2, memoryview(b"b")))
+    m = AppendEntries(2, 4, 1, ents, 3, 1, 9)
+    assert msgpack.unpackb(encode(m))[8:] == [
+        [1, 1, 2, 2, 2], [b"c0", b"a", b"", b"c1", b"b"], [0, 3]
+    ]
+    out = decode(encode(m))
+    assert out.entries == (ConfigEntry(5, 1, b"c0"), Entry(6, 1, b"a"), Entry(7, 2, b""),
+                           ConfigEntry(8, 2, b"c1"), Entry(9, 2, b"b"))
+    assert [type(e) for e in out.entries] == [ConfigEntry, Entry, Entry, ConfigEntry, Entry]
+    assert all(type(e.data) is bytes for e in out.entries)
+    # A list of entries encodes like the tuple.
+    assert encode(AppendEntries(2, 4, 1, list(ents), 3, 1, 9)) == encode(m)  # type: ignore
+    # Only configuration entries; only plain entries.
+    only = tuple(ConfigEntry(5 + i, 1, b"x") for i in range(3))
+    assert msgpack.unpackb(encode(AppendEntries(1, 4, 1, only, 3)))[10] == [0, 1, 2]
+    plain = tuple(Entry(5 + i, 1, b"x") for i in range(3))
+    assert msgpack.unpackb(encode(AppendEntries(1, 4, 1, plain, 3)))[10] == []
 
 
 def test_entries_may_not_run_past_the_largest_seq():
-    decode(raw(3, [3, MAX - 2, 1, 5, 0, 7, [1, 1], [b"a", b"b"]]))
+    decode(raw(3, [3, MAX - 2, 1, 5, 0, 7, [1, 1], [b"a", b"b"], []]))
     with pytest.raises(ProtocolError, match="past seq"):
-        decode(raw(3, [3, MAX - 1, 1, 5, 0, 7, [1, 1], [b"a", b"b"]]))
+        decode(raw(3, [3, MAX - 1, 1, 5, 0, 7, [1, 1], [b"a", b"b"], []]))
+    with pytest.raises(ProtocolError, match="past seq"):
+        decode(raw(3, [3, MAX - 1, 1, 5, 0, 7, [1, 1], [b"a", b"b"], [1]]))
 
 
 def test_size_limits():
     lim = WireLimits(max_entries=3, max_bytes=10, max_id_len=4, max_error_len=5)
-    decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcd"]]), lim)
+    decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcd"], []]), lim)
+    decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcd"], [0, 1, 2]]), lim)
     with pytest.raises(ProtocolError, match="4 entries"):
-        decode(raw(3, [3, 10, 1, 5, 0, 7, [1] * 4, [b"a"] * 4]), lim)
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1] * 4, [b"a"] * 4, []]), lim)
+    with pytest.raises(ProtocolError, match="4 entries"):
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1] * 4, [b"a"] * 4, [3]]), lim)
     with pytest.raises(ProtocolError, match="11 payload bytes"):
-        decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcde"]]), lim)
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcde"], []]), lim)
     with pytest.raises(ProtocolError, match="4 items"):
         decode(raw(8, [1, [b"a"] * 4]), lim)
     with pytest.raises(ProtocolError, match="11 payload bytes"):
@@ -356,6 +517,9 @@ def test_size_limits():
         decode(raw(9, [1, -1, 0, "abcdef", None]), lim)
     with pytest.raises(InvalidArgumentError, match="4 entries"):
         encode(AppendEntries(1, -1, 0, tuple(Entry(i, 1, b"") for i in range(4)), -1), lim)
+    with pytest.raises(InvalidArgumentError, match="4 entries"):
+        encode(AppendEntries(1, -1, 0, tuple(ConfigEntry(i, 1, b"") for i in range(4)), -1),
+               lim)
 
 
 @pytest.mark.parametrize(
@@ -455,12 +619,27 @@ def test_mutated_payloads_never_escape_as_other_exceptions(msg, data):
     assert decode(encode(out)) == out
 
 
+class _OtherEntry(ConfigEntry):
+    """A subclass the wire does not know: neither Entry nor ConfigEntry exactly."""
+
+    __slots__ = ()
+
+
 @pytest.mark.parametrize(
     "msg, why",
     [
         (AppendEntries(1, 4, 0, (Entry(6, 1, b"a"),), 0), "do not follow prev_seq"),
         (AppendEntries(1, 4, 0, (Entry(5, 1, b"a"), Entry(7, 1, b"b")), 0), "do not follow"),
         (AppendEntries(1, 4, 0, ((5, 1, b"a"),), 0), "tuple of Entry"),  # type: ignore[arg-type]
+        (AppendEntries(1, 4, 0, (ConfigEntry(6, 1, b"a"),), 0), "do not follow prev_seq"),
+        (AppendEntries(1, 4, 0, (Entry(5, 1, b"a"), ConfigEntry(7, 1, b"b")), 0),
+         "do not follow"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 1, b"a"), (6, 1, b"b")), 0),  # type: ignore
+         "tuple of Entry"),
+        (AppendEntries(1, 4, 0, (_OtherEntry(5, 1, b"a"),), 0), "tuple of Entry"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 2, b"a"),), 0), "must not decrease"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 1, "a"),), 0),  # type: ignore[arg-type]
+         "data must be bytes"),
         (AppendEntries(1, 4, 2, (), 0), "prev_term must be an int in \\[0, 1\\]"),
         (AppendEntries(1, 4, 0, (Entry(5, 2, b"a"),), 0), "must not decrease"),
         (AppendEntries(1, 4, 0, (Entry(5, 1, "a"),), 0), "data must be bytes"),  # type: ignore
@@ -479,7 +658,7 @@ def test_mutated_payloads_never_escape_as_other_exceptions(msg, data):
         (RecoverResponse(-1, -1, 0), "RecoverResponse.term must be an int in \\[0, "),
         (RecoverResponse(1, -2, 0), "RecoverResponse.last_seq must be an int in \\[-1, "),
         (RecoverResponse(1, 5, 2), "RecoverResponse.last_term must be an int in \\[0, 1\\]"),
-        (RecoverResponse(1, 5, 1, MAX + 1), "RecoverResponse.inc must be an int in \\[0, "),
+        (RecoverResponse(1, 5, 1, (), MAX + 1), "RecoverResponse.inc must be an int in \\[0, "),
         (Propose(1, ()), "non-empty array"),
         (Propose(1, (b"",)), "non-empty bytes"),
         (ProposeResponse(1, -1, 0, None, 1.5), "leader must be a node id"),

@@ -54,6 +54,7 @@ from .events import EventHub, NodeEvent, Subscription
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
+from .raft.recovery import new_incarnation
 from .raft.state import HardState, Recovery, decode_hard_state, encode_hard_state
 from .raft.validate import check_message
 
@@ -434,7 +435,7 @@ class RaftNode:
         raw = self._state.load()
         if raw is None:
             rec = None if self._bootstrap else Recovery()
-            hs = HardState(incarnation=_new_incarnation(), recovery=rec)
+            hs = HardState(incarnation=_new_incarnation(rec is not None), recovery=rec)
             if rec is not None:
                 log.info(
                     "tinyraftplus node %r: no state at %s; recovering from the other members "
@@ -451,7 +452,7 @@ class RaftNode:
                 )
             if hs.incarnation:
                 return hs
-            hs = HardState(hs.term, hs.vote, _new_incarnation(), has_log=self.log.seq >= 0)
+            hs = HardState(hs.term, hs.vote, _new_incarnation(False), has_log=self.log.seq >= 0)
         await self._state.save(encode_hard_state(hs))
         return hs
 
@@ -1109,10 +1110,10 @@ def _payload_bytes(msg: Any) -> int:
     return 0
 
 
-def _new_incarnation() -> int:
+def _new_incarnation(recovering: bool) -> int:
     """Larger than any earlier incarnation of this node id: a wiped node restarts later in
     wall-clock time (nanoseconds, so two restarts within a second differ)."""
-    return time.time_ns()
+    return new_incarnation(time.time_ns(), recovering)
 
 
 def _log_needs_open(log: Any) -> bool:

@@ -56,7 +56,7 @@ from typing import Any
 
 from ..entry import Entry
 from ..errors import ConfigurationError, InvalidArgumentError, NotLeaderError, UsageError
-from .membership import Config, ConfigStack, JointQuorum, QuorumRule
+from .membership import Config, ConfigStack, JointQuorum, QuorumRule, quorum_of
 from .messages import (
     AppendEntries,
     AppendResponse,
@@ -222,11 +222,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
             )
         if not isinstance(hard_state, HardState) or hard_state.term < 0:
             raise InvalidArgumentError(f"bad hard state {hard_state!r}: need HardState(term>=0)")
-        if hard_state.configs is None and hard_state.vote not in (None, *ids):
-            # (after membership changes a vote may name a node removed since)
-            raise InvalidArgumentError(
-                f"hard state votes for {hard_state.vote!r}, which is not among the nodes {ids!r}"
-            )
+        # (A vote may name any node: with membership changes, one removed since, or added
+        # after the configuration this node was started with.)
 
         self._id = node_id
         self._cfg = cfg
@@ -250,12 +247,14 @@ class RaftCore(MemberIdentity, Reconfiguration):
             configs = ConfigStack(((-1, 0, boot),))
         else:
             configs = configs.matching(self._log.term_at, self._log.last_seq)
+            configs = configs.committed_through(min(commit_seq, self._log.last_seq))
         self._configs = configs
         self._config = configs.latest[2]
-        self._quorum: JointQuorum = JointQuorum(quorum, None)
+        self._quorum: JointQuorum = quorum_of(self._config, self._rule)
         self._prs: dict[NodeId, Progress] = {}
         self._dirty: set[NodeId] = set()
         self._role = Role.FOLLOWER
+        self._transfer_target: NodeId | None = None
         self._hs_changed = configs is not hard_state.configs and hard_state.configs is not None
         self._use_configs(configs)
 
@@ -266,6 +265,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
         self._peer_inc: dict[NodeId, int] = dict(hard_state.peers)
         self._recovery: Recovery | None = hard_state.recovery
         self._recover_replies: dict[NodeId, RecoverResponse] = {}
+        self._recover_also: set[NodeId] = set()
         self._has_log = hard_state.has_log
         self._role = Role.FOLLOWER
         self._leader: NodeId | None = None
@@ -293,7 +293,6 @@ class RaftCore(MemberIdentity, Reconfiguration):
         self._check_quorum_deadline = _NEVER
         self._recent_active: set[NodeId] = set()
         self._prev_active: set[NodeId] = set()
-        self._transfer_target: NodeId | None = None
         self._transfer_deadline = _NEVER
         self._transfer_sent = False
         self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
@@ -476,8 +475,13 @@ class RaftCore(MemberIdentity, Reconfiguration):
 
     def step(self, from_id: NodeId, msg: CoreMessage) -> None:
         """Handle one message. Stale, duplicate, reordered or unknown-sender messages are
-        ignored (they are normal on a network); never raises for a well-typed message."""
-        if from_id not in self._peer_set:
+        ignored (they are normal on a network); never raises for a well-typed message.
+
+        A sender outside this node's configuration is not refused: a node that has not yet
+        seen the latest configuration must still follow a leader it does not know (thesis
+        4.2). What counts is decided by the configuration (votes and acknowledgements only
+        from its voters); the driver decides which nodes may talk to it at all."""
+        if from_id == self._id:
             return
         t = type(msg)
         handler = self._handlers.get(t)
@@ -622,6 +626,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
                 self._maybe_commit()
             elif self._recovery is not None:
                 self._maybe_recovered()
+            if len(self._configs.items) > 1:
+                self._configs_committed()
 
     # --- roles ------------------------------------------------------------------------
     def _reset_election_timer(self) -> None:
@@ -755,7 +761,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
             # A pre-vote changes nothing here: it only says whether a vote would be granted.
             grant = (
                 m.term > self._term
-                and self._recovery is None
+                and self._may_vote_for(m.last_seq, m.last_term)
                 and (m.transfer or not self._in_lease())
                 and self._log_ok(m.last_seq, m.last_term)
             )
@@ -771,7 +777,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
             return
         grant = (
             (self._vote is None or self._vote == frm)
-            and self._recovery is None
+            and self._may_vote_for(m.last_seq, m.last_term)
             and self._log_ok(m.last_seq, m.last_term)
         )
         if grant:
@@ -808,8 +814,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
         # else would start an election that bypasses PreVote and the lease check.
         if m.term != self._term or self._leader != frm or self._role is not Role.FOLLOWER:
             return
-        if self._recovery is not None:
-            return
+        if self._recovery is not None or not self._is_voter:
+            return  # a learner (or a node removed meanwhile) never leads
         self._start_election(pre_vote=False, transfer=True)
 
     # --- replication: follower side ---------------------------------------------------
@@ -904,10 +910,12 @@ class RaftCore(MemberIdentity, Reconfiguration):
             return
         if m.term < self._term or self._role is not Role.LEADER:
             return
-        pr = self._prs[frm]
-        if pr.lost:
-            return  # until it comes back as a new incarnation (recovery.py)
-        if not m.success and m.read_id:
+        pr = self._prs.get(frm)
+        if pr is None or pr.lost:
+            return  # not a member, or lost until it comes back as a new incarnation
+        if not m.success and m.read_id and m.conflict_seq >= 0:
+            # (conflict_seq -1: the answer to a message of an older term of ours, which a
+            # follower refuses whatever its log holds)
             if m.read_id < pr.hb_floor:
                 return  # answers a heartbeat sent to its previous incarnation
             # Heartbeats go at prev = match, which this follower acknowledged in this term:

@@ -130,6 +130,11 @@ class QuorumRule:
         group = {i: groups[i] for i in ids} if self.use_groups else None
         return Quorum(ids, quorum=self.quorum, group=group, group_fn=self.group_fn)
 
+    @property
+    def majority(self) -> bool:
+        """Plain majorities of whatever voters a configuration has."""
+        return self.quorum is None and self.group_fn is None and not self.use_groups
+
     @classmethod
     def of(cls, q: Quorum) -> QuorumRule:
         """The rule a ``Quorum`` was built with."""

@@ -144,12 +144,15 @@ class Recover:
 
 @dataclass(frozen=True, slots=True)
 class RecoverResponse:
-    """Answer to ``Recover``: the responder's durable term and the last (seq, term) of its
-    durable log. Sent only after the responder persisted the new incarnation it learned."""
+    """Answer to ``Recover``: the responder's durable term, the last (seq, term) of its
+    durable log, and the voters of its latest configuration (so a recovering node started
+    with an outdated configuration also asks the voters it did not know). Sent only after
+    the responder persisted the new incarnation it learned."""
 
     term: int
     last_seq: int
     last_term: int
+    voters: tuple[NodeId, ...] = ()
     inc: int = 0
 
 

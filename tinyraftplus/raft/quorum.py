@@ -262,9 +262,12 @@ class Quorum:
         (``default`` if there is none). With the match seqs of every node this is the
         highest seq a quorum holds."""
         if self._majority_only:
-            if len(values) < self.count:
+            bit = self._bit
+            vals = [v for k, v in values.items() if k in bit]  # others count for nothing
+            if len(vals) < self.count:
                 return default
-            return sorted(values.values(), reverse=True)[self.count - 1]
+            vals.sort(reverse=True)
+            return vals[self.count - 1]
         bit = self._bit
         mask = 0
         for node, v in sorted(values.items(), key=lambda kv: kv[1], reverse=True):

@@ -70,7 +70,9 @@ class Reconfiguration:
 
     @property
     def committed_config_seq(self) -> int:
-        return self._configs.items[0][0] if self._configs.items[0][0] <= self._commit else -1
+        """Seq of the latest committed configuration (-1: the one started with)."""
+        seqs = [s for s, _, _ in self._configs.items if s <= self._commit]
+        return seqs[-1] if seqs else -1
 
     def _use_configs(self, stack: ConfigStack) -> None:
         """Make ``stack.latest`` the configuration in force; replicate to the members of
@@ -98,6 +100,9 @@ class Reconfiguration:
                     self._dirty.add(p)
             for p in [p for p in self._prs if p not in self._peer_set]:
                 del self._prs[p]
+                self._dirty.discard(p)
+        if self._transfer_target is not None and self._transfer_target not in cfg.all_voters:
+            self._transfer_target = None  # no longer a voter: it must not be made leader
         if changed:
             self._hs_changed = True
 
@@ -118,7 +123,9 @@ class Reconfiguration:
         configuration without this node is committed."""
         stack = self._configs
         if len(stack.items) > 1:
-            pruned = stack.committed_through(self._commit)
+            # Only through what this node holds durably: the stack is persisted before the
+            # entries, and after a crash its oldest item must still be in the log.
+            pruned = stack.committed_through(min(self._commit, self._log.stable))
             if pruned is not stack:
                 self._use_configs(pruned)
         if not self._leading():
@@ -171,6 +178,11 @@ class Reconfiguration:
                 "retry in a moment (a change before that could race one of the previous "
                 "leader's)"
             )
+        if self._transfer_target is not None:
+            raise MembershipError(
+                f"leader {self._id!r} is handing leadership to {self._transfer_target!r}; "
+                "propose the change to the new leader"
+            )
         seq, _, cur = self._configs.latest
         if expected_config_seq is not None and expected_config_seq != seq:
             raise MembershipError(
@@ -213,6 +225,7 @@ class Reconfiguration:
                 )
             to = max(voters, key=lambda v: (self._prs[v].match, repr(v)))
         elif to == self._id:
+            self._transfer_target = None  # stay: cancels a transfer under way
             return to
         elif to not in voters:
             role = "a learner" if to in self._config.learners else "not a member"
@@ -234,6 +247,9 @@ class Reconfiguration:
     def _maybe_send_timeout_now(self, p: NodeId) -> None:
         """Once the transfer target holds the whole log, tell it to campaign now."""
         if self._transfer_target != p or self._transfer_sent:
+            return
+        if p not in self._config.all_voters:
+            self._transfer_target = None
             return
         pr = self._prs.get(p)
         if pr is None:

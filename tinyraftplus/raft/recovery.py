@@ -13,10 +13,11 @@ committed entry is overwritten). Three defences, each cheap:
 
 1. **Incarnations.** A member's durable state carries an *incarnation*, created when that
    state is first written and larger than any earlier incarnation of the same id. Every
-   message carries its sender's (``inc``). A receiver remembers each peer's incarnation
-   durably and drops messages from an older one, so a delayed acknowledgement from the wiped
-   member's past life is never counted. A leader that sees a peer's incarnation change
-   forgets that peer's progress (its ``match``) at once.
+   message carries its sender's (``inc``; its low bit says whether recovery made it). A
+   receiver remembers each peer's incarnation durably and drops messages from an older one,
+   so a delayed acknowledgement from the wiped member's past life is never counted. A
+   leader that sees a peer's incarnation change forgets that peer's progress (its
+   ``match``) at once.
 2. **Explicit bootstrap.** A node that starts with no state creates a fresh one only if the
    caller says the cluster is new (``bootstrap=True``: etcd's ``--initial-cluster-state new``,
    hashicorp's ``BootstrapCluster``). Otherwise it *recovers* (below). A peer that meets a
@@ -25,8 +26,9 @@ committed entry is overwritten). Three defences, each cheap:
 3. **Recovery** (protocol-aware recovery, as in Alagappan et al., FAST'18), in two phases
    that are persisted, so a crash in the middle resumes them:
 
-   * ``LEARN_TERM``: the node asks *every other member* for its durable term and log end
-     (``Recover``) and acts on nothing else: it neither votes, nor campaigns, nor
+   * ``LEARN_TERM``: the node asks *every other voter* for its durable term and log end
+     (``Recover``; also the voters of every configuration an answer names, in case it was
+     started with an outdated one) and acts on nothing else: it neither votes, nor campaigns, nor
      acknowledges. Any term this node could have voted in before it lost its state is the
      term of a candidate that persisted it before asking for the vote, and terms never go
      back, so once every other member has answered, the largest term reported bounds every
@@ -34,11 +36,11 @@ committed entry is overwritten). Three defences, each cheap:
      itself), so it can never vote in it again. Asking only a quorum would not do: the
      candidate it voted for may be outside the quorum that answered.
    * ``CATCH_UP``: its term is now safe, so it replicates and acknowledges like any follower
-     (an acknowledgement promises only what it now holds durably). It still votes for
-     nobody until its own durable log is at least as up to date as the most up-to-date log
-     reported in phase 1: that log holds every entry committed before the wipe (Raft's
-     election argument), and so then does this node's, and its vote can no longer help a
-     candidate that lacks a committed entry.
+     (an acknowledgement promises only what it now holds durably). The most up-to-date log
+     reported in phase 1 holds every entry committed before the wipe (Raft's election
+     argument), so until its own durable log has caught up with it, the node votes only
+     for a candidate whose log is at least as up to date as that one: its vote can never
+     help a candidate that lacks a committed entry. Then recovery is over.
 
    A recovery therefore needs every other member up once. A member that stays down must be
    removed from the configuration first (membership change); until then the recovering
@@ -57,10 +59,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from .membership import Config, QuorumRule
 from .messages import AppendResponse, CoreMessage, NodeId, Recover, RecoverResponse
 from .progress import Progress
 from .raftlog import RaftLog
 from .state import CATCH_UP, LEARN_TERM, Recovery
+
+RECOVERED = 1
+"""The low bit of an incarnation created by recovery (bootstrap makes even ones). A peer that
+was not asked during a member's recovery (a learner, a node added since) still tells a
+recovered member from one bootstrapped again after losing its data."""
+
+
+def new_incarnation(base: int, recovering: bool) -> int:
+    """An incarnation from ``base`` (larger than any earlier one of this node id: the wall
+    clock in the driver, a counter in the simulator) that records how it was created."""
+    return base << 1 | (RECOVERED if recovering else 0)
 
 
 class MemberIdentity:
@@ -75,6 +89,10 @@ class MemberIdentity:
     _peer_inc: dict[NodeId, int]
     _recovery: Recovery | None
     _recover_replies: dict[NodeId, RecoverResponse]
+    _recover_also: set[NodeId]
+    _voters: tuple[NodeId, ...]
+    _config: Config
+    _rule: QuorumRule
     _hs_changed: bool
     _log: RaftLog
     _now: float
@@ -97,7 +115,7 @@ class MemberIdentity:
         known = self._peer_inc.get(frm, 0)
         if inc < known:
             return False  # from a past life of that node: never count it
-        if known and type(msg) is not Recover:
+        if known and type(msg) is not Recover and not inc & RECOVERED:
             if inc == 0:
                 return False  # a node of the first wave among upgraded ones: cannot tell
             # A new identity that did not recover: bootstrapped again after losing its data.
@@ -135,7 +153,9 @@ class MemberIdentity:
         rec = self._recovery
         if rec is None or rec.phase != LEARN_TERM:
             return []
-        return [p for p in self._peers if p not in self._recover_replies]
+        ask = set(self._voters) | self._recover_also
+        return sorted((p for p in ask if p not in self._recover_replies and p != self._id),
+                      key=repr)
 
     def _recovery_tick(self) -> None:
         """At each election timeout while recovering: ask again whoever has not answered
@@ -156,23 +176,33 @@ class MemberIdentity:
         if rec is None or rec.phase != LEARN_TERM:
             return
         self._recover_replies[frm] = m
+        # Voters of a configuration we did not know (ours may be outdated) must answer too.
+        self._recover_also.update(m.voters)
         self._maybe_fence()
 
     def _maybe_fence(self) -> None:
         if self.recovery_waiting_for:
             return
-        replies = self._recover_replies.values()
+        replies = list(self._recover_replies.values())
         top_term = max([self._term, *(r.term for r in replies)])
-        tseq, tterm = -1, 0
-        for r in replies:
-            if (r.last_term, r.last_seq) > (tterm, tseq):
-                tseq, tterm = r.last_seq, r.last_term
+        # The target: a log every entry committed before the wipe is in. Such an entry was
+        # on a quorum, so on at least (quorum - 1) of the others: with majorities, on at
+        # least k of the logs reported, so the k-th most up to date of them is at least as
+        # up to date as one that holds it. (The most up-to-date one would do too, but it
+        # may end in entries nobody will commit, held by a node that will never lead.)
+        logs = sorted(((r.last_term, r.last_seq) for r in replies), reverse=True)
+        k = 1
+        if self._rule.majority:
+            sizes = [len(self._config.all_voters)] + [len(r.voters) for r in replies if r.voters]
+            k = max(1, min(n // 2 for n in sizes))
+        tterm, tseq = logs[min(k, len(logs)) - 1] if logs else (0, -1)
         # Fence: at the highest term any member knows, already voted (for itself), so no
         # vote in a term it may have voted in before can be cast again.
         self._term = top_term
         self._vote = self._id
         self._recovery = Recovery(CATCH_UP, tseq, tterm)
         self._recover_replies = {}
+        self._recover_also = set()
         self._hs_changed = True
         self._maybe_recovered()
 
@@ -189,13 +219,27 @@ class MemberIdentity:
             if not self._peers:
                 self._election_deadline = self._now  # alone: elect itself at once
 
+    def _may_vote_for(self, last_seq: int, last_term: int) -> bool:
+        """Recovery's condition on a vote (besides Raft's own): none in ``LEARN_TERM``; in
+        ``CATCH_UP`` only for a candidate whose log is at least as up to date as the best
+        one reported, which therefore holds every entry committed before this member lost
+        its state (so the vote cannot help elect a leader without one). Without this a
+        recovering member of a small configuration could stall an election it must join."""
+        rec = self._recovery
+        if rec is None:
+            return True
+        if rec.phase == LEARN_TERM:
+            return False
+        return (last_term, last_seq) >= (rec.target_term, rec.target_seq)
+
     # --- recovery, as a peer -----------------------------------------------------------
     def _on_recover(self, frm: NodeId, m: Recover) -> None:
         # Sent after persisting: the term and the log end we report are durable, and so is
         # the new incarnation we adopted (``_check_inc``).
         log = self._log
+        voters = tuple(sorted(self._config.all_voters, key=repr))
         self._msgs_after.append(
-            (frm, RecoverResponse(self._term, log.last_seq, log.last_term, self._inc))
+            (frm, RecoverResponse(self._term, log.last_seq, log.last_term, voters, self._inc))
         )
 
     # --- a follower that lost entries it acknowledged -----------------------------------

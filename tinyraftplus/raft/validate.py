@@ -15,6 +15,7 @@ from . import messages as m
 
 MAX_SEQ = (1 << 63) - 1
 _CORE = frozenset(m.CORE_MESSAGE_TYPES)
+MAX_VOTERS = 1024
 MAX_ID_LEN = 256
 
 
@@ -101,6 +102,10 @@ def check_message(msg: Any, *, max_entries: int = 65536, max_bytes: int = 64 << 
         _int("term", msg.term, 0)
         _int("last_seq", msg.last_seq, -1)
         _int("last_term", msg.last_term, 0, msg.term)
+        if type(msg.voters) is not tuple or len(msg.voters) > MAX_VOTERS:
+            raise ProtocolError(f"RecoverResponse.voters must be a tuple of at most {MAX_VOTERS}")
+        for v in msg.voters:
+            check_node_id("RecoverResponse.voters", v)
     elif t is m.Propose:
         _int("req_id", msg.req_id, 0)
         if type(msg.items) is not tuple or not msg.items:

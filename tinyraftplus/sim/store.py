@@ -39,6 +39,7 @@ from collections.abc import Collection
 
 from ..entry import Entry
 from ..errors import InvalidArgumentError
+from ..raft.recovery import new_incarnation
 from ..raft.state import HardState, Recovery
 
 __all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
@@ -111,6 +112,7 @@ class SimStore:
         self._has_state = False  # no state yet (first start) or wiped
         self._started = False
         self.incarnation = 0
+        self._identities = 0
         self.wipes = 0
         self._crash_in: int | None = None
         self.steps = 0  # storage steps performed, for traces
@@ -277,6 +279,10 @@ class SimStore:
         self._hard = self._durable_hard
         return kept
 
+    @property
+    def has_state(self) -> bool:
+        return self._has_state
+
     def wipe(self) -> None:
         """The disk is lost while the node is down: log and hard state, durable or not."""
         self._log = _LogImage()
@@ -295,8 +301,9 @@ class SimStore:
             if self._started and "trust_wiped" in self.bugs:
                 hs = HardState(incarnation=self.incarnation)
             else:
-                self.incarnation += 1
+                self._identities += 1
                 rec = Recovery() if self._started else None
+                self.incarnation = new_incarnation(self._identities, rec is not None)
                 hs = HardState(incarnation=self.incarnation, recovery=rec)
             self._hard = self._durable_hard = hs
             self._has_state = self._started = True

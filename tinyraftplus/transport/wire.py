@@ -70,6 +70,8 @@ PROTOCOL_VERSION = 2
 ``RecoverResponse`` are new."""
 
 MAX_U63 = (1 << 63) - 1
+MAX_VOTERS = 1024
+"""Voters a configuration (as named in ``RecoverResponse``) may have."""
 """Largest seq, term or id a message may carry (the log stores them as signed 64-bit)."""
 
 HEADER = struct.Struct(">II")
@@ -242,7 +244,8 @@ def _v_append_entries(obj: list, lim: WireLimits) -> None:
             f"AppendEntries.entry_configs must be an array, got {_show(configs)}"
         )
     if configs and (
-        set(map(type, configs)) != {int} or sorted(set(configs)) != configs
+        len(configs) > n  # first: cheap, and bounds the work below by the entries' count
+        or set(map(type, configs)) != {int} or sorted(set(configs)) != configs
         or configs[0] < 0 or configs[-1] >= n
     ):
         raise ProtocolError(
@@ -314,11 +317,19 @@ def _v_recover(obj: list, lim: WireLimits) -> None:
 
 
 def _v_recover_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 4)
+    _arity(obj, 5)
     _int(obj, 2, 0)
     _int(obj, 3, -1)
     _int(obj, 4, 0, obj[2])
-    _int(obj, 5, 0)
+    voters = obj[5]
+    if type(voters) is not list or len(voters) > MAX_VOTERS:
+        raise ProtocolError(
+            f"RecoverResponse.voters must be an array of at most {MAX_VOTERS} node ids, got "
+            f"{_show(voters)}"
+        )
+    for v in voters:
+        check_node_id(v, "RecoverResponse.voters", lim)
+    _int(obj, 6, 0)
 
 
 def _v_propose(obj: list, lim: WireLimits) -> None:
@@ -405,6 +416,11 @@ def _fields_propose(m: Propose) -> list:
     return [PROTOCOL_VERSION, TAG_PROPOSE, m.req_id, items]
 
 
+def _fields_recover_response(m: RecoverResponse) -> list:
+    return [PROTOCOL_VERSION, TAG_RECOVER_RESPONSE, m.term, m.last_seq, m.last_term,
+            list(m.voters), m.inc]
+
+
 def _fields_simple(tag: int, names: tuple[str, ...]) -> Callable[[Any], list]:
     getter = attrgetter(*names) if len(names) > 1 else None
 
@@ -430,7 +446,7 @@ _FIELDS: dict[int, tuple[str, ...]] = {
     TAG_READ_INDEX: ("term", "read_id", "inc"),
     TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index", "inc"),
     TAG_RECOVER: ("term", "inc"),
-    TAG_RECOVER_RESPONSE: ("term", "last_seq", "last_term", "inc"),
+    TAG_RECOVER_RESPONSE: ("term", "last_seq", "last_term", "voters", "inc"),
     TAG_PROPOSE: ("req_id", "items"),
     TAG_PROPOSE_RESPONSE: ("req_id", "first_seq", "term", "error", "leader"),
     TAG_HELLO: ("node_id", "to"),
@@ -475,6 +491,8 @@ for _tag, _cls in _CLASSES.items():
         _ENCODERS[_cls] = (_tag, _fields_append_entries)
     elif _tag == TAG_PROPOSE:
         _ENCODERS[_cls] = (_tag, _fields_propose)
+    elif _tag == TAG_RECOVER_RESPONSE:
+        _ENCODERS[_cls] = (_tag, _fields_recover_response)
     else:
         _ENCODERS[_cls] = (_tag, _fields_simple(_tag, _FIELDS[_tag]))
 del _tag, _cls
@@ -528,6 +546,8 @@ def _build(tag: int, obj: list) -> WireMessage:
         return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6], obj[7])
     if tag == TAG_PROPOSE:
         return Propose(obj[2], tuple(obj[3]))
+    if tag == TAG_RECOVER_RESPONSE:
+        return RecoverResponse(obj[2], obj[3], obj[4], tuple(obj[5]), obj[6])
     return _CLASSES[tag](*obj[2:])
 
 
