@@ -37,6 +37,7 @@ from typing import Any
 import msgpack
 import trio
 
+from ._groups import exit_nursery
 from .entry import Entry
 from .errors import (
     ClosedError,
@@ -318,17 +319,18 @@ class RaftNode:
         try:
             await nursery.start(self.serve)
         except BaseException as exc:
-            await self._own_nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            await exit_nursery(self._own_nursery_cm, type(exc), exc, exc.__traceback__)
             raise
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         # Ask the node to stop without waiting here: the nursery's own exit waits for it,
-        # and must run even if this block is being cancelled from outside.
+        # and must run even if this block is being cancelled from outside. What failed comes
+        # out as raised (not in a group of one), so `except SomeError` around the block works.
         self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
-        return await self._own_nursery_cm.__aexit__(*exc)
+        return await exit_nursery(self._own_nursery_cm, *exc)
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
