@@ -50,7 +50,7 @@ from .errors import (
     RaftTimeoutError,
     UsageError,
 )
-from .events import EventHub, NodeEvent, Subscription
+from .events import EventHub, Listener, NodeEvent, Subscription
 from .raft import messages as m
 from .raft.core import HardState, Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -332,9 +332,15 @@ class RaftNode:
             self._scope.cancel()
         return await exit_nursery(self._own_nursery_cm, *exc)
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery | None = None) -> None:
         """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
         state loaded). Prefer ``async with node:`` when the node's life is one block."""
+        if not isinstance(nursery, trio.Nursery):
+            raise UsageError(
+                f"RaftNode.start() needs the nursery to run the node in (got {nursery!r}): "
+                "use `async with node:`, or `await node.start(nursery)` inside "
+                "`async with trio.open_nursery() as nursery:`"
+            )
         await nursery.start(self.serve)
 
     async def stop(self) -> None:
@@ -929,9 +935,10 @@ class RaftNode:
         ``error``); a slow reader loses the oldest events, never stalls the node."""
         return self.events.subscribe(kinds, maxlen=maxlen)
 
-    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
-        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick)."""
-        self.events.on(kinds, callback)
+    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> Listener:
+        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick).
+        Returns a ``Listener``: ``close()`` it, or use it as a context manager, to stop."""
+        return self.events.on(kinds, callback)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -943,9 +950,17 @@ class RaftNode:
     def leader(self) -> Any:
         return self._core.leader if self._core is not None else None
 
+    def is_leader(self) -> bool:
+        """True while this node runs and is the leader (the original's ``isLeader()``)."""
+        return self._core is not None and self._core.role is Role.LEADER
+
     @property
     def term(self) -> int:
-        return self._core.term if self._core is not None else 0
+        """The current term. Stopped (or not started yet), the last term this node made
+        durable: it keeps its value after ``stop()``; 0 for a node that never ran."""
+        if self._core is not None:
+            return self._core.term
+        return _durable_term(self)
 
     @property
     def followers(self) -> list[Any]:
@@ -993,6 +1008,21 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def _durable_term(node: RaftNode) -> int:
+    """The term in the node's hard-state file (what a stopped node last made durable)."""
+    state = getattr(node, "_state", None)
+    if state is None:
+        try:
+            path = node._state_path or node._default_state_path()
+        except InvalidArgumentError:
+            return 0
+        from .log.state import StateFile
+
+        state = StateFile(path)
+    raw = state.load()
+    return 0 if raw is None else int(msgpack.unpackb(raw)[0])
 
 
 def _log_needs_open(log: Any) -> bool:
