@@ -81,6 +81,13 @@ def test_ctrl_c_on_the_three_nodes_example():
     _assert_one_line(r, "tinyraftplus.demo")
 
 
+def test_ctrl_c_on_the_counter_example():
+    code = _BLOCK_APPENDS + 'runpy.run_path("examples/counter.py", run_name="__main__")\n'
+    r = _interrupt(code, ready="cluster running")
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines() == ["interrupted"], r.stderr
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_ctrl_c_on_the_simulator(jobs):
     # Import everything first, then run the real command line on a range that takes minutes.
