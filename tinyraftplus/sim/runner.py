@@ -166,6 +166,9 @@ def _import_file(spec: str, path: str) -> Any:
     name = _FILE_MODULE + hashlib.sha256(full.encode()).hexdigest()[:16]
     if name in sys.modules:
         return sys.modules[name]
+    # As when the file runs as a script, its own directory is importable (its helpers).
+    if os.path.dirname(full) not in sys.path:
+        sys.path.insert(0, os.path.dirname(full))
     loader_spec = importlib.util.spec_from_file_location(name, full)
     assert loader_spec is not None and loader_spec.loader is not None
     module = importlib.util.module_from_spec(loader_spec)
