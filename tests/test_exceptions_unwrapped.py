@@ -151,3 +151,38 @@ async def test_memory_network_failing_receiver_unwrapped():
             net.register(2, receive)
             net.send(1, 2, "x")
             await trio.sleep(1)
+
+
+async def test_interrupt_in_a_node_task_comes_out_bare_not_with_its_consequence(tmp_path):
+    # Ctrl-C can land in whichever task runs; here the node's own (the state machine's call).
+    # The caller's pending append then fails with NodeStoppedError, a consequence: the
+    # caller sees the cause alone.
+    def apply(bufs, seq):
+        if any(b is not None for b in bufs):
+            raise KeyboardInterrupt
+        return [None] * len(bufs)
+
+    net = MemoryNetwork()
+    node = _node(tmp_path, net, apply=apply)
+    with pytest.raises(KeyboardInterrupt) as info:
+        async with node:
+            await node.wait_leader()
+            await node.append(b"x")
+    assert type(info.value) is KeyboardInterrupt
+    assert node.state == "stopped"
+
+
+async def test_state_machine_failure_stops_the_node_with_one_error(tmp_path):
+    def apply(bufs, seq):
+        if any(b is not None for b in bufs):
+            raise ZeroDivisionError("my state machine")
+        return [None] * len(bufs)
+
+    net = MemoryNetwork()
+    node = _node(tmp_path, net, apply=apply)
+    # the cause, not a group of it and the NodeStoppedError the pending append got
+    with pytest.raises(ZeroDivisionError, match="my state machine"):
+        async with node:
+            await node.wait_leader()
+            await node.append(b"x")
+    assert node.state == "stopped"

@@ -17,18 +17,39 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 
-def sole_exception(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) groups of one; ``exc`` itself otherwise."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) groups, in order; ``[exc]`` for a plain exception."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+
+
+def sole_exception(
+    exc: BaseException, consequences: tuple[type[BaseException], ...] = ()
+) -> BaseException:
+    """The one exception inside (nested) groups, else ``exc`` itself. Exceptions of the
+    ``consequences`` types (such as ``NodeStoppedError``, which a caller's pending request
+    gets *because* the node's own task failed) do not count when there is another one: the
+    cause is the exception to show."""
+    found = leaves(exc)
+    causes = [x for x in found if not isinstance(x, consequences)] if consequences else found
+    if len(causes) == 1:
+        return causes[0]
+    if not causes and len(found) == 1:
+        return found[0]
     return exc
 
 
 async def exit_nursery(
-    manager: Any, exc_type: Any, exc: BaseException | None, tb: Any
+    manager: Any,
+    exc_type: Any,
+    exc: BaseException | None,
+    tb: Any,
+    *,
+    consequences: tuple[type[BaseException], ...] = (),
 ) -> bool:
     """Call ``manager.__aexit__`` (a ``trio.open_nursery()`` manager) and raise what failed,
-    unwrapped when it is a single exception.
+    unwrapped when it is a single exception (not counting ``consequences`` of another).
 
     When that exception is the body's own, return False so Python re-raises it untouched
     (traceback and ``__context__`` as the body left them); anything else that comes alone is
@@ -36,7 +57,7 @@ async def exit_nursery(
     try:
         return bool(await manager.__aexit__(exc_type, exc, tb))
     except BaseExceptionGroup as group:
-        sole = sole_exception(group)
+        sole = sole_exception(group, consequences)
         if sole is group:
             raise
         if sole is exc:

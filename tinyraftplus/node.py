@@ -319,18 +319,20 @@ class RaftNode:
         try:
             await nursery.start(self.serve)
         except BaseException as exc:
-            await exit_nursery(self._own_nursery_cm, type(exc), exc, exc.__traceback__)
+            await exit_nursery(self._own_nursery_cm, type(exc), exc, exc.__traceback__,
+                               consequences=(NodeStoppedError,))
             raise
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         # Ask the node to stop without waiting here: the nursery's own exit waits for it,
         # and must run even if this block is being cancelled from outside. What failed comes
-        # out as raised (not in a group of one), so `except SomeError` around the block works.
+        # out as raised (not in a group of one), so `except SomeError` around the block works;
+        # when the node's own task failed, that cause, not the NodeStoppedError it led to.
         self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
-        return await exit_nursery(self._own_nursery_cm, *exc)
+        return await exit_nursery(self._own_nursery_cm, *exc, consequences=(NodeStoppedError,))
 
     async def start(self, nursery: trio.Nursery | None = None) -> None:
         """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
