@@ -38,10 +38,11 @@ def _run(name: str) -> subprocess.CompletedProcess:
 
 
 def test_there_are_examples_and_the_readme_marks_them():
-    assert {"three_nodes.py", "counter.py", "fslog.py"} <= set(EXAMPLES)
+    assert {"three_nodes.py", "counter.py", "fslog.py", "sim_counter.py"} <= set(EXAMPLES)
     code, output = _readme_blocks()
-    assert {"examples/counter.py", "examples/fslog.py"} <= set(code)
-    assert {"examples/three_nodes.py", "examples/counter.py", "examples/fslog.py"} <= set(output)
+    shown = {"examples/counter.py", "examples/fslog.py", "examples/sim_counter.py"}
+    assert shown <= set(code)
+    assert shown | {"examples/three_nodes.py"} <= set(output)
     for path in list(code) + list(output):
         assert (ROOT / path).is_file(), f"README.md shows {path}, which does not exist"
 
