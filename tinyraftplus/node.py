@@ -958,8 +958,9 @@ class RaftNode:
 
     @property
     def term(self) -> int:
-        """The current term. Stopped (or not started yet), the last term this node made
-        durable: it keeps its value after ``stop()``; 0 for a node that never ran."""
+        """The current term. When the node is not running, the last term it made durable:
+        it keeps its value after ``stop()`` (and before ``start`` reads an earlier run's;
+        0 when there is none)."""
         if self._core is not None:
             return self._core.term
         return _durable_term(self)
