@@ -963,7 +963,21 @@ class RaftNode:
         0 when there is none)."""
         if self._core is not None:
             return self._core.term
-        return _durable_term(self)
+        return self._durable_term()
+
+    def _durable_term(self) -> int:
+        # The term in the hard-state file: what a stopped node last made durable.
+        state = getattr(self, "_state", None)
+        if state is None:
+            try:
+                path = self._state_path or self._default_state_path()
+            except InvalidArgumentError:
+                return 0
+            from .log.state import StateFile
+
+            state = StateFile(path)
+        raw = state.load()
+        return 0 if raw is None else int(msgpack.unpackb(raw)[0])  # [term, vote, ...]
 
     @property
     def followers(self) -> list[Any]:
@@ -1011,21 +1025,6 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
-
-
-def _durable_term(node: RaftNode) -> int:
-    """The term in the node's hard-state file (what a stopped node last made durable)."""
-    state = getattr(node, "_state", None)
-    if state is None:
-        try:
-            path = node._state_path or node._default_state_path()
-        except InvalidArgumentError:
-            return 0
-        from .log.state import StateFile
-
-        state = StateFile(path)
-    raw = state.load()
-    return 0 if raw is None else int(msgpack.unpackb(raw)[0])
 
 
 def _log_needs_open(log: Any) -> bool:
