@@ -967,15 +967,16 @@ class RaftNode:
 
     def _durable_term(self) -> int:
         # The term in the hard-state file: what a stopped node last made durable.
+        import msgpack
+
+        from .log.state import StateFile
+
         state = getattr(self, "_state", None)
         if state is None:
             try:
-                path = self._state_path or self._default_state_path()
+                state = StateFile(self._state_path or self._default_state_path())
             except InvalidArgumentError:
                 return 0
-            from .log.state import StateFile
-
-            state = StateFile(path)
         raw = state.load()
         return 0 if raw is None else int(msgpack.unpackb(raw)[0])  # [term, vote, ...]
 
