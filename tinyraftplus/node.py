@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from ._groups import exit_nursery
 from .entry import Entry
 from .errors import (
     ClosedError,
@@ -50,7 +51,7 @@ from .errors import (
     RaftTimeoutError,
     UsageError,
 )
-from .events import EventHub, NodeEvent, Subscription
+from .events import EventHub, Listener, NodeEvent, Subscription
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -347,21 +348,30 @@ class RaftNode:
         try:
             await nursery.start(self.serve)
         except BaseException as exc:
-            await self._own_nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            await exit_nursery(self._own_nursery_cm, type(exc), exc, exc.__traceback__,
+                               consequences=(NodeStoppedError,))
             raise
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         # Ask the node to stop without waiting here: the nursery's own exit waits for it,
-        # and must run even if this block is being cancelled from outside.
+        # and must run even if this block is being cancelled from outside. What failed comes
+        # out as raised (not in a group of one), so `except SomeError` around the block works;
+        # when the node's own task failed, that cause, not the NodeStoppedError it led to.
         self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
-        return await self._own_nursery_cm.__aexit__(*exc)
+        return await exit_nursery(self._own_nursery_cm, *exc, consequences=(NodeStoppedError,))
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery | None = None) -> None:
         """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
         state loaded). Prefer ``async with node:`` when the node's life is one block."""
+        if not isinstance(nursery, trio.Nursery):
+            raise UsageError(
+                f"RaftNode.start() needs the nursery to run the node in (got {nursery!r}): "
+                "use `async with node:`, or `await node.start(nursery)` inside "
+                "`async with trio.open_nursery() as nursery:`"
+            )
         await nursery.start(self.serve)
 
     async def stop(self) -> None:
@@ -1034,9 +1044,10 @@ class RaftNode:
         ``error``); a slow reader loses the oldest events, never stalls the node."""
         return self.events.subscribe(kinds, maxlen=maxlen)
 
-    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
-        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick)."""
-        self.events.on(kinds, callback)
+    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> Listener:
+        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick).
+        Returns a ``Listener``: ``close()`` it, or use it as a context manager, to stop."""
+        return self.events.on(kinds, callback)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -1048,9 +1059,33 @@ class RaftNode:
     def leader(self) -> Any:
         return self._core.leader if self._core is not None else None
 
+    def is_leader(self) -> bool:
+        """True while this node runs and is the leader (the original's ``isLeader()``)."""
+        return self._core is not None and self._core.role is Role.LEADER
+
     @property
     def term(self) -> int:
-        return self._core.term if self._core is not None else 0
+        """The current term. When the node is not running, the last term it made durable:
+        it keeps its value after ``stop()`` (and before ``start`` reads an earlier run's;
+        0 when there is none)."""
+        if self._core is not None:
+            return self._core.term
+        return self._durable_term()
+
+    def _durable_term(self) -> int:
+        # The term in the hard-state file: what a stopped node last made durable.
+        import msgpack
+
+        from .log.state import StateFile
+
+        state = getattr(self, "_state", None)
+        if state is None:
+            try:
+                state = StateFile(self._state_path or self._default_state_path())
+            except InvalidArgumentError:
+                return 0
+        raw = state.load()
+        return 0 if raw is None else int(msgpack.unpackb(raw)[0])  # [term, vote, ...]
 
     @property
     def followers(self) -> list[Any]:
