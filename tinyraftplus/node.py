@@ -1074,8 +1074,6 @@ class RaftNode:
 
     def _durable_term(self) -> int:
         # The term in the hard-state file: what a stopped node last made durable.
-        import msgpack
-
         from .log.state import StateFile
 
         state = getattr(self, "_state", None)
@@ -1085,7 +1083,7 @@ class RaftNode:
             except InvalidArgumentError:
                 return 0
         raw = state.load()
-        return 0 if raw is None else int(msgpack.unpackb(raw)[0])  # [term, vote, ...]
+        return 0 if raw is None else decode_hard_state(raw).term
 
     @property
     def followers(self) -> list[Any]:

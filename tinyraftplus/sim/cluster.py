@@ -1070,6 +1070,8 @@ def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = No
     except SafetyViolation as v:
         return SimResult(seed=seed, ok=False, ops=len(sim.history), violation=v,
                          crashes=sim.crashes, elections=sim.elections,
+                         partitions=sim.partitions, wipes=sim.wipes,
+                         member_changes=sim.member_changes,
                          messages=sim.net.sent, checks=sim.inv.checks,
                          virtual_time=sim.queue.now)
 

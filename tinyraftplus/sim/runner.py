@@ -56,6 +56,8 @@ class SeedOutcome:
     partitions: int
     checks: int
     invariant: str = ""
+    wipes: int = 0
+    member_changes: int = 0
     short: str = ""
     report: str = ""
 
@@ -68,6 +70,8 @@ class Summary:
     elections: int = 0
     crashes: int = 0
     partitions: int = 0
+    wipes: int = 0
+    member_changes: int = 0
     checks: int = 0
     seconds: float = 0.0
     jobs: int = 1
@@ -87,6 +91,8 @@ class Summary:
         self.elections += o.elections
         self.crashes += o.crashes
         self.partitions += o.partitions
+        self.wipes += o.wipes
+        self.member_changes += o.member_changes
         self.checks += o.checks
         if not o.ok:
             self.failures.append(o)
@@ -101,6 +107,8 @@ class Summary:
             f"elections won:      {self.elections}",
             f"crashes:            {self.crashes}",
             f"partitions:         {self.partitions}",
+            f"disks wiped:        {self.wipes}",
+            f"membership changes: {self.member_changes} (and leadership transfers)",
             f"messages sent:      {self.messages}",
             f"violations:         {self.violations}",
             f"time:               {self.seconds:.1f} s on {self.jobs} process(es) "
@@ -284,10 +292,10 @@ def _one(seed: int, config: SimConfig, app_factory: AppFactory | None,
         return SeedOutcome(
             seed, False, len(sim.history), sim.net.sent, sim.elections, sim.crashes,
             sim.partitions, sim.inv.checks, invariant=v.invariant, short=v.short,
-            report=report,
+            report=report, wipes=sim.wipes, member_changes=sim.member_changes,
         )
     return SeedOutcome(seed, True, r.ops, r.messages, r.elections, r.crashes, r.partitions,
-                       r.checks)
+                       r.checks, wipes=r.wipes, member_changes=r.member_changes)
 
 
 def _work(args: tuple[list[int], SimConfig, AppFactory | None, bool, str | None]
