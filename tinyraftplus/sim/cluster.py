@@ -59,6 +59,9 @@ CHURN_OVERRIDES: tuple[tuple[str, Any], ...] = (
 )
 
 
+MEMBERSHIP_OVERRIDES: tuple[tuple[str, Any], ...] = (("member_p", 0.3), ("spares", 2))
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Knobs of a run. Anything left ``None`` is drawn from the seed (so different seeds
@@ -110,6 +113,15 @@ class SimConfig:
         kw.setdefault("nodes", 3)
         kw.setdefault("election_timeout", 0.05)
         return cls(overrides=tuple(overrides.items()), **kw)
+
+    @classmethod
+    def membership_churn(cls, **kw: Any) -> SimConfig:
+        """``churn`` plus a membership change (or a leadership transfer) asked of the leader
+        in 30% of the steps, with two spare nodes to add: leaders crash soon after they
+        append a change, which is where the membership rules matter."""
+        extra = dict(MEMBERSHIP_OVERRIDES)
+        extra.update(dict(kw.pop("overrides", ())))
+        return cls.churn(overrides=tuple(extra.items()), **kw)
 
     def replay_command(self, seed: int) -> str:
         parts = ["python -m tinyraftplus.sim", f"--seed {seed}", f"--steps {self.steps}"]
