@@ -1216,12 +1216,6 @@ class PlainLog(MemoryLog):
         super().append([Entry(e.seq, e.term, e.data) for e in entries])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the entry kind lives only in the Python type (ConfigEntry); a storage that keeps "
-    "seq/term/data (FsLog today) returns a configuration entry as a plain Entry once it "
-    "is read back (after a restart, or after RaftLog's cache evicted it), and the leader "
-    "then replicates it as a normal entry: the follower never adopts the configuration "
-    "(and a state machine would be handed its payload)"))
 def test_a_configuration_entry_read_back_from_storage_is_still_a_configuration():
     c = MNet([1, 2, 3], config=NO_PREVOTE)
     for i in c.ids:

@@ -234,6 +234,10 @@ class RaftCore(MemberIdentity, Reconfiguration):
         self._unguarded = bool(self._bugs & {"commit_old_term", "skip_append_term_check"})
         self._now = float(now)
         self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
+        last = self._log.last_seq
+        self._log.config_index = [
+            (s, t) for s, t in hard_state.config_index if s <= last and log.term_at(s) == t
+        ]
 
         # membership (reconfig.py): the configurations that may still be in force, the
         # latest of which is; without any in the hard state, the one given by ``nodes``
@@ -368,6 +372,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
         return HardState(
             self._term, self._vote, self._inc, tuple(self._peer_inc.items()), self._recovery,
             self._has_log, None if configs.latest[0] < 0 else configs,
+            tuple(self._log.config_index),
         )
 
     @property
@@ -433,6 +438,11 @@ class RaftCore(MemberIdentity, Reconfiguration):
                 d = deadline
             break  # insertion order is deadline order
         return d
+
+    def read_entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        """Durable entries ``lo..hi`` from storage (at least one, about ``max_bytes``), with
+        configuration entries as ``ConfigEntry`` (storage does not keep entry kinds)."""
+        return self._log.from_storage(lo, hi, max_bytes)
 
     def term_at(self, seq: int) -> int:
         return self._log.term_at(seq)

@@ -20,9 +20,10 @@ Terms are non-decreasing along any Raft log, which lets the hint searches bisect
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from ..entry import Entry
+from ..entry import ConfigEntry, Entry
 
 if TYPE_CHECKING:
     from .storage import LogStorage
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 class RaftLog:
     __slots__ = ("storage", "mem", "mem_start", "stable", "emitted", "pending_truncate",
-                 "cache_max")
+                 "cache_max", "config_index")
 
     def __init__(self, storage: LogStorage, cache_max: int) -> None:
         last = storage.seq
@@ -41,6 +42,9 @@ class RaftLog:
         self.emitted = last
         self.pending_truncate: int | None = None
         self.cache_max = cache_max
+        # (seq, term) of every configuration entry in the log, in order: storage keeps
+        # (seq, term, payload) only, so entries read back from it are told apart here.
+        self.config_index: list[tuple[int, int]] = []
 
     @property
     def last_seq(self) -> int:
@@ -91,7 +95,7 @@ class RaftLog:
         (stopping at the start of the in-memory tail; the caller asks again)."""
         start = self.mem_start
         if lo < start:
-            return self.storage.entries(lo, min(hi, start - 1), max_bytes)
+            return self.from_storage(lo, min(hi, start - 1), max_bytes)
         out = self.mem[lo - start:hi - start + 1]
         total = 0
         for i, e in enumerate(out):
@@ -100,6 +104,22 @@ class RaftLog:
                 del out[i:]
                 break
         return out
+
+    def from_storage(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        """``storage.entries`` with configuration entries given back their type."""
+        got = self.storage.entries(lo, hi, max_bytes)
+        index = self.config_index
+        i = bisect_left(index, (lo, -1))
+        if i < len(index) and index[i][0] <= hi:
+            first = lo
+            for seq, term in index[i:]:
+                k = seq - first
+                if k >= len(got):
+                    break
+                e = got[k]
+                if e.term == term:
+                    got[k] = ConfigEntry(*e)
+        return got
 
     # --- persistence hand-off ---------------------------------------------------------
     def has_unstable(self) -> bool:

@@ -111,9 +111,14 @@ class Reconfiguration:
 
     def _config_appended(self, e: Entry) -> None:
         cfg = Config.decode(e.data)
+        self._log.config_index.append((e.seq, e.term))
         self._use_configs(self._configs.push(e.seq, e.term, cfg))
 
     def _configs_truncated(self, seq: int) -> None:
+        index = self._log.config_index
+        if index and index[-1][0] > seq:
+            self._log.config_index = [x for x in index if x[0] <= seq]
+            self._hs_changed = True
         if self._configs.latest[0] > seq:
             self._use_configs(self._configs.truncate_after(seq))
 
@@ -144,6 +149,7 @@ class Reconfiguration:
     def _append_config(self, cfg: Config) -> int:
         seq = self._log.last_seq + 1
         self._log.append([ConfigEntry(seq, self._term, cfg.encode())])
+        self._log.config_index.append((seq, self._term))
         self._use_configs(self._configs.push(seq, self._term, cfg))
         self._bcast = True
         return seq

@@ -16,8 +16,9 @@ acknowledged, so it must not be trusted as the member it was (see ``recovery.py`
   hard state says so but whose log is empty lost its log; the driver refuses to start it.
 
 The encoding is a msgpack array ``[term, vote, incarnation, [peer, inc, ...], recovery,
-has_log, configs]`` with ``recovery`` either ``None`` or ``[phase, target_seq, target_term]``
-and ``configs`` either ``None`` or ``[[seq, term, config entry payload], ...]``; the
+has_log, configs, config_index]`` with ``recovery`` either ``None`` or ``[phase, target_seq,
+target_term]``, ``configs`` either ``None`` or ``[[seq, term, config entry payload], ...]``
+and ``config_index`` ``[seq, term, seq, term, ...]``; the
 first-wave form ``[term, vote]`` still decodes (incarnation 0, i.e. unknown).
 """
 
@@ -65,6 +66,8 @@ class HardState:
     # The latest committed configuration and the uncommitted ones after it (membership.py);
     # None until the first change: the configuration the node was constructed with.
     configs: ConfigStack | None = None
+    # (seq, term) of every configuration entry in the log (the log stores no entry kinds)
+    config_index: tuple[tuple[int, int], ...] = ()
 
 
 def encode_hard_state(hs: HardState) -> bytes:
@@ -73,6 +76,7 @@ def encode_hard_state(hs: HardState) -> bytes:
         hs.term, hs.vote, hs.incarnation, [x for pair in hs.peers for x in pair],
         None if rec is None else [rec.phase, rec.target_seq, rec.target_term], hs.has_log,
         None if hs.configs is None else hs.configs.encode(),
+        [x for pair in hs.config_index for x in pair],
     ])
 
 
@@ -81,18 +85,21 @@ def decode_hard_state(raw: bytes, where: str = "hard state") -> HardState:
     Raises ``InvalidArgumentError`` naming ``where`` for anything else."""
     try:
         v: Any = msgpack.unpackb(raw)
-        if not isinstance(v, list) or len(v) not in (2, 6, 7):
-            raise ValueError(f"expected an array of 2, 6 or 7 items, got {v!r:.60}")
+        if not isinstance(v, list) or len(v) not in (2, 6, 7, 8):
+            raise ValueError(f"expected an array of 2 or 6..8 items, got {v!r:.60}")
         term, vote = v[0], v[1]
         if len(v) == 2:
             return HardState(int(term), vote)
         _, _, inc, flat, rec, has_log = v[:6]
         configs = ConfigStack.decode(v[6]) if len(v) > 6 and v[6] is not None else None
+        flat_ix = v[7] if len(v) > 7 else []
+        index = tuple((int(flat_ix[i]), int(flat_ix[i + 1])) for i in range(0, len(flat_ix), 2))
         peers = tuple((flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2))
         recovery = None if rec is None else Recovery(int(rec[0]), int(rec[1]), int(rec[2]))
         if recovery is not None and recovery.phase not in (LEARN_TERM, CATCH_UP):
             raise ValueError(f"unknown recovery phase {recovery.phase}")
-        return HardState(int(term), vote, int(inc), peers, recovery, bool(has_log), configs)
+        return HardState(int(term), vote, int(inc), peers, recovery, bool(has_log), configs,
+                         index)
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
         raise InvalidArgumentError(
             f"{where}: cannot decode ({e}); the file is damaged: treat this member as one "

@@ -401,8 +401,10 @@ class SimNode:
         sm = self.sm
         assert sm is not None
         sim = self.sim
+        core = self.core
+        assert core is not None
         for seq in range(self.applied + 1, min(commit, store.seq) + 1):
-            e = store.entry(seq)
+            e = core.read_entries(seq, seq, 1 << 30)[0]  # typed: a ConfigEntry is one
             result = sm.apply(b"" if e.kind else e.data, seq)  # a configuration: as a no-op
             self.applied = seq
             self.results[seq] = result

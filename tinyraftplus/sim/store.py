@@ -231,7 +231,9 @@ class SimStore:
                     f"SimStore(node {self.node_id}): append of seq {e.seq} where seq "
                     f"{expect + i} was next; the driver must truncate before appending"
                 )
-        batch = list(entries)
+        # Like FsLog, the store keeps (seq, term, payload) only, not the entry's kind: the
+        # core tells configuration entries apart by its index of them (raftlog.py).
+        batch = [e if type(e) is Entry else Entry(*e) for e in entries]
         self._log.append(batch)
         self._pending_log.append(("a", batch))
 
