@@ -21,8 +21,8 @@ from .errors import InvalidArgumentError
 
 log = logging.getLogger("tinyraftplus")
 
-EventKind = Literal["change", "commit", "apply", "warn", "error"]
-EVENT_KINDS: tuple[str, ...] = ("change", "commit", "apply", "warn", "error")
+EventKind = Literal["change", "commit", "apply", "warn", "error", "config"]
+EVENT_KINDS: tuple[str, ...] = ("change", "commit", "apply", "warn", "error", "config")
 
 
 @dataclass(frozen=True, slots=True)

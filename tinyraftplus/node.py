@@ -52,6 +52,7 @@ from .errors import (
     UsageError,
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
+from .node_membership import MembershipAPI
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -166,7 +167,7 @@ def _is_async_callable(fn: Any) -> bool:
     )
 
 
-class RaftNode:
+class RaftNode(MembershipAPI):
     """One member of a Raft cluster.
 
     ``node_id`` must be in ``nodes``. ``send(to, msg)`` delivers a message to a peer; it may
@@ -232,11 +233,17 @@ class RaftNode:
         inbox_max: int = 1 << 16,
         send_queue_max: int = 1 << 12,
         bootstrap: bool = False,
+        join: bool = False,
     ) -> None:
         nodes = list(nodes)
         if len(set(nodes)) != len(nodes):
             raise InvalidArgumentError(f"RaftNode(nodes={nodes!r}): node ids must be unique")
-        if node_id not in nodes:
+        if join and node_id in nodes:
+            raise InvalidArgumentError(
+                f"RaftNode({node_id!r}, join=True): nodes must be the cluster's current voters, "
+                "without this node (it joins as a learner once the leader adds it)"
+            )
+        if node_id not in nodes and not join:
             raise InvalidArgumentError(
                 f"RaftNode({node_id!r}, nodes={nodes!r}): this node's id must be in nodes"
             )
@@ -297,6 +304,8 @@ class RaftNode:
         self._inbox_max = inbox_max
         self._send_queue_max = send_queue_max
         self._bootstrap = bool(bootstrap)
+        self._join = bool(join)
+        self._known: frozenset[Any] = frozenset(nodes)  # who may send us messages
 
         self.events = EventHub(node_id)
         self._core: RaftCore | None = None
@@ -323,6 +332,7 @@ class RaftNode:
         self._waiters_extra: list[_AppendWaiter] = []
         self._active: list[_AppendWaiter] = []
         self._forwards: dict[int, tuple[Any, _Waiter]] = {}
+        self._admin: list[tuple[Callable[[RaftCore], Any], _Waiter]] = []
         self._reads: dict[int, _Waiter] = {}
         # Request ids go out in Propose and ReadIndex; starting from the clock keeps them
         # unique across restarts, so the leader's duplicate filter never confuses two.
@@ -436,7 +446,10 @@ class RaftNode:
             rng=self._rng,
             now=trio.current_time(),
             commit_seq=commit,
+            join=self._join,
         )
+        self._config_seq_seen = self._core.config_seq
+        self._known = frozenset(self.nodes) | frozenset(self._core.peers)
 
     async def _load_hard_state(self, path: str) -> HardState:
         """The member's durable state, or a new identity (bootstrap or recovery) written
@@ -489,6 +502,9 @@ class RaftNode:
             fw.fail(err)
         for rw in self._reads.values():
             rw.fail(err)
+        for _, aw2 in self._admin:
+            aw2.fail(err)
+        self._admin.clear()
         self._waiters.clear()
         self._waiters_extra.clear()
         self._active.clear()
@@ -505,9 +521,12 @@ class RaftNode:
         for bad input: a malformed message or unknown sender is dropped with a ``warn``."""
         if not self._running or self._stopping:
             return
-        if from_id not in self.nodes or from_id == self.node_id:
-            self._warn(f"dropped a message from unknown node {from_id!r}")
-            return
+        if from_id not in self._known or from_id == self.node_id:
+            # Recovery talks to members this node may not know yet (its configuration can be
+            # outdated); answering it is harmless.
+            if from_id == self.node_id or type(msg) not in _RECOVERY_MESSAGES:
+                self._warn(f"dropped a message from unknown node {from_id!r}")
+                return
         try:
             check_message(msg)
         except ProtocolError as e:
@@ -540,6 +559,8 @@ class RaftNode:
                 self._dispatch(core, frm, msg)
             if self._proposals:
                 self._propose_pending(core)
+            if self._admin:
+                self._run_admin(core)
             if self._read_requests:
                 reqs, self._read_requests = self._read_requests, []
                 for rid in reqs:
@@ -634,6 +655,12 @@ class RaftNode:
             self._send(to, msg)
         for warning in rd.warnings:
             self._warn(warning)
+        if core.config_seq != self._config_seq_seen:
+            self._config_seq_seen = core.config_seq
+            self._known = frozenset(self.nodes) | frozenset(core.peers)
+            cfg = core.configuration
+            self.events.emit("config", seq=core.config_seq, config=cfg,
+                             description=cfg.describe())
         if rd.soft_state is not None:
             ss = rd.soft_state
             self._role_changed.set()
@@ -744,7 +771,8 @@ class RaftNode:
         lo = self._apply_seq + 1
         hi = min(self._commit_seq, lo + self._apply_max - 1)
         ents = self._take_entries(lo, hi)
-        return ents, [e.data or None for e in ents], lo
+        # The no-op (b"") and configuration entries reach the state machine as None.
+        return ents, [None if e.kind or not e.data else e.data for e in ents], lo
 
     def _apply_failed(self, lo: int, e: Exception) -> None:
         # The state machine must be deterministic; if it raises, replicas could diverge,
@@ -774,6 +802,9 @@ class RaftNode:
             got = [cache.popleft() for _ in range(n)]
             self._cache_bytes -= sum(len(e.data) for e in got)
             return got
+        core = self._core
+        if core is not None:
+            return core.read_entries(lo, hi, 8 << 20)  # configuration entries typed
         return self.log.entries(lo, hi, 8 << 20)
 
     def _finish_applied(self, ents: list[Entry], results: Any) -> None:
@@ -1128,9 +1159,31 @@ class RaftNode:
                 f"RaftNode {self.node_id!r} is not running: use `async with node:` or start()"
             )
 
+    async def _run_on_driver(self, fn: Callable[[RaftCore], Any]) -> Any:
+        """Run ``fn(core)`` on the driver task, between two rounds (never while a ``Ready``
+        is being persisted), and return its result or raise its exception."""
+        self._check_running()
+        w = _Waiter()
+        self._admin.append((fn, w))
+        self._wake.set()
+        return await w.wait()
+
+    def _run_admin(self, core: RaftCore) -> None:
+        admin, self._admin = self._admin, []
+        for fn, w in admin:
+            if w.done:
+                continue
+            try:
+                w.set(fn(core))
+            except Exception as e:  # the caller's error (NotLeaderError, MembershipError...)
+                w.fail(e)
+
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+_RECOVERY_MESSAGES = (m.Recover, m.RecoverResponse)
 
 
 def _payload_bytes(msg: Any) -> int:

@@ -344,7 +344,18 @@ class RaftCore(MemberIdentity, Reconfiguration):
 
     @property
     def nodes(self) -> tuple[NodeId, ...]:
+        """Members of the configuration in force."""
         return self._nodes
+
+    @property
+    def peers(self) -> tuple[NodeId, ...]:
+        """Everyone this node replicates to or hears from: the members of every
+        configuration that may still be in force, but itself."""
+        return self._peers
+
+    @property
+    def first_seq(self) -> int:
+        return self._log.first_seq
 
     @property
     def role(self) -> Role:
