@@ -305,7 +305,6 @@ class RaftNode(MembershipAPI):
         self._send_queue_max = send_queue_max
         self._bootstrap = bool(bootstrap)
         self._join = bool(join)
-        self._known: frozenset[Any] = frozenset(nodes)  # who may send us messages
 
         self.events = EventHub(node_id)
         self._core: RaftCore | None = None
@@ -449,7 +448,6 @@ class RaftNode(MembershipAPI):
             join=self._join,
         )
         self._config_seq_seen = self._core.config_seq
-        self._known = frozenset(self.nodes) | frozenset(self._core.peers)
 
     async def _load_hard_state(self, path: str) -> HardState:
         """The member's durable state, or a new identity (bootstrap or recovery) written
@@ -521,12 +519,14 @@ class RaftNode(MembershipAPI):
         for bad input: a malformed message or unknown sender is dropped with a ``warn``."""
         if not self._running or self._stopping:
             return
-        if from_id not in self._known or from_id == self.node_id:
-            # Recovery talks to members this node may not know yet (its configuration can be
-            # outdated); answering it is harmless.
-            if from_id == self.node_id or type(msg) not in _RECOVERY_MESSAGES:
-                self._warn(f"dropped a message from unknown node {from_id!r}")
-                return
+        if from_id == self.node_id:
+            self._warn(f"dropped a message that claims to come from this node ({from_id!r})")
+            return
+        # A sender outside this node's configuration is not refused: a node whose
+        # configuration is outdated (a learner that just joined, a follower that missed a
+        # change) must still follow a leader it does not know yet. Which nodes may talk to
+        # it at all is the transport's call (mutual TLS names every node); what counts is
+        # the configuration's (the core counts votes and acknowledgements of members only).
         try:
             check_message(msg)
         except ProtocolError as e:
@@ -657,7 +657,6 @@ class RaftNode(MembershipAPI):
             self._warn(warning)
         if core.config_seq != self._config_seq_seen:
             self._config_seq_seen = core.config_seq
-            self._known = frozenset(self.nodes) | frozenset(core.peers)
             cfg = core.configuration
             self.events.emit("config", seq=core.config_seq, config=cfg,
                              description=cfg.describe())
@@ -1181,9 +1180,6 @@ class RaftNode(MembershipAPI):
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
-
-
-_RECOVERY_MESSAGES = (m.Recover, m.RecoverResponse)
 
 
 def _payload_bytes(msg: Any) -> int:
