@@ -37,7 +37,8 @@ CASES = [
     # then trips over: reported as an exception)
     ("skip_append_term_check", SimConfig(), 300, {"state machine safety", "log matching",
                                                   "leader completeness", "liveness",
-                                                  "linearizability", "exception"}),
+                                                  "linearizability", "exception",
+                                                  "acknowledged write durability"}),
     ("commit_old_term", SimConfig.churn(), 600, {"leader completeness",
                                                  "state machine safety"}),
     ("forget_vote", SimConfig.churn(), 400, {"election safety", "leader completeness",

@@ -487,7 +487,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
         elif now >= self._election_deadline:
             if self._recovery is not None:
                 self._recovery_tick()
-            elif not self._is_voter:
+            elif not self._may_campaign:
                 self._reset_election_timer()  # a learner (or removed node) never campaigns
             else:
                 self._start_election(pre_vote=self._cfg.pre_vote)
@@ -576,7 +576,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
     def campaign(self) -> None:
         """Start an election now (skipping PreVote), e.g. in tests. A recovering node
         does not campaign."""
-        if self._role is not Role.LEADER and self._recovery is None and self._is_voter:
+        if self._role is not Role.LEADER and self._recovery is None and self._may_campaign:
             self._start_election(pre_vote=False)
 
     # --- outputs ----------------------------------------------------------------------

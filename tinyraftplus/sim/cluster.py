@@ -817,19 +817,32 @@ class Simulation:
         node.process()
 
     def current_config(self) -> Config:
-        """The newest configuration any node holds: the latest entry (by seq, then term)
-        among the running nodes' logs and what the others hold durably. A stale leader's
-        older configuration is not the one the cluster moves in."""
+        """The configuration the cluster moves in: the leader's (of the highest term among
+        the running leaders), unless a node that is down had reached a higher term (then
+        that leader may be stale); else that of the follower or stopped node of the
+        highest term, newest configuration first. Not simply the newest entry anywhere: a
+        node cut off with a change that was overwritten since, or a candidate of a term it
+        will not win, holds a configuration nobody else uses."""
+        leaders = [n.core for n in self.nodes.values()
+                   if n.up and n.core is not None and n.core.role is Role.LEADER]
+        down_terms = [n.store.durable_hard_state().term for n in self.nodes.values()
+                      if not n.up]
+        if leaders:
+            lead = max(leaders, key=lambda c: c.term)
+            if not down_terms or max(down_terms) <= lead.term:
+                return lead.configuration
         cands: list[tuple[int, int, Config]] = []
         for n in self.nodes.values():
-            if n.up and n.core is not None:
-                seq = n.core.config_seq
-                cands.append((seq, n.core.term_at(seq) if seq >= 0 else 0,
-                              n.core.configuration))
+            if n.id in self.lost:
+                continue  # its configuration is what it was given to start with
+            core = n.core
+            if n.up and core is not None:
+                if core.role is Role.FOLLOWER or core.role is Role.LEADER:
+                    cands.append((core.term, core.config_seq, core.configuration))
             else:
-                stack = n.store.durable_hard_state().configs
-                if stack is not None:
-                    cands.append(stack.latest)
+                hs = n.store.durable_hard_state()
+                if hs.configs is not None:
+                    cands.append((hs.term, hs.configs.latest[0], hs.configs.latest[2]))
         if cands:
             return max(cands, key=lambda x: (x[0], x[1]))[2]
         return Config(frozenset(self.voter_ids))
