@@ -1,8 +1,8 @@
 """A replicated key-value store in three processes: ``python examples/kvstore.py``.
 
-Starts three ``python -m tinyraftplus.server`` nodes on loopback (plaintext, to need no
+Starts three ``python -m tinyraftplus.kv`` nodes on loopback (plaintext, to need no
 certificates; see the README for mutual TLS), writes and reads through
-``tinyraftplus.client.Client``, kills the leader with SIGKILL, keeps writing through the
+``tinyraftplus.kv.client.Client``, kills the leader with SIGKILL, keeps writing through the
 two survivors, and stops everything. The state machine is ``tinyraftplus.kv.KVStore``.
 """
 
@@ -17,7 +17,7 @@ import time
 
 import trio
 
-from tinyraftplus.client import Client
+from tinyraftplus.kv.client import Client
 
 READY = re.compile(r"ready id=(\d+) peer=\S+ client=(\S+)")
 
@@ -37,7 +37,7 @@ def start_cluster(data: str) -> tuple[dict[int, subprocess.Popen], list[str]]:
     procs, addrs = {}, []
     for i in (1, 2, 3):
         procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "tinyraftplus.server", "--id", str(i), "--peers", peers,
+            [sys.executable, "-m", "tinyraftplus.kv", "--id", str(i), "--peers", peers,
              "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext",
              "--log-level", "WARNING"],
             stdout=subprocess.PIPE, text=True)

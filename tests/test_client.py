@@ -16,19 +16,19 @@ import trio
 import trustme
 from test_multiprocess import free_ports
 
-from tinyraftplus.client import (
-    Client,
-    encode_write_request,
-    parse_address,
-)
 from tinyraftplus.errors import (
     ConfigurationError,
     InvalidArgumentError,
     NoLeaderError,
     TransportError,
 )
-from tinyraftplus.kv import KVStore, encode_write
-from tinyraftplus.server import Server, ServerConfig
+from tinyraftplus.kv.client import (
+    Client,
+    encode_write_request,
+    parse_address,
+)
+from tinyraftplus.kv.server import Server, ServerConfig
+from tinyraftplus.kv.store import KVStore, encode_write
 from tinyraftplus.transport.tls import TlsConfig, new_context, node_dns_name
 from tinyraftplus.transport.wire import FrameDecoder
 
@@ -347,7 +347,7 @@ async def test_errors_inside_the_client_block_are_not_wrapped_in_groups():
 async def test_client_never_runs_a_session_window_ahead_of_its_oldest_write(monkeypatch):
     """The store forgets results beyond a bound; the client never issues a seq so far ahead
     of its oldest unanswered write that the store could have forgotten that write's result."""
-    import tinyraftplus.client as client_mod
+    import tinyraftplus.kv.client as client_mod
 
     monkeypatch.setattr(client_mod, "SESSION_WINDOW", 3)
     release = trio.Event()

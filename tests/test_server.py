@@ -15,9 +15,9 @@ import pytest
 import trio
 from test_multiprocess import READY, ROOT, ProcCluster, write_certs
 
-from tinyraftplus.client import Client
 from tinyraftplus.errors import TransportError
-from tinyraftplus.server import EXIT_LOCKED, EXIT_USAGE, parse_args, parse_peers
+from tinyraftplus.kv.client import Client
+from tinyraftplus.kv.server import EXIT_LOCKED, EXIT_USAGE, parse_args, parse_peers
 
 
 def env() -> dict[str, str]:
@@ -153,3 +153,16 @@ async def test_tls_client_port_needs_a_certificate_from_the_cluster_ca(tmp_path)
         assert "TLS handshake failed" in cl.stderr(1)
     finally:
         cl.kill_all()
+
+
+def test_old_module_names_are_aliases_of_the_kv_package():
+    import tinyraftplus.client as old_client
+    import tinyraftplus.kv
+    import tinyraftplus.kv.client as kv_client
+    import tinyraftplus.kv.server as kv_server
+    import tinyraftplus.server as old_server
+
+    assert old_client.Client is kv_client.Client
+    assert old_client.client_ssl_context is kv_client.client_ssl_context
+    assert old_server.Server is kv_server.Server and old_server.main is kv_server.main
+    assert tinyraftplus.kv.KVStore.__module__ == "tinyraftplus.kv.store"

@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 OPS = ("put", "append", "delete")
 MAX_KEY = 4096

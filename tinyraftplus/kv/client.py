@@ -1,0 +1,711 @@
+"""``Client``: talk to a cluster of ``python -m tinyraftplus.kv`` nodes (Trio).
+
+    async with Client(["10.0.0.1:7101", "10.0.0.2:7101", "10.0.0.3:7101"], tls=ctx) as c:
+        await c.put("k", "v")           # -> the key's revision (log seq)
+        await c.append("k", "w")        # -> the value's new length
+        assert await c.get("k") == b"vw"
+        await c.delete("k")             # -> whether the key existed
+
+Theory of operation
+-------------------
+**Any node will do, the leader is best.** Every node accepts every request (a follower
+forwards writes to the leader and serves linearizable reads with ReadIndex), so the client
+needs one working connection. It prefers the leader's: that saves a hop, and a follower
+that still believes in a leader that just died would forward into the void until its
+timeout. So the client asks every address for its status and sends to the node that says it
+leads (the highest term wins if two do for a moment), on start, after every failed attempt
+(before sending again, for up to ``attempt_timeout``), and in the background while it has
+not found one.
+
+**Retrying is safe.** A write that got no answer -- its connection broke, the node said "no
+leader" or "timeout", the attempt took longer than ``attempt_timeout`` -- is sent again,
+perhaps to another node, with the *same* ``(client_id, seq)``. The store's client sessions
+(:mod:`tinyraftplus.kv`) recognise a copy that was already applied and return the first
+result instead of applying it again. Each write also carries ``ack``, the lowest seq this
+client still waits for, so the store can forget the results of everything below.
+
+**Giving up is explicit.** After ``timeout`` seconds without success an operation raises
+``NoLeaderError`` (nodes answered but could not commit: no quorum, or an election that does
+not end) or ``TransportError`` (no node answered at all). A write that raised may or
+may not have been applied; a later write from the same client never re-applies it.
+
+**The client protocol** is the peer wire's framing (``[u32 length][u32 CRC32C][payload]``,
+see :mod:`tinyraftplus.transport.wire`) around msgpack arrays, many requests in flight on one
+connection, answered in any order:
+
+    request   [1, 1, rid]                                          status
+              [1, 2, rid, key]                                     get
+              [1, 3, rid, client_id, seq, ack, op, key, value]     write (put/append/delete)
+    response  [1, rid, "ok", result] | [1, rid, code, message]
+
+Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to retry),
+``stopped`` (the node is shutting down) -- all retried by the client -- and ``bad_request``,
+``stale``, ``error``, which are raised.
+
+With TLS (the default; ``plaintext=True`` to say you mean otherwise) the client presents a
+certificate signed by the cluster's CA and accepts any server whose certificate the CA
+signed and which names a node (``node-<id>.tinyraftplus``); :func:`client_ssl_context` makes
+such a context from PEM files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import trio
+
+from ..errors import (
+    ConfigurationError,
+    InvalidArgumentError,
+    NoLeaderError,
+    ProtocolError,
+    RaftError,
+    RaftTimeoutError,
+    TinyRaftError,
+    TransportError,
+    UsageError,
+)
+from ..transport.tls import DNS_SUFFIX
+from ..transport.wire import FrameDecoder, frame
+from .store import MAX_CLIENT_ID, check_key, check_write
+
+logger = logging.getLogger("tinyraftplus.client")
+
+VERSION = 1
+TAG_STATUS = 1
+TAG_GET = 2
+TAG_WRITE = 3
+MAX_RID = (1 << 63) - 1
+CLIENT_MAX_FRAME = 2 << 20
+"""Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
+SESSION_WINDOW = 2048
+"""Most seqs a client runs ahead of its oldest unanswered write (below the store's
+``max_results`` of 4096, so a result the client may still ask for again is never dropped)."""
+RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
+RECEIVE_SIZE = 256 * 1024
+
+Address = tuple[str, int]
+
+
+# --- the client protocol -------------------------------------------------------------------
+
+
+def encode_status(rid: int) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_STATUS, rid]))
+
+
+def encode_get(rid: int, key: bytes) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_GET, rid, key], use_bin_type=True))
+
+
+def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, key: bytes,
+                         value: bytes | None) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_WRITE, rid, client_id, seq, ack, op, key, value],
+                               use_bin_type=True))
+
+
+def decode_request(payload: bytes) -> list[Any]:
+    """Decode and validate one request payload (server side); raises ``ProtocolError``
+    saying what is wrong. Returns the msgpack array: ``[1, tag, rid, ...]``."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
+        raise ProtocolError(f"a request of {len(payload)} bytes is not msgpack "
+                            f"({type(e).__name__})") from None
+    if type(obj) is not list or len(obj) < 3:
+        raise ProtocolError(f"a request must be an array [1, tag, rid, ...], got "
+                            f"{type(obj).__name__}")
+    version, tag, rid = obj[0], obj[1], obj[2]
+    if type(version) is not int or version != VERSION:
+        raise ProtocolError(f"client protocol version {str(version)[:20]!r} (this node speaks "
+                            f"{VERSION})")
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        raise ProtocolError("request id must be an int in [0, 2**63)")
+    if tag == TAG_STATUS and type(tag) is int:
+        if len(obj) != 3:
+            raise ProtocolError("a status request has no fields")
+    elif tag == TAG_GET and type(tag) is int:
+        if len(obj) != 4:
+            raise ProtocolError("a get request is [1, 2, rid, key]")
+        try:
+            check_key(obj[3])
+        except InvalidArgumentError as e:
+            raise ProtocolError(f"get: {e}") from None
+    elif tag == TAG_WRITE and type(tag) is int:
+        if len(obj) != 9:
+            raise ProtocolError("a write request is [1, 3, rid, client_id, seq, ack, op, key, "
+                                "value]")
+        try:
+            check_write(*obj[3:])
+        except InvalidArgumentError as e:
+            raise ProtocolError(f"write: {e}") from None
+    else:
+        raise ProtocolError(f"unknown request tag {str(tag)[:20]!r}")
+    return obj
+
+
+def encode_response(rid: int, code: str, payload: Any) -> bytes:
+    return frame(msgpack.packb([VERSION, rid, code, payload], use_bin_type=True))
+
+
+def _decode_response(payload: bytes) -> tuple[int, str, Any]:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise ProtocolError(f"a response of {len(payload)} bytes is not msgpack "
+                            f"({type(e).__name__})") from None
+    if (type(obj) is not list or len(obj) != 4 or obj[0] != VERSION or type(obj[1]) is not int
+            or type(obj[2]) is not str):
+        raise ProtocolError("a response must be [1, rid, code, payload]")
+    return obj[1], obj[2], obj[3]
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def client_ssl_context(ca_file: str | os.PathLike[str], cert_file: str | os.PathLike[str],
+                       key_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """An SSL context for :class:`Client`: trusts only the cluster CA and presents the
+    client's certificate (servers refuse clients without one the CA signed).
+
+    The hostname check is off because one address list serves every node: instead the
+    client checks, after the handshake, that the server's certificate names a node."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=os.fspath(ca_file))
+        ctx.load_cert_chain(os.fspath(cert_file),
+                            None if key_file is None else os.fspath(key_file))
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidArgumentError(
+            f"cannot load the client's TLS files (CA {os.fspath(ca_file)!r}, certificate "
+            f"{os.fspath(cert_file)!r}): {e}"
+        ) from None
+    return ctx
+
+
+def _names_a_node(cert: dict[str, Any] | None) -> bool:
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        v = value.lower()
+        if kind == "DNS" and v.startswith("node-") and v.endswith(DNS_SUFFIX):
+            return True
+    return False
+
+
+def parse_address(a: str | Address, *, allow_zero: bool = False) -> Address:
+    """``"host:port"`` (``[v6]:port`` too) or ``(host, port)`` -> ``(host, port)``; port 0
+    ("pick one") only with ``allow_zero``."""
+    if isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) and type(a[1]) is int:
+        host, port = a
+    elif isinstance(a, str) and ":" in a:
+        host, _, p = a.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            port = int(p)
+        except ValueError:
+            raise InvalidArgumentError(f"address {a!r}: the port is not a number") from None
+    else:
+        raise InvalidArgumentError(f"address {a!r}: expected 'host:port' or (host, port)")
+    if not host or not (0 if allow_zero else 1) <= port < 65536:
+        raise InvalidArgumentError(f"address {a!r}: need a host and a port in 1..65535")
+    return host, port
+
+
+def _as_bytes(v: Any, what: str) -> bytes:
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidArgumentError(f"{what} must be str or bytes, got {type(v).__name__}")
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("event", "code", "payload", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.event = trio.Event()
+        self.code = ""
+        self.payload: Any = None
+        self.deadline = deadline
+
+    def set(self, code: str, payload: Any) -> None:
+        if not self.event.is_set():
+            self.code, self.payload = code, payload
+            self.event.set()
+
+
+class _Conn:
+    """One connection to one node: requests are written in batches by a writer task and
+    answers matched to waiters by request id in a reader task."""
+
+    def __init__(self, addr: Address, stream: trio.abc.Stream) -> None:
+        self.addr = addr
+        self.stream = stream
+        self.out: list[bytes] = []
+        self.wake = trio.Event()
+        self.pending: dict[int, _Waiter] = {}
+        self.closed = False
+        self.error = ""
+        self.scope = trio.CancelScope()
+        self.node_id: Any = None
+
+    def send(self, rid: int, data: bytes, deadline: float) -> _Waiter:
+        """Queue a request; its waiter gets the answer, or code ``"timeout"`` from the
+        sweeper once ``deadline`` passed (no cancel scope per request: they cost more than
+        the rest of a request's handling here)."""
+        w = _Waiter(deadline)
+        if self.closed:
+            w.set("closed", self.error or "connection closed")
+            return w
+        self.pending[rid] = w
+        self.out.append(data)
+        self.wake.set()
+        return w
+
+    def close(self, why: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.error = why
+            for w in self.pending.values():
+                w.set("closed", why)
+            self.pending.clear()
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        with self.scope:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._guard, self._writer)
+                n.start_soon(self._sweeper)
+                await self._guard(self._reader)
+                n.cancel_scope.cancel()
+        self.close(self.error or "connection closed")
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+    async def _guard(self, fn: Callable[[], Any]) -> None:
+        """Run the reader or the writer; a network or protocol error closes the connection
+        (both tasks usually fail together; one error is enough to report)."""
+        try:
+            await fn()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.close(f"connection to {self.addr[0]}:{self.addr[1]} failed: {e!r}")
+        except ProtocolError as e:
+            self.close(f"bad answer from {self.addr[0]}:{self.addr[1]}: {e}")
+
+    async def _sweeper(self) -> None:
+        """Time out requests that passed their deadline (checked every 20 ms)."""
+        while True:
+            await trio.sleep(0.02)
+            now = trio.current_time()
+            late = [rid for rid, w in self.pending.items() if w.deadline <= now]
+            for rid in late:
+                self.pending.pop(rid).set("timeout_local", "no answer in time")
+
+    async def _writer(self) -> None:
+        while True:
+            if not self.out:
+                self.wake = trio.Event()
+                await self.wake.wait()
+            buf = b"".join(self.out)
+            self.out.clear()
+            await self.stream.send_all(buf)
+
+    async def _reader(self) -> None:
+        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        while True:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self.close(f"{self.addr[0]}:{self.addr[1]} closed the connection")
+                return
+            for payload in decoder.feed(data):
+                rid, code, body = _decode_response(payload)
+                w = self.pending.pop(rid, None)
+                if w is not None:
+                    w.set(code, body)
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class Client:
+    """A Trio client for the key-value cluster; see the module docstring.
+
+    ``addresses``: the nodes' client ports (``"host:port"`` or tuples), any subset of the
+    cluster (one is enough, all is best). ``tls``: an ``ssl.SSLContext`` from
+    :func:`client_ssl_context`; or ``plaintext=True``. ``timeout``: how long one operation
+    may take in all, retries included; ``attempt_timeout``: how long one attempt waits for an
+    answer before trying again (elsewhere); ``connect_timeout``: per TCP+TLS connection.
+    ``client_id``: this client's session id (random by default; reuse one only from one
+    client at a time). ``max_inflight``: writes in flight at once (the rest wait), below the
+    store's per-session memory. ``backoff_max``: the longest pause between attempts
+    (they start at 10 ms and double, with jitter).
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str | Address],
+        *,
+        tls: ssl.SSLContext | None = None,
+        plaintext: bool = False,
+        timeout: float = 10.0,
+        attempt_timeout: float = 3.0,
+        connect_timeout: float = 2.0,
+        client_id: int | None = None,
+        max_inflight: int = 1024,
+        backoff_max: float = 0.25,
+        rng: random.Random | None = None,
+    ) -> None:
+        if isinstance(addresses, (str, tuple)):
+            addresses = [addresses]  # type: ignore[list-item]
+        addrs = [parse_address(a) for a in addresses]
+        if not addrs:
+            raise InvalidArgumentError("Client: give at least one node address")
+        if tls is None and plaintext is not True:
+            raise ConfigurationError(
+                "Client: no TLS context; pass tls=client_ssl_context(ca, cert, key), or "
+                "plaintext=True for a cluster started with --plaintext"
+            )
+        if tls is not None and plaintext:
+            raise ConfigurationError("Client: both tls and plaintext=True given; choose one")
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise InvalidArgumentError(f"Client: tls must be an ssl.SSLContext, got {tls!r}")
+        for name, v in (("timeout", timeout), ("attempt_timeout", attempt_timeout),
+                        ("connect_timeout", connect_timeout), ("backoff_max", backoff_max)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise InvalidArgumentError(f"Client({name}={v!r}): a positive number of seconds")
+        if not (isinstance(max_inflight, int) and 1 <= max_inflight <= 4096):
+            raise InvalidArgumentError(f"Client(max_inflight={max_inflight!r}): 1..4096")
+        self._rng = rng or random.Random()
+        if client_id is None:
+            client_id = random.SystemRandom().randrange(1, MAX_CLIENT_ID)
+        if type(client_id) is not int or not 0 <= client_id <= MAX_CLIENT_ID:
+            raise InvalidArgumentError(f"Client(client_id={client_id!r}): an int in [0, 2**63)")
+        self.addresses = addrs
+        self.client_id = client_id
+        self.timeout = float(timeout)
+        self.attempt_timeout = float(attempt_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.backoff_max = float(backoff_max)
+        self._tls = tls
+        self._conns: dict[Address, _Conn] = {}
+        self._connecting: dict[Address, trio.Event] = {}
+        self._target = 0
+        self._next_rid = 0
+        self._next_seq = 1
+        self._outstanding: dict[int, None] = {}
+        self._window_moved = trio.Event()
+        self._max_inflight = max_inflight
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._finding: trio.Event | None = None
+        self._found = False
+        self._last_search = -1e9
+        self.retries = 0
+        """Attempts that were sent again (for tests and curious users)."""
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        # Learn who is who (and who leads) now, so the first request goes to the leader.
+        with trio.move_on_after(self.connect_timeout):
+            await self._find_leader()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        for c in list(self._conns.values()):
+            c.close("client closed")
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        # The body's own exception is not handed to the nursery: it would come back wrapped
+        # in an ExceptionGroup, and a caller should catch NoLeaderError, not a group of one.
+        # The background tasks (connections) handle their own errors.
+        await self._nursery_cm.__aexit__(None, None, None)
+        return False
+
+    # --- public API ---------------------------------------------------------------------
+
+    async def put(self, key: str | bytes, value: str | bytes) -> int:
+        """Set ``key`` to ``value``; returns the log seq it was applied at (its revision)."""
+        return int(await self._write("put", key, value))
+
+    async def append(self, key: str | bytes, value: str | bytes) -> int:
+        """Append ``value`` to ``key``'s value (creating it); returns the new length."""
+        return int(await self._write("append", key, value))
+
+    async def delete(self, key: str | bytes) -> bool:
+        """Remove ``key``; returns whether it existed."""
+        return bool(await self._write("delete", key, None))
+
+    async def get(self, key: str | bytes) -> bytes | None:
+        """The value of ``key`` (``None`` if absent), read linearizably."""
+        k = _as_bytes(key, "key")
+        check_key(k)
+        return await self._call(lambda rid: encode_get(rid, k))  # type: ignore[no-any-return]
+
+    async def status(self, address: str | Address | None = None) -> dict[str, Any]:
+        """The status of one node (its view: id, state, leader, term, commit and apply
+        seq, ...): the node at ``address``, or whichever the client is connected to."""
+        if address is None:
+            return await self._call(encode_status)  # type: ignore[no-any-return]
+        addr = parse_address(address)
+        with trio.fail_after(self.attempt_timeout):
+            st = await self._status_of(addr)
+        if st is None:
+            raise TransportError(f"no status from {addr[0]}:{addr[1]}")
+        return st
+
+    @property
+    def leader_address(self) -> Address | None:
+        """The address the client currently sends to (the leader's, once known)."""
+        return self.addresses[self._target]
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _write(self, op: str, key: Any, value: Any) -> Any:
+        k = _as_bytes(key, "key")
+        v = None if value is None else _as_bytes(value, "value")
+        seq = self._next_seq
+        check_write(self.client_id, seq, seq, op, k, v)
+        out = self._outstanding
+        # At most max_inflight writes at once; and since the store keeps the results of seqs
+        # from the ack on only up to a bound, never run so far ahead of the oldest write
+        # still waiting that its result could be forgotten while it may still be retried.
+        # (A counter, not a trio.Semaphore: no scheduling point on the fast path.)
+        while out and (len(out) >= self._max_inflight
+                       or self._next_seq - next(iter(out)) >= SESSION_WINDOW):
+            if self._window_moved.is_set():  # one event shared by all who wait
+                self._window_moved = trio.Event()
+            await self._window_moved.wait()
+        seq = self._next_seq
+        self._next_seq += 1
+        out[seq] = None
+        cid = self.client_id
+        try:
+            # ack: the lowest seq still waiting (dict order is seq order), recomputed per
+            # attempt so that a retry also lets the store forget what it can.
+            return await self._call(
+                lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
+        finally:
+            del out[seq]
+            self._window_moved.set()
+
+    def _rid(self) -> int:
+        self._next_rid += 1
+        return self._next_rid
+
+    async def _call(self, build: Callable[[int], bytes]) -> Any:
+        deadline = trio.current_time() + self.timeout
+        last: TinyRaftError | None = None
+        reached = False
+        attempt = 0
+        seek = 0  # rounds spent looking for a leader since the last failure
+        seek_until = 0.0
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise self._give_up(last, reached)
+            if attempt:
+                delay = min(self.backoff_max, 0.01 * 2 ** min(attempt + seek, 10))
+                await trio.sleep(min(self._rng.uniform(delay / 2, delay),
+                                     max(0.0, deadline - now)))
+                # Find the leader before sending again: a follower that still believes in a
+                # leader that just died would forward the request into the void. If none
+                # says it leads for an attempt_timeout, send anyway (the client may reach
+                # only followers).
+                if seek and trio.current_time() < seek_until:
+                    with trio.move_on_at(deadline):
+                        if not await self._find_leader():
+                            seek += 1
+                            continue
+                seek = 0
+                self.retries += 1
+            attempt += 1
+            conn = self._conns.get(self.addresses[self._target])
+            if conn is None or conn.closed:
+                conn = await self._connection(deadline)
+            if conn is None:
+                last = TransportError("could not connect to " + self._addrs_text())
+                continue
+            rid = self._rid()
+            w = conn.send(rid, build(rid),
+                          min(deadline, trio.current_time() + self.attempt_timeout))
+            await w.event.wait()
+            code, body = w.code, w.payload
+            if code == "ok":
+                if not self._found and self._finding is None and self._nursery is not None \
+                        and trio.current_time() - self._last_search > 0.5:
+                    # Served, but not known to be by the leader (none had been elected when
+                    # we looked): look again in the background, to save the forwarding hop
+                    # and not depend on a follower when the leader changes.
+                    self._last_search = trio.current_time()
+                    self._nursery.start_soon(self._find_leader)
+                return body
+            if code == "timeout_local":
+                reached = True  # it is up and speaks TLS with us; it cannot commit in time
+                last = RaftTimeoutError(
+                    f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
+                    f"{self.attempt_timeout}s")
+            elif code == "closed":
+                last = TransportError(str(body))
+            elif code in RETRYABLE:
+                reached = True
+                last = NoLeaderError(f"{conn.addr[0]}:{conn.addr[1]}: {body}")
+            elif code == "bad_request":
+                raise InvalidArgumentError(f"the server refused the request: {body}")
+            elif code == "err":
+                raise RaftError(f"the store refused the request: {body}")
+            else:
+                raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
+            # Retry: move off this address (the leader search may point back to it).
+            if self.addresses[self._target] == conn.addr and len(self.addresses) > 1:
+                self._target = (self._target + 1) % len(self.addresses)
+            seek = 1
+            seek_until = trio.current_time() + self.attempt_timeout
+
+    def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
+        if not reached:
+            return TransportError(
+                f"no node answered within {self.timeout}s ({self._addrs_text()}): connections "
+                f"failed, were closed (a TLS certificate the servers refuse?) or got no reply. "
+                f"Are the servers running, and are these their client ports?"
+                + (f" Last error: {last}" if last else "")
+            )
+        return NoLeaderError(
+            f"no quorum: the request did not complete within {self.timeout}s "
+            f"(nodes: {self._addrs_text()}). A majority of the nodes must be up and able to "
+            f"reach each other. Last error: {last}. A write may or may not have been applied."
+        )
+
+    def _addrs_text(self) -> str:
+        return ", ".join(f"{h}:{p}" for h, p in self.addresses)
+
+    async def _find_leader(self) -> bool:
+        """Ask every node which one leads and point the client at it; True if a node said
+        it leads. Concurrent callers share one round of questions."""
+        ev = self._finding
+        if ev is not None:
+            await ev.wait()
+            return self._found
+        ev = self._finding = trio.Event()
+        try:
+            self._found = await self._refresh()
+        finally:
+            self._finding = None
+            ev.set()
+        return self._found
+
+    async def _refresh(self) -> bool:
+        """Ask every node for its status and point the client at the leader."""
+        statuses: dict[Address, dict[str, Any]] = {}
+
+        async def one(addr: Address) -> None:
+            with trio.move_on_after(min(self.attempt_timeout, 1.0)):
+                st = await self._status_of(addr)
+                if st is not None:
+                    statuses[addr] = st
+
+        async with trio.open_nursery() as n:
+            for a in self.addresses:
+                n.start_soon(one, a)
+        # A node that says it leads is believed over one that names another leader.
+        claims = [(st.get("term", 0), addr) for addr, st in statuses.items()
+                  if st.get("state") == "leader"]
+        if claims:
+            # Two claims happen for a moment (a deposed leader that has not heard yet):
+            # the higher term is the real one.
+            self._target = self.addresses.index(max(claims)[1])
+            return True
+        return False
+
+    async def _status_of(self, addr: Address) -> dict[str, Any] | None:
+        conn = await self._connect(addr)
+        if conn is None:
+            return None
+        rid = self._rid()
+        w = conn.send(rid, encode_status(rid), trio.current_time() + self.attempt_timeout)
+        await w.event.wait()
+        if w.code != "ok" or not isinstance(w.payload, dict):
+            return None
+        conn.node_id = w.payload.get("id")
+        return w.payload
+
+    async def _connection(self, deadline: float) -> _Conn | None:
+        """A live connection, to the target address if possible, else to the next one that
+        answers; ``None`` if none could be made in this round (the caller backs off)."""
+        n = len(self.addresses)
+        for k in range(n):
+            if trio.current_time() >= deadline:
+                return None
+            addr = self.addresses[(self._target + k) % n]
+            with trio.move_on_at(deadline):
+                conn = await self._connect(addr)
+                if conn is not None:
+                    self._target = (self._target + k) % n
+                    return conn
+        return None
+
+    async def _connect(self, addr: Address) -> _Conn | None:
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        busy = self._connecting.get(addr)
+        if busy is not None:  # someone is connecting there already: share the result
+            await busy.wait()
+            conn = self._conns.get(addr)
+            return conn if conn is not None and not conn.closed else None
+        done = self._connecting[addr] = trio.Event()
+        try:
+            stream = await self._open_stream(addr)
+            if stream is None:
+                return None
+            conn = _Conn(addr, stream)
+            self._conns[addr] = conn
+            if self._nursery is None:
+                raise UsageError("use the Client inside `async with Client(...) as c:`")
+            self._nursery.start_soon(conn.run)
+            return conn
+        finally:
+            del self._connecting[addr]
+            done.set()
+
+    async def _open_stream(self, addr: Address) -> trio.abc.Stream | None:
+        host, port = addr
+        tcp: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(self.connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                if self._tls is None:
+                    return tcp
+                tls = trio.SSLStream(tcp, self._tls, server_hostname=None)
+                await tls.do_handshake()
+            if not _names_a_node(tls.getpeercert()):
+                logger.warning("refusing %s:%d: its certificate does not name a node "
+                               "(node-<id>%s)", host, port, DNS_SUFFIX)
+                await trio.aclose_forcefully(tls)
+                return None
+            return tls
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            logger.debug("cannot connect to %s:%d: %r", host, port, e)
+            if tcp is not None:
+                await trio.aclose_forcefully(tcp)
+            return None
+
+
+__all__ = [
+    "Client", "client_ssl_context", "parse_address", "decode_request", "encode_response",
+    "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
+]

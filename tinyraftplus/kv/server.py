@@ -1,0 +1,587 @@
+"""``python -m tinyraftplus.kv``: one node of a replicated key-value store (also runs as
+``python -m tinyraftplus.server``).
+
+    python -m tinyraftplus.kv --id 1 \\
+        --peers 1=10.0.0.1:7001,2=10.0.0.2:7001,3=10.0.0.3:7001 \\
+        --client-port 7101 --data /var/lib/kv1 \\
+        --tls-ca ca.crt --tls-cert node-1.crt --tls-key node-1.key
+
+Theory of operation
+-------------------
+A node is four things in one Trio task tree: an ``FsLog`` in ``DATA/raft`` (fsync on; term
+and vote in ``DATA/raft.raftstate``), a :class:`~tinyraftplus.transport.tcp.TcpTransport`
+to the peers, a :class:`~tinyraftplus.node.RaftNode` applying commands to a
+:class:`~tinyraftplus.kv.KVStore`, and a listener for clients (protocol: see
+:mod:`tinyraftplus.kv.client`). The log is opened first and by the server itself, so that a
+data directory another process holds is refused (exit status 3) before anything listens.
+
+**Any node serves any request.** Writes go through ``node.append_batch`` (the node forwards
+to the leader when it follows); gets through ``node.read`` (linearizable, ReadIndex). The
+writes that arrive in one read from a connection become one ``append_batch``: the whole
+point of pipelining is that many requests share one trip through the log.
+
+**Bad input** on the client port -- a bad frame, bytes that are not msgpack, a request of
+the wrong shape or types -- closes that connection with a warning and touches nothing else;
+a TLS client without a certificate the cluster CA signed never gets past the handshake.
+Every connection may have ``max_inflight`` requests in progress; beyond that the server
+stops reading from it until answers have gone out (back-pressure, not an unbounded queue).
+
+**Lifecycle.** Once everything listens the server prints one line to stdout::
+
+    tinyraftplus-server ready id=1 peer=127.0.0.1:7001 client=127.0.0.1:7101
+
+(ports 0 are resolved), which scripts and tests wait for. SIGTERM or SIGINT stops it
+cleanly: the node stops, pending requests fail with ``stopped`` (clients retry elsewhere),
+the log is closed, exit status 0. Logs go to stderr through ``logging``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from msgpack import packb
+
+from ..errors import (
+    ClosedError,
+    ConfigurationError,
+    InvalidArgumentError,
+    LeadershipLostError,
+    LogLockedError,
+    NodeStoppedError,
+    NoLeaderError,
+    ProtocolError,
+    RaftTimeoutError,
+    TinyRaftError,
+    UsageError,
+)
+from ..log import FsLog
+from ..node import RaftNode
+from ..transport.tcp import TcpTransport
+from ..transport.tls import TlsConfig
+from ..transport.wire import FrameDecoder
+from .client import (
+    CLIENT_MAX_FRAME,
+    TAG_GET,
+    TAG_STATUS,
+    decode_request,
+    encode_response,
+)
+from .store import KVStore
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+logger = logging.getLogger("tinyraftplus.server")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_LOCKED = 3
+EXIT_FAILED = 1
+
+READY_PREFIX = "tinyraftplus-server ready"
+RECEIVE_SIZE = 256 * 1024
+BATCH_MAX = 1024
+"""Most writes one ``append_batch`` carries."""
+_NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+Address = tuple[str, int]
+
+
+@dataclass
+class ServerConfig:
+    """Everything a node needs; :func:`parse_args` builds one from the command line."""
+
+    node_id: int | str
+    peers: dict[Any, Address]
+    data_dir: str
+    client_listen: Address
+    peer_listen: Address | None = None
+    """Where to bind the peer port (default: this node's entry in ``peers``)."""
+    tls: TlsConfig | None = None
+    plaintext: bool = False
+    fsync: bool = True
+    election_timeout: float = 0.5
+    ping_timeout: float = 0.1
+    append_timeout: float = 5.0
+    read_timeout: float = 5.0
+    max_inflight: int = 4096
+    handshake_timeout: float = 5.0
+    frame_timeout: float = 30.0
+    """A client that started a frame must finish it within this time."""
+    transport_options: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.node_id not in self.peers:
+            raise ConfigurationError(
+                f"--id {self.node_id!r} is not in --peers ({', '.join(map(str, self.peers))}); "
+                f"list every node, this one included"
+            )
+        if self.tls is None and not self.plaintext:
+            raise ConfigurationError(
+                "no TLS: pass --tls-ca, --tls-cert and --tls-key (mutual TLS), or --plaintext "
+                "to run unencrypted and unauthenticated on purpose (local experiments only)"
+            )
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What :func:`serve` reports once it listens."""
+
+    node_id: Any
+    peer_address: Address
+    client_address: Address
+
+    def ready_line(self) -> str:
+        (ph, pp), (ch, cp) = self.peer_address, self.client_address
+        return f"{READY_PREFIX} id={self.node_id} peer={ph}:{pp} client={ch}:{cp}"
+
+
+class Server:
+    """One running node: its log, transport, Raft node, store and client listener."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        config.check()
+        self.config = config
+        self.store = KVStore()
+        self.node: RaftNode | None = None
+        self.transport: TcpTransport | None = None
+        self.bad_connections = 0
+        """Client connections closed for bad input or a failed TLS handshake."""
+        self.clients = 0
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ``task_status.started(ServerInfo)`` once listening. Raises
+        ``LogLockedError`` if another process holds the data directory."""
+        cfg = self.config
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        log = FsLog(cfg.data_dir, "raft", fsync=cfg.fsync)
+        try:
+            await log.open()
+        except LogLockedError as e:
+            raise LogLockedError(
+                f"node {cfg.node_id!r}: the data directory {cfg.data_dir} is in use by another "
+                f"process ({e}); stop that process or give this node its own --data"
+            ) from None
+        try:
+            listen = cfg.peer_listen or cfg.peers[cfg.node_id]
+            opts = dict(cfg.transport_options)
+            transport = TcpTransport(
+                cfg.node_id, listen, cfg.peers, tls=cfg.tls, plaintext=cfg.plaintext, **opts
+            )
+            async with transport:
+                self.transport = transport
+                node = RaftNode(
+                    cfg.node_id, list(cfg.peers), transport.send, log,
+                    apply=self.store.apply, read=self.store.read,
+                    election_timeout=cfg.election_timeout, ping_timeout=cfg.ping_timeout,
+                    append_timeout=cfg.append_timeout, read_timeout=cfg.read_timeout,
+                )
+                transport.set_handler(node.receive)
+                self.node = node
+                node.on("change", self._on_change)
+                async with node:
+                    host, port = cfg.client_listen
+                    listeners = await trio.open_tcp_listeners(port, host=host)
+                    sock = listeners[0].socket
+                    bound = sock.getsockname()
+                    info = ServerInfo(cfg.node_id, (listen[0], transport.port),
+                                      (host, bound[1]))
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(trio.serve_listeners, self._client, listeners)
+                        logger.info("%s", info.ready_line())
+                        task_status.started(info)
+                        await trio.sleep_forever()
+        finally:
+            self.node = None
+            with trio.CancelScope(shield=True):
+                await log.close()
+
+    def _on_change(self, ev: Any) -> None:
+        logger.info("node %r: %s, leader %r, term %s", self.config.node_id,
+                    ev.state, ev.leader, ev.term)
+
+    # --- client connections -------------------------------------------------------------
+
+    async def _client(self, tcp: trio.SocketStream) -> None:
+        try:
+            h, p = tcp.socket.getpeername()[:2]
+            where = f"client {h}:{p}"
+        except OSError:
+            where = "a client"
+        stream: trio.abc.Stream = tcp
+        if self.config.tls is not None:
+            try:
+                with trio.fail_after(self.config.handshake_timeout):
+                    stream = trio.SSLStream(tcp, self.config.tls.server_context,
+                                            server_side=True)
+                    await stream.do_handshake()
+            except (*_NET_ERRORS, trio.TooSlowError) as e:
+                self.bad_connections += 1
+                why = ("no TLS handshake within "
+                       f"{self.config.handshake_timeout}s" if isinstance(e, trio.TooSlowError)
+                       else f"TLS handshake failed ({type(e).__name__}: {e.__cause__ or e})")
+                logger.warning("node %r: refused %s: %s", self.config.node_id, where, why)
+                await trio.aclose_forcefully(stream)
+                return
+        self.clients += 1
+        try:
+            await _ClientConnection(self, stream, where).run()
+        except Exception:  # a bug of ours: drop this connection, keep serving the others
+            logger.exception("node %r: internal error serving %s", self.config.node_id, where)
+        finally:
+            self.clients -= 1
+            await trio.aclose_forcefully(stream)
+
+    def status(self) -> dict[str, Any]:
+        node = self.node
+        if node is None:
+            return {"id": self.config.node_id, "state": "stopped"}
+        return {
+            "id": self.config.node_id,
+            "state": node.state,
+            "leader": node.leader,
+            "term": node.term,
+            "seq": node.seq,
+            "commit_seq": node.commit_seq,
+            "apply_seq": node.apply_seq,
+            "keys": len(self.store.data),
+            "duplicates": self.store.duplicates,
+            "bad_connections": self.bad_connections,
+            "clients": self.clients,
+            "pid": os.getpid(),
+        }
+
+
+def _error_code(e: BaseException) -> str:
+    if isinstance(e, NoLeaderError):
+        return "no_leader"
+    if isinstance(e, RaftTimeoutError):
+        return "timeout"
+    if isinstance(e, LeadershipLostError):
+        return "retry"
+    if isinstance(e, (NodeStoppedError, ClosedError)):
+        return "stopped"
+    if isinstance(e, UsageError):
+        return "bad_request"
+    return "error"
+
+
+class _ClientConnection:
+    """Reads requests, runs them concurrently, writes answers in batches."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, where: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.where = where
+        self.out: list[bytes] = []
+        self.wake = trio.Event()
+        self.inflight = 0
+        self.room = trio.Event()
+        self.nursery: trio.Nursery | None = None
+        self.closed = False
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            self.nursery = n
+            n.start_soon(self._guard, self._writer)
+            await self._guard(self._reader)
+            if not self.closed:
+                # The client finished sending: answer what is in flight, then close.
+                while self.inflight or self.out:
+                    self.room = trio.Event()
+                    await self.room.wait()
+            n.cancel_scope.cancel()
+
+    async def _guard(self, fn: Any) -> None:
+        """Run the reader or the writer; a network error or bad input ends the connection
+        (and only it). Both tasks often fail at once; the first error is the one reported."""
+        try:
+            await fn()
+        except _NET_ERRORS as e:
+            if not self.closed:
+                logger.debug("node %r: %s went away (%r)", self.server.config.node_id,
+                             self.where, e)
+            self._close()
+        except ProtocolError as e:
+            if not self.closed:
+                self.server.bad_connections += 1
+                logger.warning("node %r: closed the connection with %s: %s",
+                               self.server.config.node_id, self.where, e)
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        max_inflight = self.server.config.max_inflight
+        while True:
+            while self.inflight >= max_inflight:
+                self.room = trio.Event()
+                await self.room.wait()
+            if decoder.buffered:
+                # Inside a frame: the rest must follow soon (a client that sends half a
+                # frame and waits would hold a connection and its buffer for ever).
+                with trio.move_on_after(self.server.config.frame_timeout) as waited:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if waited.cancelled_caught:
+                    raise ProtocolError(
+                        f"the rest of a frame did not come within "
+                        f"{self.server.config.frame_timeout}s ({decoder.buffered} bytes "
+                        f"buffered)")
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                if decoder.buffered:
+                    raise ProtocolError(
+                        f"the connection ended inside a frame ({decoder.buffered} bytes of "
+                        f"an incomplete frame)")
+                return
+            writes: list[tuple[int, bytes]] = []
+            for payload in decoder.feed(data):
+                req = decode_request(payload)
+                tag, rid = req[1], req[2]
+                if tag == TAG_STATUS:
+                    self._answer(rid, "ok", self.server.status())
+                elif tag == TAG_GET:
+                    self._start(self._get, rid, req[3])
+                else:
+                    # decode_request validated the fields: pack them as the log command
+                    # (the layout encode_write makes) without checking them twice.
+                    writes.append((rid, packb(req[3:], use_bin_type=True)))
+            for i in range(0, len(writes), BATCH_MAX):
+                self._start(self._write, writes[i:i + BATCH_MAX], n=len(writes[i:i + BATCH_MAX]))
+
+    def _start(self, fn: Any, *args: Any, n: int = 1) -> None:
+        assert self.nursery is not None
+        self.inflight += n
+        self.nursery.start_soon(self._run_one, fn, args, n)
+
+    async def _run_one(self, fn: Any, args: tuple[Any, ...], n: int) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self.inflight -= n
+            self.room.set()
+
+    def _answer(self, rid: int, code: str, payload: Any) -> None:
+        self.out.append(encode_response(rid, code, payload))
+        self.wake.set()
+
+    async def _writer(self) -> None:
+        while True:
+            if not self.out:
+                self.room.set()
+                self.wake = trio.Event()
+                await self.wake.wait()
+            buf = b"".join(self.out)
+            self.out.clear()
+            await self.stream.send_all(buf)
+
+    async def _get(self, rid: int, key: bytes) -> None:
+        node = self.server.node
+        try:
+            if node is None:
+                raise NodeStoppedError("the node is stopping")
+            value = await node.read(("get", key))
+        except TinyRaftError as e:
+            self._answer(rid, _error_code(e), str(e))
+        except Exception as e:  # a bug of ours: answer, say so loudly, keep serving
+            logger.exception("node %r: get failed", self.server.config.node_id)
+            self._answer(rid, "error", f"internal error: {e!r}")
+        else:
+            self._answer(rid, "ok", value)
+
+    async def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        node = self.server.node
+        try:
+            if node is None:
+                raise NodeStoppedError("the node is stopping")
+            res = await node.append_batch([cmd for _, cmd in batch])
+        except Exception as e:
+            if not isinstance(e, TinyRaftError):
+                logger.exception("node %r: write failed", self.server.config.node_id)
+            code, msg = _error_code(e), str(e)
+            for rid, _ in batch:
+                self._answer(rid, code, msg)
+            return
+        for (rid, _), r in zip(batch, res.result, strict=True):
+            if r is not None and r[0] == "ok":
+                self._answer(rid, "ok", r[1])
+            else:
+                self._answer(rid, "err", f"{r[1]}: {r[2]}" if r else "no result")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _node_id(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def parse_peers(text: str) -> dict[Any, Address]:
+    """``1=host:port,2=host:port`` -> ``{1: ("host", port), ...}`` (ids made of digits are
+    ints, others strs)."""
+    from .client import parse_address
+
+    out: dict[Any, Address] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        ident, sep, addr = part.partition("=")
+        if not sep or not ident:
+            raise InvalidArgumentError(f"--peers: {part!r} is not ID=HOST:PORT")
+        nid = _node_id(ident.strip())
+        if nid in out:
+            raise InvalidArgumentError(f"--peers: node {nid!r} is listed twice")
+        out[nid] = parse_address(addr.strip(), allow_zero=True)
+    if not out:
+        raise InvalidArgumentError("--peers: list every node as ID=HOST:PORT,...")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyraftplus.server",
+        description="Run one node of a replicated key-value store (Raft over mutual TLS).",
+    )
+    p.add_argument("--id", required=True, help="this node's id (one of the --peers ids)")
+    p.add_argument("--peers", required=True,
+                   help="every node's peer address: 1=host:port,2=host:port,3=host:port")
+    p.add_argument("--data", required=True, help="data directory (created if missing)")
+    p.add_argument("--client-port", type=int, required=True,
+                   help="port for clients (0 picks a free one; see the ready line)")
+    p.add_argument("--client-host", default=None,
+                   help="address to bind for clients (default: this node's peer host)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="bind the peer port here instead of this node's --peers address "
+                        "(e.g. 0.0.0.0:7001)")
+    p.add_argument("--tls-ca", help="the cluster CA certificate (PEM)")
+    p.add_argument("--tls-cert", help="this node's certificate (PEM, names node-<id>.tinyraftplus)")
+    p.add_argument("--tls-key", help="this node's private key (PEM)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="no encryption, no authentication (local experiments only)")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="do not fdatasync the log (survives a process crash, not a power loss)")
+    p.add_argument("--election-timeout", type=float, default=0.5, metavar="S")
+    p.add_argument("--ping-timeout", type=float, default=None, metavar="S",
+                   help="leader heartbeat interval (default: election timeout / 5)")
+    p.add_argument("--append-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--read-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="peer connection presumed dead after this long without data "
+                        "(default: 4 x election timeout, at least 1 s)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Build a :class:`ServerConfig` from the command line; raises ``UsageError``."""
+    a = build_parser().parse_args(argv)
+    peers = parse_peers(a.peers)
+    node_id = _node_id(a.id)
+    tls = None
+    if a.tls_ca or a.tls_cert or a.tls_key:
+        if not (a.tls_ca and a.tls_cert):
+            raise ConfigurationError("TLS needs --tls-ca and --tls-cert (and --tls-key unless "
+                                     "the certificate file holds the key)")
+        if a.plaintext:
+            raise ConfigurationError("--plaintext and --tls-* together: choose one")
+        tls = TlsConfig.from_files(a.tls_ca, a.tls_cert, a.tls_key)
+    et = a.election_timeout
+    ping = a.ping_timeout if a.ping_timeout is not None else et / 5
+    idle = a.idle_timeout if a.idle_timeout is not None else max(1.0, 4 * et)
+    keepalive = min(ping * 2, idle / 4)
+    peer_listen = None
+    if a.listen:
+        from .client import parse_address
+
+        peer_listen = parse_address(a.listen, allow_zero=True)
+    client_host = a.client_host or (peers[node_id][0] if node_id in peers else "127.0.0.1")
+    cfg = ServerConfig(
+        node_id=node_id, peers=peers, data_dir=a.data,
+        client_listen=(client_host, a.client_port), peer_listen=peer_listen,
+        tls=tls, plaintext=a.plaintext, fsync=not a.no_fsync,
+        election_timeout=et, ping_timeout=ping, append_timeout=a.append_timeout,
+        read_timeout=a.read_timeout,
+        transport_options={"keepalive": keepalive, "idle_timeout": idle,
+                           "backoff_max": max(0.2, min(2.0, et))},
+    )
+    cfg.check()
+    logging.getLogger().setLevel(a.log_level.upper())
+    return cfg
+
+
+async def _main(cfg: ServerConfig) -> None:
+    server = Server(cfg)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(server.serve)
+            print(info.ready_line(), flush=True)
+            async for sig in signals:
+                logger.info("node %r: %s received, stopping", cfg.node_id,
+                            signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                break
+    logger.info("node %r: stopped cleanly", cfg.node_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO,
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
+    )
+    try:
+        cfg = parse_args(argv)
+    except (UsageError, ValueError) as e:
+        print(f"tinyraftplus.server: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(_main, cfg)
+    except LogLockedError as e:
+        logger.error("%s", e)
+        return EXIT_LOCKED
+    except BaseExceptionGroup as eg:
+        locked = eg.subgroup(LogLockedError)
+        if locked is not None:
+            logger.error("%s", _first(locked))
+            return EXIT_LOCKED
+        logger.exception("node %r failed", cfg.node_id)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        logger.exception("node %r failed", cfg.node_id)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _first(eg: BaseException) -> BaseException:
+    while isinstance(eg, BaseExceptionGroup) and eg.exceptions:
+        eg = eg.exceptions[0]
+    return eg
+
+
+def _single(e: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, else ``e`` itself."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+__all__ = [
+    "Server", "ServerConfig", "ServerInfo", "main", "parse_args", "parse_peers", "build_parser",
+    "EXIT_OK", "EXIT_USAGE", "EXIT_LOCKED", "EXIT_FAILED", "READY_PREFIX",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
