@@ -38,10 +38,13 @@ the log is closed, exit status 0. Logs go to stderr through ``logging``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
 import signal
 import sys
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +77,7 @@ from .client import (
     decode_request,
     encode_response,
 )
+from .limits import ConnectionLimits, RateLimitedLog
 from .store import KVStore
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -89,7 +93,9 @@ EXIT_FAILED = 1
 READY_PREFIX = "tinyraftplus-server ready"
 RECEIVE_SIZE = 256 * 1024
 BATCH_MAX = 1024
+WRITE_CHUNK = 256 * 1024
 """Most writes one ``append_batch`` carries."""
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _NET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 Address = tuple[str, int]
@@ -113,9 +119,25 @@ class ServerConfig:
     append_timeout: float = 5.0
     read_timeout: float = 5.0
     max_inflight: int = 4096
+    """Requests of one client connection being processed at once (reading pauses beyond)."""
+    answer_budget: int = 4 << 20
+    """Bytes of answers one client connection may have waiting to be written: beyond it the
+    server stops reading that connection's requests until the client reads its answers."""
+    answer_timeout: float = 30.0
+    """A client that does not take its waiting answers for this long is disconnected."""
     handshake_timeout: float = 5.0
+    max_clients: int = 1024
+    """Client connections open at once (lowered at start to fit the descriptor limit)."""
+    max_clients_per_source: int = 256
+    """Client connections open at once from one source address."""
+    fd_reserve: int = 256
+    """Descriptors kept for the node's own files and peer connections."""
+    idle_timeout: float = 300.0
+    """A client connection with nothing in progress and nothing received for this long is
+    closed (its descriptor is worth more than a client that left without saying)."""
     frame_timeout: float = 30.0
-    """A client that started a frame must finish it within this time."""
+    """A client that started a frame must finish it within this time (the whole frame, not
+    each read of it)."""
     transport_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -129,6 +151,18 @@ class ServerConfig:
                 "no TLS: pass --tls-ca, --tls-cert and --tls-key (mutual TLS), or --plaintext "
                 "to run unencrypted and unauthenticated on purpose (local experiments only)"
             )
+        for opt, v in (("--max-inflight", self.max_inflight),
+                       ("--answer-budget", self.answer_budget)):
+            if type(v) is not int or v < 1:
+                raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 1")
+        for opt, f in (("--answer-timeout", self.answer_timeout),
+                       ("--client-idle-timeout", self.idle_timeout),
+                       ("--frame-timeout", self.frame_timeout),
+                       ("--election-timeout", self.election_timeout),
+                       ("--append-timeout", self.append_timeout),
+                       ("--read-timeout", self.read_timeout)):
+            if not f > 0:
+                raise ConfigurationError(f"{opt} {f!r}: give a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -156,6 +190,9 @@ class Server:
         self.bad_connections = 0
         """Client connections closed for bad input or a failed TLS handshake."""
         self.clients = 0
+        self.limits = ConnectionLimits(config.max_clients, config.max_clients_per_source,
+                                       config.fd_reserve)
+        self._refusal_log = RateLimitedLog(logger)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started(ServerInfo)`` once listening. Raises
@@ -195,7 +232,12 @@ class Server:
                     info = ServerInfo(cfg.node_id, (listen[0], transport.port),
                                       (host, bound[1]))
                     async with trio.open_nursery() as nursery:
-                        await nursery.start(trio.serve_listeners, self._client, listeners)
+                        for listener in listeners:
+                            nursery.start_soon(self._accept_loop, listener, nursery)
+                        logger.info("node %r: at most %d client connections (%d per source "
+                                    "address; descriptor limit %d)", cfg.node_id,
+                                    self.limits.max_clients, self.limits.per_source,
+                                    self.limits.fd_limit)
                         logger.info("%s", info.ready_line())
                         task_status.started(info)
                         await trio.sleep_forever()
@@ -209,6 +251,40 @@ class Server:
                     ev.state, ev.leader, ev.term)
 
     # --- client connections -------------------------------------------------------------
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept client connections; over a limit, close them at once. EMFILE and the like
+        pause accepting (rate-limited warning): they must never reach the node."""
+        async with listener:
+            while True:
+                try:
+                    tcp = await listener.accept()
+                except OSError as e:
+                    if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self._refusal_log("node %r: cannot accept client connections: %s (%d "
+                                      "open); retrying in 0.1 s", self.config.node_id,
+                                      os.strerror(e.errno or 0), self.limits.total)
+                    await trio.sleep(0.1)
+                    continue
+                try:
+                    host = str(tcp.socket.getpeername()[0])
+                except OSError:
+                    host = "?"
+                why = self.limits.admit(host)
+                if why is not None:
+                    self._refusal_log("node %r: refused a client connection from %s: %s",
+                                      self.config.node_id, host, why)
+                    tcp.socket.close()
+                    continue
+                nursery.start_soon(self._client_admitted, tcp, host)
+
+    async def _client_admitted(self, tcp: trio.SocketStream, host: str) -> None:
+        try:
+            await self._client(tcp)
+        finally:
+            self.limits.release(host)
+            await trio.aclose_forcefully(tcp)
 
     async def _client(self, tcp: trio.SocketStream) -> None:
         try:
@@ -228,7 +304,7 @@ class Server:
                 why = ("no TLS handshake within "
                        f"{self.config.handshake_timeout}s" if isinstance(e, trio.TooSlowError)
                        else f"TLS handshake failed ({type(e).__name__}: {e.__cause__ or e})")
-                logger.warning("node %r: refused %s: %s", self.config.node_id, where, why)
+                self._refusal_log("node %r: refused %s: %s", self.config.node_id, where, why)
                 await trio.aclose_forcefully(stream)
                 return
         self.clients += 1
@@ -260,6 +336,15 @@ class Server:
         }
 
 
+def _answer_size(payload: Any) -> int:
+    """About what an answer takes once encoded (a status dict is ~300 bytes)."""
+    if isinstance(payload, (bytes, str)):
+        return len(payload) + 24
+    if isinstance(payload, dict):
+        return 512
+    return 32
+
+
 def _error_code(e: BaseException) -> str:
     if isinstance(e, NoLeaderError):
         return "no_leader"
@@ -281,7 +366,11 @@ class _ClientConnection:
         self.server = server
         self.stream = stream
         self.where = where
-        self.out: list[bytes] = []
+        self.out: deque[tuple[int, str, Any, int]] = deque()
+        """Answers waiting to be written, not yet encoded: a get's value is the store's own
+        bytes object until the writer packs it, so waiting answers do not copy values."""
+        self.out_bytes = 0
+        """What the waiting answers will take once encoded (counted against the budget)."""
         self.wake = trio.Event()
         self.inflight = 0
         self.room = trio.Event()
@@ -325,30 +414,52 @@ class _ClientConnection:
     async def _reader(self) -> None:
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
         max_inflight = self.server.config.max_inflight
+        budget = self.server.config.answer_budget
+        cfg = self.server.config
+        frame_deadline = math.inf
         while True:
-            while self.inflight >= max_inflight:
+            while self.inflight >= max_inflight or self.out_bytes >= budget:
                 self.room = trio.Event()
                 await self.room.wait()
             if decoder.buffered:
-                # Inside a frame: the rest must follow soon (a client that sends half a
-                # frame and waits would hold a connection and its buffer for ever).
-                with trio.move_on_after(self.server.config.frame_timeout) as waited:
+                # Inside a frame: the whole frame must arrive within frame_timeout of its
+                # first byte (a deadline per frame: one byte every few seconds must not keep
+                # a connection and its buffer for ever).
+                with trio.move_on_at(frame_deadline) as waited:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 if waited.cancelled_caught:
                     raise ProtocolError(
-                        f"the rest of a frame did not come within "
-                        f"{self.server.config.frame_timeout}s ({decoder.buffered} bytes "
-                        f"buffered)")
+                        f"a frame was not complete {cfg.frame_timeout}s after it began "
+                        f"({decoder.buffered} bytes buffered)")
             else:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                with trio.move_on_after(cfg.idle_timeout) as idle:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if idle.cancelled_caught:
+                    if self.inflight or self.out:
+                        continue  # quiet, not idle: answers are still coming
+                    logger.info("node %r: closed the connection with %s: idle for %ss",
+                                cfg.node_id, self.where, cfg.idle_timeout)
+                    return
             if not data:
                 if decoder.buffered:
                     raise ProtocolError(
                         f"the connection ended inside a frame ({decoder.buffered} bytes of "
                         f"an incomplete frame)")
                 return
+            was_buffered = decoder.buffered
+            payloads = decoder.feed(data)
+            if decoder.buffered and (payloads or not was_buffered):
+                frame_deadline = trio.current_time() + cfg.frame_timeout  # a new frame began
             writes: list[tuple[int, bytes]] = []
-            for payload in decoder.feed(data):
+            for payload in payloads:
+                # Limits are checked per request, not per read: one 256 KiB read can hold
+                # ~20,000 requests. Past them, stop here until answers have gone out.
+                if self.inflight >= max_inflight or self.out_bytes >= budget:
+                    self._start_writes(writes)
+                    writes = []
+                    while self.inflight >= max_inflight or self.out_bytes >= budget:
+                        self.room = trio.Event()
+                        await self.room.wait()
                 req = decode_request(payload)
                 tag, rid = req[1], req[2]
                 if tag == TAG_STATUS:
@@ -359,8 +470,11 @@ class _ClientConnection:
                     # decode_request validated the fields: pack them as the log command
                     # (the layout encode_write makes) without checking them twice.
                     writes.append((rid, packb(req[3:], use_bin_type=True)))
-            for i in range(0, len(writes), BATCH_MAX):
-                self._start(self._write, writes[i:i + BATCH_MAX], n=len(writes[i:i + BATCH_MAX]))
+            self._start_writes(writes)
+
+    def _start_writes(self, writes: list[tuple[int, bytes]]) -> None:
+        for i in range(0, len(writes), BATCH_MAX):
+            self._start(self._write, writes[i:i + BATCH_MAX], n=len(writes[i:i + BATCH_MAX]))
 
     def _start(self, fn: Any, *args: Any, n: int = 1) -> None:
         assert self.nursery is not None
@@ -375,18 +489,37 @@ class _ClientConnection:
             self.room.set()
 
     def _answer(self, rid: int, code: str, payload: Any) -> None:
-        self.out.append(encode_response(rid, code, payload))
+        size = _answer_size(payload)
+        self.out.append((rid, code, payload, size))
+        self.out_bytes += size
         self.wake.set()
 
     async def _writer(self) -> None:
+        timeout = self.server.config.answer_timeout
+        out = self.out
         while True:
-            if not self.out:
+            if not out:
                 self.room.set()
                 self.wake = trio.Event()
                 await self.wake.wait()
-            buf = b"".join(self.out)
-            self.out.clear()
-            await self.stream.send_all(buf)
+            # Encode at most WRITE_CHUNK bytes at a time: the copy made for the socket stays
+            # small whatever is waiting.
+            parts: list[bytes] = []
+            n = taken = 0
+            while out and n < WRITE_CHUNK:
+                rid, code, payload, size = out.popleft()
+                b = encode_response(rid, code, payload)
+                parts.append(b)
+                n += len(b)
+                taken += size
+            with trio.move_on_after(timeout) as waited:
+                await self.stream.send_all(b"".join(parts))
+            if waited.cancelled_caught:
+                raise ProtocolError(
+                    f"it did not read its answers for {timeout}s ({self.out_bytes} bytes "
+                    f"waiting)")
+            self.out_bytes -= taken
+            self.room.set()
 
     async def _get(self, rid: int, key: bytes) -> None:
         node = self.server.node
@@ -471,11 +604,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no encryption, no authentication (local experiments only)")
     p.add_argument("--no-fsync", action="store_true",
                    help="do not fdatasync the log (survives a process crash, not a power loss)")
-    p.add_argument("--election-timeout", type=float, default=0.5, metavar="S")
+    p.add_argument("--election-timeout", type=float, default=0.5, metavar="S",
+                   help="a follower that hears no leader for this long (randomised up to "
+                        "twice) starts an election; keep it well above the round-trip time "
+                        "between nodes (default: 0.5)")
     p.add_argument("--ping-timeout", type=float, default=None, metavar="S",
                    help="leader heartbeat interval (default: election timeout / 5)")
-    p.add_argument("--append-timeout", type=float, default=5.0, metavar="S")
-    p.add_argument("--read-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument("--append-timeout", type=float, default=5.0, metavar="S",
+                   help="a write not committed within this long is answered 'timeout' (the "
+                        "client retries; default: 5)")
+    p.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
+                   help="a linearizable get not served within this long is answered "
+                        "'timeout' (default: 5)")
+    lim = p.add_argument_group("limits on client connections (see the README's threat model)")
+    lim.add_argument("--max-clients", type=int, default=1024, metavar="N",
+                     help="client connections open at once, lowered at start to fit the "
+                          "descriptor limit minus --fd-reserve (default: 1024)")
+    lim.add_argument("--max-clients-per-source", type=int, default=256, metavar="N",
+                     help="client connections open at once from one address (default: 256)")
+    lim.add_argument("--fd-reserve", type=int, default=256, metavar="N",
+                     help="descriptors kept for the node's own files and peers (default: 256)")
+    lim.add_argument("--max-inflight", type=int, default=4096, metavar="N",
+                     help="requests of one connection processed at once (default: 4096)")
+    lim.add_argument("--answer-budget", type=int, default=4 << 20, metavar="BYTES",
+                     help="answers waiting to be written per connection before the server "
+                          "stops reading its requests (default: 4194304)")
+    lim.add_argument("--answer-timeout", type=float, default=30.0, metavar="S",
+                     help="a client that does not read its waiting answers for this long is "
+                          "disconnected (default: 30)")
+    lim.add_argument("--client-idle-timeout", type=float, default=300.0, metavar="S",
+                     help="an idle client connection is closed after this long (default: 300)")
+    lim.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
+                     help="a request frame must arrive whole within this long of its first "
+                          "byte (default: 30)")
     p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
@@ -512,6 +673,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         tls=tls, plaintext=a.plaintext, fsync=not a.no_fsync,
         election_timeout=et, ping_timeout=ping, append_timeout=a.append_timeout,
         read_timeout=a.read_timeout,
+        max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
+        fd_reserve=a.fd_reserve, max_inflight=a.max_inflight, answer_budget=a.answer_budget,
+        answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
+        frame_timeout=a.frame_timeout,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,
                            "backoff_max": max(0.2, min(2.0, et))},
     )
