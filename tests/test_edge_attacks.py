@@ -16,10 +16,19 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+import trustme
 from test_client_fuzz import closed_by_server, frame, open_tls
-from test_multiprocess import ProcCluster, client_context
+from test_multiprocess import ProcCluster, client_context, write_certs
 
-from tinyraftplus.kv.client import encode_get, encode_status
+from tinyraftplus.kv.client import (
+    SessionExpiredError,
+    client_ssl_context,
+    encode_get,
+    encode_register_request,
+    encode_status,
+    encode_write_request,
+)
+from tinyraftplus.transport.wire import FrameDecoder
 
 MB = 1 << 20
 
@@ -200,5 +209,127 @@ async def test_a_frame_trickled_byte_by_byte_is_cut_at_the_frame_deadline(tmp_pa
                     break
         assert closed_at is not None and closed_at < 4.0, closed_at
         assert "was not complete 1.5s after it began" in cl.stderr(1)
+    finally:
+        cl.kill_all()
+
+
+class Raw:
+    """One TLS connection speaking the client protocol by hand (answers matched by rid)."""
+
+    def __init__(self, s: trio.SSLStream) -> None:
+        self.s = s
+        self.dec = FrameDecoder(4 << 20)
+        self.got: dict[int, list] = {}
+        self.rid = 100
+
+    @classmethod
+    async def open(cls, addr, ctx) -> Raw:
+        return cls(await open_tls(addr, ctx))
+
+    async def call(self, build) -> list:
+        self.rid += 1
+        rid = self.rid
+        await self.s.send_all(build(rid))
+        with trio.fail_after(10):
+            while rid not in self.got:
+                data = await self.s.receive_some(65536)
+                assert data, "the server closed the connection"
+                for p in self.dec.feed(data):
+                    a = msgpack.unpackb(p)
+                    self.got[a[1]] = a[2:]
+        return self.got.pop(rid)
+
+    async def register(self) -> int:
+        code, sid = await self.call(encode_register_request)
+        assert code == "ok", sid
+        return sid
+
+    async def write(self, sid, seq, ack, op, key, value=None) -> list:
+        return await self.call(
+            lambda rid: encode_write_request(rid, sid, seq, ack, op, key, value))
+
+
+async def test_an_evicted_sessions_late_retry_is_refused_never_applied_twice(tmp_path):
+    """High 3: a write is applied, its session is evicted by newer ones (--max-sessions 20),
+    and the write is retried late. Before the fix the retry was applied a second time
+    (b'xx'); now it is refused with session_expired on every node, and the library client
+    gets SessionExpiredError and goes on in a new session."""
+    cl = ProcCluster(tmp_path, extra=["--max-sessions", "20"])
+    await cl.start_all()
+    try:
+        ctx = client_context(cl.certs)
+        async with cl.client() as c:
+            lid, _ = await cl.leader(c)
+            r = await Raw.open(cl.client_addr[lid], ctx)
+            sid = await r.register()
+            assert await r.write(sid, 1, 1, "append", b"once", b"x") == ["ok", 1]
+            # A crowd of other clients: 25 new sessions push the first one out.
+            for _ in range(25):
+                other = await r.register()
+                assert (await r.write(other, 1, 1, "put", b"o%d" % other, b"v"))[0] == "ok"
+            # The late retry of (sid, 1), to every node: refused, not applied.
+            for i in cl.ids:
+                ri = await Raw.open(cl.client_addr[i], ctx)
+                code, msg = await ri.write(sid, 1, 1, "append", b"once", b"x")
+                assert code == "err" and msg.startswith("session_expired:"), (code, msg)
+            assert await c.get(b"once") == b"x"
+            st = await cl.wait_caught_up(c)
+            assert all(s["expired_writes"] >= 3 for s in st.values())
+            assert all(s["sessions"] <= 20 for s in st.values())
+            # The library client: its session evicted, the next write says so and is not
+            # applied; the one after runs in a new session.
+            await c.put(b"mine", b"1")
+            first = c.client_id
+            for _ in range(25):
+                other = await r.register()
+                await r.write(other, 1, 1, "put", b"p%d" % other, b"v")
+            with pytest.raises(SessionExpiredError, match="not applied"):
+                await c.append(b"mine", b"2")
+            assert await c.get(b"mine") == b"1"
+            await c.append(b"mine", b"3")
+            assert c.client_id != first and await c.get(b"mine") == b"13"
+    finally:
+        cl.kill_all()
+
+
+async def test_sessions_are_bound_to_the_client_certificate(tmp_path):
+    """Medium 4: (a) a connection with another certificate of the same CA cannot write in a
+    victim's session (before the fix it pre-empted the victim's seq 2, answered ok, and the
+    victim's real write was then answered from the cache, never applied); (b) seq = ack =
+    2**63-1 no longer poisons a session; (c) a restarted client gets a new session."""
+    ca = trustme.CA()
+    cl = ProcCluster(tmp_path, ids=[1])
+    cl.certs = write_certs(tmp_path / "certs", cl.ids, ca)
+    mallory_dir = tmp_path / "mallory"
+    mallory_dir.mkdir()
+    cert = ca.issue_cert("mallory.tinyraftplus")
+    cert.cert_chain_pems[0].write_to_path(str(mallory_dir / "m.crt"))
+    cert.private_key_pem.write_to_path(str(mallory_dir / "m.key"))
+    await cl.start(1)
+    try:
+        addr = cl.client_addr[1]
+        victim = await Raw.open(addr, client_context(cl.certs))
+        mallory = await Raw.open(addr, client_ssl_context(
+            cl.certs["ca"], mallory_dir / "m.crt", mallory_dir / "m.key"))
+        sid = await victim.register()
+        assert await victim.write(sid, 1, 1, "put", b"acct", b"100") == ["ok", 2]
+        code, msg = await mallory.write(sid, 2, 1, "put", b"acct", b"0")
+        assert code == "err" and msg.startswith("not_owner:"), (code, msg)
+        assert (await victim.write(sid, 2, 1, "append", b"acct", b"+5"))[0] == "ok"
+        # (b) a seq far ahead is refused and leaves the session as it was.
+        top = (1 << 63) - 1
+        code, msg = await victim.write(sid, top, top, "put", b"acct", b"0")
+        assert code == "err" and msg.startswith("bad_seq:"), (code, msg)
+        assert await victim.write(sid, 3, 3, "append", b"acct", b"!") == ["ok", 6]
+        async with cl.client([1]) as c:
+            assert await c.get(b"acct") == b"100+5!"
+        # (c) restarted library clients never share a session (seq 1 would hit the cache).
+        async with cl.client([1]) as c1:
+            await c1.append(b"log", b"a")
+            one = c1.client_id
+        async with cl.client([1]) as c2:
+            await c2.append(b"log", b"b")
+            assert c2.client_id != one
+            assert await c2.get(b"log") == b"ab"
     finally:
         cl.kill_all()

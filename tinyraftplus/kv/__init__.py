@@ -9,6 +9,16 @@ part of it.
   ``tinyraftplus.client``).
 """
 
-from .store import MAX_KEY, MAX_VALUE, OPS, KVStore, check_key, check_write, encode_write
+from .store import (
+    MAX_KEY,
+    MAX_VALUE,
+    OPS,
+    KVStore,
+    check_key,
+    check_write,
+    encode_register,
+    encode_write,
+)
 
-__all__ = ["KVStore", "encode_write", "check_write", "check_key", "OPS", "MAX_KEY", "MAX_VALUE"]
+__all__ = ["KVStore", "encode_write", "encode_register", "check_write", "check_key", "OPS",
+           "MAX_KEY", "MAX_VALUE"]

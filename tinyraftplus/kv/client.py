@@ -19,8 +19,8 @@ not found one.
 
 **Retrying is safe.** A write that got no answer -- its connection broke, the node said "no
 leader" or "timeout", the attempt took longer than ``attempt_timeout`` -- is sent again,
-perhaps to another node, with the *same* ``(client_id, seq)``. The store's client sessions
-(:mod:`tinyraftplus.kv`) recognise a copy that was already applied and return the first
+perhaps to another node, with the *same* ``(session, seq)``. The store's client sessions
+(:mod:`tinyraftplus.kv.store`) recognise a copy that was already applied and return the first
 result instead of applying it again. Each write also carries ``ack``, the lowest seq this
 client still waits for, so the store can forget the results of everything below.
 
@@ -35,12 +35,20 @@ connection, answered in any order:
 
     request   [1, 1, rid]                                          status
               [1, 2, rid, key]                                     get
-              [1, 3, rid, client_id, seq, ack, op, key, value]     write (put/append/delete)
+              [1, 3, rid, session, seq, ack, op, key, value]       write (put/append/delete)
+              [1, 4, rid]                                          register -> session id
     response  [1, rid, "ok", result] | [1, rid, code, message]
 
 Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to retry),
 ``stopped`` (the node is shutting down) -- all retried by the client -- and ``bad_request``,
-``stale``, ``error``, which are raised.
+``err`` (the store refused: ``stale``, ``session_expired``, ``not_owner``, ``bad_seq``,
+``too_large``), ``error``, which are raised.
+
+**Sessions.** The client registers a session on its first write (the cluster assigns the id;
+the session belongs to the client certificate's identity, so another certificate cannot write
+in it). If the store evicted the session (it keeps a bounded number, least recently used out)
+a write gets :class:`SessionExpiredError` and is *not* applied, whether or not an earlier copy
+of it was; the next write registers a new session.
 
 With TLS (the default; ``plaintext=True`` to say you mean otherwise) the client presents a
 certificate signed by the cluster's CA and accepts any server whose certificate the CA
@@ -81,6 +89,7 @@ VERSION = 1
 TAG_STATUS = 1
 TAG_GET = 2
 TAG_WRITE = 3
+TAG_REGISTER = 4
 MAX_RID = (1 << 63) - 1
 CLIENT_MAX_FRAME = 2 << 20
 """Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
@@ -91,6 +100,13 @@ RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
 RECEIVE_SIZE = 256 * 1024
 
 Address = tuple[str, int]
+_EXPIRED = "session expired: "
+
+
+class SessionExpiredError(RaftError):
+    """The cluster evicted this client's session: the write was refused and not applied (an
+    earlier attempt of it may have been, before the eviction). The client registers a new
+    session for its next write."""
 
 
 # --- the client protocol -------------------------------------------------------------------
@@ -102,6 +118,10 @@ def encode_status(rid: int) -> bytes:
 
 def encode_get(rid: int, key: bytes) -> bytes:
     return frame(msgpack.packb([VERSION, TAG_GET, rid, key], use_bin_type=True))
+
+
+def encode_register_request(rid: int) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_REGISTER, rid]))
 
 
 def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, key: bytes,
@@ -127,9 +147,9 @@ def decode_request(payload: bytes) -> list[Any]:
                             f"{VERSION})")
     if type(rid) is not int or not 0 <= rid <= MAX_RID:
         raise ProtocolError("request id must be an int in [0, 2**63)")
-    if tag == TAG_STATUS and type(tag) is int:
+    if (tag == TAG_STATUS or tag == TAG_REGISTER) and type(tag) is int:
         if len(obj) != 3:
-            raise ProtocolError("a status request has no fields")
+            raise ProtocolError("a status or register request has no fields")
     elif tag == TAG_GET and type(tag) is int:
         if len(obj) != 4:
             raise ProtocolError("a get request is [1, 2, rid, key]")
@@ -346,8 +366,9 @@ class Client:
     :func:`client_ssl_context`; or ``plaintext=True``. ``timeout``: how long one operation
     may take in all, retries included; ``attempt_timeout``: how long one attempt waits for an
     answer before trying again (elsewhere); ``connect_timeout``: per TCP+TLS connection.
-    ``client_id``: this client's session id (random by default; reuse one only from one
-    client at a time). ``max_inflight``: writes in flight at once (the rest wait), below the
+    ``client_id`` (read-only): the session id the cluster assigned on the first write
+    (``None`` before); a new ``Client`` always gets a new session. ``max_inflight``: writes
+    in flight at once (the rest wait), below the
     store's per-session memory. ``backoff_max``: the longest pause between attempts
     (they start at 10 ms and double, with jitter).
     """
@@ -361,7 +382,6 @@ class Client:
         timeout: float = 10.0,
         attempt_timeout: float = 3.0,
         connect_timeout: float = 2.0,
-        client_id: int | None = None,
         max_inflight: int = 1024,
         backoff_max: float = 0.25,
         rng: random.Random | None = None,
@@ -387,12 +407,9 @@ class Client:
         if not (isinstance(max_inflight, int) and 1 <= max_inflight <= 4096):
             raise InvalidArgumentError(f"Client(max_inflight={max_inflight!r}): 1..4096")
         self._rng = rng or random.Random()
-        if client_id is None:
-            client_id = random.SystemRandom().randrange(1, MAX_CLIENT_ID)
-        if type(client_id) is not int or not 0 <= client_id <= MAX_CLIENT_ID:
-            raise InvalidArgumentError(f"Client(client_id={client_id!r}): an int in [0, 2**63)")
         self.addresses = addrs
-        self.client_id = client_id
+        self.client_id: int | None = None
+        self._registering: trio.Event | None = None
         self.timeout = float(timeout)
         self.attempt_timeout = float(attempt_timeout)
         self.connect_timeout = float(connect_timeout)
@@ -478,8 +495,8 @@ class Client:
     async def _write(self, op: str, key: Any, value: Any) -> Any:
         k = _as_bytes(key, "key")
         v = None if value is None else _as_bytes(value, "value")
-        seq = self._next_seq
-        check_write(self.client_id, seq, seq, op, k, v)
+        check_write(1, 1, 1, op, k, v)
+        cid = await self._session()
         out = self._outstanding
         # At most max_inflight writes at once; and since the store keeps the results of seqs
         # from the ack on only up to a bound, never run so far ahead of the oldest write
@@ -490,18 +507,54 @@ class Client:
             if self._window_moved.is_set():  # one event shared by all who wait
                 self._window_moved = trio.Event()
             await self._window_moved.wait()
+            if self.client_id != cid:  # the session expired while we waited
+                cid = await self._session()
+                out = self._outstanding
         seq = self._next_seq
         self._next_seq += 1
         out[seq] = None
-        cid = self.client_id
         try:
             # ack: the lowest seq still waiting (dict order is seq order), recomputed per
             # attempt so that a retry also lets the store forget what it can.
             return await self._call(
                 lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
+        except RaftError as e:
+            if not str(e).startswith(_EXPIRED):
+                raise
+            if self.client_id == cid:  # the first to hear: the next write registers anew
+                self.client_id = None
+                self._next_seq = 1
+                self._outstanding = {}
+                self._window_moved.set()
+            raise SessionExpiredError(
+                f"write {op} {k[:60]!r}: the cluster forgot this client's session {cid} (it "
+                f"keeps a bounded number, least recently used out), so the write was refused "
+                f"and not applied now; if an earlier attempt of it reached the cluster before "
+                f"the session was evicted, that one may have been applied. The next write "
+                f"opens a new session") from None
         finally:
-            del out[seq]
+            out.pop(seq, None)
             self._window_moved.set()
+
+    async def _session(self) -> int:
+        """This client's session id, registering one first if it has none (concurrent
+        writers share one registration)."""
+        while self.client_id is None:
+            ev = self._registering
+            if ev is not None:
+                await ev.wait()
+                continue
+            ev = self._registering = trio.Event()
+            try:
+                sid = await self._call(encode_register_request)
+                if type(sid) is not int or not 0 <= sid <= MAX_CLIENT_ID:
+                    raise ProtocolError(f"register answered {sid!r}, not a session id")
+                self.client_id = sid
+                self._next_seq = 1
+            finally:
+                self._registering = None
+                ev.set()
+        return self.client_id
 
     def _rid(self) -> int:
         self._next_rid += 1
@@ -567,6 +620,8 @@ class Client:
             elif code == "bad_request":
                 raise InvalidArgumentError(f"the server refused the request: {body}")
             elif code == "err":
+                if isinstance(body, str) and body.startswith("session_expired:"):
+                    raise RaftError(_EXPIRED + body)
                 raise RaftError(f"the store refused the request: {body}")
             else:
                 raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
@@ -706,6 +761,7 @@ class Client:
 
 
 __all__ = [
-    "Client", "client_ssl_context", "parse_address", "decode_request", "encode_response",
+    "Client", "SessionExpiredError", "encode_register_request", "client_ssl_context",
+    "parse_address", "decode_request", "encode_response",
     "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
 ]

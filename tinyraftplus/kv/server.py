@@ -73,12 +73,13 @@ from ..transport.wire import FrameDecoder
 from .client import (
     CLIENT_MAX_FRAME,
     TAG_GET,
+    TAG_REGISTER,
     TAG_STATUS,
     decode_request,
     encode_response,
 )
 from .limits import ConnectionLimits, RateLimitedLog
-from .store import KVStore
+from .store import KVStore, encode_register
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -126,6 +127,11 @@ class ServerConfig:
     answer_timeout: float = 30.0
     """A client that does not take its waiting answers for this long is disconnected."""
     handshake_timeout: float = 5.0
+    max_sessions: int = 10_000
+    """Client sessions the store keeps (least recently used out; an evicted session's writes
+    are refused). Carried in each register command, so the leader's setting applies."""
+    max_results_total: int = 1 << 20
+    """Results the store keeps over all sessions (~200 bytes each)."""
     max_clients: int = 1024
     """Client connections open at once (lowered at start to fit the descriptor limit)."""
     max_clients_per_source: int = 256
@@ -152,6 +158,8 @@ class ServerConfig:
                 "to run unencrypted and unauthenticated on purpose (local experiments only)"
             )
         for opt, v in (("--max-inflight", self.max_inflight),
+                       ("--max-sessions", self.max_sessions),
+                       ("--max-results-total", self.max_results_total),
                        ("--answer-budget", self.answer_budget)):
             if type(v) is not int or v < 1:
                 raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 1")
@@ -184,7 +192,8 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         config.check()
         self.config = config
-        self.store = KVStore()
+        self.store = KVStore(max_sessions=config.max_sessions,
+                             max_results_total=config.max_results_total)
         self.node: RaftNode | None = None
         self.transport: TcpTransport | None = None
         self.bad_connections = 0
@@ -307,9 +316,12 @@ class Server:
                 self._refusal_log("node %r: refused %s: %s", self.config.node_id, where, why)
                 await trio.aclose_forcefully(stream)
                 return
+        owner = ""
+        if isinstance(stream, trio.SSLStream):
+            owner = cert_identity(stream.getpeercert())
         self.clients += 1
         try:
-            await _ClientConnection(self, stream, where).run()
+            await _ClientConnection(self, stream, where, owner).run()
         except Exception:  # a bug of ours: drop this connection, keep serving the others
             logger.exception("node %r: internal error serving %s", self.config.node_id, where)
         finally:
@@ -330,10 +342,27 @@ class Server:
             "apply_seq": node.apply_seq,
             "keys": len(self.store.data),
             "duplicates": self.store.duplicates,
+            "sessions": len(self.store._sessions),
+            "expired_writes": self.store.expired,
             "bad_connections": self.bad_connections,
             "clients": self.clients,
             "pid": os.getpid(),
         }
+
+
+def cert_identity(cert: dict[str, Any] | None) -> str:
+    """Who a client certificate names: its first DNS subjectAltName, else its common name
+    (``"dns:client.example"``, ``"cn:alice"``); sessions are scoped by it."""
+    if not cert:
+        return ""
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS":
+            return f"dns:{value}"[:1024]
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return f"cn:{v}"[:1024]
+    return f"serial:{cert.get('serialNumber', '')}"[:1024]
 
 
 def _answer_size(payload: Any) -> int:
@@ -362,7 +391,10 @@ def _error_code(e: BaseException) -> str:
 class _ClientConnection:
     """Reads requests, runs them concurrently, writes answers in batches."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, where: str) -> None:
+    def __init__(self, server: Server, stream: trio.abc.Stream, where: str,
+                 owner: str = "") -> None:
+        self.owner = owner
+        """The client certificate's identity: sessions opened here belong to it."""
         self.server = server
         self.stream = stream
         self.where = where
@@ -466,9 +498,13 @@ class _ClientConnection:
                     self._answer(rid, "ok", self.server.status())
                 elif tag == TAG_GET:
                     self._start(self._get, rid, req[3])
+                elif tag == TAG_REGISTER:
+                    self._start(self._register, rid)
                 else:
                     # decode_request validated the fields: pack them as the log command
-                    # (the layout encode_write makes) without checking them twice.
+                    # (the layout encode_write makes) without checking them twice. The
+                    # owner is the certificate's, never what the client says.
+                    req.append(self.owner)
                     writes.append((rid, packb(req[3:], use_bin_type=True)))
             self._start_writes(writes)
 
@@ -534,6 +570,12 @@ class _ClientConnection:
             self._answer(rid, "error", f"internal error: {e!r}")
         else:
             self._answer(rid, "ok", value)
+
+    async def _register(self, rid: int) -> None:
+        cfg = self.server.config
+        cmd = encode_register(self.owner, max_sessions=cfg.max_sessions,
+                              max_results_total=cfg.max_results_total)
+        await self._write([(rid, cmd)])
 
     async def _write(self, batch: list[tuple[int, bytes]]) -> None:
         node = self.server.node
@@ -617,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a linearizable get not served within this long is answered "
                         "'timeout' (default: 5)")
     lim = p.add_argument_group("limits on client connections (see the README's threat model)")
+    lim.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
+                     help="client sessions the store keeps, least recently used out; a "
+                          "write in an evicted session is refused, never applied twice "
+                          "(default: 10000; the leader's value applies)")
+    lim.add_argument("--max-results-total", type=int, default=1 << 20, metavar="N",
+                     help="write results kept over all sessions, ~200 bytes each "
+                          "(default: 1048576)")
     lim.add_argument("--max-clients", type=int, default=1024, metavar="N",
                      help="client connections open at once, lowered at start to fit the "
                           "descriptor limit minus --fd-reserve (default: 1024)")
@@ -673,6 +722,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         tls=tls, plaintext=a.plaintext, fsync=not a.no_fsync,
         election_timeout=et, ping_timeout=ping, append_timeout=a.append_timeout,
         read_timeout=a.read_timeout,
+        max_sessions=a.max_sessions, max_results_total=a.max_results_total,
         max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,

@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 Keys and values are ``bytes``. Every write travels through the Raft log as one msgpack
-*command* ``[client_id, seq, ack, op, key, value]`` (:func:`encode_write`), and every node
+*command* ``[client_id, seq, ack, op, key, value, owner]`` (:func:`encode_write`), and every node
 applies the same commands in the same order, so every replica reaches the same state.
 
 **Exactly once.** A client that does not hear back (its connection broke, the leader changed,
 the answer was slow) sends the same request again, perhaps to another node; both copies may
-end up committed. The store therefore keeps a *session* per ``client_id`` (Raft dissertation,
+end up committed. The store therefore keeps a *session* per client (Raft dissertation,
 section 6.3): the result of each request it applied, by ``seq``. A request whose result is
 already there is not applied again; its first result is returned instead. Because a client
 may have many requests in flight, which can commit in any order, a session keeps one result
@@ -17,11 +17,24 @@ waiting for an answer) tells the store which results the client no longer needs.
 with ``seq < ack`` seen earlier is one the client has given up on: it is refused rather than
 applied late (``stale``).
 
+**Sessions are registered, owned and bounded.** A client starts with a *register* command
+(:func:`encode_register`); its session id is the log seq of that command, so ids are unique
+and increase, and an id below the current seq that the store does not hold is one it has
+*forgotten*. Sessions are bounded (``max_sessions``, least recently used out, and
+``max_results_total`` results over all sessions, the oldest sessions out first): a write for a
+forgotten session is refused with ``session_expired`` and never applied -- it may be a late
+retry of a write applied before the session was evicted, and applying it again is what
+exactly-once forbids -- and the client must register again. The bounds travel in each
+register command (the leader's settings), so every replica evicts the same sessions at the
+same entry whatever its own command line says. A session belongs to the *owner* named at
+registration (the server puts the client certificate's identity there): a write naming it
+from another owner is refused (``not_owner``). Seqs must stay within ``max_results`` of the
+session's oldest unacknowledged seq (``bad_seq`` otherwise, and the session is left as it
+was), so one bad request cannot move a session's floor out of reach.
+
 Everything a session does depends only on the commands in the log, never on clocks or on
 which node applies them, so sessions are replicated state like the data: a retry that lands
-on a new leader is recognised there too. Sessions are bounded: at most ``max_results`` kept
-per client (the oldest go first) and ``max_sessions`` clients (the least recently active go
-first; a client silent for that long starts afresh).
+on a new leader is recognised there too.
 
 **Results** are tuples, because ``apply`` must never raise (a state machine that raises
 stops the node): ``("ok", value)`` or ``("err", code, message)``. ``put`` gives the log seq it
@@ -46,18 +59,46 @@ OPS = ("put", "append", "delete")
 MAX_KEY = 4096
 """Largest key in bytes."""
 MAX_VALUE = 1 << 20
-"""Largest value (or appended chunk) in bytes."""
+"""Largest value in bytes (an append that would make a value larger is refused)."""
 MAX_CLIENT_ID = (1 << 63) - 1
 
 Result = tuple[Any, ...]
 
 
+MAX_OWNER = 1024
+"""Longest owner identity (a certificate name) in characters."""
+DEFAULT_MAX_SESSIONS = 10_000
+DEFAULT_MAX_RESULTS = 4096
+DEFAULT_MAX_RESULTS_TOTAL = 1 << 20
+"""Results kept over all sessions (each costs about 200 bytes: ~200 MiB in all)."""
+
+
 def encode_write(client_id: int, seq: int, ack: int, op: str, key: bytes,
-                 value: bytes | None) -> bytes:
-    """The log command for one write. Raises ``InvalidArgumentError`` for a request the store
-    would refuse (so the mistake shows at the caller, not as an error result later)."""
+                 value: bytes | None, owner: str = "") -> bytes:
+    """The log command for one write in session ``client_id`` (from :func:`encode_register`),
+    on behalf of ``owner``. Raises ``InvalidArgumentError`` for a request the store would
+    refuse (so the mistake shows at the caller, not as an error result later)."""
     check_write(client_id, seq, ack, op, key, value)
-    return msgpack.packb([client_id, seq, ack, op, key, value], use_bin_type=True)
+    check_owner(owner)
+    return msgpack.packb([client_id, seq, ack, op, key, value, owner], use_bin_type=True)
+
+
+def encode_register(owner: str = "", *, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                    max_results_total: int = DEFAULT_MAX_RESULTS_TOTAL) -> bytes:
+    """The log command that opens a session for ``owner``; its result is ``("ok", id)``, the
+    session id (the command's log seq). The bounds are those the store applies from this
+    entry on (carried in the log so that every replica evicts alike)."""
+    check_owner(owner)
+    for name, v in (("max_sessions", max_sessions), ("max_results_total", max_results_total)):
+        if type(v) is not int or not 1 <= v <= MAX_CLIENT_ID:
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
+    return msgpack.packb(["register", owner, max_sessions, max_results_total],
+                         use_bin_type=True)
+
+
+def check_owner(owner: Any) -> None:
+    if type(owner) is not str or len(owner) > MAX_OWNER:
+        raise InvalidArgumentError(f"an owner must be a str of at most {MAX_OWNER} characters")
 
 
 def check_write(client_id: Any, seq: Any, ack: Any, op: Any, key: Any, value: Any) -> None:
@@ -90,9 +131,10 @@ def check_key(key: Any) -> None:
 
 
 class _Session:
-    __slots__ = ("floor", "results")
+    __slots__ = ("floor", "results", "owner")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         self.floor = 1  # requests below this are done with: their results may be forgotten
         self.results: OrderedDict[int, Result] = OrderedDict()
 
@@ -102,18 +144,29 @@ class KVStore:
 
     ``read(("get", key))`` returns the value or ``None``; ``read(("len",))`` the number of
     keys; ``read(("sessions",))`` the number of client sessions.
+
+    ``max_sessions`` and ``max_results_total`` are the bounds until the first register
+    command in the log sets them (see the module docstring); ``max_results`` is the most
+    results one session keeps and how far its seqs may run ahead of its oldest unanswered one.
     """
 
-    def __init__(self, *, max_sessions: int = 10_000, max_results: int = 4096) -> None:
-        if max_sessions < 1 or max_results < 1:
-            raise InvalidArgumentError("KVStore: max_sessions and max_results must be >= 1")
+    def __init__(self, *, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 max_results: int = DEFAULT_MAX_RESULTS,
+                 max_results_total: int = DEFAULT_MAX_RESULTS_TOTAL) -> None:
+        if max_sessions < 1 or max_results < 1 or max_results_total < 1:
+            raise InvalidArgumentError(
+                "KVStore: max_sessions, max_results and max_results_total must be >= 1")
         self.data: dict[bytes, bytes] = {}
         self.applied_seq = -1
         self.duplicates = 0
         """Requests recognised as retries of ones already applied (not applied again)."""
+        self.expired = 0
+        """Writes refused because their session had been evicted."""
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._max_sessions = max_sessions
         self._max_results = max_results
+        self._max_results_total = max_results_total
+        self._results_total = 0
 
     # --- RaftNode's state machine interface ----------------------------------------------
 
@@ -138,19 +191,44 @@ class KVStore:
 
     def _apply_one(self, buf: bytes, seq: int) -> Result:
         try:
-            cmd = msgpack.unpackb(buf, raw=False)
-            if type(cmd) is not list or len(cmd) != 6:
-                raise InvalidArgumentError("not a [client, seq, ack, op, key, value] array")
-            client_id, rseq, ack, op, key, value = cmd
+            cmd = msgpack.unpackb(buf, raw=False, max_array_len=8, max_map_len=0)
+            if type(cmd) is list and len(cmd) == 4 and cmd[0] == "register":
+                _, owner, max_sessions, max_total = cmd
+                encode_register(owner, max_sessions=max_sessions, max_results_total=max_total)
+                return self._register(owner, max_sessions, max_total, seq)
+            if type(cmd) is not list or len(cmd) not in (6, 7):
+                raise InvalidArgumentError("not a [client, seq, ack, op, key, value, owner] "
+                                           "array")
+            client_id, rseq, ack, op, key, value = cmd[:6]
+            owner = cmd[6] if len(cmd) == 7 else ""
             check_write(client_id, rseq, ack, op, key, value)
+            check_owner(owner)
         except Exception as e:  # never raise from apply: every replica returns the same error
-            return ("err", "bad_command", f"seq {seq}: not a key-value command ({e})")
-        sess = self._session(client_id)
+            return ("err", "bad_command", f"seq {seq}: not a key-value command "
+                    f"({type(e).__name__}: {str(e)[:200]})")
+        sess = self._sessions.get(client_id)
+        if sess is None:
+            self.expired += 1
+            return ("err", "session_expired",
+                    f"session {client_id} is not known here: it was evicted (the store keeps "
+                    f"{self._max_sessions} sessions and {self._max_results_total} results, "
+                    f"least recently used out) or never registered. Request {rseq} was not "
+                    f"applied now; if it was sent before, it may have been applied then. "
+                    f"Register a new session")
+        if sess.owner != owner:
+            return ("err", "not_owner",
+                    f"session {client_id} belongs to another client identity; not applied")
+        if rseq >= sess.floor + self._max_results:
+            return ("err", "bad_seq",
+                    f"request {rseq} of session {client_id} is {self._max_results} or more "
+                    f"past its oldest unacknowledged request ({sess.floor}); not applied")
+        self._sessions.move_to_end(client_id)
         if ack > sess.floor:
             sess.floor = ack
             res = sess.results
             while res and next(iter(res)) < ack:
                 res.popitem(last=False)
+                self._results_total -= 1
         done = sess.results.get(rseq)
         if done is not None:
             self.duplicates += 1
@@ -161,22 +239,33 @@ class KVStore:
                     f"on it (it acknowledged everything below {sess.floor}); not applied")
         result = self._do(op, key, value, seq)
         sess.results[rseq] = result
+        self._results_total += 1
         if len(sess.results) > self._max_results:
             # Commands commit in any order, so the oldest kept result is the smallest seq
             # only approximately; dropping by insertion order is deterministic either way.
             sess.results.popitem(last=False)
+            self._results_total -= 1
+        self._evict(keep=client_id)
         return result
 
-    def _session(self, client_id: int) -> _Session:
+    def _register(self, owner: str, max_sessions: int, max_total: int, seq: int) -> Result:
+        self._max_sessions = max_sessions
+        self._max_results_total = max_total
+        self._sessions[seq] = _Session(owner)
+        self._evict(keep=seq)
+        return ("ok", seq)
+
+    def _evict(self, keep: int) -> None:
+        """Drop least recently used sessions while over a bound (never ``keep``, the one
+        in use)."""
         sessions = self._sessions
-        sess = sessions.get(client_id)
-        if sess is None:
-            sess = sessions[client_id] = _Session()
-            if len(sessions) > self._max_sessions:
-                sessions.popitem(last=False)
-        else:
-            sessions.move_to_end(client_id)
-        return sess
+        while (len(sessions) > self._max_sessions
+               or self._results_total > self._max_results_total) and len(sessions) > 1:
+            sid = next(iter(sessions))
+            if sid == keep:
+                sessions.move_to_end(sid)
+                continue
+            self._results_total -= len(sessions.pop(sid).results)
 
     def _do(self, op: str, key: bytes, value: bytes | None, seq: int) -> Result:
         data = self.data
@@ -186,11 +275,17 @@ class KVStore:
             return ("ok", seq)
         if op == "append":
             assert value is not None
-            new = data.get(key, b"") + value
+            old = data.get(key, b"")
+            if len(old) + len(value) > MAX_VALUE:
+                return ("err", "too_large",
+                        f"append would make the value {len(old) + len(value)} bytes, over "
+                        f"the limit of {MAX_VALUE}; not applied")
+            new = old + value
             data[key] = new
             return ("ok", len(new))
         existed = data.pop(key, None) is not None
         return ("ok", existed)
 
 
-__all__ = ["KVStore", "encode_write", "check_write", "check_key", "OPS", "MAX_KEY", "MAX_VALUE"]
+__all__ = ["KVStore", "encode_write", "encode_register", "check_write", "check_key",
+           "check_owner", "OPS", "MAX_KEY", "MAX_VALUE"]
