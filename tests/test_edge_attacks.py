@@ -333,3 +333,73 @@ async def test_sessions_are_bound_to_the_client_certificate(tmp_path):
             assert await c2.get(b"log") == b"ab"
     finally:
         cl.kill_all()
+
+
+def _hostile_payloads() -> list[bytes]:
+    n = 2_000_000
+    arr32 = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n  # 2 million empty arrays
+    return [
+        arr32,
+        b"\x99\x01\x03\x01" + arr32,  # inside a write
+        b"\x94\x01\x02\x05" + b"\x91" * 1000 + b"\x90",  # 1,000 levels of nesting
+        b"\x93\x01\x01" + b"\xdc\xff\xff" + b"\x90" * 65535,  # 65535 arrays in a status
+    ]
+
+
+def test_hostile_msgpack_is_refused_in_time_independent_of_its_size():
+    """Medium 5 / Lower 9, the decoders alone: each payload is refused with ProtocolError in
+    well under a millisecond per KB (before: ~1 s for two million empty arrays, and
+    RecursionError for deep nesting)."""
+    import time
+
+    from tinyraftplus.errors import ProtocolError
+    from tinyraftplus.kv.client import decode_request
+    from tinyraftplus.transport.wire import decode
+
+    for p in _hostile_payloads():
+        for fn in (decode_request, decode):
+            t = time.perf_counter()
+            with pytest.raises(ProtocolError):
+                fn(p)
+            assert time.perf_counter() - t < 0.05, (fn.__name__, len(p))
+
+
+async def test_hostile_frames_do_not_stall_the_event_loop(tmp_path):
+    """Medium 5 against a real node: 2 MiB frames built to be slow to decode, sent over and
+    over by a client with a valid certificate, while a second connection measures how long
+    status requests take. Before the fix each frame blocked the event loop for ~1 s (21 of
+    them caused 20 elections); now each is refused before or early in decoding."""
+    cl = ProcCluster(tmp_path, ids=[1])
+    await cl.start(1)
+    try:
+        ctx = client_context(cl.certs)
+        addr = cl.client_addr[1]
+        probe = await Raw.open(addr, ctx)
+        worst = 0.0
+        done = False
+
+        async def measure() -> None:
+            nonlocal worst
+            while not done:
+                t = trio.current_time()
+                await probe.call(encode_status)
+                worst = max(worst, trio.current_time() - t)
+                await trio.sleep(0.02)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(measure)
+            for _ in range(3):
+                for p in _hostile_payloads():
+                    s = await open_tls(addr, ctx)
+                    try:
+                        await s.send_all(frame(p))
+                    except trio.BrokenResourceError:
+                        pass
+                    assert await closed_by_server(s, timeout=10)
+            done = True
+        assert worst < 0.5, f"a status request waited {worst:.2f}s behind a hostile frame"
+        err = cl.stderr(1)
+        assert "RecursionError" not in err and "internal error" not in err
+        assert err.count("closed the connection with client") >= 12
+    finally:
+        cl.kill_all()

@@ -80,8 +80,8 @@ from ..errors import (
     UsageError,
 )
 from ..transport.tls import DNS_SUFFIX
-from ..transport.wire import FrameDecoder, frame
-from .store import MAX_CLIENT_ID, check_key, check_write
+from ..transport.wire import FrameDecoder, frame, show_value
+from .store import MAX_CLIENT_ID, MAX_VALUE, check_key, check_write
 
 logger = logging.getLogger("tinyraftplus.client")
 
@@ -130,11 +130,36 @@ def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, 
                                use_bin_type=True))
 
 
+_REQUEST_HEADS = frozenset({0x93, 0x94, 0x99})
+
+
+def _one_array() -> Callable[[list[Any]], list[Any]]:
+    """msgpack ``list_hook``: a request holds no array but itself; stop at the first inner
+    one (an array of two million empty arrays is refused after one, not decoded)."""
+    seen = 0
+
+    def hook(lst: list[Any]) -> list[Any]:
+        nonlocal seen
+        seen += 1
+        if seen > 1:
+            raise ProtocolError("a request holds no nested arrays")
+        return lst
+
+    return hook
+
+
 def decode_request(payload: bytes) -> list[Any]:
     """Decode and validate one request payload (server side); raises ``ProtocolError``
     saying what is wrong. Returns the msgpack array: ``[1, tag, rid, ...]``."""
+    # Refused before decoding where the first byte says it cannot be valid: a request is a
+    # fixarray of 3, 4 or 9 elements (status/register, get, write).
+    if not payload or payload[0] not in _REQUEST_HEADS:
+        raise ProtocolError(f"a request must be an array [1, tag, rid, ...] of 3, 4 or 9 "
+                            f"elements (first byte {payload[:1].hex() or 'missing'})")
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_array_len=9,
+                              max_map_len=0, max_str_len=16, max_bin_len=MAX_VALUE,
+                              max_ext_len=0, list_hook=_one_array())
     except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
         raise ProtocolError(f"a request of {len(payload)} bytes is not msgpack "
                             f"({type(e).__name__})") from None
@@ -143,8 +168,8 @@ def decode_request(payload: bytes) -> list[Any]:
                             f"{type(obj).__name__}")
     version, tag, rid = obj[0], obj[1], obj[2]
     if type(version) is not int or version != VERSION:
-        raise ProtocolError(f"client protocol version {str(version)[:20]!r} (this node speaks "
-                            f"{VERSION})")
+        raise ProtocolError(f"client protocol version {show_value(version, 20)} (this node "
+                            f"speaks {VERSION})")
     if type(rid) is not int or not 0 <= rid <= MAX_RID:
         raise ProtocolError("request id must be an int in [0, 2**63)")
     if (tag == TAG_STATUS or tag == TAG_REGISTER) and type(tag) is int:
@@ -166,7 +191,7 @@ def decode_request(payload: bytes) -> list[Any]:
         except InvalidArgumentError as e:
             raise ProtocolError(f"write: {e}") from None
     else:
-        raise ProtocolError(f"unknown request tag {str(tag)[:20]!r}")
+        raise ProtocolError(f"unknown request tag {show_value(tag, 20)}")
     return obj
 
 
