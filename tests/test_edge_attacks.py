@@ -403,3 +403,60 @@ async def test_hostile_frames_do_not_stall_the_event_loop(tmp_path):
         assert err.count("closed the connection with client") >= 12
     finally:
         cl.kill_all()
+
+
+async def test_silent_strangers_cannot_keep_a_restarted_node_from_its_peers(tmp_path):
+    """Medium 6: 100 silent TCP connections from another address (127.0.0.2), renewed as
+    soon as the node drops them, on the peer port of a node that restarts. Before the fix
+    they held all 64 pre-handshake slots (shared by everyone) and kept the node out of the
+    cluster for 17-19 s, with a warning per refusal; now strangers are limited per source,
+    the peers' own addresses are served outside their pool, and refusals are logged at
+    most once every 10 s."""
+    cl = ProcCluster(tmp_path)
+    await cl.start_all()
+    stop = False
+
+    async def stranger() -> None:
+        while not stop:
+            sock = trio.socket.socket()
+            try:
+                await sock.bind(("127.0.0.2", 0))
+                await sock.connect(("127.0.0.1", cl.peer_ports[3]))
+                while not stop and await sock.recv(100):
+                    pass
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            await trio.sleep(0.02)
+
+    try:
+        async with cl.client() as c:
+            await cl.leader(c)
+            await c.put(b"k", b"1")
+            async with trio.open_nursery() as n:
+                for _ in range(100):
+                    n.start_soon(stranger)
+                await trio.sleep(0.5)
+                cl.kill(3)
+                await cl.start(3)
+                t0 = trio.current_time()
+                await c.put(b"k", b"2")
+                with trio.fail_after(8):
+                    while True:
+                        st = await cl.statuses(c, [3])
+                        if st.get(3, {}).get("leader") is not None and \
+                                st[3]["apply_seq"] >= st[3]["commit_seq"] > 0:
+                            break
+                        await trio.sleep(0.05)
+                back_in = trio.current_time() - t0
+                await trio.sleep(1.0)
+                stop = True
+                n.cancel_scope.cancel()
+            print(f"node 3 rejoined {back_in:.2f}s after its restart")
+            assert back_in < 5.0
+            refusals = [ln for ln in cl.stderr(3).splitlines() if "refused a connection" in ln]
+            assert 0 < len(refusals) <= 3, len(refusals)
+    finally:
+        stop = True
+        cl.kill_all()

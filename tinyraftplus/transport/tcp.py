@@ -36,6 +36,13 @@ check out or a TLS failure closes that one connection, counts it and reports it 
 ``warn`` callback and the ``tinyraftplus.transport.tcp`` logger. Nothing else is affected.
 Unauthenticated connections are bounded in number (``max_pending``), in time
 (``handshake_timeout``) and in what they can make us buffer (``HELLO_MAX_FRAME``).
+
+**Strangers cannot keep peers out.** Connections still in their handshake are limited per
+source address (``max_pending_per_source``), and the shared pool of ``max_pending`` slots is
+for strangers only: a connection from a host named in the peer address map is admitted
+whenever its own address has room, so a crowd of silent connections from elsewhere cannot
+keep a restarted node from its peers. Refusals are counted (``refused``) and logged at most
+once every ``REFUSAL_LOG_INTERVAL`` seconds with the number not logged.
 """
 
 from __future__ import annotations
@@ -92,6 +99,8 @@ HELLO_MAX_FRAME = 4096
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
 DROP_WARN_INTERVAL = 1.0
+REFUSAL_LOG_INTERVAL = 10.0
+"""Refused inbound connections are logged at most this often (with a count)."""
 CLOSE_TIMEOUT = 0.5
 
 
@@ -244,6 +253,7 @@ class TcpTransport:
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
         max_pending: int = 64,
+        max_pending_per_source: int = 8,
         rng: random.Random | None = None,
     ) -> None:
         try:
@@ -296,7 +306,16 @@ class TcpTransport:
         self._idle_timeout = idle_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
+        if type(max_pending) is not int or type(max_pending_per_source) is not int or \
+                max_pending < 1 or max_pending_per_source < 1:
+            raise InvalidArgumentError(
+                f"max_pending and max_pending_per_source must be ints >= 1, got "
+                f"{max_pending!r} and {max_pending_per_source!r}")
         self._max_pending = max_pending
+        self._max_pending_per_source = max_pending_per_source
+        self._pending_by_source: dict[str, int] = {}
+        self._refusals_logged_at = -math.inf
+        self._refusals_unlogged = 0
         self._rng = rng or random.Random()
         self._peers: dict[NodeId, _Peer] = {}
         for pid, addr in peers.items():
@@ -309,6 +328,7 @@ class TcpTransport:
             self._peers[pid] = _Peer(pid, self._check_addr(pid, addr), dials(node_id, pid))
         if tls is not None:
             check_distinct_names([node_id, *self._peers])
+        self._peer_hosts = {p.addr[0] for p in self._peers.values() if p.addr is not None}
         self._port: int | None = None
         self._started = False
         self._closed = False
@@ -581,15 +601,66 @@ class TcpTransport:
             where = f"{host}:{port}"
         except OSError:
             where = "an unknown address"
-        if self._pending >= self._max_pending:
-            self.refused += 1
-            self._warn(TransportError(
+        source = where.rpartition(":")[0] or where
+        known = source in self._peer_hosts
+        per_source = self._pending_by_source.get(source, 0)
+        if per_source >= self._max_pending_per_source:
+            self._refuse(TransportError(
                 f"node {self.node_id!r}: refused a connection from {where}: already "
-                f"{self._pending} connections in their handshake (max_pending)"
+                f"{per_source} connections from {source} in their handshake "
+                f"(max_pending_per_source)"))
+            await trio.aclose_forcefully(tcp)
+            return
+        if not known and self._pending >= self._max_pending:
+            self._refuse(TransportError(
+                f"node {self.node_id!r}: refused a connection from {where}: already "
+                f"{self._pending} connections from outside the peer map in their handshake "
+                f"(max_pending)"
             ))
             await trio.aclose_forcefully(tcp)
             return
-        self._pending += 1
+        if not known:
+            self._pending += 1
+        self._pending_by_source[source] = per_source + 1
+        try:
+            admitted = await self._handshake_inbound(tcp, where)
+        finally:
+            if not known:
+                self._pending -= 1
+            left = self._pending_by_source[source] - 1
+            if left:
+                self._pending_by_source[source] = left
+            else:
+                del self._pending_by_source[source]
+        if admitted is not None:
+            await self._run_connection(*admitted)
+
+    def _refuse(self, exc: TinyRaftError) -> None:
+        """Count a refused inbound connection and hand it to the ``warn`` callback; log it at
+        most once every ``REFUSAL_LOG_INTERVAL`` seconds, with the number not logged (a
+        flood of strangers must not fill the disk with log lines)."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+        else:
+            more = ""
+            if self._refusals_unlogged:
+                more = (f" ({self._refusals_unlogged} more refusals in the last "
+                        f"{REFUSAL_LOG_INTERVAL:g} s not logged; {self.refused} in all)")
+            self._refusals_logged_at = now
+            self._refusals_unlogged = 0
+            logger.warning("%s%s", exc, more)
+        if self._warn_cb is not None:
+            try:
+                self._warn_cb(exc)
+            except Exception:
+                logger.exception("node %r: the warn callback raised", self.node_id)
+
+    async def _handshake_inbound(self, tcp: trio.SocketStream,
+                                 where: str) -> tuple[_Peer, _Conn] | None:
+        """The handshake of an admitted inbound connection: the peer and the connection, or
+        ``None`` if it was refused (and closed)."""
         stream: trio.abc.Stream = tcp
         prefix = f"node {self.node_id!r}: refused a connection from {where}"
         try:
@@ -604,34 +675,29 @@ class TcpTransport:
                 peer = self._check_inbound(hello, stream)
                 await stream.send_all(encode_frame(Hello(self.node_id, peer.id)))
         except ProtocolError as e:
-            self.refused += 1
-            self._warn(ProtocolError(f"{prefix}: {e}"))
+            self._refuse(ProtocolError(f"{prefix}: {e}"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except (*_NET_ERRORS, trio.TooSlowError, TransportError) as e:
-            self.refused += 1
             if isinstance(e, trio.TooSlowError):
                 why = f"no handshake within {self._handshake_timeout} s"
             else:
                 why = f"handshake failed ({_describe(e)})"
-            self._warn(TransportError(f"{prefix}: {why}"))
+            self._refuse(TransportError(f"{prefix}: {why}"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except Exception as e:  # a bug of ours: keep serving everyone else, but say so loudly
             self.refused += 1
             logger.exception("node %r: unexpected error in a handshake from %s", self.node_id,
                              where)
             self._warn(TransportError(f"{prefix}: internal error ({_describe(e)})"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        finally:
-            self._pending -= 1
         decoder.max_frame = self._max_frame
-        await self._run_connection(peer, _Conn(stream, decoder, pending,
-                                               f"node {peer.id!r} from {where}"))
+        return peer, _Conn(stream, decoder, pending, f"node {peer.id!r} from {where}")
 
     def _check_inbound(self, hello: Hello, stream: trio.abc.Stream) -> _Peer:
         claimed = hello.node_id
