@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_multiprocess import READY, ROOT, ProcCluster, write_certs
+from test_multiprocess import READY, ROOT, ProcCluster, free_ports, write_certs
 
 from tinyraftplus.errors import TransportError
 from tinyraftplus.kv.client import Client
@@ -166,3 +166,81 @@ def test_old_module_names_are_aliases_of_the_kv_package():
     assert old_client.client_ssl_context is kv_client.client_ssl_context
     assert old_server.Server is kv_server.Server and old_server.main is kv_server.main
     assert tinyraftplus.kv.KVStore.__module__ == "tinyraftplus.kv.store"
+
+
+def _run(tmp_path, args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tinyraftplus.server", *args], env=env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+BASE = ["--client-port", "0", "--data", "d"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # space-separated --peers, quoted: it used to listen on "127.0.0.1:7001 2=..."
+        (["--id", "1", "--peers", "1=127.0.0.1:7001 2=127.0.0.1:7002", *BASE, "--plaintext"],
+         "separate the nodes with commas"),
+        (["--id", "1", "--peers", "1=127.0.0.1,2=127.0.0.1:7002", *BASE, "--plaintext"],
+         "--peers: node 1 has address '127.0.0.1'; give HOST:PORT"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--tls-ca", "CA",
+          "--tls-cert", "missing.crt", "--tls-key", "KEY"], "--tls-cert missing.crt: no such file"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--tls-min-version", "1.1",
+          "--plaintext"], "--tls-min-version"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--plaintext",
+          "--max-inflight", "0"], "--max-inflight 0"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_naming_the_option(tmp_path, args, message):
+    (tmp_path / "CA").write_text("x")
+    (tmp_path / "KEY").write_text("x")
+    p = _run(tmp_path, args)
+    assert p.returncode == EXIT_USAGE, p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and "key must match" not in p.stderr
+
+
+def test_a_node_with_another_nodes_certificate_is_refused_at_start(tmp_path):
+    certs = write_certs(tmp_path / "certs", [1, 2, 3])
+    p = _run(tmp_path, ["--id", "3", "--peers", "1=127.0.0.1:7001,2=127.0.0.1:7002,"
+                        "3=127.0.0.1:7003", *BASE, "--tls-ca", str(certs["ca"]),
+                        "--tls-cert", str(certs["cert-2"]), "--tls-key", str(certs["key-2"])])
+    assert p.returncode == EXIT_USAGE
+    assert "names node-2.tinyraftplus, but this is node 3" in p.stderr
+    assert "give each node its own certificate" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("which", ["peer", "client"])
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, which):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        peer_port = port if which == "peer" else free_ports(1)[0]
+        client_port = port if which == "client" else 0
+        p = _run(tmp_path, ["--id", "1", "--peers", f"1=127.0.0.1:{peer_port}", "--client-port",
+                            str(client_port), "--data", "d", "--plaintext"])
+        assert p.returncode == 1, p.stderr
+        assert "Traceback" not in p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert f"127.0.0.1:{port}" in last and "is another process using that port?" in last
+        if which == "client":
+            assert "--client-port" in last
+        # --debug shows the traceback
+        p = _run(tmp_path, ["--id", "1", "--peers", f"1=127.0.0.1:{peer_port}", "--client-port",
+                            str(client_port), "--data", "d2", "--plaintext", "--debug"])
+        assert p.returncode == 1 and "Traceback" in p.stderr
+    finally:
+        taken.close()
+
+
+def test_every_server_option_has_help_text():
+    from tinyraftplus.kv.server import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"

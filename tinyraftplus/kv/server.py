@@ -63,12 +63,13 @@ from ..errors import (
     ProtocolError,
     RaftTimeoutError,
     TinyRaftError,
+    TransportError,
     UsageError,
 )
 from ..log import FsLog
 from ..node import RaftNode
 from ..transport.tcp import TcpTransport
-from ..transport.tls import TlsConfig
+from ..transport.tls import TlsConfig, check_own_certificate
 from ..transport.wire import FrameDecoder
 from .client import (
     CLIENT_MAX_FRAME,
@@ -132,6 +133,11 @@ class ServerConfig:
     are refused). Carried in each register command, so the leader's setting applies."""
     max_results_total: int = 1 << 20
     """Results the store keeps over all sessions (~200 bytes each)."""
+    max_request_bytes: int = CLIENT_MAX_FRAME
+    """Largest request frame on the client port."""
+    quota_bytes: int = 0
+    """Most bytes of keys and values the store holds (0: no quota)."""
+    debug: bool = False
     max_clients: int = 1024
     """Client connections open at once (lowered at start to fit the descriptor limit)."""
     max_clients_per_source: int = 256
@@ -160,6 +166,7 @@ class ServerConfig:
         for opt, v in (("--max-inflight", self.max_inflight),
                        ("--max-sessions", self.max_sessions),
                        ("--max-results-total", self.max_results_total),
+                       ("--max-request-bytes", self.max_request_bytes),
                        ("--answer-budget", self.answer_budget)):
             if type(v) is not int or v < 1:
                 raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 1")
@@ -235,7 +242,13 @@ class Server:
                 node.on("change", self._on_change)
                 async with node:
                     host, port = cfg.client_listen
-                    listeners = await trio.open_tcp_listeners(port, host=host)
+                    try:
+                        listeners = await trio.open_tcp_listeners(port, host=host)
+                    except OSError as e:
+                        raise TransportError(
+                            f"node {cfg.node_id!r} cannot listen for clients on {host}:{port} "
+                            f"(--client-port/--client-host): {e.strerror or e}; is another "
+                            f"process using that port?") from None
                     sock = listeners[0].socket
                     bound = sock.getsockname()
                     info = ServerInfo(cfg.node_id, (listen[0], transport.port),
@@ -344,6 +357,7 @@ class Server:
             "duplicates": self.store.duplicates,
             "sessions": len(self.store._sessions),
             "expired_writes": self.store.expired,
+            "data_bytes": self.store.data_bytes,
             "bad_connections": self.bad_connections,
             "clients": self.clients,
             "pid": os.getpid(),
@@ -444,7 +458,7 @@ class _ClientConnection:
             self.nursery.cancel_scope.cancel()
 
     async def _reader(self) -> None:
-        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        decoder = FrameDecoder(self.server.config.max_request_bytes)
         max_inflight = self.server.config.max_inflight
         budget = self.server.config.answer_budget
         cfg = self.server.config
@@ -574,7 +588,8 @@ class _ClientConnection:
     async def _register(self, rid: int) -> None:
         cfg = self.server.config
         cmd = encode_register(self.owner, max_sessions=cfg.max_sessions,
-                              max_results_total=cfg.max_results_total)
+                              max_results_total=cfg.max_results_total,
+                              quota_bytes=cfg.quota_bytes)
         await self._write([(rid, cmd)])
 
     async def _write(self, batch: list[tuple[int, bytes]]) -> None:
@@ -611,13 +626,22 @@ def parse_peers(text: str) -> dict[Any, Address]:
 
     out: dict[Any, Address] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
+        if any(c.isspace() for c in part):
+            raise InvalidArgumentError(
+                f"--peers: {part!r} holds a space; separate the nodes with commas: "
+                f"--peers 1=host:port,2=host:port,3=host:port")
         ident, sep, addr = part.partition("=")
         if not sep or not ident:
             raise InvalidArgumentError(f"--peers: {part!r} is not ID=HOST:PORT")
         nid = _node_id(ident.strip())
         if nid in out:
             raise InvalidArgumentError(f"--peers: node {nid!r} is listed twice")
-        out[nid] = parse_address(addr.strip(), allow_zero=True)
+        try:
+            out[nid] = parse_address(addr.strip(), allow_zero=True)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(
+                f"--peers: node {nid!r} has address {addr!r}; give HOST:PORT, e.g. "
+                f"{nid}=127.0.0.1:7001") from None
     if not out:
         raise InvalidArgumentError("--peers: list every node as ID=HOST:PORT,...")
     return out
@@ -642,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="the cluster CA certificate (PEM)")
     p.add_argument("--tls-cert", help="this node's certificate (PEM, names node-<id>.tinyraftplus)")
     p.add_argument("--tls-key", help="this node's private key (PEM)")
+    p.add_argument("--tls-min-version", choices=("1.2", "1.3"), default="1.2",
+                   help="oldest TLS version accepted or offered (default: 1.2)")
+    p.add_argument("--tls-crl", metavar="FILE",
+                   help="certificate revocation list from the cluster CA (PEM); the "
+                        "certificates it lists are refused")
     p.add_argument("--plaintext", action="store_true",
                    help="no encryption, no authentication (local experiments only)")
     p.add_argument("--no-fsync", action="store_true",
@@ -666,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-results-total", type=int, default=1 << 20, metavar="N",
                      help="write results kept over all sessions, ~200 bytes each "
                           "(default: 1048576)")
+    lim.add_argument("--max-request-bytes", type=int, default=CLIENT_MAX_FRAME,
+                     metavar="BYTES",
+                     help="largest request frame accepted on the client port (default: "
+                          f"{CLIENT_MAX_FRAME}, room for a 1 MiB value)")
+    lim.add_argument("--quota-bytes", type=int, default=0, metavar="BYTES",
+                     help="most bytes of keys and values the store holds; writes past it are "
+                          "refused with 'no_space' (default: 0, no quota; the leader's value "
+                          "applies)")
     lim.add_argument("--max-clients", type=int, default=1024, metavar="N",
                      help="client connections open at once, lowered at start to fit the "
                           "descriptor limit minus --fd-reserve (default: 1024)")
@@ -690,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a failure (default: one line saying what)")
     return p
 
 
@@ -705,7 +744,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
                                      "the certificate file holds the key)")
         if a.plaintext:
             raise ConfigurationError("--plaintext and --tls-* together: choose one")
-        tls = TlsConfig.from_files(a.tls_ca, a.tls_cert, a.tls_key)
+        for opt, path in (("--tls-ca", a.tls_ca), ("--tls-cert", a.tls_cert),
+                          ("--tls-key", a.tls_key), ("--tls-crl", a.tls_crl)):
+            if path and not os.path.isfile(path):
+                raise ConfigurationError(f"{opt} {path}: no such file; give the path of a "
+                                         f"PEM file")
+        check_own_certificate(a.tls_cert, node_id)
+        tls = TlsConfig.from_files(a.tls_ca, a.tls_cert, a.tls_key,
+                                   min_version=a.tls_min_version, crl_file=a.tls_crl)
     et = a.election_timeout
     ping = a.ping_timeout if a.ping_timeout is not None else et / 5
     idle = a.idle_timeout if a.idle_timeout is not None else max(1.0, 4 * et)
@@ -723,6 +769,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         election_timeout=et, ping_timeout=ping, append_timeout=a.append_timeout,
         read_timeout=a.read_timeout,
         max_sessions=a.max_sessions, max_results_total=a.max_results_total,
+        max_request_bytes=a.max_request_bytes, quota_bytes=a.quota_bytes, debug=a.debug,
         max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
@@ -750,32 +797,38 @@ async def _main(cfg: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a node from the command line. A mistake on the command line prints one line
+    naming the option and exits 2; a failure at run time prints one line and exits 1 (3 if
+    the data directory is in use); ``--debug`` adds the traceback."""
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO,
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(args)
     except (UsageError, ValueError) as e:
+        if debug:
+            logger.exception("bad command line")
         print(f"tinyraftplus.server: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         trio.run(_main, cfg)
-    except LogLockedError as e:
-        logger.error("%s", e)
-        return EXIT_LOCKED
-    except BaseExceptionGroup as eg:
-        locked = eg.subgroup(LogLockedError)
-        if locked is not None:
-            logger.error("%s", _first(locked))
-            return EXIT_LOCKED
-        logger.exception("node %r failed", cfg.node_id)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception:
-        logger.exception("node %r failed", cfg.node_id)
-        return EXIT_FAILED
+    except BaseException as e:
+        err = _single(e)
+        if isinstance(err, KeyboardInterrupt):
+            return EXIT_OK
+        if isinstance(e, BaseExceptionGroup) and e.subgroup(LogLockedError) is not None:
+            err = _first(e.subgroup(LogLockedError))
+        if not isinstance(err, Exception):
+            raise
+        if debug or not isinstance(err, (TinyRaftError, OSError)):
+            logger.error("node %r failed", cfg.node_id, exc_info=err)
+        print(f"tinyraftplus.server: node {cfg.node_id}: {err}", file=sys.stderr)
+        return EXIT_LOCKED if isinstance(err, LogLockedError) else EXIT_FAILED
     return EXIT_OK
 
 

@@ -84,15 +84,19 @@ def encode_write(client_id: int, seq: int, ack: int, op: str, key: bytes,
 
 
 def encode_register(owner: str = "", *, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                    max_results_total: int = DEFAULT_MAX_RESULTS_TOTAL) -> bytes:
+                    max_results_total: int = DEFAULT_MAX_RESULTS_TOTAL,
+                    quota_bytes: int = 0) -> bytes:
     """The log command that opens a session for ``owner``; its result is ``("ok", id)``, the
-    session id (the command's log seq). The bounds are those the store applies from this
-    entry on (carried in the log so that every replica evicts alike)."""
+    session id (the command's log seq). The bounds (and the store's quota, 0 for none) are
+    those the store applies from this entry on: carried in the log so that every replica
+    decides alike."""
     check_owner(owner)
     for name, v in (("max_sessions", max_sessions), ("max_results_total", max_results_total)):
         if type(v) is not int or not 1 <= v <= MAX_CLIENT_ID:
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
-    return msgpack.packb(["register", owner, max_sessions, max_results_total],
+    if type(quota_bytes) is not int or not 0 <= quota_bytes <= MAX_CLIENT_ID:
+        raise InvalidArgumentError(f"quota_bytes must be an int >= 0, got {quota_bytes!r}")
+    return msgpack.packb(["register", owner, max_sessions, max_results_total, quota_bytes],
                          use_bin_type=True)
 
 
@@ -167,6 +171,10 @@ class KVStore:
         self._max_results = max_results
         self._max_results_total = max_results_total
         self._results_total = 0
+        self.data_bytes = 0
+        """Bytes of keys and values held."""
+        self.quota_bytes = 0
+        """Most bytes of keys and values (0: none); set by register commands."""
 
     # --- RaftNode's state machine interface ----------------------------------------------
 
@@ -192,9 +200,11 @@ class KVStore:
     def _apply_one(self, buf: bytes, seq: int) -> Result:
         try:
             cmd = msgpack.unpackb(buf, raw=False, max_array_len=8, max_map_len=0)
-            if type(cmd) is list and len(cmd) == 4 and cmd[0] == "register":
-                _, owner, max_sessions, max_total = cmd
-                encode_register(owner, max_sessions=max_sessions, max_results_total=max_total)
+            if type(cmd) is list and len(cmd) == 5 and cmd[0] == "register":
+                _, owner, max_sessions, max_total, quota = cmd
+                encode_register(owner, max_sessions=max_sessions, max_results_total=max_total,
+                                quota_bytes=quota)
+                self.quota_bytes = quota
                 return self._register(owner, max_sessions, max_total, seq)
             if type(cmd) is not list or len(cmd) not in (6, 7):
                 raise InvalidArgumentError("not a [client, seq, ack, op, key, value, owner] "
@@ -269,22 +279,28 @@ class KVStore:
 
     def _do(self, op: str, key: bytes, value: bytes | None, seq: int) -> Result:
         data = self.data
-        if op == "put":
-            assert value is not None
-            data[key] = value
-            return ("ok", seq)
-        if op == "append":
-            assert value is not None
-            old = data.get(key, b"")
-            if len(old) + len(value) > MAX_VALUE:
-                return ("err", "too_large",
-                        f"append would make the value {len(old) + len(value)} bytes, over "
-                        f"the limit of {MAX_VALUE}; not applied")
-            new = old + value
-            data[key] = new
-            return ("ok", len(new))
-        existed = data.pop(key, None) is not None
-        return ("ok", existed)
+        old = data.get(key)
+        before = 0 if old is None else len(key) + len(old)
+        if op == "delete":
+            if old is not None:
+                del data[key]
+                self.data_bytes -= before
+            return ("ok", old is not None)
+        assert value is not None
+        new = value if op == "put" or old is None else old + value
+        if len(new) > MAX_VALUE:
+            return ("err", "too_large",
+                    f"append would make the value {len(new)} bytes, over the limit of "
+                    f"{MAX_VALUE}; not applied")
+        grown = self.data_bytes - before + len(key) + len(new)
+        if self.quota_bytes and grown > self.quota_bytes and grown > self.data_bytes:
+            return ("err", "no_space",
+                    f"the store holds {self.data_bytes} bytes and this {op} would make it "
+                    f"{grown}, over its quota of {self.quota_bytes} (--quota-bytes); delete "
+                    f"keys or raise the quota. Not applied")
+        data[key] = new
+        self.data_bytes = grown
+        return ("ok", seq if op == "put" else len(new))
 
 
 __all__ = ["KVStore", "encode_write", "encode_register", "check_write", "check_key",
