@@ -460,3 +460,78 @@ async def test_silent_strangers_cannot_keep_a_restarted_node_from_its_peers(tmp_
     finally:
         stop = True
         cl.kill_all()
+
+
+async def test_sighup_reloads_the_certificate_and_expired_client_certs_are_cut(tmp_path):
+    """Production extras: a node's certificate replaced on disk and SIGHUP: new connections
+    get the new one without a restart (a bad file is refused and changes nothing); a client
+    connection ends when its certificate expires (before the fix it lived on)."""
+    import datetime
+    import signal
+
+    ca = trustme.CA()
+    cl = ProcCluster(tmp_path, ids=[1])
+    cl.certs = write_certs(tmp_path / "certs", cl.ids, ca)
+    await cl.start(1)
+    try:
+        addr = cl.client_addr[1]
+        ctx = client_context(cl.certs)
+        s = await open_tls(addr, ctx)
+        old_serial = s.getpeercert()["serialNumber"]
+        new = ca.issue_cert("node-1.tinyraftplus")
+        new.cert_chain_pems[0].write_to_path(str(cl.certs["cert-1"]))
+        new.private_key_pem.write_to_path(str(cl.certs["key-1"]))
+        cl.signal(1, signal.SIGHUP)
+        with trio.fail_after(10):
+            while "reloaded the TLS certificate" not in cl.stderr(1):
+                await trio.sleep(0.05)
+        s2 = await open_tls(addr, ctx)
+        assert s2.getpeercert()["serialNumber"] != old_serial
+        # A certificate naming another node: kept the current one.
+        other = ca.issue_cert("node-2.tinyraftplus")
+        other.cert_chain_pems[0].write_to_path(str(cl.certs["cert-1"]))
+        other.private_key_pem.write_to_path(str(cl.certs["key-1"]))
+        cl.signal(1, signal.SIGHUP)
+        with trio.fail_after(10):
+            while "kept the current certificate" not in cl.stderr(1):
+                await trio.sleep(0.05)
+        s3 = await open_tls(addr, ctx)
+        assert s3.getpeercert()["serialNumber"] == s2.getpeercert()["serialNumber"]
+        # A client whose certificate expires in 3 s is disconnected then.
+        soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=3)
+        brief = ca.issue_cert("brief.tinyraftplus", not_after=soon)
+        brief.cert_chain_pems[0].write_to_path(str(tmp_path / "brief.crt"))
+        brief.private_key_pem.write_to_path(str(tmp_path / "brief.key"))
+        r = await Raw.open(addr, client_ssl_context(cl.certs["ca"], tmp_path / "brief.crt",
+                                                    tmp_path / "brief.key"))
+        assert (await r.call(encode_status))[0] == "ok"
+        t0 = trio.current_time()
+        assert await closed_by_server(r.s, timeout=8)
+        assert trio.current_time() - t0 < 6
+    finally:
+        cl.kill_all()
+
+
+async def test_quota_refuses_writes_with_no_space_and_values_are_capped(tmp_path):
+    """Production extras and Lower 8: with --quota-bytes the store refuses writes past it
+    with no_space (a delete makes room); append cannot grow a value past 1 MiB (before:
+    three appends made a 3 MiB value the client could not read, each copying the whole)."""
+    from tinyraftplus.errors import RaftError
+
+    cl = ProcCluster(tmp_path, ids=[1], extra=["--quota-bytes", "1500000"])
+    await cl.start(1)
+    try:
+        async with cl.client() as c:
+            await c.put(b"a", b"x" * 900_000)
+            with pytest.raises(RaftError, match="no_space"):
+                await c.put(b"b", b"y" * 700_000)
+            await c.delete(b"a")
+            await c.put(b"b", b"y" * 1_000_000)
+            with pytest.raises(RaftError, match="too_large"):
+                await c.append(b"b", b"z" * 100_000)
+            with pytest.raises(RaftError, match="no_space"):
+                await c.put(b"c", b"z" * 600_000)
+            assert len(await c.get(b"b")) == 1_000_000
+            assert (await c.status())["data_bytes"] == 1_000_001
+    finally:
+        cl.kill_all()

@@ -44,6 +44,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ from ..errors import (
 from ..log import FsLog
 from ..node import RaftNode
 from ..transport.tcp import TcpTransport
-from ..transport.tls import TlsConfig, check_own_certificate
+from ..transport.tls import TlsConfig, cert_expiry, check_own_certificate
 from ..transport.wire import FrameDecoder
 from .client import (
     CLIENT_MAX_FRAME,
@@ -268,6 +269,25 @@ class Server:
             with trio.CancelScope(shield=True):
                 await log.close()
 
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate, key and CA files again (SIGHUP): new connections, peer
+        and client, use them; established ones keep theirs until the other side's
+        certificate expires. A file that cannot be used is reported and changes nothing."""
+        tls = self.config.tls
+        if tls is None or tls.files is None:
+            logger.warning("node %r: SIGHUP: no TLS files to reload", self.config.node_id)
+            return False
+        try:
+            check_own_certificate(tls.files[1], self.config.node_id)
+            tls.reload()
+        except TinyRaftError as e:
+            logger.error("node %r: SIGHUP: kept the current certificate: %s",
+                         self.config.node_id, e)
+            return False
+        logger.info("node %r: SIGHUP: reloaded the TLS certificate, key and CA from %s",
+                    self.config.node_id, ", ".join(f for f in tls.files if f))
+        return True
+
     def _on_change(self, ev: Any) -> None:
         logger.info("node %r: %s, leader %r, term %s", self.config.node_id,
                     ev.state, ev.leader, ev.term)
@@ -330,11 +350,20 @@ class Server:
                 await trio.aclose_forcefully(stream)
                 return
         owner = ""
+        expires = math.inf
         if isinstance(stream, trio.SSLStream):
-            owner = cert_identity(stream.getpeercert())
+            cert = stream.getpeercert()
+            owner = cert_identity(cert)
+            at = cert_expiry(cert)
+            if at is not None:  # wall clock to trio clock
+                expires = trio.current_time() + (at - time.time())
         self.clients += 1
         try:
-            await _ClientConnection(self, stream, where, owner).run()
+            with trio.move_on_at(expires) as expired:
+                await _ClientConnection(self, stream, where, owner).run()
+            if expired.cancelled_caught:
+                logger.info("node %r: closed the connection with %s: its certificate expired",
+                            self.config.node_id, where)
         except Exception:  # a bug of ours: drop this connection, keep serving the others
             logger.exception("node %r: internal error serving %s", self.config.node_id, where)
         finally:
@@ -784,11 +813,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
 
 async def _main(cfg: ServerConfig) -> None:
     server = Server(cfg)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(server.serve)
             print(info.ready_line(), flush=True)
             async for sig in signals:
+                if sig == signal.SIGHUP:
+                    server.reload_tls()
+                    continue
                 logger.info("node %r: %s received, stopping", cfg.node_id,
                             signal.Signals(sig).name)
                 nursery.cancel_scope.cancel()

@@ -69,7 +69,14 @@ from ..errors import (
     UsageError,
 )
 from ..raft.messages import Message, NodeId
-from .tls import TlsConfig, cert_dns_names, cert_names_node, check_distinct_names, node_dns_name
+from .tls import (
+    TlsConfig,
+    cert_dns_names,
+    cert_expiry,
+    cert_names_node,
+    check_distinct_names,
+    node_dns_name,
+)
 from .wire import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_FRAME,
@@ -731,11 +738,20 @@ class TcpTransport:
             peer.stats.connects += 1
             peer.up.set()
             logger.info("node %r: connected to %s", self.node_id, conn.where)
+            expires = math.inf
+            if isinstance(conn.stream, trio.SSLStream):
+                at = cert_expiry(conn.stream.getpeercert())
+                if at is not None:  # wall clock to trio clock
+                    expires = trio.current_time() + (at - time.time())
             try:
-                async with trio.open_nursery() as nursery:
-                    conn.nursery = nursery
-                    nursery.start_soon(self._writer, peer, conn)
-                    nursery.start_soon(self._reader, peer, conn)
+                with trio.move_on_at(expires) as expired:
+                    async with trio.open_nursery() as nursery:
+                        conn.nursery = nursery
+                        nursery.start_soon(self._writer, peer, conn)
+                        nursery.start_soon(self._reader, peer, conn)
+                if expired.cancelled_caught and conn.reason is None:
+                    conn.reason = TransportError(
+                        "the peer's certificate expired: closed (a redial needs a valid one)")
             finally:
                 if peer.scope is scope:
                     peer.scope = None
