@@ -244,3 +244,44 @@ def test_every_server_option_has_help_text():
 
     for action in build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+async def test_client_errors_say_what_happened(tmp_path):
+    """Issue 12: a plaintext client against a TLS node is told so at once (it used to say
+    'could not connect' after 10 s); a TLS client against a plaintext node is told the node
+    does not speak TLS; a get that cannot be served does not talk about writes."""
+    from tinyraftplus.errors import ConfigurationError, NoLeaderError
+    from tinyraftplus.kv.client import client_ssl_context
+
+    for d in ("tls", "plain", "two"):
+        (tmp_path / d).mkdir()
+    cl = ProcCluster(tmp_path / "tls", [1])
+    plain = ProcCluster(tmp_path / "plain", [1], tls=False)
+    try:
+        with trio.fail_after(60):
+            await cl.start(1)
+            await plain.start(1)
+            t0 = trio.current_time()
+            async with Client([cl.client_addr[1]], plaintext=True, timeout=10) as c:
+                with pytest.raises(ConfigurationError, match="speaks TLS"):
+                    await c.put("k", "v")
+            assert trio.current_time() - t0 < 3
+            ctx = client_ssl_context(cl.certs["ca"], cl.certs["cert-client"],
+                                     cl.certs["key-client"])
+            async with Client([plain.client_addr[1]], tls=ctx, timeout=1.5,
+                              connect_timeout=0.5) as c:
+                with pytest.raises(TransportError, match="does not speak TLS"):
+                    await c.get("k")
+        # A get with no quorum: a two-node cluster with one node.
+        two = ProcCluster(tmp_path / "two", [1, 2])
+        try:
+            await two.start(1)
+            async with two.client([1], timeout=1.5) as c:
+                with pytest.raises(NoLeaderError) as ei:
+                    await c.get("k")
+                assert "write" not in str(ei.value) and "read was not served" in str(ei.value)
+        finally:
+            two.kill_all()
+    finally:
+        cl.kill_all()
+        plain.kill_all()

@@ -62,11 +62,15 @@ import logging
 import os
 import random
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 from ..errors import (
     ConfigurationError,
@@ -79,7 +83,7 @@ from ..errors import (
     TransportError,
     UsageError,
 )
-from ..transport.tls import DNS_SUFFIX
+from ..transport.tls import DNS_SUFFIX, cert_dns_names, cert_names_node
 from ..transport.wire import FrameDecoder, frame, show_value
 from .store import MAX_CLIENT_ID, MAX_VALUE, check_key, check_write
 
@@ -101,6 +105,34 @@ RECEIVE_SIZE = 256 * 1024
 
 Address = tuple[str, int]
 _EXPIRED = "session expired: "
+
+
+_REFUSED = "connection refused"
+
+
+def _connect_error(e: BaseException, in_tls_handshake: bool) -> str:
+    """What went wrong in a connection attempt, in words a user can act on."""
+    if isinstance(e, trio.TooSlowError):
+        return "no answer in time"
+    causes: list[BaseException] = [e]
+    c = e.__cause__ or e.__context__
+    if isinstance(c, BaseExceptionGroup):
+        causes = list(c.exceptions)
+    elif c is not None:
+        causes = [c]
+    if causes and all(isinstance(x, ConnectionRefusedError) for x in causes):
+        return _REFUSED
+    if in_tls_handshake:
+        text = f"{causes[0]}"
+        if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+            return ("the TLS handshake failed: the server does not speak TLS (started with "
+                    "--plaintext? then use plaintext=True)")
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return ("the TLS handshake failed: the server's certificate is not signed by the "
+                    "CA this client trusts")
+        return (f"the TLS handshake failed ({type(causes[0]).__name__}: {text[:200]}); does "
+                f"the server accept this client's certificate?")
+    return f"{type(causes[0]).__name__}: {str(causes[0])[:200]}"
 
 
 class SessionExpiredError(RaftError):
@@ -304,6 +336,8 @@ class _Conn:
         self.error = ""
         self.scope = trio.CancelScope()
         self.node_id: Any = None
+        self.fatal = False
+        """Closed for a reason retrying cannot mend (plaintext against TLS)."""
 
     def send(self, rid: int, data: bytes, deadline: float) -> _Waiter:
         """Queue a request; its waiter gets the answer, or code ``"timeout"`` from the
@@ -373,8 +407,18 @@ class _Conn:
             if not data:
                 self.close(f"{self.addr[0]}:{self.addr[1]} closed the connection")
                 return
+            if decoder.offset == 0 and data[:2] in (b"\x15\x03", b"\x16\x03"):
+                self.fatal = True
+                self.close(f"{self.addr[0]}:{self.addr[1]} answered in TLS: its client port "
+                           f"speaks TLS and this client runs with plaintext=True; use "
+                           f"tls=client_ssl_context(ca, cert, key)")
+                return
             for payload in decoder.feed(data):
                 rid, code, body = _decode_response(payload)
+                if rid == 0 and code != "ok":  # about the connection, not a request
+                    self.fatal = code == "tls_required"
+                    self.close(f"{self.addr[0]}:{self.addr[1]}: {show_value(body, 300)}")
+                    return
                 w = self.pending.pop(rid, None)
                 if w is not None:
                     w.set(code, body)
@@ -435,6 +479,8 @@ class Client:
         self.addresses = addrs
         self.client_id: int | None = None
         self._registering: trio.Event | None = None
+        self._connect_errors: dict[Address, str] = {}
+        """Why the last connection attempt to each address failed."""
         self.timeout = float(timeout)
         self.attempt_timeout = float(attempt_timeout)
         self.connect_timeout = float(connect_timeout)
@@ -496,13 +542,14 @@ class Client:
         """The value of ``key`` (``None`` if absent), read linearizably."""
         k = _as_bytes(key, "key")
         check_key(k)
-        return await self._call(lambda rid: encode_get(rid, k))  # type: ignore[no-any-return]
+        return await self._call(  # type: ignore[no-any-return]
+            lambda rid: encode_get(rid, k), "read")
 
     async def status(self, address: str | Address | None = None) -> dict[str, Any]:
         """The status of one node (its view: id, state, leader, term, commit and apply
         seq, ...): the node at ``address``, or whichever the client is connected to."""
         if address is None:
-            return await self._call(encode_status)  # type: ignore[no-any-return]
+            return await self._call(encode_status, "other")  # type: ignore[no-any-return]
         addr = parse_address(address)
         with trio.fail_after(self.attempt_timeout):
             st = await self._status_of(addr)
@@ -585,17 +632,20 @@ class Client:
         self._next_rid += 1
         return self._next_rid
 
-    async def _call(self, build: Callable[[int], bytes]) -> Any:
+    async def _call(self, build: Callable[[int], bytes], what: str = "write") -> Any:
+        """Send a request (``build(rid)``) until answered, retrying elsewhere; ``what``
+        ("write", "read" or "other") words the error when it gives up."""
         deadline = trio.current_time() + self.timeout
         last: TinyRaftError | None = None
         reached = False
         attempt = 0
         seek = 0  # rounds spent looking for a leader since the last failure
         seek_until = 0.0
+        refused_rounds = 0
         while True:
             now = trio.current_time()
             if now >= deadline:
-                raise self._give_up(last, reached)
+                raise self._give_up(last, reached, what)
             if attempt:
                 delay = min(self.backoff_max, 0.01 * 2 ** min(attempt + seek, 10))
                 await trio.sleep(min(self._rng.uniform(delay / 2, delay),
@@ -616,8 +666,20 @@ class Client:
             if conn is None or conn.closed:
                 conn = await self._connection(deadline)
             if conn is None:
-                last = TransportError("could not connect to " + self._addrs_text())
+                errs = [self._connect_errors.get(a, "") for a in self.addresses]
+                if all(e.startswith(_REFUSED) for e in errs):
+                    refused_rounds += 1
+                    if refused_rounds >= 2:  # nothing listens anywhere: say so now
+                        raise TransportError(
+                            f"every node refused the connection ({self._addrs_text()}): "
+                            f"nothing listens there. Are the servers running, and are these "
+                            f"their client ports?")
+                else:
+                    refused_rounds = 0
+                why = "; ".join(sorted({e for e in errs if e})) or "no answer"
+                last = TransportError(f"could not connect to {self._addrs_text()} ({why})")
                 continue
+            refused_rounds = 0
             rid = self._rid()
             w = conn.send(rid, build(rid),
                           min(deadline, trio.current_time() + self.attempt_timeout))
@@ -638,6 +700,8 @@ class Client:
                     f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
                     f"{self.attempt_timeout}s")
             elif code == "closed":
+                if conn.fatal:
+                    raise ConfigurationError(str(body))
                 last = TransportError(str(body))
             elif code in RETRYABLE:
                 reached = True
@@ -656,18 +720,22 @@ class Client:
             seek = 1
             seek_until = trio.current_time() + self.attempt_timeout
 
-    def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
+    def _give_up(self, last: TinyRaftError | None, reached: bool,
+                 what: str) -> TinyRaftError:
         if not reached:
             return TransportError(
                 f"no node answered within {self.timeout}s ({self._addrs_text()}): connections "
-                f"failed, were closed (a TLS certificate the servers refuse?) or got no reply. "
-                f"Are the servers running, and are these their client ports?"
-                + (f" Last error: {last}" if last else "")
+                f"failed, were closed or got no reply. Are the servers running, and are these "
+                f"their client ports?" + (f" Last error: {last}" if last else "")
             )
+        outcome = {
+            "read": "The read was not served; it changed nothing.",
+            "write": "The write may or may not have been applied.",
+        }.get(what, "Nothing was changed.")
         return NoLeaderError(
             f"no quorum: the request did not complete within {self.timeout}s "
             f"(nodes: {self._addrs_text()}). A majority of the nodes must be up and able to "
-            f"reach each other. Last error: {last}. A write may or may not have been applied."
+            f"reach each other. Last error: {last}. {outcome}"
         )
 
     def _addrs_text(self) -> str:
@@ -702,8 +770,8 @@ class Client:
             for a in self.addresses:
                 n.start_soon(one, a)
         # A node that says it leads is believed over one that names another leader.
-        claims = [(st.get("term", 0), addr) for addr, st in statuses.items()
-                  if st.get("state") == "leader"]
+        claims = [(st["term"], addr) for addr, st in statuses.items()
+                  if st.get("state") == "leader" and type(st.get("term")) is int]
         if claims:
             # Two claims happen for a moment (a deposed leader that has not heard yet):
             # the higher term is the real one.
@@ -720,7 +788,20 @@ class Client:
         await w.event.wait()
         if w.code != "ok" or not isinstance(w.payload, dict):
             return None
-        conn.node_id = w.payload.get("id")
+        node_id = w.payload.get("id")
+        stream = conn.stream
+        if isinstance(stream, trio.SSLStream) and not (
+                isinstance(node_id, (int, str))
+                and cert_names_node(stream.getpeercert(), node_id)):
+            # A node's certificate names the node: one that says it is another is not to
+            # be believed (nor sent to).
+            why = (f"{addr[0]}:{addr[1]} says it is node {show_value(node_id)} but its "
+                   f"certificate names {', '.join(cert_dns_names(stream.getpeercert()))}")
+            logger.warning("refusing %s", why)
+            self._connect_errors[addr] = why
+            conn.close(why)
+            return None
+        conn.node_id = node_id
         return w.payload
 
     async def _connection(self, deadline: float) -> _Conn | None:
@@ -773,13 +854,17 @@ class Client:
                 tls = trio.SSLStream(tcp, self._tls, server_hostname=None)
                 await tls.do_handshake()
             if not _names_a_node(tls.getpeercert()):
-                logger.warning("refusing %s:%d: its certificate does not name a node "
-                               "(node-<id>%s)", host, port, DNS_SUFFIX)
+                why = f"its certificate does not name a node (node-<id>{DNS_SUFFIX})"
+                self._connect_errors[addr] = why
+                logger.warning("refusing %s:%d: %s", host, port, why)
                 await trio.aclose_forcefully(tls)
                 return None
+            self._connect_errors.pop(addr, None)
             return tls
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-            logger.debug("cannot connect to %s:%d: %r", host, port, e)
+            why = _connect_error(e, tcp is not None and self._tls is not None)
+            self._connect_errors[addr] = why
+            logger.debug("cannot connect to %s:%d: %s", host, port, why)
             if tcp is not None:
                 await trio.aclose_forcefully(tcp)
             return None

@@ -347,6 +347,16 @@ class Server:
                        f"{self.config.handshake_timeout}s" if isinstance(e, trio.TooSlowError)
                        else f"TLS handshake failed ({type(e).__name__}: {e.__cause__ or e})")
                 self._refusal_log("node %r: refused %s: %s", self.config.node_id, where, why)
+                if "WRONG_VERSION_NUMBER" in why or "HTTP_REQUEST" in why:
+                    # Plaintext on a TLS port: say so in the client protocol, so that a
+                    # plaintext client reports the cause, not "could not connect".
+                    with trio.move_on_after(1):
+                        try:
+                            await tcp.send_all(encode_response(0, "tls_required", (
+                                "this node's client port speaks TLS and this client sent "
+                                "plaintext: use tls=client_ssl_context(ca, cert, key)")))
+                        except _NET_ERRORS:
+                            pass
                 await trio.aclose_forcefully(stream)
                 return
         owner = ""
@@ -521,6 +531,14 @@ class _ClientConnection:
                         f"the connection ended inside a frame ({decoder.buffered} bytes of "
                         f"an incomplete frame)")
                 return
+            if decoder.offset == 0 and not decoder.buffered and data[:2] == b"\x16\x03" \
+                    and not isinstance(self.stream, trio.SSLStream):
+                # A TLS ClientHello on a plaintext port: answer in plaintext (the client's
+                # TLS stack reports "not TLS"), and say so here.
+                with trio.move_on_after(1):
+                    await self.stream.send_all(encode_response(0, "plaintext_only", (
+                        "this node runs with --plaintext: use Client(..., plaintext=True)")))
+                raise ProtocolError("it speaks TLS, but this node runs with --plaintext")
             was_buffered = decoder.buffered
             payloads = decoder.feed(data)
             if decoder.buffered and (payloads or not was_buffered):
