@@ -535,3 +535,100 @@ async def test_quota_refuses_writes_with_no_space_and_values_are_capped(tmp_path
             assert (await c.status())["data_bytes"] == 1_000_001
     finally:
         cl.kill_all()
+
+
+# --- at the scale of the review, with the RSS each attack leaves (pytest -m slow -s) ------
+
+
+@pytest.mark.slow
+async def test_attacks_at_review_scale_stay_within_the_documented_rss_bound(tmp_path):
+    """The review's attacks at its scale against one node of a three-node cluster, one
+    after the other, printing the leader's RSS after each (the figures in the README's
+    "Threat model and limits"); each must leave the node under 256 MB and serving."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    cl = ProcCluster(tmp_path, extra=["--frame-timeout", "10", "--answer-timeout", "10"])
+    await cl.start_all()
+    held: list = []
+    ctx = client_context(cl.certs)
+    figures: dict[str, int] = {}
+    try:
+        async with cl.client() as c:
+            lid, _ = await cl.leader(c)
+            pid = cl.procs[lid].pid
+            addr = cl.client_addr[lid]
+            figures["idle"] = rss(pid)
+            await c.put(b"big", b"v" * MB)
+
+            probe = await Raw.open(addr, ctx)
+
+            async def check(name: str) -> None:
+                figures[name] = rss(pid)
+                t = trio.current_time()
+                await probe.call(encode_status)
+                lag = trio.current_time() - t
+                print(f"{name}: leader RSS {figures[name] / MB:.0f} MB, "
+                      f"{nfds(pid)} descriptors, status answered in {lag * 1000:.0f} ms")
+                assert figures[name] < 256 * MB, name
+                try:
+                    await c.put(b"alive", name.encode())
+                except SessionExpiredError:  # the session flood evicted ours: as documented
+                    await c.put(b"alive", name.encode())
+
+            # 1. answers never read: 1 MiB gets and statuses, 20 connections each
+            for req in (encode_get(1, b"big"), encode_status(1)):
+                streams = [await open_tls(addr, ctx) for _ in range(20)]
+                for s in streams:
+                    await flood_without_reading(s, req, pid, max_bytes=4 * MB,
+                                                rss_limit=1 << 40)
+                await check("unread answers (" + ("get 1 MiB" if req[12:13] else "status")
+                            + ", 20 connections)")
+                for s in streams:
+                    s.transport_stream.socket.close()
+            # 2. 1,100 idle authenticated connections from five addresses (each may hold
+            # 256): the node holds them (up to --max-clients) and keeps its descriptors
+            for i in range(1100):
+                try:
+                    with trio.move_on_after(2):
+                        tcp = await trio.open_tcp_stream(
+                            *addr, local_address=f"127.0.0.{2 + i % 5}")
+                        s = trio.SSLStream(tcp, ctx, server_hostname=None)
+                        await s.do_handshake()
+                        held.append(s)
+                except (OSError, trio.BrokenResourceError):
+                    pass
+            await check(f"{len(held)} idle TLS connections")
+            for s in held:
+                s.transport_stream.socket.close()
+            held.clear()
+            await trio.sleep(1)
+            # 3. 150 connections trickling a 1 MiB frame (the frame deadline cuts them)
+            trickle = [await open_tls(addr, ctx) for _ in range(150)]
+            body = frame(msgpack.packb([1, 3, 9, 1, 1, 1, "put", b"k", b"v" * (MB - 64)],
+                                       use_bin_type=True))
+            for s in trickle:
+                await s.send_all(body[:MB // 2])
+            await check("150 half-sent 1 MiB frames")
+            for s in trickle:
+                s.transport_stream.socket.close()
+            # 4. 12,000 sessions registered (the store keeps 10,000)
+            r = await Raw.open(addr, ctx)
+            for _ in range(12_000):
+                r.rid += 1
+                await r.s.send_all(encode_register_request(r.rid))
+            await r.call(encode_status)
+            await trio.sleep(2)
+            await check("12,000 sessions registered")
+            # 5. 2 MiB hostile msgpack frames, 40 of them
+            for _ in range(10):
+                for p in _hostile_payloads():
+                    s = await open_tls(addr, ctx)
+                    await s.send_all(frame(p))
+                    await closed_by_server(s, timeout=10)
+            await check("40 hostile msgpack frames")
+    finally:
+        for s in held:
+            s.transport_stream.socket.close()
+        cl.kill_all()

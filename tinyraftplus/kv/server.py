@@ -121,8 +121,11 @@ class ServerConfig:
     ping_timeout: float = 0.1
     append_timeout: float = 5.0
     read_timeout: float = 5.0
-    max_inflight: int = 4096
+    max_inflight: int = 1024
     """Requests of one client connection being processed at once (reading pauses beyond)."""
+    max_inflight_total: int = 2048
+    """Requests of all client connections together processed at once: the node's own work
+    (one ReadIndex or log entry each) is bounded whatever the number of connections."""
     answer_budget: int = 4 << 20
     """Bytes of answers one client connection may have waiting to be written: beyond it the
     server stops reading that connection's requests until the client reads its answers."""
@@ -165,6 +168,7 @@ class ServerConfig:
                 "to run unencrypted and unauthenticated on purpose (local experiments only)"
             )
         for opt, v in (("--max-inflight", self.max_inflight),
+                       ("--max-inflight-total", self.max_inflight_total),
                        ("--max-sessions", self.max_sessions),
                        ("--max-results-total", self.max_results_total),
                        ("--max-request-bytes", self.max_request_bytes),
@@ -207,6 +211,10 @@ class Server:
         self.bad_connections = 0
         """Client connections closed for bad input or a failed TLS handshake."""
         self.clients = 0
+        self.inflight_total = 0
+        """Requests of all client connections in progress."""
+        self.room = trio.Event()
+        """Set (and replaced) when requests finish: readers waiting for the global limit."""
         self.limits = ConnectionLimits(config.max_clients, config.max_clients_per_source,
                                        config.fd_reserve)
         self._refusal_log = RateLimitedLog(logger)
@@ -501,6 +509,8 @@ class _ClientConnection:
         max_inflight = self.server.config.max_inflight
         budget = self.server.config.answer_budget
         cfg = self.server.config
+        server = self.server
+        total_max = cfg.max_inflight_total
         frame_deadline = math.inf
         while True:
             while self.inflight >= max_inflight or self.out_bytes >= budget:
@@ -553,6 +563,13 @@ class _ClientConnection:
                     while self.inflight >= max_inflight or self.out_bytes >= budget:
                         self.room = trio.Event()
                         await self.room.wait()
+                if server.inflight_total + len(writes) >= total_max:
+                    self._start_writes(writes)
+                    writes = []
+                    while server.inflight_total >= total_max:
+                        if server.room.is_set():
+                            server.room = trio.Event()
+                        await server.room.wait()
                 req = decode_request(payload)
                 tag, rid = req[1], req[2]
                 if tag == TAG_STATUS:
@@ -576,6 +593,7 @@ class _ClientConnection:
     def _start(self, fn: Any, *args: Any, n: int = 1) -> None:
         assert self.nursery is not None
         self.inflight += n
+        self.server.inflight_total += n
         self.nursery.start_soon(self._run_one, fn, args, n)
 
     async def _run_one(self, fn: Any, args: tuple[Any, ...], n: int) -> None:
@@ -583,7 +601,9 @@ class _ClientConnection:
             await fn(*args)
         finally:
             self.inflight -= n
+            self.server.inflight_total -= n
             self.room.set()
+            self.server.room.set()
 
     def _answer(self, rid: int, code: str, payload: Any) -> None:
         size = _answer_size(payload)
@@ -757,8 +777,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="client connections open at once from one address (default: 256)")
     lim.add_argument("--fd-reserve", type=int, default=256, metavar="N",
                      help="descriptors kept for the node's own files and peers (default: 256)")
-    lim.add_argument("--max-inflight", type=int, default=4096, metavar="N",
-                     help="requests of one connection processed at once (default: 4096)")
+    lim.add_argument("--max-inflight", type=int, default=1024, metavar="N",
+                     help="requests of one connection processed at once (default: 1024)")
+    lim.add_argument("--max-inflight-total", type=int, default=2048, metavar="N",
+                     help="requests of all client connections processed at once "
+                          "(default: 2048)")
     lim.add_argument("--answer-budget", type=int, default=4 << 20, metavar="BYTES",
                      help="answers waiting to be written per connection before the server "
                           "stops reading its requests (default: 4194304)")
@@ -818,7 +841,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_sessions=a.max_sessions, max_results_total=a.max_results_total,
         max_request_bytes=a.max_request_bytes, quota_bytes=a.quota_bytes, debug=a.debug,
         max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
-        fd_reserve=a.fd_reserve, max_inflight=a.max_inflight, answer_budget=a.answer_budget,
+        fd_reserve=a.fd_reserve, max_inflight=a.max_inflight,
+        max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
         frame_timeout=a.frame_timeout,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,

@@ -117,6 +117,8 @@ class TlsConfig:
     client_context: ssl.SSLContext
     files: tuple[str, str, str | None] | None = field(default=None, compare=False)
     """``(ca, cert, key)`` when built by :meth:`from_files` (what :meth:`reload` reads)."""
+    crl_file: str | None = field(default=None, compare=False)
+    """The revocation list :meth:`reload` reads again, if any."""
 
     def __post_init__(self) -> None:
         check_context(self.server_context, server=True)
@@ -135,9 +137,17 @@ class TlsConfig:
         ca, cert, key = self.files
         # Load into fresh contexts first, so a bad file changes nothing.
         _context(ssl.Purpose.CLIENT_AUTH, ca, cert, key, key_password)
+        if self.crl_file is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=self.crl_file)
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgumentError(
+                    f"cannot load the revocation list {self.crl_file!r}: {e}") from None
         for ctx in (self.server_context, self.client_context):
             ctx.load_verify_locations(cafile=ca)
             ctx.load_cert_chain(cert, key, key_password)
+            if self.crl_file is not None:  # adds the newly revoked (a CRL only grows)
+                ctx.load_verify_locations(cafile=self.crl_file)
 
     @classmethod
     def from_files(
@@ -175,7 +185,8 @@ class TlsConfig:
             ctxs.append(ctx)
         return cls(server_context=ctxs[0], client_context=ctxs[1],
                    files=(os.fspath(ca_file), os.fspath(cert_file),
-                          None if key_file is None else os.fspath(key_file)))
+                          None if key_file is None else os.fspath(key_file)),
+                   crl_file=None if crl_file is None else os.fspath(crl_file))
 
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
