@@ -632,3 +632,101 @@ async def test_attacks_at_review_scale_stay_within_the_documented_rss_bound(tmp_
         for s in held:
             s.transport_stream.socket.close()
         cl.kill_all()
+
+
+def _write_crl(ca: trustme.CA, revoked_pem: bytes, path: Path) -> None:
+    """A CRL from ``ca`` revoking the certificate ``revoked_pem`` (built with cryptography,
+    which trustme uses)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    revoked = x509.load_pem_x509_certificate(revoked_pem)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - datetime.timedelta(minutes=1))
+               .next_update(now + datetime.timedelta(days=1)))
+    if revoked_pem:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(revoked.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=1)).build())
+    crl = builder.sign(key, hashes.SHA256())
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+async def test_a_revoked_client_certificate_is_refused(tmp_path):
+    """Production extras: with --tls-crl, a client certificate the CA revoked is refused at
+    the handshake while others are served."""
+    ca = trustme.CA()
+    cl = ProcCluster(tmp_path, ids=[1])
+    cl.certs = write_certs(tmp_path / "certs", cl.ids, ca)
+    bad = ca.issue_cert("revoked.tinyraftplus")
+    bad.cert_chain_pems[0].write_to_path(str(tmp_path / "bad.crt"))
+    bad.private_key_pem.write_to_path(str(tmp_path / "bad.key"))
+    _write_crl(ca, bad.cert_chain_pems[0].bytes(), tmp_path / "crl.pem")
+    cl.extra = ["--tls-crl", str(tmp_path / "crl.pem")]
+    await cl.start(1)
+    try:
+        addr = cl.client_addr[1]
+        good = await Raw.open(addr, client_context(cl.certs))
+        assert (await good.call(encode_status))[0] == "ok"
+        revoked_ctx = client_ssl_context(cl.certs["ca"], tmp_path / "bad.crt",
+                                         tmp_path / "bad.key")
+        with pytest.raises((trio.BrokenResourceError, AssertionError)):
+            r = await Raw.open(addr, revoked_ctx)
+            await r.call(encode_status)
+        with trio.fail_after(5):
+            while "refused client" not in cl.stderr(1):
+                await trio.sleep(0.05)
+        assert "revoked" in cl.stderr(1)
+    finally:
+        cl.kill_all()
+
+
+async def test_malformed_status_claims_do_not_break_the_leader_search(monkeypatch):
+    """Lower 10: a node answering status with a term that is not a number used to make
+    Client._refresh raise TypeError from max(); such claims are ignored."""
+    from tinyraftplus.kv.client import Client
+
+    answers = {("127.0.0.1", 1): {"state": "leader", "term": "x"},
+               ("127.0.0.1", 2): {"state": "leader", "term": None},
+               ("127.0.0.1", 3): {"state": "leader", "term": 4}}
+
+    async def fake_status(self, addr):
+        return answers[addr]
+
+    monkeypatch.setattr(Client, "_status_of", fake_status)
+    c = Client(list(answers), plaintext=True)
+    assert await c._refresh() is True
+    assert c.leader_address == ("127.0.0.1", 3)
+
+
+async def test_authz_limits_each_certificate_to_its_key_prefixes(tmp_path):
+    """Medium 4, the optional setting: --authz maps certificate identities to the key
+    prefixes they may read and write; other requests are answered forbidden."""
+    import json
+
+    from tinyraftplus.kv.client import ForbiddenError
+
+    (tmp_path / "authz.json").write_text(json.dumps({
+        "dns:client.tinyraftplus": {"read": ["app/", "shared/"], "write": ["app/"]},
+        "*": {"read": ["shared/"]},
+    }))
+    cl = ProcCluster(tmp_path, ids=[1], extra=["--authz", str(tmp_path / "authz.json")])
+    await cl.start(1)
+    try:
+        async with cl.client() as c:
+            await c.put("app/x", "1")
+            assert await c.get("app/x") == b"1"
+            assert await c.get("shared/y") is None
+            with pytest.raises(ForbiddenError, match="may not write"):
+                await c.put("shared/y", "2")
+            with pytest.raises(ForbiddenError, match="may not read"):
+                await c.get("other")
+            assert await c.get("app/x") == b"1"  # the connection is still fine
+    finally:
+        cl.kill_all()

@@ -135,6 +135,10 @@ def _connect_error(e: BaseException, in_tls_handshake: bool) -> str:
     return f"{type(causes[0]).__name__}: {str(causes[0])[:200]}"
 
 
+class ForbiddenError(RaftError, PermissionError):
+    """The server's ``--authz`` does not let this client's certificate do that."""
+
+
 class SessionExpiredError(RaftError):
     """The cluster evicted this client's session: the write was refused and not applied (an
     earlier attempt of it may have been, before the eviction). The client registers a new
@@ -708,6 +712,8 @@ class Client:
                 last = NoLeaderError(f"{conn.addr[0]}:{conn.addr[1]}: {body}")
             elif code == "bad_request":
                 raise InvalidArgumentError(f"the server refused the request: {body}")
+            elif code == "forbidden":
+                raise ForbiddenError(f"{conn.addr[0]}:{conn.addr[1]} refused: {body}")
             elif code == "err":
                 if isinstance(body, str) and body.startswith("session_expired:"):
                     raise RaftError(_EXPIRED + body)
@@ -871,7 +877,8 @@ class Client:
 
 
 __all__ = [
-    "Client", "SessionExpiredError", "encode_register_request", "client_ssl_context",
+    "Client", "SessionExpiredError", "ForbiddenError", "encode_register_request",
+    "client_ssl_context",
     "parse_address", "decode_request", "encode_response",
     "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
 ]

@@ -71,7 +71,8 @@ from ..log import FsLog
 from ..node import RaftNode
 from ..transport.tcp import TcpTransport
 from ..transport.tls import TlsConfig, cert_expiry, check_own_certificate
-from ..transport.wire import FrameDecoder
+from ..transport.wire import FrameDecoder, show_value
+from .authz import Authorization
 from .client import (
     CLIENT_MAX_FRAME,
     TAG_GET,
@@ -142,6 +143,8 @@ class ServerConfig:
     quota_bytes: int = 0
     """Most bytes of keys and values the store holds (0: no quota)."""
     debug: bool = False
+    authz: Authorization | None = None
+    """Per-identity key-prefix permissions (``--authz FILE``); ``None``: all may do all."""
     max_clients: int = 1024
     """Client connections open at once (lowered at start to fit the descriptor limit)."""
     max_clients_per_source: int = 256
@@ -281,6 +284,14 @@ class Server:
         """Read the TLS certificate, key and CA files again (SIGHUP): new connections, peer
         and client, use them; established ones keep theirs until the other side's
         certificate expires. A file that cannot be used is reported and changes nothing."""
+        authz = self.config.authz
+        if authz is not None:
+            try:
+                authz.reload()
+                logger.info("node %r: SIGHUP: reloaded %s", self.config.node_id, authz.path)
+            except TinyRaftError as e:
+                logger.error("node %r: SIGHUP: kept the current --authz: %s",
+                             self.config.node_id, e)
         tls = self.config.tls
         if tls is None or tls.files is None:
             logger.warning("node %r: SIGHUP: no TLS files to reload", self.config.node_id)
@@ -575,16 +586,30 @@ class _ClientConnection:
                 if tag == TAG_STATUS:
                     self._answer(rid, "ok", self.server.status())
                 elif tag == TAG_GET:
+                    if not self._allowed("read", req[3]):
+                        self._forbid(rid, "read", req[3])
+                        continue
                     self._start(self._get, rid, req[3])
                 elif tag == TAG_REGISTER:
                     self._start(self._register, rid)
                 else:
+                    if not self._allowed("write", req[7]):
+                        self._forbid(rid, "write", req[7])
+                        continue
                     # decode_request validated the fields: pack them as the log command
                     # (the layout encode_write makes) without checking them twice. The
                     # owner is the certificate's, never what the client says.
                     req.append(self.owner)
                     writes.append((rid, packb(req[3:], use_bin_type=True)))
             self._start_writes(writes)
+
+    def _allowed(self, action: str, key: bytes) -> bool:
+        authz = self.server.config.authz
+        return authz is None or authz.allows(self.owner, action, key)
+
+    def _forbid(self, rid: int, action: str, key: bytes) -> None:
+        self._answer(rid, "forbidden", f"{self.owner or 'this client'} may not {action} "
+                                       f"{show_value(key)} (--authz)")
 
     def _start_writes(self, writes: list[tuple[int, bytes]]) -> None:
         for i in range(0, len(writes), BATCH_MAX):
@@ -755,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a linearizable get not served within this long is answered "
                         "'timeout' (default: 5)")
     lim = p.add_argument_group("limits on client connections (see the README's threat model)")
+    p.add_argument("--authz", metavar="FILE",
+                   help="JSON map of client certificate identities to the key prefixes they "
+                        "may read and write (default: every client may do everything)")
     lim.add_argument("--max-sessions", type=int, default=10_000, metavar="N",
                      help="client sessions the store keeps, least recently used out; a "
                           "write in an evicted session is refused, never applied twice "
@@ -840,6 +868,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         read_timeout=a.read_timeout,
         max_sessions=a.max_sessions, max_results_total=a.max_results_total,
         max_request_bytes=a.max_request_bytes, quota_bytes=a.quota_bytes, debug=a.debug,
+        authz=None if a.authz is None else Authorization.from_file(a.authz),
         max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight,
         max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,
