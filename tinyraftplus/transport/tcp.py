@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import sys
 import time
 from collections import deque
@@ -106,6 +107,8 @@ HELLO_MAX_FRAME = 4096
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
 DROP_WARN_INTERVAL = 1.0
+DIAL_REMIND_INTERVAL = 60.0
+"""A peer that stays unreachable is reported again this often (with the attempt count)."""
 REFUSAL_LOG_INTERVAL = 10.0
 """Refused inbound connections are logged at most this often (with a count)."""
 CLOSE_TIMEOUT = 0.5
@@ -147,6 +150,7 @@ class _Peer:
     __slots__ = (
         "id", "addr", "we_dial", "queue", "queued_bytes", "wakeup", "addr_known", "up",
         "scope", "stats", "last_drop_warn", "dropped_since_warn", "dial_failures",
+        "dial_reason", "dial_warned_at",
     )
 
     def __init__(self, node_id: NodeId, addr: Address | None, we_dial: bool) -> None:
@@ -165,6 +169,9 @@ class _Peer:
         self.last_drop_warn = -math.inf
         self.dropped_since_warn = 0
         self.dial_failures = 0
+        self.dial_reason = ""
+        """Why the last dial failed (a new reason is news: logged at WARNING once)."""
+        self.dial_warned_at = -math.inf
 
     def take(self) -> tuple[bytes, int]:
         """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
@@ -208,10 +215,21 @@ class _Conn:
             self.nursery.cancel_scope.cancel()
 
 
+def _reason_key(e: BaseException) -> str:
+    """What a dial failure was, without the parts that change every time (ports)."""
+    return re.sub(r"\d+", "#", str(e))
+
+
 def _describe(e: BaseException) -> str:
-    """An exception and its cause in one line (TLS errors hide the useful part in the cause)."""
-    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    """An exception and its cause in one line (TLS errors hide the useful part in the cause;
+    a failed connect hides it in a group of one attempt per address: the first is shown)."""
     cause = e.__cause__ or e.__context__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        leaf: BaseException = cause
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        return f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     if cause is not None and cause is not e:
         text += f" ({type(cause).__name__}: {cause})"
     return text
@@ -529,14 +547,26 @@ class TcpTransport:
                 conn = await self._dial(peer, peer.addr)
             except (TransportError, ProtocolError) as e:
                 peer.dial_failures += 1
-                # The first failure after a success is news; the rest while a peer is down
-                # are not.
-                if peer.dial_failures == 1 or isinstance(e, ProtocolError):
+                # News: the first failure, a reason that changed (a certificate refused where
+                # the connection used to be refused, say), and every DIAL_REMIND_INTERVAL
+                # while the peer stays down (with a count); the rest is DEBUG.
+                reason = _reason_key(e)
+                now = time.monotonic()
+                if peer.dial_failures == 1 or reason != peer.dial_reason:
+                    peer.dial_reason = reason
+                    peer.dial_warned_at = now
                     self._warn(e)
+                elif now - peer.dial_warned_at >= DIAL_REMIND_INTERVAL:
+                    peer.dial_warned_at = now
+                    self._warn(type(e)(f"{e} (still failing: {peer.dial_failures} attempts)"))
                 else:
                     logger.debug("%s", e)
             else:
+                if peer.dial_failures:
+                    logger.info("node %r: node %r reachable again after %d failed attempts",
+                                self.node_id, peer.id, peer.dial_failures)
                 peer.dial_failures = 0
+                peer.dial_reason = ""
                 started = trio.current_time()
                 await self._run_connection(peer, conn)
                 if trio.current_time() - started > self._backoff_max:
