@@ -182,6 +182,8 @@ BASE = ["--client-port", "0", "--data", "d"]
         # space-separated --peers, quoted: it used to listen on "127.0.0.1:7001 2=..."
         (["--id", "1", "--peers", "1=127.0.0.1:7001 2=127.0.0.1:7002", *BASE, "--plaintext"],
          "separate the nodes with commas"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7001", "2=127.0.0.1:7002", *BASE,
+          "--plaintext"], "separate the nodes with commas"),
         (["--id", "1", "--peers", "1=127.0.0.1,2=127.0.0.1:7002", *BASE, "--plaintext"],
          "--peers: node 1 has address '127.0.0.1'; give HOST:PORT"),
         (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--tls-ca", "CA",

@@ -23,8 +23,18 @@ point of pipelining is that many requests share one trip through the log.
 **Bad input** on the client port -- a bad frame, bytes that are not msgpack, a request of
 the wrong shape or types -- closes that connection with a warning and touches nothing else;
 a TLS client without a certificate the cluster CA signed never gets past the handshake.
-Every connection may have ``max_inflight`` requests in progress; beyond that the server
-stops reading from it until answers have gone out (back-pressure, not an unbounded queue).
+
+**Bounded per connection and per node** (the README's "Threat model and limits" has the
+figures). Connections are capped per port and per source address below the descriptor
+limit, with a reserve for the node's own files (:mod:`.limits`); idle ones are closed. The
+limits are checked per request, not per read: a connection may have ``max_inflight``
+requests in progress and the node ``max_inflight_total``, and answers waiting to be written
+count against ``answer_budget``; past any of them the server stops reading that connection
+(back-pressure, not an unbounded queue), and a client that does not take its answers for
+``answer_timeout`` is disconnected. A frame must arrive whole within ``frame_timeout`` of its
+first byte. Sessions are opened by a register request and belong to the client
+certificate's identity (:func:`cert_identity`), which the server writes into every command;
+``--authz`` optionally limits each identity to key prefixes (:mod:`.authz`).
 
 **Lifecycle.** Once everything listens the server prints one line to stdout::
 
@@ -32,7 +42,10 @@ stops reading from it until answers have gone out (back-pressure, not an unbound
 
 (ports 0 are resolved), which scripts and tests wait for. SIGTERM or SIGINT stops it
 cleanly: the node stops, pending requests fail with ``stopped`` (clients retry elsewhere),
-the log is closed, exit status 0. Logs go to stderr through ``logging``.
+the log is closed, exit status 0. SIGHUP reloads the TLS files (and ``--authz``). A mistake
+on the command line is one line naming the option (exit status 2), a failure at run time one
+line saying what (exit status 1; 3 for a data directory in use); ``--debug`` adds tracebacks.
+Logs go to stderr through ``logging``.
 """
 
 from __future__ import annotations
@@ -832,7 +845,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     """Build a :class:`ServerConfig` from the command line; raises ``UsageError``."""
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    if extra:
+        if all("=" in x and ":" in x for x in extra):
+            raise ConfigurationError(
+                f"--peers: {' '.join(extra)} came as separate arguments; separate the nodes "
+                f"with commas: --peers 1=host:port,2=host:port,3=host:port")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     peers = parse_peers(a.peers)
     node_id = _node_id(a.id)
     tls = None
