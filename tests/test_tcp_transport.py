@@ -659,3 +659,18 @@ async def test_a_failing_peer_is_reported_per_new_reason_and_on_recovery(caplog)
             with trio.fail_after(5):
                 while "reachable again" not in caplog.text:
                     await trio.sleep(0.05)
+
+
+def test_a_transport_given_another_nodes_certificate_files_refuses_to_start(tmp_path):
+    """Issue 14 Lower 10 / issue 12: node 3 with node-2's certificate used to start and flood
+    handshake failures; now TcpTransport refuses it at construction, naming the fix."""
+    from test_multiprocess import write_certs
+
+    from tinyraftplus.errors import ConfigurationError
+    from tinyraftplus.transport.tls import TlsConfig
+
+    certs = write_certs(tmp_path, [1, 2, 3])
+    tls = TlsConfig.from_files(certs["ca"], certs["cert-2"], certs["key-2"])
+    with pytest.raises(ConfigurationError, match="give each node its own certificate"):
+        TcpTransport(3, ("127.0.0.1", 0), {1: None, 2: None}, tls=tls)
+    TcpTransport(2, ("127.0.0.1", 0), {1: None, 3: None}, tls=tls)  # its own: fine

@@ -76,6 +76,7 @@ from .tls import (
     cert_expiry,
     cert_names_node,
     check_distinct_names,
+    check_own_certificate,
     node_dns_name,
 )
 from .wire import (
@@ -353,6 +354,8 @@ class TcpTransport:
             self._peers[pid] = _Peer(pid, self._check_addr(pid, addr), dials(node_id, pid))
         if tls is not None:
             check_distinct_names([node_id, *self._peers])
+            if tls.files is not None:  # a node with another's certificate: say so now
+                check_own_certificate(tls.files[1], node_id)
         self._peer_hosts = {p.addr[0] for p in self._peers.values() if p.addr is not None}
         self._port: int | None = None
         self._started = False
