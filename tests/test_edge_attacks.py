@@ -276,18 +276,15 @@ async def test_an_evicted_sessions_late_retry_is_refused_never_applied_twice(tmp
             st = await cl.wait_caught_up(c)
             assert all(s["expired_writes"] >= 3 for s in st.values())
             assert all(s["sessions"] <= 20 for s in st.values())
-            # The library client: its session evicted, the next write says so and is not
-            # applied; the one after runs in a new session.
+            # The library client: its session evicted, a new write (refused at its first and
+            # only attempt, so never applied) is sent again in a new session, once.
             await c.put(b"mine", b"1")
             first = c.client_id
             for _ in range(25):
                 other = await r.register()
                 await r.write(other, 1, 1, "put", b"p%d" % other, b"v")
-            with pytest.raises(SessionExpiredError, match="not applied"):
-                await c.append(b"mine", b"2")
-            assert await c.get(b"mine") == b"1"
-            await c.append(b"mine", b"3")
-            assert c.client_id != first and await c.get(b"mine") == b"13"
+            await c.append(b"mine", b"2")
+            assert c.client_id != first and await c.get(b"mine") == b"12"
     finally:
         cl.kill_all()
 
@@ -730,3 +727,37 @@ async def test_authz_limits_each_certificate_to_its_key_prefixes(tmp_path):
             assert await c.get("app/x") == b"1"  # the connection is still fine
     finally:
         cl.kill_all()
+
+
+async def test_the_client_raises_session_expired_only_when_a_copy_may_have_applied(monkeypatch):
+    """High 3, the client's rule: a write refused with session_expired at its only attempt is
+    sent again in a new session (no copy of it can have applied); one refused after earlier
+    attempts raises SessionExpiredError (an earlier copy may have applied before the
+    eviction: sending it again could apply it twice)."""
+    import tinyraftplus.kv.client as client_mod
+
+    calls: list[str] = []
+    sessions = iter([10, 20, 30, 40])
+
+    def scenario(sent_when_refused: int):
+        async def fake_call(self, build, what="write"):
+            if build is client_mod.encode_register_request:
+                return next(sessions)
+            calls.append(f"write in {self.client_id}")
+            if self.client_id in (10, 30):
+                raise client_mod._Expired("session_expired: gone", sent_when_refused)
+            return 7
+        return fake_call
+
+    monkeypatch.setattr(client_mod.Client, "_call", scenario(1))
+    async with client_mod.Client(["127.0.0.1:9"], plaintext=True, connect_timeout=0.1) as c:
+        assert await c.put("k", "v") == 7
+        assert calls == ["write in 10", "write in 20"] and c.client_id == 20
+    calls.clear()
+    monkeypatch.setattr(client_mod.Client, "_call", scenario(2))
+    async with client_mod.Client(["127.0.0.1:9"], plaintext=True, connect_timeout=0.1) as c:
+        with pytest.raises(SessionExpiredError, match="may have been applied"):
+            await c.put("k", "v")
+        assert calls == ["write in 30"] and c.client_id is None
+        assert await c.put("k", "w") == 7  # the next write opens a new session
+        assert c.client_id == 40

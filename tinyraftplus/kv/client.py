@@ -47,8 +47,10 @@ Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to 
 **Sessions.** The client registers a session on its first write (the cluster assigns the id;
 the session belongs to the client certificate's identity, so another certificate cannot write
 in it). If the store evicted the session (it keeps a bounded number, least recently used out)
-a write gets :class:`SessionExpiredError` and is *not* applied, whether or not an earlier copy
-of it was; the next write registers a new session.
+it refuses the write, never applies it. A write refused so at its first and only attempt is
+sent again in a new session (no copy of it can have been applied); one sent before raises
+:class:`SessionExpiredError` (an earlier copy may have been applied before the eviction, and
+sending it again could apply it twice); the next write registers a new session.
 
 With TLS (the default; ``plaintext=True`` to say you mean otherwise) the client presents a
 certificate signed by the cluster's CA and accepts any server whose certificate the CA
@@ -104,7 +106,6 @@ RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
 RECEIVE_SIZE = 256 * 1024
 
 Address = tuple[str, int]
-_EXPIRED = "session expired: "
 
 
 _REFUSED = "connection refused"
@@ -137,6 +138,14 @@ def _connect_error(e: BaseException, in_tls_handshake: bool) -> str:
 
 class ForbiddenError(RaftError, PermissionError):
     """The server's ``--authz`` does not let this client's certificate do that."""
+
+
+class _Expired(RaftError):
+    """Internal: the store answered session_expired after ``sent`` copies were sent."""
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class SessionExpiredError(RaftError):
@@ -568,7 +577,7 @@ class Client:
 
     # --- internals ----------------------------------------------------------------------
 
-    async def _write(self, op: str, key: Any, value: Any) -> Any:
+    async def _write(self, op: str, key: Any, value: Any, *, again: bool = False) -> Any:
         k = _as_bytes(key, "key")
         v = None if value is None else _as_bytes(value, "value")
         check_write(1, 1, 1, op, k, v)
@@ -589,28 +598,34 @@ class Client:
         seq = self._next_seq
         self._next_seq += 1
         out[seq] = None
+        retry = False
         try:
             # ack: the lowest seq still waiting (dict order is seq order), recomputed per
             # attempt so that a retry also lets the store forget what it can.
             return await self._call(
                 lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
-        except RaftError as e:
-            if not str(e).startswith(_EXPIRED):
-                raise
+        except _Expired as e:
             if self.client_id == cid:  # the first to hear: the next write registers anew
                 self.client_id = None
                 self._next_seq = 1
                 self._outstanding = {}
                 self._window_moved.set()
-            raise SessionExpiredError(
-                f"write {op} {k[:60]!r}: the cluster forgot this client's session {cid} (it "
-                f"keeps a bounded number, least recently used out), so the write was refused "
-                f"and not applied now; if an earlier attempt of it reached the cluster before "
-                f"the session was evicted, that one may have been applied. The next write "
-                f"opens a new session") from None
+            if e.sent == 1 and not again:
+                # Refused at its only attempt: no copy of this write can have been applied,
+                # so it is safe to send it again in a new session (once).
+                retry = True
+            else:
+                raise SessionExpiredError(
+                    f"write {op} {k[:60]!r}: the cluster forgot this client's session {cid} (it "
+                    f"keeps a bounded number, least recently used out), so the write was refused "
+                    f"and not applied now; if an earlier attempt of it reached the cluster before "
+                    f"the session was evicted, that one may have been applied. The next write "
+                    f"opens a new session") from None
         finally:
             out.pop(seq, None)
             self._window_moved.set()
+        assert retry
+        return await self._write(op, key, value, again=True)
 
     async def _session(self) -> int:
         """This client's session id, registering one first if it has none (concurrent
@@ -646,6 +661,7 @@ class Client:
         seek = 0  # rounds spent looking for a leader since the last failure
         seek_until = 0.0
         refused_rounds = 0
+        sent = 0  # copies of the request sent
         while True:
             now = trio.current_time()
             if now >= deadline:
@@ -685,6 +701,7 @@ class Client:
                 continue
             refused_rounds = 0
             rid = self._rid()
+            sent += 1
             w = conn.send(rid, build(rid),
                           min(deadline, trio.current_time() + self.attempt_timeout))
             await w.event.wait()
@@ -716,7 +733,7 @@ class Client:
                 raise ForbiddenError(f"{conn.addr[0]}:{conn.addr[1]} refused: {body}")
             elif code == "err":
                 if isinstance(body, str) and body.startswith("session_expired:"):
-                    raise RaftError(_EXPIRED + body)
+                    raise _Expired(body, sent)
                 raise RaftError(f"the store refused the request: {body}")
             else:
                 raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
