@@ -413,3 +413,15 @@ async def test_client_keeps_at_most_max_inflight_writes(monkeypatch):
                 for _ in range(20):
                     n.start_soon(c.put, "k", "x")
     assert peak == 3
+
+
+def test_store_replays_a_log_written_before_sessions_were_registered():
+    """Commands of the older form [client, seq, ack, op, key, value] (client-chosen ids, no
+    register) are applied as they were, so an upgraded node rebuilds the same data; the
+    duplicate is still recognised."""
+    old = [msgpack.packb([77, 1, 1, "put", b"a", b"1"], use_bin_type=True),
+           msgpack.packb([77, 2, 1, "append", b"a", b"2"], use_bin_type=True),
+           msgpack.packb([77, 2, 1, "append", b"a", b"2"], use_bin_type=True)]
+    kv = KVStore()
+    assert kv.apply(old, 0) == [("ok", 0), ("ok", 2), ("ok", 2)]
+    assert kv.data[b"a"] == b"12" and kv.duplicates == 1

@@ -30,7 +30,9 @@ same entry whatever its own command line says. A session belongs to the *owner* 
 registration (the server puts the client certificate's identity there): a write naming it
 from another owner is refused (``not_owner``). Seqs must stay within ``max_results`` of the
 session's oldest unacknowledged seq (``bad_seq`` otherwise, and the session is left as it
-was), so one bad request cannot move a session's floor out of reach.
+was), so one bad request cannot move a session's floor out of reach. Commands of the older
+six-field form (client-chosen ids, no registration, in logs written before this) are replayed
+as they were then applied, sessions made on demand; servers no longer write them.
 
 Everything a session does depends only on the commands in the log, never on clocks or on
 which node applies them, so sessions are replicated state like the data: a retry that lands
@@ -217,6 +219,11 @@ class KVStore:
             return ("err", "bad_command", f"seq {seq}: not a key-value command "
                     f"({type(e).__name__}: {str(e)[:200]})")
         sess = self._sessions.get(client_id)
+        if sess is None and len(cmd) == 6:
+            # A command written before sessions were registered (an older server's log):
+            # replayed as it was applied then, its session made on demand, so that an
+            # upgraded node rebuilds the same data. Servers no longer write this form.
+            sess = self._sessions[client_id] = _Session("")
         if sess is None:
             self.expired += 1
             return ("err", "session_expired",
