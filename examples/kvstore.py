@@ -1,9 +1,10 @@
 """A replicated key-value store in three processes: ``python examples/kvstore.py``.
 
-Starts three ``python -m tinyraftplus.server`` nodes on loopback (plaintext, to need no
+Starts three ``python -m tinyraftplus.kv`` nodes on loopback (plaintext, to need no
 certificates; see the README for mutual TLS), writes and reads through
-``tinyraftplus.client.Client``, kills the leader with SIGKILL, keeps writing through the
-two survivors, and stops everything. The state machine is ``tinyraftplus.kv.KVStore``.
+``tinyraftplus.kv.client.Client``, kills the leader with SIGKILL, keeps writing through the
+two survivors, and stops everything (on every way out, Ctrl-C included). The state machine
+is ``tinyraftplus.kv.KVStore``; the nodes' logs go to files beside their data.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 import trio
 
-from tinyraftplus.client import Client
+from tinyraftplus.kv.client import Client
 
 READY = re.compile(r"ready id=(\d+) peer=\S+ client=(\S+)")
 
@@ -32,19 +33,25 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_cluster(data: str) -> tuple[dict[int, subprocess.Popen], list[str]]:
+def start_cluster(data: str, procs: dict[int, subprocess.Popen]) -> list[str]:
+    """Start the three nodes into ``procs`` (the caller's, so that whatever was started is
+    stopped on every way out, Ctrl-C included); their logs go to DATA/nodeN.log."""
     peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip((1, 2, 3), free_ports(3), strict=True))
-    procs, addrs = {}, []
+    addrs = []
     for i in (1, 2, 3):
-        procs[i] = subprocess.Popen(
-            [sys.executable, "-m", "tinyraftplus.server", "--id", str(i), "--peers", peers,
-             "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext",
-             "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, text=True)
+        with open(f"{data}/node{i}.log", "w") as log:
+            procs[i] = subprocess.Popen(
+                [sys.executable, "-m", "tinyraftplus.kv", "--id", str(i), "--peers", peers,
+                 "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext"],
+                stdout=subprocess.PIPE, stderr=log, text=True)
     for i in (1, 2, 3):
         line = procs[i].stdout.readline()  # the server's one line: "... ready ..."
-        addrs.append(READY.search(line).group(2))
-    return procs, addrs
+        m = READY.search(line)
+        if m is None:
+            with open(f"{data}/node{i}.log") as log:
+                raise SystemExit(f"node {i} did not start:\n{log.read()[-2000:]}")
+        addrs.append(m.group(2))
+    return addrs
 
 
 async def main(procs: dict[int, subprocess.Popen], addrs: list[str]) -> None:
@@ -64,9 +71,13 @@ async def main(procs: dict[int, subprocess.Popen], addrs: list[str]) -> None:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
-        procs, addrs = start_cluster(tmp)
+        procs: dict[int, subprocess.Popen] = {}
         try:
+            addrs = start_cluster(tmp, procs)
             trio.run(main, procs, addrs)
+        except KeyboardInterrupt:
+            print("interrupted; stopping the nodes", file=sys.stderr)
+            sys.exit(130)
         finally:
             for p in procs.values():
                 p.kill()

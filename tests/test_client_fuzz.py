@@ -18,8 +18,8 @@ import trio
 from crc32c import crc32c
 from test_multiprocess import ProcCluster, client_context
 
-from tinyraftplus.client import decode_request, encode_write_request
 from tinyraftplus.errors import ProtocolError
+from tinyraftplus.kv.client import decode_request, encode_write_request
 
 WARNING = "closed the connection with client"
 
@@ -243,7 +243,7 @@ async def test_half_a_frame_is_not_waited_for_forever(tmp_path):
     from test_client import client_ctx, node_tls
     from test_multiprocess import free_ports
 
-    from tinyraftplus.server import Server, ServerConfig
+    from tinyraftplus.kv.server import Server, ServerConfig
 
     ca = trustme_ca()
     peer, cport = free_ports(2)

@@ -25,8 +25,8 @@ from typing import Any
 import trio
 import trustme
 
-from tinyraftplus.client import Client
 from tinyraftplus.errors import TinyRaftError
+from tinyraftplus.kv.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"tinyraftplus-server ready id=(\S+) peer=(\S+):(\d+) client=(\S+):(\d+)")
@@ -64,7 +64,7 @@ def write_certs(directory: Path, ids: list[Any], ca: trustme.CA | None = None) -
 
 
 def client_context(certs: dict[str, Path]):
-    from tinyraftplus.client import client_ssl_context
+    from tinyraftplus.kv.client import client_ssl_context
 
     return client_ssl_context(certs["ca"], certs["cert-client"], certs["key-client"])
 
@@ -102,7 +102,7 @@ class ProcCluster:
     def argv(self, i: Any) -> list[str]:
         cp = self.fixed_client_port if self.fixed_client_port is not None else (
             self.client_addr[i][1] if i in self.client_addr else 0)
-        argv = [sys.executable, "-m", "tinyraftplus.server", "--id", str(i),
+        argv = [sys.executable, "-m", "tinyraftplus.kv", "--id", str(i),
                 "--peers", self.peers_arg, "--client-port", str(cp),
                 "--data", str(self.tmp / f"data-{i}"),
                 "--election-timeout", str(self.et), "--append-timeout", str(4 * self.et + 1),

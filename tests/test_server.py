@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_multiprocess import READY, ROOT, ProcCluster, write_certs
+from test_multiprocess import READY, ROOT, ProcCluster, free_ports, write_certs
 
-from tinyraftplus.client import Client
 from tinyraftplus.errors import TransportError
-from tinyraftplus.server import EXIT_LOCKED, EXIT_USAGE, parse_args, parse_peers
+from tinyraftplus.kv.client import Client
+from tinyraftplus.kv.server import EXIT_LOCKED, EXIT_USAGE, parse_args, parse_peers
 
 
 def env() -> dict[str, str]:
@@ -153,3 +153,137 @@ async def test_tls_client_port_needs_a_certificate_from_the_cluster_ca(tmp_path)
         assert "TLS handshake failed" in cl.stderr(1)
     finally:
         cl.kill_all()
+
+
+def test_old_module_names_are_aliases_of_the_kv_package():
+    import tinyraftplus.client as old_client
+    import tinyraftplus.kv
+    import tinyraftplus.kv.client as kv_client
+    import tinyraftplus.kv.server as kv_server
+    import tinyraftplus.server as old_server
+
+    assert old_client.Client is kv_client.Client
+    assert old_client.client_ssl_context is kv_client.client_ssl_context
+    assert old_server.Server is kv_server.Server and old_server.main is kv_server.main
+    assert tinyraftplus.kv.KVStore.__module__ == "tinyraftplus.kv.store"
+
+
+def _run(tmp_path, args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tinyraftplus.server", *args], env=env(),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+BASE = ["--client-port", "0", "--data", "d"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # space-separated --peers, quoted: it used to listen on "127.0.0.1:7001 2=..."
+        (["--id", "1", "--peers", "1=127.0.0.1:7001 2=127.0.0.1:7002", *BASE, "--plaintext"],
+         "separate the nodes with commas"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7001", "2=127.0.0.1:7002", *BASE,
+          "--plaintext"], "separate the nodes with commas"),
+        (["--id", "1", "--peers", "1=127.0.0.1,2=127.0.0.1:7002", *BASE, "--plaintext"],
+         "--peers: node 1 has address '127.0.0.1'; give HOST:PORT"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--tls-ca", "CA",
+          "--tls-cert", "missing.crt", "--tls-key", "KEY"], "--tls-cert missing.crt: no such file"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--tls-min-version", "1.1",
+          "--plaintext"], "--tls-min-version"),
+        (["--id", "1", "--peers", "1=127.0.0.1:7000", *BASE, "--plaintext",
+          "--max-inflight", "0"], "--max-inflight 0"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_naming_the_option(tmp_path, args, message):
+    (tmp_path / "CA").write_text("x")
+    (tmp_path / "KEY").write_text("x")
+    p = _run(tmp_path, args)
+    assert p.returncode == EXIT_USAGE, p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and "key must match" not in p.stderr
+
+
+def test_a_node_with_another_nodes_certificate_is_refused_at_start(tmp_path):
+    certs = write_certs(tmp_path / "certs", [1, 2, 3])
+    p = _run(tmp_path, ["--id", "3", "--peers", "1=127.0.0.1:7001,2=127.0.0.1:7002,"
+                        "3=127.0.0.1:7003", *BASE, "--tls-ca", str(certs["ca"]),
+                        "--tls-cert", str(certs["cert-2"]), "--tls-key", str(certs["key-2"])])
+    assert p.returncode == EXIT_USAGE
+    assert "names node-2.tinyraftplus, but this is node 3" in p.stderr
+    assert "give each node its own certificate" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("which", ["peer", "client"])
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, which):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        peer_port = port if which == "peer" else free_ports(1)[0]
+        client_port = port if which == "client" else 0
+        p = _run(tmp_path, ["--id", "1", "--peers", f"1=127.0.0.1:{peer_port}", "--client-port",
+                            str(client_port), "--data", "d", "--plaintext"])
+        assert p.returncode == 1, p.stderr
+        assert "Traceback" not in p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert f"127.0.0.1:{port}" in last and "is another process using that port?" in last
+        if which == "client":
+            assert "--client-port" in last
+        # --debug shows the traceback
+        p = _run(tmp_path, ["--id", "1", "--peers", f"1=127.0.0.1:{peer_port}", "--client-port",
+                            str(client_port), "--data", "d2", "--plaintext", "--debug"])
+        assert p.returncode == 1 and "Traceback" in p.stderr
+    finally:
+        taken.close()
+
+
+def test_every_server_option_has_help_text():
+    from tinyraftplus.kv.server import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+
+
+async def test_client_errors_say_what_happened(tmp_path):
+    """Issue 12: a plaintext client against a TLS node is told so at once (it used to say
+    'could not connect' after 10 s); a TLS client against a plaintext node is told the node
+    does not speak TLS; a get that cannot be served does not talk about writes."""
+    from tinyraftplus.errors import ConfigurationError, NoLeaderError
+    from tinyraftplus.kv.client import client_ssl_context
+
+    for d in ("tls", "plain", "two"):
+        (tmp_path / d).mkdir()
+    cl = ProcCluster(tmp_path / "tls", [1])
+    plain = ProcCluster(tmp_path / "plain", [1], tls=False)
+    try:
+        with trio.fail_after(60):
+            await cl.start(1)
+            await plain.start(1)
+            t0 = trio.current_time()
+            async with Client([cl.client_addr[1]], plaintext=True, timeout=10) as c:
+                with pytest.raises(ConfigurationError, match="speaks TLS"):
+                    await c.put("k", "v")
+            assert trio.current_time() - t0 < 3
+            ctx = client_ssl_context(cl.certs["ca"], cl.certs["cert-client"],
+                                     cl.certs["key-client"])
+            async with Client([plain.client_addr[1]], tls=ctx, timeout=1.5,
+                              connect_timeout=0.5) as c:
+                with pytest.raises(TransportError, match="does not speak TLS"):
+                    await c.get("k")
+        # A get with no quorum: a two-node cluster with one node.
+        two = ProcCluster(tmp_path / "two", [1, 2])
+        try:
+            await two.start(1)
+            async with two.client([1], timeout=1.5) as c:
+                with pytest.raises(NoLeaderError) as ei:
+                    await c.get("k")
+                assert "write" not in str(ei.value) and "read was not served" in str(ei.value)
+        finally:
+            two.kill_all()
+    finally:
+        cl.kill_all()
+        plain.kill_all()

@@ -619,3 +619,58 @@ async def test_raft_cluster_over_mutual_tls(ca, tmp_path):
             assert sms[lead2.node_id].applied[-1] == b"after"
             nursery.cancel_scope.cancel()
     assert not [w for w in warns if isinstance(w, ProtocolError)]
+
+
+async def test_a_failing_peer_is_reported_per_new_reason_and_on_recovery(caplog):
+    """Issue 12: repeated dial failures went to DEBUG even when the reason changed (a node
+    with a wrong certificate was never diagnosed); now each new reason is a warning, the
+    same reason again is not, and recovery is logged. The message names the refused connect,
+    not a nested ExceptionGroup."""
+    import logging
+    import socket
+
+    caplog.set_level(logging.INFO, logger="tinyraftplus.transport.tcp")
+    warns = Warnings()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with trio.fail_after(20):
+        async with AsyncExitStack() as stack:
+            await start(stack, 1, {2: ("127.0.0.1", port)}, plaintext=True, warn=warns)
+            await warns.wait_for("cannot connect")
+            await trio.sleep(0.5)  # many more refused dials: the same reason, not news
+            refused = warns.matching("cannot connect")
+            assert len(refused) == 1
+            assert "ConnectionRefusedError" in str(refused[0])
+            assert "ExceptionGroup" not in str(refused[0])
+
+            async def hang_up(stream):
+                await stream.aclose()
+
+            async with trio.open_nursery() as n:
+                await n.start(partial(trio.serve_tcp, hang_up, port, host="127.0.0.1"))
+                await warns.wait_for("closed before the Hello")  # a new reason: news
+                await trio.sleep(0.3)
+                assert len(warns.matching("closed before the Hello")) == 1
+                n.cancel_scope.cancel()
+            t2 = await start(stack, 2, {1: None}, plaintext=True, port=port)
+            await t2.wait_connected(1)
+            with trio.fail_after(5):
+                while "reachable again" not in caplog.text:
+                    await trio.sleep(0.05)
+
+
+def test_a_transport_given_another_nodes_certificate_files_refuses_to_start(tmp_path):
+    """Issue 14 Lower 10 / issue 12: node 3 with node-2's certificate used to start and flood
+    handshake failures; now TcpTransport refuses it at construction, naming the fix."""
+    from test_multiprocess import write_certs
+
+    from tinyraftplus.errors import ConfigurationError
+    from tinyraftplus.transport.tls import TlsConfig
+
+    certs = write_certs(tmp_path, [1, 2, 3])
+    tls = TlsConfig.from_files(certs["ca"], certs["cert-2"], certs["key-2"])
+    with pytest.raises(ConfigurationError, match="give each node its own certificate"):
+        TcpTransport(3, ("127.0.0.1", 0), {1: None, 2: None}, tls=tls)
+    TcpTransport(2, ("127.0.0.1", 0), {1: None, 3: None}, tls=tls)  # its own: fine

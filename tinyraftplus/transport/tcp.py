@@ -36,6 +36,13 @@ check out or a TLS failure closes that one connection, counts it and reports it 
 ``warn`` callback and the ``tinyraftplus.transport.tcp`` logger. Nothing else is affected.
 Unauthenticated connections are bounded in number (``max_pending``), in time
 (``handshake_timeout``) and in what they can make us buffer (``HELLO_MAX_FRAME``).
+
+**Strangers cannot keep peers out.** Connections still in their handshake are limited per
+source address (``max_pending_per_source``), and the shared pool of ``max_pending`` slots is
+for strangers only: a connection from a host named in the peer address map is admitted
+whenever its own address has room, so a crowd of silent connections from elsewhere cannot
+keep a restarted node from its peers. Refusals are counted (``refused``) and logged at most
+once every ``REFUSAL_LOG_INTERVAL`` seconds with the number not logged.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import sys
 import time
 from collections import deque
@@ -62,7 +70,15 @@ from ..errors import (
     UsageError,
 )
 from ..raft.messages import Message, NodeId
-from .tls import TlsConfig, cert_dns_names, cert_names_node, check_distinct_names, node_dns_name
+from .tls import (
+    TlsConfig,
+    cert_dns_names,
+    cert_expiry,
+    cert_names_node,
+    check_distinct_names,
+    check_own_certificate,
+    node_dns_name,
+)
 from .wire import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_FRAME,
@@ -92,6 +108,10 @@ HELLO_MAX_FRAME = 4096
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
 DROP_WARN_INTERVAL = 1.0
+DIAL_REMIND_INTERVAL = 60.0
+"""A peer that stays unreachable is reported again this often (with the attempt count)."""
+REFUSAL_LOG_INTERVAL = 10.0
+"""Refused inbound connections are logged at most this often (with a count)."""
 CLOSE_TIMEOUT = 0.5
 
 
@@ -131,6 +151,7 @@ class _Peer:
     __slots__ = (
         "id", "addr", "we_dial", "queue", "queued_bytes", "wakeup", "addr_known", "up",
         "scope", "stats", "last_drop_warn", "dropped_since_warn", "dial_failures",
+        "dial_reason", "dial_warned_at",
     )
 
     def __init__(self, node_id: NodeId, addr: Address | None, we_dial: bool) -> None:
@@ -149,6 +170,9 @@ class _Peer:
         self.last_drop_warn = -math.inf
         self.dropped_since_warn = 0
         self.dial_failures = 0
+        self.dial_reason = ""
+        """Why the last dial failed (a new reason is news: logged at WARNING once)."""
+        self.dial_warned_at = -math.inf
 
     def take(self) -> tuple[bytes, int]:
         """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
@@ -192,10 +216,21 @@ class _Conn:
             self.nursery.cancel_scope.cancel()
 
 
+def _reason_key(e: BaseException) -> str:
+    """What a dial failure was, without the parts that change every time (ports)."""
+    return re.sub(r"\d+", "#", str(e))
+
+
 def _describe(e: BaseException) -> str:
-    """An exception and its cause in one line (TLS errors hide the useful part in the cause)."""
-    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    """An exception and its cause in one line (TLS errors hide the useful part in the cause;
+    a failed connect hides it in a group of one attempt per address: the first is shown)."""
     cause = e.__cause__ or e.__context__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        leaf: BaseException = cause
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        return f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     if cause is not None and cause is not e:
         text += f" ({type(cause).__name__}: {cause})"
     return text
@@ -244,6 +279,7 @@ class TcpTransport:
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
         max_pending: int = 64,
+        max_pending_per_source: int = 8,
         rng: random.Random | None = None,
     ) -> None:
         try:
@@ -296,7 +332,16 @@ class TcpTransport:
         self._idle_timeout = idle_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
+        if type(max_pending) is not int or type(max_pending_per_source) is not int or \
+                max_pending < 1 or max_pending_per_source < 1:
+            raise InvalidArgumentError(
+                f"max_pending and max_pending_per_source must be ints >= 1, got "
+                f"{max_pending!r} and {max_pending_per_source!r}")
         self._max_pending = max_pending
+        self._max_pending_per_source = max_pending_per_source
+        self._pending_by_source: dict[str, int] = {}
+        self._refusals_logged_at = -math.inf
+        self._refusals_unlogged = 0
         self._rng = rng or random.Random()
         self._peers: dict[NodeId, _Peer] = {}
         for pid, addr in peers.items():
@@ -309,6 +354,9 @@ class TcpTransport:
             self._peers[pid] = _Peer(pid, self._check_addr(pid, addr), dials(node_id, pid))
         if tls is not None:
             check_distinct_names([node_id, *self._peers])
+            if tls.files is not None:  # a node with another's certificate: say so now
+                check_own_certificate(tls.files[1], node_id)
+        self._peer_hosts = {p.addr[0] for p in self._peers.values() if p.addr is not None}
         self._port: int | None = None
         self._started = False
         self._closed = False
@@ -502,14 +550,26 @@ class TcpTransport:
                 conn = await self._dial(peer, peer.addr)
             except (TransportError, ProtocolError) as e:
                 peer.dial_failures += 1
-                # The first failure after a success is news; the rest while a peer is down
-                # are not.
-                if peer.dial_failures == 1 or isinstance(e, ProtocolError):
+                # News: the first failure, a reason that changed (a certificate refused where
+                # the connection used to be refused, say), and every DIAL_REMIND_INTERVAL
+                # while the peer stays down (with a count); the rest is DEBUG.
+                reason = _reason_key(e)
+                now = time.monotonic()
+                if peer.dial_failures == 1 or reason != peer.dial_reason:
+                    peer.dial_reason = reason
+                    peer.dial_warned_at = now
                     self._warn(e)
+                elif now - peer.dial_warned_at >= DIAL_REMIND_INTERVAL:
+                    peer.dial_warned_at = now
+                    self._warn(type(e)(f"{e} (still failing: {peer.dial_failures} attempts)"))
                 else:
                     logger.debug("%s", e)
             else:
+                if peer.dial_failures:
+                    logger.info("node %r: node %r reachable again after %d failed attempts",
+                                self.node_id, peer.id, peer.dial_failures)
                 peer.dial_failures = 0
+                peer.dial_reason = ""
                 started = trio.current_time()
                 await self._run_connection(peer, conn)
                 if trio.current_time() - started > self._backoff_max:
@@ -581,15 +641,66 @@ class TcpTransport:
             where = f"{host}:{port}"
         except OSError:
             where = "an unknown address"
-        if self._pending >= self._max_pending:
-            self.refused += 1
-            self._warn(TransportError(
+        source = where.rpartition(":")[0] or where
+        known = source in self._peer_hosts
+        per_source = self._pending_by_source.get(source, 0)
+        if per_source >= self._max_pending_per_source:
+            self._refuse(TransportError(
                 f"node {self.node_id!r}: refused a connection from {where}: already "
-                f"{self._pending} connections in their handshake (max_pending)"
+                f"{per_source} connections from {source} in their handshake "
+                f"(max_pending_per_source)"))
+            await trio.aclose_forcefully(tcp)
+            return
+        if not known and self._pending >= self._max_pending:
+            self._refuse(TransportError(
+                f"node {self.node_id!r}: refused a connection from {where}: already "
+                f"{self._pending} connections from outside the peer map in their handshake "
+                f"(max_pending)"
             ))
             await trio.aclose_forcefully(tcp)
             return
-        self._pending += 1
+        if not known:
+            self._pending += 1
+        self._pending_by_source[source] = per_source + 1
+        try:
+            admitted = await self._handshake_inbound(tcp, where)
+        finally:
+            if not known:
+                self._pending -= 1
+            left = self._pending_by_source[source] - 1
+            if left:
+                self._pending_by_source[source] = left
+            else:
+                del self._pending_by_source[source]
+        if admitted is not None:
+            await self._run_connection(*admitted)
+
+    def _refuse(self, exc: TinyRaftError) -> None:
+        """Count a refused inbound connection and hand it to the ``warn`` callback; log it at
+        most once every ``REFUSAL_LOG_INTERVAL`` seconds, with the number not logged (a
+        flood of strangers must not fill the disk with log lines)."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+        else:
+            more = ""
+            if self._refusals_unlogged:
+                more = (f" ({self._refusals_unlogged} more refusals in the last "
+                        f"{REFUSAL_LOG_INTERVAL:g} s not logged; {self.refused} in all)")
+            self._refusals_logged_at = now
+            self._refusals_unlogged = 0
+            logger.warning("%s%s", exc, more)
+        if self._warn_cb is not None:
+            try:
+                self._warn_cb(exc)
+            except Exception:
+                logger.exception("node %r: the warn callback raised", self.node_id)
+
+    async def _handshake_inbound(self, tcp: trio.SocketStream,
+                                 where: str) -> tuple[_Peer, _Conn] | None:
+        """The handshake of an admitted inbound connection: the peer and the connection, or
+        ``None`` if it was refused (and closed)."""
         stream: trio.abc.Stream = tcp
         prefix = f"node {self.node_id!r}: refused a connection from {where}"
         try:
@@ -604,34 +715,29 @@ class TcpTransport:
                 peer = self._check_inbound(hello, stream)
                 await stream.send_all(encode_frame(Hello(self.node_id, peer.id)))
         except ProtocolError as e:
-            self.refused += 1
-            self._warn(ProtocolError(f"{prefix}: {e}"))
+            self._refuse(ProtocolError(f"{prefix}: {e}"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except (*_NET_ERRORS, trio.TooSlowError, TransportError) as e:
-            self.refused += 1
             if isinstance(e, trio.TooSlowError):
                 why = f"no handshake within {self._handshake_timeout} s"
             else:
                 why = f"handshake failed ({_describe(e)})"
-            self._warn(TransportError(f"{prefix}: {why}"))
+            self._refuse(TransportError(f"{prefix}: {why}"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except Exception as e:  # a bug of ours: keep serving everyone else, but say so loudly
             self.refused += 1
             logger.exception("node %r: unexpected error in a handshake from %s", self.node_id,
                              where)
             self._warn(TransportError(f"{prefix}: internal error ({_describe(e)})"))
             await trio.aclose_forcefully(stream)
-            return
+            return None
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        finally:
-            self._pending -= 1
         decoder.max_frame = self._max_frame
-        await self._run_connection(peer, _Conn(stream, decoder, pending,
-                                               f"node {peer.id!r} from {where}"))
+        return peer, _Conn(stream, decoder, pending, f"node {peer.id!r} from {where}")
 
     def _check_inbound(self, hello: Hello, stream: trio.abc.Stream) -> _Peer:
         claimed = hello.node_id
@@ -665,11 +771,20 @@ class TcpTransport:
             peer.stats.connects += 1
             peer.up.set()
             logger.info("node %r: connected to %s", self.node_id, conn.where)
+            expires = math.inf
+            if isinstance(conn.stream, trio.SSLStream):
+                at = cert_expiry(conn.stream.getpeercert())
+                if at is not None:  # wall clock to trio clock
+                    expires = trio.current_time() + (at - time.time())
             try:
-                async with trio.open_nursery() as nursery:
-                    conn.nursery = nursery
-                    nursery.start_soon(self._writer, peer, conn)
-                    nursery.start_soon(self._reader, peer, conn)
+                with trio.move_on_at(expires) as expired:
+                    async with trio.open_nursery() as nursery:
+                        conn.nursery = nursery
+                        nursery.start_soon(self._writer, peer, conn)
+                        nursery.start_soon(self._reader, peer, conn)
+                if expired.cancelled_caught and conn.reason is None:
+                    conn.reason = TransportError(
+                        "the peer's certificate expired: closed (a redial needs a valid one)")
             finally:
                 if peer.scope is scope:
                     peer.scope = None

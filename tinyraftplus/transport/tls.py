@@ -41,8 +41,9 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError, InvalidArgumentError
@@ -114,10 +115,39 @@ class TlsConfig:
 
     server_context: ssl.SSLContext
     client_context: ssl.SSLContext
+    files: tuple[str, str, str | None] | None = field(default=None, compare=False)
+    """``(ca, cert, key)`` when built by :meth:`from_files` (what :meth:`reload` reads)."""
+    crl_file: str | None = field(default=None, compare=False)
+    """The revocation list :meth:`reload` reads again, if any."""
 
     def __post_init__(self) -> None:
         check_context(self.server_context, server=True)
         check_context(self.client_context, server=False)
+
+    def reload(self, key_password: str | bytes | None = None) -> None:
+        """Read the certificate, key and CA files again into both contexts: connections
+        made from now on use the new ones, established ones keep theirs (until the peer's
+        certificate expires: the transports close a connection then). A CA file that now
+        holds more certificates adds them (to rotate a CA, list old and new until every
+        node has a certificate from the new one). Raises ``InvalidArgumentError`` naming a
+        file that cannot be used, and then changes nothing."""
+        if self.files is None:
+            raise InvalidArgumentError("TlsConfig.reload: this configuration was not built "
+                                       "from files (TlsConfig.from_files)")
+        ca, cert, key = self.files
+        # Load into fresh contexts first, so a bad file changes nothing.
+        _context(ssl.Purpose.CLIENT_AUTH, ca, cert, key, key_password)
+        if self.crl_file is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=self.crl_file)
+            except (OSError, ssl.SSLError) as e:
+                raise InvalidArgumentError(
+                    f"cannot load the revocation list {self.crl_file!r}: {e}") from None
+        for ctx in (self.server_context, self.client_context):
+            ctx.load_verify_locations(cafile=ca)
+            ctx.load_cert_chain(cert, key, key_password)
+            if self.crl_file is not None:  # adds the newly revoked (a CRL only grows)
+                ctx.load_verify_locations(cafile=self.crl_file)
 
     @classmethod
     def from_files(
@@ -127,18 +157,86 @@ class TlsConfig:
         key_file: str | os.PathLike[str] | None = None,
         *,
         key_password: str | bytes | None = None,
+        min_version: str = "1.2",
+        crl_file: str | os.PathLike[str] | None = None,
     ) -> TlsConfig:
         """Load the cluster CA, this node's certificate chain and its private key (PEM).
 
-        ``key_file`` may be omitted when ``cert_file`` holds the key too. Raises
-        ``InvalidArgumentError`` naming the file that could not be read or used.
+        ``key_file`` may be omitted when ``cert_file`` holds the key too. ``min_version``:
+        ``"1.2"`` or ``"1.3"``. ``crl_file``: a PEM certificate revocation list from the CA;
+        certificates it lists are refused. Raises ``InvalidArgumentError`` naming the file
+        that could not be read or used.
         """
-        return cls(
-            server_context=_context(ssl.Purpose.CLIENT_AUTH, ca_file, cert_file, key_file,
-                                    key_password),
-            client_context=_context(ssl.Purpose.SERVER_AUTH, ca_file, cert_file, key_file,
-                                    key_password),
-        )
+        if min_version not in _TLS_VERSIONS:
+            raise InvalidArgumentError(
+                f"TLS minimum version {min_version!r}: choose 1.2 or 1.3")
+        ctxs = []
+        for purpose in (ssl.Purpose.CLIENT_AUTH, ssl.Purpose.SERVER_AUTH):
+            ctx = _context(purpose, ca_file, cert_file, key_file, key_password)
+            ctx.minimum_version = _TLS_VERSIONS[min_version]
+            if crl_file is not None:
+                try:
+                    ctx.load_verify_locations(cafile=os.fspath(crl_file))
+                except (OSError, ssl.SSLError) as e:
+                    raise InvalidArgumentError(
+                        f"cannot load the revocation list {os.fspath(crl_file)!r}: {e}"
+                    ) from None
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            ctxs.append(ctx)
+        return cls(server_context=ctxs[0], client_context=ctxs[1],
+                   files=(os.fspath(ca_file), os.fspath(cert_file),
+                          None if key_file is None else os.fspath(key_file)),
+                   crl_file=None if crl_file is None else os.fspath(crl_file))
+
+
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def read_certificate(cert_file: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The fields of a PEM certificate file as ``ssl`` reports a peer's (subjectAltName,
+    notAfter, ...), or ``None`` where this Python cannot decode one without a connection."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:  # pragma: no cover - CPython has had it for a decade
+        return None
+    try:
+        return decode(os.fspath(cert_file))  # type: ignore[no-any-return]
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"cannot read the certificate {os.fspath(cert_file)!r}: {e}") from None
+
+
+def check_own_certificate(cert_file: str | os.PathLike[str], node_id: NodeId,
+                          *, now: float | None = None) -> None:
+    """Refuse to start a node with a certificate that is not its own (another node's, a
+    client's) or that has expired: peers would refuse every connection, with errors that
+    point elsewhere. Raises ``ConfigurationError`` in one line that names the fix."""
+    cert = read_certificate(cert_file)
+    if cert is None:
+        return
+    path = os.fspath(cert_file)
+    if not cert_names_node(cert, node_id):
+        names = ", ".join(cert_dns_names(cert)) or "no DNS name"
+        raise ConfigurationError(
+            f"--tls-cert {path} names {names}, but this is node {node_id!r} (--id): give "
+            f"each node its own certificate, naming {node_dns_name(node_id)}")
+    not_after = cert.get("notAfter")
+    if not_after:
+        expires = ssl.cert_time_to_seconds(not_after)
+        if expires <= (time.time() if now is None else now):
+            raise ConfigurationError(
+                f"--tls-cert {path} expired on {not_after}: issue a new one from the cluster "
+                f"CA")
+
+
+def cert_expiry(peercert: dict[str, Any] | None) -> float | None:
+    """When a (peer) certificate expires, as a ``time.time()`` timestamp, or ``None``."""
+    not_after = (peercert or {}).get("notAfter")
+    if not not_after:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(not_after))
+    except ValueError:
+        return None
 
 
 def new_context(*, server: bool) -> ssl.SSLContext:
@@ -197,6 +295,7 @@ def check_context(ctx: Any, *, server: bool) -> None:
 
 
 __all__ = [
+    "read_certificate", "check_own_certificate", "cert_expiry",
     "DNS_SUFFIX", "node_dns_name", "check_distinct_names", "cert_dns_names", "cert_names_node",
     "TlsConfig", "new_context", "check_context",
 ]

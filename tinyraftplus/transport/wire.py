@@ -156,9 +156,27 @@ _NAMES = {
 
 
 def _show(v: Any) -> str:
-    """A short description of a bad value for an error message (never the whole blob)."""
-    r = repr(v)
-    return f"{type(v).__name__} {r[:40]}{'...' if len(r) > 40 else ''}"
+    """A short description of a bad value for an error message. Untrusted values are never
+    formatted whole (a 2-million-element array or 1,000 levels of nesting would cost seconds
+    or a RecursionError): containers by type and length, scalars cut before formatting."""
+    return show_value(v)
+
+
+def show_value(v: Any, width: int = 40) -> str:
+    """``_show`` for other modules: at most about ``width`` characters, in time independent
+    of the value's size."""
+    t = type(v)
+    if t in (list, tuple, dict, set):
+        return f"{t.__name__} of {len(v)} items"
+    if t in (bytes, bytearray, str):
+        r = repr(v[:width])
+        more = "..." if len(v) > width else ""
+        return f"{t.__name__} {r}{more}" if t is not str else f"str {r}{more}"
+    if t is int and v.bit_length() > 200:
+        return f"int of {v.bit_length()} bits"
+    if t in (int, float, bool) or v is None:
+        return f"{t.__name__} {v!r}"
+    return t.__name__
 
 
 def _int(obj: list, i: int, lo: int, hi: int = MAX_U63) -> None:
@@ -551,6 +569,55 @@ def _build(tag: int, obj: list) -> WireMessage:
     return _CLASSES[tag](*obj[2:])
 
 
+MAX_CONTAINERS = 4
+"""Arrays (and maps) in one valid message: the message itself and at most two field arrays
+(``AppendEntries``' terms and data, ``Propose``'s items), with one to spare."""
+
+
+class _ContainerCounter:
+    """``list_hook`` and ``object_hook`` for msgpack: counts the containers decoded and stops
+    decoding (raises) past ``MAX_CONTAINERS``: a payload of two million nested or empty
+    arrays is refused after a few, instead of costing a second of the event loop. One Python
+    call per array of a valid message (three at most)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, obj: Any) -> Any:
+        self.n += 1
+        if self.n > MAX_CONTAINERS:
+            raise ProtocolError(f"more than {MAX_CONTAINERS} arrays or maps in one message")
+        return obj
+
+
+def _decode_limits(limits: WireLimits) -> dict[str, Any]:
+    """msgpack's own limits, sized to what a valid message can hold (with room for the
+    validators to name a field that is a little off), so that a hostile payload is refused
+    while decoding rather than after."""
+    counter = _ContainerCounter()
+    return {
+        "max_array_len": max(limits.max_entries, 32),
+        "max_map_len": 16,
+        "max_str_len": 4 * max(limits.max_id_len, limits.max_error_len) + 64,
+        "max_bin_len": limits.max_bytes,
+        "max_ext_len": 64,
+        "list_hook": counter,
+        "object_hook": counter,
+    }
+
+
+def _peek_name(payload: bytes) -> str:
+    """`` (a Name)`` when the payload starts like ``[1, tag, ...]`` with a known tag, for
+    errors raised before decoding finished."""
+    if len(payload) >= 3 and (payload[0] & 0xF0) == 0x90 and payload[1] == PROTOCOL_VERSION:
+        name = _NAMES.get(payload[2])
+        if name is not None:
+            return f" (a {name})"
+    return ""
+
+
 def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
     """Decode and validate one payload; returns a message from ``raft.messages``, a
     :class:`Hello` or a :class:`Ping`.
@@ -560,11 +627,13 @@ def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
     wrong type or out of range, or a message over ``limits``.
     """
     try:
-        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
+                              **_decode_limits(limits))
     except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
-        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        why = f"{type(e).__name__}: {str(e)[:200]}" if str(e) else type(e).__name__
         raise ProtocolError(
-            f"payload of {len(payload)} bytes is not one valid msgpack value ({why})"
+            f"payload of {len(payload)} bytes{_peek_name(payload)} is not one valid msgpack "
+            f"value within the limits of a message ({why})"
         ) from None
     if type(obj) is not list or len(obj) < 2:
         raise ProtocolError(
@@ -573,7 +642,8 @@ def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
     version, tag = obj[0], obj[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(
-            f"peer speaks wire protocol version {repr(version)[:40]}, this node speaks "
+            f"peer speaks wire protocol version "
+            f"{version if type(version) is int else _show(version)}, this node speaks "
             f"{PROTOCOL_VERSION}; run the same tinyraftplus wire version on every node"
         )
     if type(tag) is not int or tag not in _VALIDATORS:

@@ -1,4 +1,4 @@
-"""``Client``: talk to a cluster of ``python -m tinyraftplus.server`` nodes (Trio).
+"""``Client``: talk to a cluster of ``python -m tinyraftplus.kv`` nodes (Trio).
 
     async with Client(["10.0.0.1:7101", "10.0.0.2:7101", "10.0.0.3:7101"], tls=ctx) as c:
         await c.put("k", "v")           # -> the key's revision (log seq)
@@ -19,8 +19,8 @@ not found one.
 
 **Retrying is safe.** A write that got no answer -- its connection broke, the node said "no
 leader" or "timeout", the attempt took longer than ``attempt_timeout`` -- is sent again,
-perhaps to another node, with the *same* ``(client_id, seq)``. The store's client sessions
-(:mod:`tinyraftplus.kv`) recognise a copy that was already applied and return the first
+perhaps to another node, with the *same* ``(session, seq)``. The store's client sessions
+(:mod:`tinyraftplus.kv.store`) recognise a copy that was already applied and return the first
 result instead of applying it again. Each write also carries ``ack``, the lowest seq this
 client still waits for, so the store can forget the results of everything below.
 
@@ -35,12 +35,22 @@ connection, answered in any order:
 
     request   [1, 1, rid]                                          status
               [1, 2, rid, key]                                     get
-              [1, 3, rid, client_id, seq, ack, op, key, value]     write (put/append/delete)
+              [1, 3, rid, session, seq, ack, op, key, value]       write (put/append/delete)
+              [1, 4, rid]                                          register -> session id
     response  [1, rid, "ok", result] | [1, rid, code, message]
 
 Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to retry),
 ``stopped`` (the node is shutting down) -- all retried by the client -- and ``bad_request``,
-``stale``, ``error``, which are raised.
+``err`` (the store refused: ``stale``, ``session_expired``, ``not_owner``, ``bad_seq``,
+``too_large``), ``error``, which are raised.
+
+**Sessions.** The client registers a session on its first write (the cluster assigns the id;
+the session belongs to the client certificate's identity, so another certificate cannot write
+in it). If the store evicted the session (it keeps a bounded number, least recently used out)
+it refuses the write, never applies it. A write refused so at its first and only attempt is
+sent again in a new session (no copy of it can have been applied); one sent before raises
+:class:`SessionExpiredError` (an earlier copy may have been applied before the eviction, and
+sending it again could apply it twice); the next write registers a new session.
 
 With TLS (the default; ``plaintext=True`` to say you mean otherwise) the client presents a
 certificate signed by the cluster's CA and accepts any server whose certificate the CA
@@ -54,13 +64,17 @@ import logging
 import os
 import random
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 import trio
 
-from .errors import (
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from ..errors import (
     ConfigurationError,
     InvalidArgumentError,
     NoLeaderError,
@@ -71,9 +85,9 @@ from .errors import (
     TransportError,
     UsageError,
 )
-from .kv import MAX_CLIENT_ID, check_key, check_write
-from .transport.tls import DNS_SUFFIX
-from .transport.wire import FrameDecoder, frame
+from ..transport.tls import DNS_SUFFIX, cert_dns_names, cert_names_node
+from ..transport.wire import FrameDecoder, frame, show_value
+from .store import MAX_CLIENT_ID, MAX_VALUE, check_key, check_write
 
 logger = logging.getLogger("tinyraftplus.client")
 
@@ -81,6 +95,7 @@ VERSION = 1
 TAG_STATUS = 1
 TAG_GET = 2
 TAG_WRITE = 3
+TAG_REGISTER = 4
 MAX_RID = (1 << 63) - 1
 CLIENT_MAX_FRAME = 2 << 20
 """Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
@@ -91,6 +106,52 @@ RETRYABLE = frozenset({"no_leader", "timeout", "retry", "stopped"})
 RECEIVE_SIZE = 256 * 1024
 
 Address = tuple[str, int]
+
+
+_REFUSED = "connection refused"
+
+
+def _connect_error(e: BaseException, in_tls_handshake: bool) -> str:
+    """What went wrong in a connection attempt, in words a user can act on."""
+    if isinstance(e, trio.TooSlowError):
+        return "no answer in time"
+    causes: list[BaseException] = [e]
+    c = e.__cause__ or e.__context__
+    if isinstance(c, BaseExceptionGroup):
+        causes = list(c.exceptions)
+    elif c is not None:
+        causes = [c]
+    if causes and all(isinstance(x, ConnectionRefusedError) for x in causes):
+        return _REFUSED
+    if in_tls_handshake:
+        text = f"{causes[0]}"
+        if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+            return ("the TLS handshake failed: the server does not speak TLS (started with "
+                    "--plaintext? then use plaintext=True)")
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return ("the TLS handshake failed: the server's certificate is not signed by the "
+                    "CA this client trusts")
+        return (f"the TLS handshake failed ({type(causes[0]).__name__}: {text[:200]}); does "
+                f"the server accept this client's certificate?")
+    return f"{type(causes[0]).__name__}: {str(causes[0])[:200]}"
+
+
+class ForbiddenError(RaftError, PermissionError):
+    """The server's ``--authz`` does not let this client's certificate do that."""
+
+
+class _Expired(RaftError):
+    """Internal: the store answered session_expired after ``sent`` copies were sent."""
+
+    def __init__(self, message: str, sent: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class SessionExpiredError(RaftError):
+    """The cluster evicted this client's session: the write was refused and not applied (an
+    earlier attempt of it may have been, before the eviction). The client registers a new
+    session for its next write."""
 
 
 # --- the client protocol -------------------------------------------------------------------
@@ -104,17 +165,46 @@ def encode_get(rid: int, key: bytes) -> bytes:
     return frame(msgpack.packb([VERSION, TAG_GET, rid, key], use_bin_type=True))
 
 
+def encode_register_request(rid: int) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_REGISTER, rid]))
+
+
 def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, key: bytes,
                          value: bytes | None) -> bytes:
     return frame(msgpack.packb([VERSION, TAG_WRITE, rid, client_id, seq, ack, op, key, value],
                                use_bin_type=True))
 
 
+_REQUEST_HEADS = frozenset({0x93, 0x94, 0x99})
+
+
+def _one_array() -> Callable[[list[Any]], list[Any]]:
+    """msgpack ``list_hook``: a request holds no array but itself; stop at the first inner
+    one (an array of two million empty arrays is refused after one, not decoded)."""
+    seen = 0
+
+    def hook(lst: list[Any]) -> list[Any]:
+        nonlocal seen
+        seen += 1
+        if seen > 1:
+            raise ProtocolError("a request holds no nested arrays")
+        return lst
+
+    return hook
+
+
 def decode_request(payload: bytes) -> list[Any]:
     """Decode and validate one request payload (server side); raises ``ProtocolError``
     saying what is wrong. Returns the msgpack array: ``[1, tag, rid, ...]``."""
+    # Refused before decoding where the first byte says it cannot be valid: a request is a
+    # fixarray of 3, 4 or 9 elements (status/register, get, write).
+    if not payload or payload[0] not in _REQUEST_HEADS:
+        raise ProtocolError(f"a request must be an array [1, tag, rid, ...] of 3, 4 or 9 "
+                            f"elements (first byte {payload[:1].hex() or 'missing'})")
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_array_len=9,
+                              max_map_len=0, max_str_len=16, max_bin_len=MAX_VALUE,
+                              max_ext_len=0, list_hook=_one_array())
     except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
         raise ProtocolError(f"a request of {len(payload)} bytes is not msgpack "
                             f"({type(e).__name__})") from None
@@ -123,13 +213,13 @@ def decode_request(payload: bytes) -> list[Any]:
                             f"{type(obj).__name__}")
     version, tag, rid = obj[0], obj[1], obj[2]
     if type(version) is not int or version != VERSION:
-        raise ProtocolError(f"client protocol version {str(version)[:20]!r} (this node speaks "
-                            f"{VERSION})")
+        raise ProtocolError(f"client protocol version {show_value(version, 20)} (this node "
+                            f"speaks {VERSION})")
     if type(rid) is not int or not 0 <= rid <= MAX_RID:
         raise ProtocolError("request id must be an int in [0, 2**63)")
-    if tag == TAG_STATUS and type(tag) is int:
+    if (tag == TAG_STATUS or tag == TAG_REGISTER) and type(tag) is int:
         if len(obj) != 3:
-            raise ProtocolError("a status request has no fields")
+            raise ProtocolError("a status or register request has no fields")
     elif tag == TAG_GET and type(tag) is int:
         if len(obj) != 4:
             raise ProtocolError("a get request is [1, 2, rid, key]")
@@ -146,7 +236,7 @@ def decode_request(payload: bytes) -> list[Any]:
         except InvalidArgumentError as e:
             raise ProtocolError(f"write: {e}") from None
     else:
-        raise ProtocolError(f"unknown request tag {str(tag)[:20]!r}")
+        raise ProtocolError(f"unknown request tag {show_value(tag, 20)}")
     return obj
 
 
@@ -259,6 +349,8 @@ class _Conn:
         self.error = ""
         self.scope = trio.CancelScope()
         self.node_id: Any = None
+        self.fatal = False
+        """Closed for a reason retrying cannot mend (plaintext against TLS)."""
 
     def send(self, rid: int, data: bytes, deadline: float) -> _Waiter:
         """Queue a request; its waiter gets the answer, or code ``"timeout"`` from the
@@ -328,8 +420,18 @@ class _Conn:
             if not data:
                 self.close(f"{self.addr[0]}:{self.addr[1]} closed the connection")
                 return
+            if decoder.offset == 0 and data[:2] in (b"\x15\x03", b"\x16\x03"):
+                self.fatal = True
+                self.close(f"{self.addr[0]}:{self.addr[1]} answered in TLS: its client port "
+                           f"speaks TLS and this client runs with plaintext=True; use "
+                           f"tls=client_ssl_context(ca, cert, key)")
+                return
             for payload in decoder.feed(data):
                 rid, code, body = _decode_response(payload)
+                if rid == 0 and code != "ok":  # about the connection, not a request
+                    self.fatal = code == "tls_required"
+                    self.close(f"{self.addr[0]}:{self.addr[1]}: {show_value(body, 300)}")
+                    return
                 w = self.pending.pop(rid, None)
                 if w is not None:
                     w.set(code, body)
@@ -346,8 +448,9 @@ class Client:
     :func:`client_ssl_context`; or ``plaintext=True``. ``timeout``: how long one operation
     may take in all, retries included; ``attempt_timeout``: how long one attempt waits for an
     answer before trying again (elsewhere); ``connect_timeout``: per TCP+TLS connection.
-    ``client_id``: this client's session id (random by default; reuse one only from one
-    client at a time). ``max_inflight``: writes in flight at once (the rest wait), below the
+    ``client_id`` (read-only): the session id the cluster assigned on the first write
+    (``None`` before); a new ``Client`` always gets a new session. ``max_inflight``: writes
+    in flight at once (the rest wait), below the
     store's per-session memory. ``backoff_max``: the longest pause between attempts
     (they start at 10 ms and double, with jitter).
     """
@@ -361,7 +464,6 @@ class Client:
         timeout: float = 10.0,
         attempt_timeout: float = 3.0,
         connect_timeout: float = 2.0,
-        client_id: int | None = None,
         max_inflight: int = 1024,
         backoff_max: float = 0.25,
         rng: random.Random | None = None,
@@ -387,12 +489,11 @@ class Client:
         if not (isinstance(max_inflight, int) and 1 <= max_inflight <= 4096):
             raise InvalidArgumentError(f"Client(max_inflight={max_inflight!r}): 1..4096")
         self._rng = rng or random.Random()
-        if client_id is None:
-            client_id = random.SystemRandom().randrange(1, MAX_CLIENT_ID)
-        if type(client_id) is not int or not 0 <= client_id <= MAX_CLIENT_ID:
-            raise InvalidArgumentError(f"Client(client_id={client_id!r}): an int in [0, 2**63)")
         self.addresses = addrs
-        self.client_id = client_id
+        self.client_id: int | None = None
+        self._registering: trio.Event | None = None
+        self._connect_errors: dict[Address, str] = {}
+        """Why the last connection attempt to each address failed."""
         self.timeout = float(timeout)
         self.attempt_timeout = float(attempt_timeout)
         self.connect_timeout = float(connect_timeout)
@@ -454,13 +555,14 @@ class Client:
         """The value of ``key`` (``None`` if absent), read linearizably."""
         k = _as_bytes(key, "key")
         check_key(k)
-        return await self._call(lambda rid: encode_get(rid, k))  # type: ignore[no-any-return]
+        return await self._call(  # type: ignore[no-any-return]
+            lambda rid: encode_get(rid, k), "read")
 
     async def status(self, address: str | Address | None = None) -> dict[str, Any]:
         """The status of one node (its view: id, state, leader, term, commit and apply
         seq, ...): the node at ``address``, or whichever the client is connected to."""
         if address is None:
-            return await self._call(encode_status)  # type: ignore[no-any-return]
+            return await self._call(encode_status, "other")  # type: ignore[no-any-return]
         addr = parse_address(address)
         with trio.fail_after(self.attempt_timeout):
             st = await self._status_of(addr)
@@ -475,11 +577,11 @@ class Client:
 
     # --- internals ----------------------------------------------------------------------
 
-    async def _write(self, op: str, key: Any, value: Any) -> Any:
+    async def _write(self, op: str, key: Any, value: Any, *, again: bool = False) -> Any:
         k = _as_bytes(key, "key")
         v = None if value is None else _as_bytes(value, "value")
-        seq = self._next_seq
-        check_write(self.client_id, seq, seq, op, k, v)
+        check_write(1, 1, 1, op, k, v)
+        cid = await self._session()
         out = self._outstanding
         # At most max_inflight writes at once; and since the store keeps the results of seqs
         # from the ack on only up to a bound, never run so far ahead of the oldest write
@@ -490,34 +592,80 @@ class Client:
             if self._window_moved.is_set():  # one event shared by all who wait
                 self._window_moved = trio.Event()
             await self._window_moved.wait()
+            if self.client_id != cid:  # the session expired while we waited
+                cid = await self._session()
+                out = self._outstanding
         seq = self._next_seq
         self._next_seq += 1
         out[seq] = None
-        cid = self.client_id
+        retry = False
         try:
             # ack: the lowest seq still waiting (dict order is seq order), recomputed per
             # attempt so that a retry also lets the store forget what it can.
             return await self._call(
                 lambda rid: encode_write_request(rid, cid, seq, next(iter(out)), op, k, v))
+        except _Expired as e:
+            if self.client_id == cid:  # the first to hear: the next write registers anew
+                self.client_id = None
+                self._next_seq = 1
+                self._outstanding = {}
+                self._window_moved.set()
+            if e.sent == 1 and not again:
+                # Refused at its only attempt: no copy of this write can have been applied,
+                # so it is safe to send it again in a new session (once).
+                retry = True
+            else:
+                raise SessionExpiredError(
+                    f"write {op} {k[:60]!r}: the cluster forgot this client's session {cid} (it "
+                    f"keeps a bounded number, least recently used out), so the write was refused "
+                    f"and not applied now; if an earlier attempt of it reached the cluster before "
+                    f"the session was evicted, that one may have been applied. The next write "
+                    f"opens a new session") from None
         finally:
-            del out[seq]
+            out.pop(seq, None)
             self._window_moved.set()
+        assert retry
+        return await self._write(op, key, value, again=True)
+
+    async def _session(self) -> int:
+        """This client's session id, registering one first if it has none (concurrent
+        writers share one registration)."""
+        while self.client_id is None:
+            ev = self._registering
+            if ev is not None:
+                await ev.wait()
+                continue
+            ev = self._registering = trio.Event()
+            try:
+                sid = await self._call(encode_register_request)
+                if type(sid) is not int or not 0 <= sid <= MAX_CLIENT_ID:
+                    raise ProtocolError(f"register answered {sid!r}, not a session id")
+                self.client_id = sid
+                self._next_seq = 1
+            finally:
+                self._registering = None
+                ev.set()
+        return self.client_id
 
     def _rid(self) -> int:
         self._next_rid += 1
         return self._next_rid
 
-    async def _call(self, build: Callable[[int], bytes]) -> Any:
+    async def _call(self, build: Callable[[int], bytes], what: str = "write") -> Any:
+        """Send a request (``build(rid)``) until answered, retrying elsewhere; ``what``
+        ("write", "read" or "other") words the error when it gives up."""
         deadline = trio.current_time() + self.timeout
         last: TinyRaftError | None = None
         reached = False
         attempt = 0
         seek = 0  # rounds spent looking for a leader since the last failure
         seek_until = 0.0
+        refused_rounds = 0
+        sent = 0  # copies of the request sent
         while True:
             now = trio.current_time()
             if now >= deadline:
-                raise self._give_up(last, reached)
+                raise self._give_up(last, reached, what)
             if attempt:
                 delay = min(self.backoff_max, 0.01 * 2 ** min(attempt + seek, 10))
                 await trio.sleep(min(self._rng.uniform(delay / 2, delay),
@@ -538,9 +686,22 @@ class Client:
             if conn is None or conn.closed:
                 conn = await self._connection(deadline)
             if conn is None:
-                last = TransportError("could not connect to " + self._addrs_text())
+                errs = [self._connect_errors.get(a, "") for a in self.addresses]
+                if all(e.startswith(_REFUSED) for e in errs):
+                    refused_rounds += 1
+                    if refused_rounds >= 2:  # nothing listens anywhere: say so now
+                        raise TransportError(
+                            f"every node refused the connection ({self._addrs_text()}): "
+                            f"nothing listens there. Are the servers running, and are these "
+                            f"their client ports?")
+                else:
+                    refused_rounds = 0
+                why = "; ".join(sorted({e for e in errs if e})) or "no answer"
+                last = TransportError(f"could not connect to {self._addrs_text()} ({why})")
                 continue
+            refused_rounds = 0
             rid = self._rid()
+            sent += 1
             w = conn.send(rid, build(rid),
                           min(deadline, trio.current_time() + self.attempt_timeout))
             await w.event.wait()
@@ -560,13 +721,19 @@ class Client:
                     f"{conn.addr[0]}:{conn.addr[1]} did not answer within "
                     f"{self.attempt_timeout}s")
             elif code == "closed":
+                if conn.fatal:
+                    raise ConfigurationError(str(body))
                 last = TransportError(str(body))
             elif code in RETRYABLE:
                 reached = True
                 last = NoLeaderError(f"{conn.addr[0]}:{conn.addr[1]}: {body}")
             elif code == "bad_request":
                 raise InvalidArgumentError(f"the server refused the request: {body}")
+            elif code == "forbidden":
+                raise ForbiddenError(f"{conn.addr[0]}:{conn.addr[1]} refused: {body}")
             elif code == "err":
+                if isinstance(body, str) and body.startswith("session_expired:"):
+                    raise _Expired(body, sent)
                 raise RaftError(f"the store refused the request: {body}")
             else:
                 raise RaftError(f"{conn.addr[0]}:{conn.addr[1]} answered {code!r}: {body}")
@@ -576,18 +743,22 @@ class Client:
             seek = 1
             seek_until = trio.current_time() + self.attempt_timeout
 
-    def _give_up(self, last: TinyRaftError | None, reached: bool) -> TinyRaftError:
+    def _give_up(self, last: TinyRaftError | None, reached: bool,
+                 what: str) -> TinyRaftError:
         if not reached:
             return TransportError(
                 f"no node answered within {self.timeout}s ({self._addrs_text()}): connections "
-                f"failed, were closed (a TLS certificate the servers refuse?) or got no reply. "
-                f"Are the servers running, and are these their client ports?"
-                + (f" Last error: {last}" if last else "")
+                f"failed, were closed or got no reply. Are the servers running, and are these "
+                f"their client ports?" + (f" Last error: {last}" if last else "")
             )
+        outcome = {
+            "read": "The read was not served; it changed nothing.",
+            "write": "The write may or may not have been applied.",
+        }.get(what, "Nothing was changed.")
         return NoLeaderError(
             f"no quorum: the request did not complete within {self.timeout}s "
             f"(nodes: {self._addrs_text()}). A majority of the nodes must be up and able to "
-            f"reach each other. Last error: {last}. A write may or may not have been applied."
+            f"reach each other. Last error: {last}. {outcome}"
         )
 
     def _addrs_text(self) -> str:
@@ -622,8 +793,8 @@ class Client:
             for a in self.addresses:
                 n.start_soon(one, a)
         # A node that says it leads is believed over one that names another leader.
-        claims = [(st.get("term", 0), addr) for addr, st in statuses.items()
-                  if st.get("state") == "leader"]
+        claims = [(st["term"], addr) for addr, st in statuses.items()
+                  if st.get("state") == "leader" and type(st.get("term")) is int]
         if claims:
             # Two claims happen for a moment (a deposed leader that has not heard yet):
             # the higher term is the real one.
@@ -640,7 +811,20 @@ class Client:
         await w.event.wait()
         if w.code != "ok" or not isinstance(w.payload, dict):
             return None
-        conn.node_id = w.payload.get("id")
+        node_id = w.payload.get("id")
+        stream = conn.stream
+        if isinstance(stream, trio.SSLStream) and not (
+                isinstance(node_id, (int, str))
+                and cert_names_node(stream.getpeercert(), node_id)):
+            # A node's certificate names the node: one that says it is another is not to
+            # be believed (nor sent to).
+            why = (f"{addr[0]}:{addr[1]} says it is node {show_value(node_id)} but its "
+                   f"certificate names {', '.join(cert_dns_names(stream.getpeercert()))}")
+            logger.warning("refusing %s", why)
+            self._connect_errors[addr] = why
+            conn.close(why)
+            return None
+        conn.node_id = node_id
         return w.payload
 
     async def _connection(self, deadline: float) -> _Conn | None:
@@ -693,19 +877,25 @@ class Client:
                 tls = trio.SSLStream(tcp, self._tls, server_hostname=None)
                 await tls.do_handshake()
             if not _names_a_node(tls.getpeercert()):
-                logger.warning("refusing %s:%d: its certificate does not name a node "
-                               "(node-<id>%s)", host, port, DNS_SUFFIX)
+                why = f"its certificate does not name a node (node-<id>{DNS_SUFFIX})"
+                self._connect_errors[addr] = why
+                logger.warning("refusing %s:%d: %s", host, port, why)
                 await trio.aclose_forcefully(tls)
                 return None
+            self._connect_errors.pop(addr, None)
             return tls
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-            logger.debug("cannot connect to %s:%d: %r", host, port, e)
+            why = _connect_error(e, tcp is not None and self._tls is not None)
+            self._connect_errors[addr] = why
+            logger.debug("cannot connect to %s:%d: %s", host, port, why)
             if tcp is not None:
                 await trio.aclose_forcefully(tcp)
             return None
 
 
 __all__ = [
-    "Client", "client_ssl_context", "parse_address", "decode_request", "encode_response",
+    "Client", "SessionExpiredError", "ForbiddenError", "encode_register_request",
+    "client_ssl_context",
+    "parse_address", "decode_request", "encode_response",
     "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
 ]
