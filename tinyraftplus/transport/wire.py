@@ -569,9 +569,10 @@ def _build(tag: int, obj: list) -> WireMessage:
     return _CLASSES[tag](*obj[2:])
 
 
-MAX_CONTAINERS = 4
-"""Arrays (and maps) in one valid message: the message itself and at most two field arrays
-(``AppendEntries``' terms and data, ``Propose``'s items), with one to spare."""
+MAX_CONTAINERS = 5
+"""Arrays (and maps) in one valid message: the message itself and at most three field arrays
+(``AppendEntries``' terms, data and configuration indexes), with one to spare so that a field
+of the wrong type is refused by name."""
 
 
 class _ContainerCounter:
