@@ -36,6 +36,7 @@ CDEF = """
 #define TP_SCAN_CORRUPT 2
 #define TP_OP_WRITE 1
 #define TP_OP_SYNC 2
+#define TP_OP_TRUNC 3
 
 uint32_t tp_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t tp_crc32c_sw(uint32_t crc, const void *buf, size_t len);

@@ -203,25 +203,49 @@ size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_p
 
 /* ---------------------------------------------------------- fault injection ---- */
 
-/* Test hook: armed with tp_inject_fault; costs one relaxed atomic load per write. */
-static _Atomic int fault_op = 0, fault_err = 0, fault_after = 0;
+/* Test hook: armed with tp_inject_fault, one slot per operation so that a write fault
+ * and a truncate fault can be armed together; costs one relaxed atomic load per call. */
+#define TP_NOPS 4
+static _Atomic int fault_armed = 0; /* bit op: slot op is armed */
+static _Atomic int fault_err[TP_NOPS], fault_after[TP_NOPS];
 
 void tp_inject_fault(int op, int err, int after_n) {
-    atomic_store(&fault_op, 0);
-    atomic_store(&fault_err, err);
-    atomic_store(&fault_after, after_n);
-    atomic_store(&fault_op, err ? op : 0);
+    if (op <= 0 || op >= TP_NOPS) { /* disarm everything */
+        atomic_store(&fault_armed, 0);
+        return;
+    }
+    atomic_fetch_and(&fault_armed, ~(1 << op));
+    if (!err) return;
+    atomic_store(&fault_err[op], err);
+    atomic_store(&fault_after[op], after_n);
+    atomic_fetch_or(&fault_armed, 1 << op);
 }
 
 static int fault_hit(int op) {
-    if (atomic_load_explicit(&fault_op, memory_order_relaxed) != op) return 0;
-    if (atomic_fetch_sub(&fault_after, 1) > 0) return 0;
-    int err = atomic_load(&fault_err);
-    atomic_store(&fault_op, 0);
+    if (!(atomic_load_explicit(&fault_armed, memory_order_relaxed) & (1 << op))) return 0;
+    if (atomic_fetch_sub(&fault_after[op], 1) > 0) return 0;
+    int err = atomic_load(&fault_err[op]);
+    atomic_fetch_and(&fault_armed, ~(1 << op));
     return err;
 }
 
 /* ----------------------------------------------------------------- durable write ---- */
+
+/* After a failed write: cut the file back to `off` and make the cut durable, so that
+ * neither the process nor a crash can see the partial batch. 0 on success, else the errno
+ * of the step that failed (then the caller must fail the log for good: the partial batch
+ * may hold whole, valid records that a reopen would take for appends that succeeded). */
+static int cut_back(int fd, uint64_t off) {
+    int inj = fault_hit(TP_OP_TRUNC);
+    if (inj) return inj;
+    while (ftruncate(fd, (off_t)off) != 0) {
+        if (errno != EINTR) return errno;
+    }
+    while (fdatasync(fd) != 0) {
+        if (errno != EINTR) return errno;
+    }
+    return 0;
+}
 
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op) {
     const uint8_t *p = buf;
@@ -243,19 +267,19 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
         } else {
             w = pwrite(fd, p + done, len - done, (off_t)(off + done));
         }
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            int err = errno;
-            /* Leave the file as it was before this batch so a later write does not land
-             * after a hole of garbage. If even this fails, the caller fails the log. */
-            if (ftruncate(fd, (off_t)off) != 0) err = err ? err : errno;
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            int err = w < 0 ? errno : ENOSPC;
+            /* Leave the file as it was before this batch, durably. If that fails, report
+             * the cut's failure (TP_OP_TRUNC), never the write's errno: ENOSPC would tell
+             * the caller "nothing was written" while a partial batch is in the file. */
+            int cerr = cut_back(fd, off);
+            if (cerr) {
+                *failed_op = TP_OP_TRUNC;
+                return -cerr;
+            }
             *failed_op = TP_OP_WRITE;
             return -err;
-        }
-        if (w == 0) {
-            if (ftruncate(fd, (off_t)off) != 0) { /* reported as ENOSPC below */ }
-            *failed_op = TP_OP_WRITE;
-            return -ENOSPC;
         }
         done += (size_t)w;
     }

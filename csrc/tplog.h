@@ -65,6 +65,7 @@
 /* Failed operation reported by tp_write / the flusher. */
 #define TP_OP_WRITE 1
 #define TP_OP_SYNC 2
+#define TP_OP_TRUNC 3 /* cutting a failed write back (ftruncate + fdatasync) failed */
 
 /* CRC32C. `crc` is the value returned by a previous call (0 to start). */
 uint32_t tp_crc32c(uint32_t crc, const void *buf, size_t len);
@@ -101,8 +102,10 @@ size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_p
                        uint64_t *out);
 
 /* pwrite `len` bytes at `off` (looping over short writes), then fdatasync if `sync`.
- * On a write failure the file is truncated back to `off`. Returns 0 or -errno and sets
- * *failed_op to TP_OP_WRITE or TP_OP_SYNC. */
+ * On a write failure the file is truncated back to `off` and that cut is fdatasynced;
+ * returns -errno of the write with *failed_op = TP_OP_WRITE. If the cut fails, returns
+ * -errno of the cut with *failed_op = TP_OP_TRUNC (the file may hold part of the batch:
+ * the caller must fail the log). A failed fdatasync: *failed_op = TP_OP_SYNC. */
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op);
 
 /* A C flusher thread: runs tp_write jobs one at a time and signals completion through an
@@ -149,8 +152,9 @@ long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_
               size_t max_n, uint64_t *starts, uint64_t *ends, uint64_t *terms,
               uint64_t *bad_off);
 
-/* TEST ONLY: make the next write (op TP_OP_WRITE) or fdatasync (TP_OP_SYNC) after
- * `after_n` successful ones fail with `err` (once). err == 0 disarms. */
+/* TEST ONLY: make the next write (op TP_OP_WRITE), fdatasync (TP_OP_SYNC) or cut-back
+ * after a failed write (TP_OP_TRUNC) after `after_n` successful ones fail with `err`
+ * (once). Each op has its own slot; err == 0 disarms that op, op == 0 disarms all. */
 void tp_inject_fault(int op, int err, int after_n);
 
 #endif

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import warnings
 
 import pytest
 import trio
@@ -257,3 +258,52 @@ async def test_failed_roll_fails_every_append_that_needed_it(tmp_path, monkeypat
     async with FsLog(tmp_path, "x", segment_size=4096) as log:
         assert [e.seq async for e in log.iter()] == list(range(len(acked) + 1))
         assert log.head == b"after"
+
+
+@pytest.mark.parametrize("cut_err", [errno.EIO, errno.ENOSPC])
+async def test_enospc_then_a_failed_cut_back_fails_the_log(tmp_path, cut_err):
+    """Issue 9.1: a write fails half-way (ENOSPC) and cutting the partial round back fails
+    too. Before, the cut's failure hid behind ENOSPC: the appends raised the recoverable
+    ``LogFullError`` ("the log is unchanged"), a retry reused their seqs, and after reopen
+    the "failed" appends' payloads came back. Now the log fails for good."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"first")
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        lib.tp_inject_fault(lib.TP_OP_TRUNC, cut_err, 0)
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await log.append(b"failed-%d-" % i + b"x" * 200)
+                outcomes.append("ok")
+            except (LogFailedError, LogFullError) as e:
+                outcomes.append(type(e).__name__)
+
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(one, i)
+        assert "LogFullError" not in outcomes and "ok" not in outcomes, outcomes
+        with pytest.raises(LogFailedError, match="cutting the partial write back failed"):
+            await log.append(b"retry")
+        assert log.seq == 0
+    # Reopen: the log opens, "first" is there; what the failed appends left is either
+    # absent or whole records with their own payloads (never another append's seq).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LogRecoveryWarning)
+        async with FsLog(tmp_path, "x") as log:
+            got = [e.data async for e in log.iter()]
+    assert got[0] == b"first"
+    assert all(d.startswith(b"failed-") for d in got[1:])
+
+
+async def test_cut_back_after_enospc_is_durable(tmp_path):
+    """Issue 9.1: the cut after a failed write is fdatasynced before LogFullError is
+    raised (checked here through the fault hook: a failing fdatasync of the cut also
+    fails the log; the crash-state enumeration checks the ordering itself)."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"first")
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        with pytest.raises(LogFullError, match="disk full"):
+            await log.append_batch([b"y" * 3000, b"z"])
+        assert os.path.getsize(_seg0(tmp_path)) == fmt.SEG_HDR + fmt.REC_HDR + 5
+        assert await log.append(b"after") == 1

@@ -24,7 +24,9 @@ Records become visible (``seq``, ``read``, ``iter``, ``entries``) only once dura
 ``format``) inside one round and one segment, so a crash keeps all of it or none.
 
 A failed write: ``ENOSPC`` fails that round and every round framed after it (their offsets
-assumed it), cuts the file back and rewinds the seqs: the log stays usable. Any other write
+assumed it), cuts the file back (durably: ``ftruncate`` + ``fdatasync`` before
+``LogFullError`` is raised) and rewinds the seqs: the log stays usable. If the cut itself
+fails, part of the round may still be in the file, so the log fails for good. Any other write
 or ``fdatasync`` error fails the log for good (``LogFailedError``): after an fsync error
 the kernel may have dropped the dirty pages, so nothing written since can be trusted.
 
