@@ -146,7 +146,8 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
     if (len < TP_SEG_HDR) return TP_ESHORT;
     if (memcmp(in, SEG_MAGIC, 8) != 0) return TP_EHDR;
     if (rd32(in + 44) != tp_crc32c(0, in, 44)) return TP_ECRC;
-    if (rd32(in + 8) != TP_FORMAT_VERSION || rd32(in + 12) != TP_SEG_HDR) return TP_EHDR;
+    uint32_t ver = rd32(in + 8);
+    if ((ver != 1 && ver != TP_FORMAT_VERSION) || rd32(in + 12) != TP_SEG_HDR) return TP_EHDR;
     *first_seq = rd64(in + 16);
     *prev_term = rd64(in + 24);
     return 0;
@@ -155,37 +156,38 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
 /* --------------------------------------------------------------------- framing ---- */
 
 static inline void frame_one(uint8_t *h, uint32_t len, uint64_t seq, uint64_t term,
-                             uint32_t flags) {
+                             uint32_t flags, uint32_t back) {
     wr32(h, len);
     wr64(h + 8, seq);
     wr64(h + 16, term);
     wr32(h + 24, flags);
-    wr32(h + 28, 0);
+    wr32(h + 28, (flags & TP_FLAG_ROUND) ? back : 0);
     wr32(h + 4, tp_crc32c(0, h + 8, (size_t)TP_REC_HDR - 8 + len));
 }
 
 void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
-                  uint32_t flags) {
-    frame_one(base + pos, len, seq, term, flags);
+                  uint32_t flags, uint32_t back) {
+    frame_one(base + pos, len, seq, term, flags, back);
 }
 
 void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
-                  uint64_t term, uint32_t flags) {
+                  uint64_t term, uint32_t flags, uint32_t back) {
     wr32(hdr, len);
     wr64(hdr + 8, seq);
     wr64(hdr + 16, term);
     wr32(hdr + 24, flags);
-    wr32(hdr + 28, 0);
+    wr32(hdr + 28, (flags & TP_FLAG_ROUND) ? back : 0);
     wr32(hdr + 4, tp_crc32c(tp_crc32c(0, hdr + 8, TP_REC_HDR - 8), payload, len));
 }
 
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
-                      uint64_t *offs_out) {
+                      uint64_t *offs_out, uint32_t first_flags, uint32_t back) {
     size_t pos = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t flags = (atomic && i + 1 < n) ? TP_FLAG_MORE : 0;
-        frame_one(base + pos, lens[i], seq + i, terms ? terms[i] : term, flags);
+        if (i == 0) flags |= first_flags;
+        frame_one(base + pos, lens[i], seq + i, terms ? terms[i] : term, flags, back);
         if (offs_out) offs_out[i] = file_off + pos;
         pos += TP_REC_HDR + (size_t)lens[i];
     }
@@ -469,7 +471,9 @@ static int check_record(const uint8_t *p, uint64_t avail, uint64_t expect_seq,
     if (len > TP_MAX_PAYLOAD) return TP_EBADLEN;
     if ((uint64_t)TP_REC_HDR + len > avail) return TP_ESHORT;
     if (rd32(p + 4) != tp_crc32c(0, p + 8, (size_t)TP_REC_HDR - 8 + len)) return TP_ECRC;
-    if ((rd32(p + 24) & ~TP_FLAG_MORE) != 0 || rd32(p + 28) != 0) return TP_EFLAGS;
+    uint32_t flags = rd32(p + 24);
+    if ((flags & ~(TP_FLAG_MORE | TP_FLAG_ROUND)) != 0) return TP_EFLAGS;
+    if (!(flags & TP_FLAG_ROUND) && rd32(p + 28) != 0) return TP_EFLAGS;
     if (rd64(p + 8) != expect_seq) return TP_ESEQ;
     *size = TP_REC_HDR + (uint64_t)len;
     return 0;
@@ -515,14 +519,20 @@ void tp_scan_release(tp_scan *s) {
 }
 
 /* Is there a whole valid record anywhere in data[from..size) with a seq at or after
- * expect_seq? Only a record that a writer produced can pass the CRC at a plausible seq,
- * so finding one means the damage is in the middle of the log, not a torn tail. */
+ * expect_seq? Only a record that a writer produced can pass the CRC at a plausible seq.
+ * With `after_durable` set, only a record that starts a write round (TP_FLAG_ROUND) and
+ * says the segment was durable beyond `bad_off` when it was written counts: proof that
+ * the damage at bad_off is in data that had been made durable, i.e. not a torn write. */
 static uint64_t find_resync(const uint8_t *data, uint64_t from, uint64_t size,
-                            uint64_t expect_seq) {
+                            uint64_t expect_seq, int after_durable, uint64_t bad_off) {
     uint64_t max_seq = expect_seq + (size - from) / TP_REC_HDR + 1;
     for (uint64_t p = from; p + TP_REC_HDR <= size; p++) {
         uint64_t seq = rd64(data + p + 8);
         if (seq < expect_seq || seq > max_seq) continue;
+        if (after_durable) {
+            if (!(rd32(data + p + 24) & TP_FLAG_ROUND)) continue;
+            if (p - rd32(data + p + 28) <= bad_off) continue;
+        }
         uint64_t sz;
         if (check_record(data + p, size - p, seq, &sz) == 0) return p;
     }
@@ -545,6 +555,7 @@ int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_off
     uint8_t *data = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (data == MAP_FAILED) return -errno;
     madvise(data, size, MADV_SEQUENTIAL);
+    uint32_t version = size >= TP_SEG_HDR ? rd32(data + 8) : TP_FORMAT_VERSION;
     uint64_t off = start_off, seq = first_seq;
     int rc = 0;
     uint64_t last_term = 0;
@@ -554,7 +565,18 @@ int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_off
         if (r != 0) {
             s->reason = r;
             s->bad_off = off;
-            uint64_t rs = find_resync(data, off + 1, size, seq);
+            /* Torn tail or damage mid-log? Format 2 frames every write round's first
+             * record with TP_FLAG_ROUND and how far back the segment was durable when
+             * the round was written; only one round is ever in flight. Valid records
+             * after the damage prove it mid-log only if one of them starts a round that
+             * was written after the damaged bytes had been made durable. Otherwise they
+             * belong to the round a crash interrupted (a later page of it reached the
+             * disk, an earlier one did not) and the tail is torn. Format 1 segments
+             * carry no rounds: any valid record after the damage makes it mid-log. */
+            uint64_t rs = find_resync(data, off + 1, size, seq, 0, off);
+            s->resync_off = rs;
+            if (rs != UINT64_MAX && version >= 2)
+                rs = find_resync(data, off + 1, size, seq, 1, off);
             if (rs != UINT64_MAX) {
                 s->status = TP_SCAN_CORRUPT;
                 s->resync_off = rs;

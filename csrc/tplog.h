@@ -4,14 +4,14 @@
  * function takes plain buffers and returns 0 or a negative errno-style code, and the
  * Python layer (tinyraftplus/log/) turns codes into exceptions naming file and offset.
  *
- * ON-DISK FORMAT (version 1; all integers little-endian)
+ * ON-DISK FORMAT (version 2; all integers little-endian; version 1 is still read)
  *
  * A log is a directory holding segment files named by the seq of their first record,
  * zero-padded to 20 digits so that `ls` sorts them: "00000000000000000000.seg".
  *
  * Segment header, TP_SEG_HDR (48) bytes at offset 0:
  *     0  8  magic "TPLOGSEG"
- *     8  u32 format version (1)
+ *     8  u32 format version (2; 1 for segments written before write rounds were framed)
  *    12  u32 header length (48)
  *    16  u64 first seq of this segment (equals the file name)
  *    24  u64 term of the record just before first seq (0 if none), so the term of
@@ -26,13 +26,28 @@
  *     8  u64 seq (the previous record's seq + 1; the first is the segment's first seq)
  *    16  u64 term (Raft term; 0 when Raft is not used)
  *    24  u32 flags: bit 0 TP_FLAG_MORE = more records of the same atomic batch follow;
+ *            bit 1 TP_FLAG_ROUND = this record starts a write round (version 2);
  *            other bits must be zero
- *    28  u32 reserved, zero
+ *    28  u32 with TP_FLAG_ROUND: "durable back", this record's file offset minus the
+ *            offset up to which the segment was durable when the round was written
+ *            (saturating at 2^32-1 never overstates it: it may only understate the
+ *            durable end); 0 with fsync, where every earlier round was fdatasynced
+ *            before this one was written. Without TP_FLAG_ROUND: zero.
  * followed by the payload.
  *
  * Atomic batches (append_batch, transactions): every record of a batch but the last
  * carries TP_FLAG_MORE, and a batch never spans two segments. Recovery keeps records up
  * to the last one without TP_FLAG_MORE, so a batch cut short by a crash disappears whole.
+ *
+ * Write rounds and torn tails (version 2): the writer puts many records into one write
+ * round (one pwrite, then fdatasync) and has at most one round in flight. A power loss
+ * during a round may persist any subset of its pages (a later page but not an earlier
+ * one: XFS, ext4 data=writeback, preallocated files). Recovery finds the first invalid
+ * record at offset X; if a later valid record starts a round whose durable end (its
+ * offset minus its durable back) lies beyond X, the damage is in data that was durable
+ * before: mid-log corruption (TP_SCAN_CORRUPT). Otherwise everything from X on belongs to
+ * the round that was in flight, and the tail is torn (TP_SCAN_TORN): cut back to X. In
+ * version 1 segments any valid record after X makes the damage mid-log.
  *
  * CRC32C is the Castagnoli polynomial (reflected 0x82F63B78), initial value and final
  * xor 0xFFFFFFFF, i.e. the same as iSCSI, ext4 and the Python `crc32c` package.
@@ -46,7 +61,8 @@
 #define TP_SEG_HDR 48
 #define TP_REC_HDR 32
 #define TP_FLAG_MORE 1u
-#define TP_FORMAT_VERSION 1
+#define TP_FLAG_ROUND 2u
+#define TP_FORMAT_VERSION 2
 #define TP_MAX_PAYLOAD (1u << 30)
 
 /* Error codes beyond errno (negative, like -errno). */
@@ -59,8 +75,8 @@
 
 /* Scan outcomes */
 #define TP_SCAN_CLEAN 0   /* ended exactly at the end of the file */
-#define TP_SCAN_TORN 1    /* invalid bytes at the tail and nothing valid after them */
-#define TP_SCAN_CORRUPT 2 /* invalid record followed by a valid one: damage mid-log */
+#define TP_SCAN_TORN 1    /* invalid bytes at the tail; nothing after them was durable */
+#define TP_SCAN_CORRUPT 2 /* invalid record in data that was durable: damage mid-log */
 
 /* Failed operation reported by tp_write / the flusher. */
 #define TP_OP_WRITE 1
@@ -81,18 +97,20 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
 /* Frame n records in place. `base` holds, back to back, for each record TP_REC_HDR bytes
  * of room followed by its payload of lens[i] bytes; this fills in the headers. Seqs run
  * from `seq`; terms are terms[i] if `terms` is not NULL, else `term`. If `atomic`, all
- * records but the last get TP_FLAG_MORE. offs_out[i] = file_off + offset of record i.
+ * records but the last get TP_FLAG_MORE; record 0 also gets `first_flags` (and `back`).
+ * offs_out[i] = file_off + offset of record i.
  * Returns the number of bytes framed. */
-/* Frame one record whose TP_REC_HDR bytes of room start at base + pos. */
+/* Frame one record whose TP_REC_HDR bytes of room start at base + pos. `back` is stored
+ * only with TP_FLAG_ROUND in `flags` (see the format above). */
 void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
-                  uint32_t flags);
+                  uint32_t flags, uint32_t back);
 /* Write the TP_REC_HDR-byte header for `payload` into `hdr` (the payload stays where
  * it is: the caller appends both to its buffer, saving a pass over a growing buffer). */
 void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
-                  uint64_t term, uint32_t flags);
+                  uint64_t term, uint32_t flags, uint32_t back);
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
-                      uint64_t *offs_out);
+                      uint64_t *offs_out, uint32_t first_flags, uint32_t back);
 
 /* Where the term changes in terms[0..n): writes to out the indexes i with terms[i] !=
  * terms[i - 1] (for i == 0: != prev, or always if !has_prev) and returns how many. Lets a
@@ -133,7 +151,8 @@ typedef struct tp_scan {
     uint64_t end;        /* file offset after the last valid record */
     uint64_t file_size;
     uint64_t bad_off;    /* TORN / CORRUPT: where the first invalid record starts */
-    uint64_t resync_off; /* CORRUPT: offset of a valid record after the damage */
+    uint64_t resync_off; /* offset of a valid record after the damage (CORRUPT: one that
+                          * proves the damage mid-log; TORN: UINT64_MAX if none) */
     int status;          /* TP_SCAN_* */
     int reason;          /* TP_E* for the first invalid record */
     size_t cap, runcap;  /* private */

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import subprocess
 import warnings
 
@@ -307,3 +308,71 @@ async def test_cut_back_after_enospc_is_durable(tmp_path):
             await log.append_batch([b"y" * 3000, b"z"])
         assert os.path.getsize(_seg0(tmp_path)) == fmt.SEG_HDR + fmt.REC_HDR + 5
         assert await log.append(b"after") == 1
+
+
+def _rounds(raw: bytes) -> list[tuple[int, int]]:
+    """(offset, seq) of every record that starts a write round, per the documented format."""
+    out, pos = [], fmt.SEG_HDR
+    while pos < len(raw):
+        ln, _crc, seq, _term, flags, _back = struct.unpack_from("<IIQQII", raw, pos)
+        if flags & fmt.FLAG_ROUND:
+            out.append((pos, seq))
+        pos += fmt.REC_HDR + ln
+    return out
+
+
+async def _log_ending_in_a_multi_page_round(tmp_path) -> list[tuple[int, int]]:
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"a" * 100)
+        await log.append(b"b" * 100)
+        async with trio.open_nursery() as n:  # one round of many independent appends
+            for i in range(12):
+                n.start_soon(log.append, bytes([65 + i]) * 1000)
+    rounds = _rounds(_seg0(tmp_path).read_bytes())
+    assert len(rounds) >= 3 and os.path.getsize(_seg0(tmp_path)) - rounds[-1][0] > 8192
+    return rounds
+
+
+async def test_torn_final_round_is_cut_not_called_corrupt(tmp_path):
+    """Issue 9.3: a power loss during the last (never acknowledged) group commit persisted
+    a later page of the round but not its first (zeros). Before, open raised
+    LogCorruptError ("valid records follow"); now the tail is cut with a warning."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    start, first_seq = rounds[-1]
+    page_end = (start // 4096 + 1) * 4096
+    with open(_seg0(tmp_path), "r+b") as f:
+        f.seek(start)
+        f.write(bytes(page_end - start))
+    with pytest.warns(LogRecoveryWarning, match="same unacknowledged write round"):
+        async with FsLog(tmp_path, "x") as log:
+            assert log.seq == first_seq - 1
+            assert [e.data[:1] async for e in log.iter()][:2] == [b"a", b"b"]
+            assert await log.append(b"next") == first_seq
+    assert os.path.getsize(_seg0(tmp_path)) == start + fmt.REC_HDR + 4
+
+
+async def test_damage_before_a_later_round_stays_corrupt(tmp_path):
+    """Issue 9.3: damage in an acknowledged round, followed by a round written after it
+    was durable, is mid-log corruption, never cut as a torn tail."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    victim = rounds[1][0] + fmt.REC_HDR + 10  # a payload byte of the second round
+    with open(_seg0(tmp_path), "r+b") as f:
+        f.seek(victim)
+        f.write(b"\xff")
+    with pytest.raises(LogCorruptError, match="valid records follow"):
+        async with FsLog(tmp_path, "x"):
+            pass
+
+
+async def test_version_1_segment_keeps_the_old_rule(tmp_path):
+    """A format-1 segment has no rounds: any valid record after damage is mid-log."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    raw = bytearray(_seg0(tmp_path).read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")
+    raw[44:48] = lib.tp_crc32c(0, bytes(raw[:44]), 44).to_bytes(4, "little")
+    start = rounds[-1][0]
+    raw[start : start + 100] = bytes(100)
+    _seg0(tmp_path).write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError, match="valid records follow"):
+        async with FsLog(tmp_path, "x"):
+            pass

@@ -385,7 +385,14 @@ class FsLog:
         if r.commit_end != r.file_size:
             parts = []
             if r.status == lib.TP_SCAN_TORN:
-                parts.append(f"torn record at byte offset {r.bad_off}")
+                torn = f"torn record at byte offset {r.bad_off}"
+                if r.resync_off != 2**64 - 1:
+                    torn += (
+                        f" (valid records of the same unacknowledged write round follow at "
+                        f"byte offset {r.resync_off}: a later page of it reached the disk, an "
+                        "earlier one did not)"
+                    )
+                parts.append(torn)
             if r.n_commit < r.n:
                 parts.append(f"incomplete batch of {r.n - r.n_commit} records")
             why = " and ".join(parts)
@@ -397,7 +404,11 @@ class FsLog:
                 stacklevel=5,
             )
             os.ftruncate(fd, r.commit_end)
-            os.fdatasync(fd)
+        # Durable before anything is appended: a new round says everything before it is
+        # durable, and the bytes found here may be only in the page cache (a process
+        # crash, or an fsync error that left pages the disk never got).
+        os.fdatasync(fd)
+        seg.synced_end = r.commit_end
         offs = r.offs
         del offs[r.n_commit :]
         seg.offs = offs
@@ -537,7 +548,10 @@ class FsLog:
         rnd = self._open_round(fmt.REC_HDR + n)
         buf = rnd.buf
         pos = len(buf)
-        lib.tp_frame_hdr(self._hdr, data, n, s, term, 0)
+        if pos:
+            lib.tp_frame_hdr(self._hdr, data, n, s, term, 0, 0)
+        else:
+            lib.tp_frame_hdr(self._hdr, data, n, s, term, fmt.FLAG_ROUND, self._back(rnd))
         try:  # the round's bytes and bookkeeping change together or not at all
             rnd.offs.append(rnd.file_off + pos)
             buf += self._hdr_view
@@ -659,8 +673,9 @@ class FsLog:
         if joined is None:
             joined = _HDR_BA.join(chain((b"",), items))
         c_joined = ffi.from_buffer("uint8_t[]", joined)
+        flags0, back = (fmt.FLAG_ROUND, self._back(rnd)) if pos == 0 else (0, 0)
         if n == 1:
-            lib.tp_frame_one(c_joined, 0, lens[0], first, last_term, 0)
+            lib.tp_frame_one(c_joined, 0, lens[0], first, last_term, flags0, back)
             offs = array("Q", (off,))
         else:
             offs = array("Q", bytes(8 * n))
@@ -674,6 +689,8 @@ class FsLog:
                 1 if atomic else 0,
                 off,
                 ffi.from_buffer("uint64_t[]", offs),
+                flags0,
+                back,
             )
         del c_joined  # releases the buffer export, so the round can grow it later
         if terms is None:
@@ -703,6 +720,14 @@ class FsLog:
         self._next_seq = first + n
         self._last_framed_term = last_term
         return rnd
+
+    def _back(self, rnd: _Round) -> int:
+        """The durable back of a round's first record (see ``format``): with fsync every
+        earlier round is durable before this one is written; without, only what was
+        last fdatasynced (the segment's creation, a truncate, an open)."""
+        if self._fsync:
+            return 0
+        return min(rnd.file_off - rnd.seg.synced_end, fmt.MAX_BACK)
 
     def _open_round(self, nbytes: int) -> _Round:
         seg = self._segs[-1]
@@ -855,6 +880,8 @@ class FsLog:
         seg.offs.extend(rnd.offs)
         seg.count += rnd.count
         seg.end = rnd.file_off + len(rnd.buf)
+        if self._fsync:
+            seg.synced_end = seg.end
         for s, t in rnd.terms:
             self._terms.add(s, t)
         self._seq = rnd.first_seq + rnd.count - 1
@@ -1034,7 +1061,7 @@ class FsLog:
         assert seg.offs is not None
         del seg.offs[n:]
         seg.count = n
-        seg.end = seg.write_end = cut
+        seg.end = seg.write_end = seg.synced_end = cut
         self._terms.truncate_after(seq)
         self._seq = seq
         self._next_seq = seq + 1
@@ -1055,7 +1082,16 @@ class FsLog:
         if not flags & fmt.FLAG_MORE:
             return
         term = int.from_bytes(rec[16:24], "little")
-        lib.tp_frame_one(ffi.from_buffer("uint8_t[]", rec), 0, len(rec) - fmt.REC_HDR, seq, term, 0)
+        back = int.from_bytes(rec[28:32], "little")
+        lib.tp_frame_one(
+            ffi.from_buffer("uint8_t[]", rec),
+            0,
+            len(rec) - fmt.REC_HDR,
+            seq,
+            term,
+            flags & ~fmt.FLAG_MORE,
+            back,
+        )
         os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
         os.fdatasync(fd)
 

@@ -113,6 +113,7 @@ class Segment:
         "idx_offsets_crc",
         "runs_from_scan",
         "fd_lock",
+        "synced_end",
     )
 
     def __init__(self, dir: str, first_seq: int, prev_term: int = 0) -> None:
@@ -131,6 +132,9 @@ class Segment:
         self.idx_offsets_crc = 0
         self.runs_from_scan: list[tuple[int, int]] = []
         self.fd_lock = threading.RLock()  # see read_verified
+        # Up to where the file is known durable (fdatasynced): what a round's first record
+        # records as its durable end (see ``format``: write rounds and torn tails).
+        self.synced_end = fmt.SEG_HDR
 
     @property
     def last_seq(self) -> int:
@@ -182,7 +186,7 @@ class Segment:
         run_bytes = b"".join(fmt.IDX_RUN.pack(s, t) for s, t in runs)
         head = fmt.IDX_HDR.pack(
             fmt.IDX_MAGIC,
-            fmt.FORMAT_VERSION,
+            fmt.IDX_VERSION,
             len(runs),
             self.first_seq,
             self.count,
@@ -209,7 +213,7 @@ class Segment:
             if len(head) < fmt.IDX_HDR.size:
                 return None
             magic, ver, nruns, first, count, data_end, offs_crc, crc = fmt.IDX_HDR.unpack_from(head)
-            if magic != fmt.IDX_MAGIC or ver != fmt.FORMAT_VERSION or first != self.first_seq:
+            if magic != fmt.IDX_MAGIC or ver != fmt.IDX_VERSION or first != self.first_seq:
                 return None
             runs_len = nruns * fmt.IDX_RUN.size
             need = fmt.IDX_HDR.size + runs_len
