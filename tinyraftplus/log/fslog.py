@@ -71,6 +71,11 @@ from .segment import Records, Segment, entries_of, fsync_dir, parse_entries, sca
 from .terms import TermIndex
 
 _HDR_BA = bytearray(fmt.REC_HDR)
+# Ctrl-C (KeyboardInterrupt) is never raised in the middle of these methods' state
+# updates: Trio delivers it to the main task at its next blocking point instead. Where that
+# blocking point is the flusher's own wait, the round stays in flight (``_inflight``) and
+# the next flusher, or ``close``, collects it. Protection is per code object: no cost.
+_ki_protected = trio.lowlevel.enable_ki_protection
 _BECOME_FLUSHER = object()
 _READ_STEP = 1 << 20  # bytes per pread when iterating
 
@@ -418,19 +423,28 @@ class FsLog:
             if s < seg.first_seq + r.n_commit:
                 self._terms.add(s, t)
 
+    @_ki_protected
     async def close(self) -> None:
         """Wait for an open transaction and for every framed append to be durable, then
-        close the files and release the lock. Closing twice is allowed."""
+        close the files and release the lock. Closing twice is allowed. Always finishes:
+        a Ctrl-C (``KeyboardInterrupt``) that arrives while it drains is raised once the
+        log is closed."""
         if self._state != "open":
             self._state = "closed"
             return
+        interrupted: KeyboardInterrupt | None = None
         async with self._excl:
             if self._state != "open":
                 return
             self._blocked = True
             with trio.CancelScope(shield=True):
-                await self._drain()
-                await self._reshape_begin()
+                while True:
+                    try:
+                        await self._drain()
+                        await self._reshape_begin()
+                        break
+                    except KeyboardInterrupt as e:
+                        interrupted = e
                 self._state = "closed"
                 self._reshape_end()
                 self._gate.unpark_all()
@@ -438,6 +452,8 @@ class FsLog:
                     self._flusher.stop()
                     self._flusher = None
                 self._release_files()
+        if interrupted is not None:
+            raise interrupted
 
     def _release_files(self) -> None:
         for s in self._segs:
@@ -514,6 +530,7 @@ class FsLog:
             raise LogFailedError(str(self._failed)) from self._failed
 
     # --- appends ----------------------------------------------------------------------
+    @_ki_protected
     async def append(
         self, data: bytes | bytearray | memoryview, *, seq: int | None = None, term: int = 0
     ) -> int:
@@ -572,6 +589,7 @@ class FsLog:
         await self._wait_durable(rnd)
         return s
 
+    @_ki_protected
     async def append_batch(
         self,
         items: Sequence[bytes | bytearray | memoryview],
@@ -762,6 +780,7 @@ class FsLog:
         if v is _BECOME_FLUSHER:
             await self._run_flusher(rnd)
 
+    @_ki_protected
     async def _run_flusher(self, mine: _Round | None) -> None:
         """Be the flusher until ``mine`` is durable and the role can be handed on (or no
         work is left). Shielded: a cancelled flusher still finishes the write it started,
@@ -771,16 +790,29 @@ class FsLog:
             try:
                 error = await self._flush_loop(mine)
             except BaseException:
-                self._stop_flushing()
+                # Only a KeyboardInterrupt delivered at the flusher's wait gets here: hand
+                # the role on, so the waiters of queued rounds are not left waiting for a
+                # flusher that is gone (the round in flight is collected by the next one).
+                nxt = self._next_waiter()
+                if nxt is not None:
+                    trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
+                else:
+                    self._stop_flushing()
                 raise
         if error is not None:
             raise error
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    @_ki_protected
     async def _flush_loop(self, mine: _Round | None) -> BaseException | None:
         """Write queued rounds one at a time until ``mine`` is done (durable or failed) and
         the role is handed on, or nothing is left; return ``mine``'s error, if any."""
         while True:
+            if self._inflight is not None:
+                # A flusher interrupted (Ctrl-C) in its wait left its round in the C
+                # thread: collect it before anything else (close() waits for this too).
+                await self._collect(self._inflight)
+                continue
             if mine is not None and mine.done:
                 nxt = self._next_waiter()
                 if nxt is not None:
@@ -818,18 +850,22 @@ class FsLog:
                 self._fail_queued(misplaced)
                 continue
             self._submit(rnd)
-            assert self._flusher is not None
-            rc, op = await self._flusher.wait()
-            self._inflight = None
-            if rc == 0:
-                self._commit_round(rnd)
-                if rnd.waiters:
-                    self._gather = True
-                    self._wake(rnd.waiters, None)
-            else:
-                exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
-                self._fail_round(rnd, exc)
-                self._fail_queued(exc)
+            await self._collect(rnd)
+
+    async def _collect(self, rnd: _Round) -> None:
+        """Wait for the round in flight and commit or fail it."""
+        assert self._flusher is not None
+        rc, op = await self._flusher.wait()
+        self._inflight = None
+        if rc == 0:
+            self._commit_round(rnd)
+            if rnd.waiters:
+                self._gather = True
+                self._wake(rnd.waiters, None)
+        else:
+            exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
+            self._fail_round(rnd, exc)
+            self._fail_queued(exc)
 
     def _check_placement(self, rnd: _Round) -> LogFailedError | None:
         """A round must start exactly where its segment's durable records end, with the
@@ -951,6 +987,7 @@ class FsLog:
         prev.close_fd()
         return None
 
+    @_ki_protected
     async def _drain(self) -> None:
         """Wait until nothing is framed but not yet durable."""
         while self._flushing or self._queue or self._inflight:
@@ -962,6 +999,7 @@ class FsLog:
                 continue
             await self._idle.park()
 
+    @_ki_protected
     async def _exclusive_begin(self) -> None:
         await self._excl.acquire()
         try:
@@ -1000,6 +1038,7 @@ class FsLog:
         return Txn(self)
 
     # --- truncate / compact -----------------------------------------------------------
+    @_ki_protected
     async def truncate(self, seq: int) -> None:
         """Keep records ``<= seq`` (``-1``, or ``first_seq - 1``, empties the log)."""
         self._check_writable()
@@ -1095,6 +1134,7 @@ class FsLog:
         os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
         os.fdatasync(fd)
 
+    @_ki_protected
     async def compact(self, seq: int) -> None:
         """Drop whole segments whose records are all ``<= seq`` (never the tail
         segment); ``first_seq`` moves to the first record kept."""
@@ -1300,6 +1340,7 @@ class Txn:
         self._first = self._log._next_seq
         return self
 
+    @_ki_protected
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         log = self._log
         try:
