@@ -121,6 +121,13 @@ def _copy_error(exc: BaseException) -> BaseException:
     return type(exc)(*exc.args)
 
 
+def _read_error(path: str, e: OSError) -> LogError:
+    return LogError(
+        f"reading log {path} failed: {e}; the log's files may have been changed by "
+        "something else: check them with `python -m tinyraftplus.log verify DIR NAME`"
+    )
+
+
 def _round_error(rnd: _Round | None) -> BaseException | None:
     return None if rnd is None or rnd.error is None else _copy_error(rnd.error)
 
@@ -1058,8 +1065,16 @@ class FsLog:
             with trio.CancelScope(shield=True):
                 await self._reshape_begin()
                 try:
-                    i, cut = await trio.to_thread.run_sync(self._truncate_sync, seq)
+                    i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
+                    seg = self._segs[i]
+                    await trio.to_thread.run_sync(seg.ensure_offsets)
+                    cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
+                    later = self._segs[i + 1 :]
+                    # Forget the cut records first, on this thread (as compact does): a
+                    # synchronous read (``entries``) then never looks at a file being
+                    # deleted or a range being cut while the thread does the file work.
                     self._truncate_apply(seq, i, cut)
+                    await trio.to_thread.run_sync(self._truncate_sync, seg, later, seq, cut)
                 except OSError as e:
                     self._failed = LogFailedError(
                         f"truncating {self.path} to seq {seq} failed half-way ({e}); the log "
@@ -1071,13 +1086,10 @@ class FsLog:
         finally:
             self._exclusive_end()
 
-    def _truncate_sync(self, seq: int) -> tuple[int, int]:
-        """The file work of a truncate (blocking): delete later segments, end a cut batch,
-        cut the segment holding ``seq``; returns that segment's index and the cut."""
-        i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
-        seg = self._segs[i]
-        cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
-        for later in reversed(self._segs[i + 1 :]):
+    def _truncate_sync(self, seg: Segment, gone: list[Segment], seq: int, cut: int) -> None:
+        """The file work of a truncate (blocking): delete the later segments ``gone``, end
+        a cut batch, cut ``seg`` (the segment holding ``seq``) at byte offset ``cut``."""
+        for later in reversed(gone):
             later.close_fd()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(later.idx_path)
@@ -1090,7 +1102,6 @@ class FsLog:
         os.ftruncate(fd, cut)
         os.fdatasync(fd)
         fsync_dir(self.path)
-        return i, cut
 
     def _truncate_apply(self, seq: int, i: int, cut: int) -> None:
         seg = self._segs[i]
@@ -1131,7 +1142,8 @@ class FsLog:
             flags & ~fmt.FLAG_MORE,
             back,
         )
-        os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
+        with seg.fd_lock:  # a reader in a thread never sees half a header
+            os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
         os.fdatasync(fd)
 
     @_ki_protected
@@ -1205,12 +1217,20 @@ class FsLog:
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         """Records ``lo..hi`` (inclusive), stopping once ``max_bytes`` of payload are
         gathered but always at least one when ``lo <= hi``. Synchronous: one ``pread`` per
-        segment touched, served from the page cache."""
+        segment touched, served from the page cache. Safe beside a running ``truncate`` or
+        ``compact`` (they change what is visible before touching files); an I/O error is
+        raised as ``LogError``."""
         self._check_open()
         if hi < lo:
             return []
         self._check_range(lo)
         self._check_range(hi)
+        try:
+            return self._entries(lo, hi, max_bytes)
+        except OSError as e:
+            raise _read_error(self.path, e) from e
+
+    def _entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         out: list[Entry] = []
         budget = max_bytes
         while lo <= hi:
@@ -1244,18 +1264,21 @@ class FsLog:
         self._check_open()
         self._check_range(seq)
         seg = self._locate(seq)
-        if not self._reshaping and seg.offs is not None and seg.end - seg.offs[-1] < 65536:
-            ent = seg.read_entries(seq, seq)[0]
-            await trio.lowlevel.checkpoint()
-            return ent
-        await self._read_begin()
         try:
-            self._check_open()  # the log may have changed while we waited
-            self._check_range(seq)
-            seg = self._locate(seq)
-            return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
-        finally:
-            self._read_end()
+            if not self._reshaping and seg.offs is not None and seg.end - seg.offs[-1] < 65536:
+                ent = seg.read_entries(seq, seq)[0]
+                await trio.lowlevel.checkpoint()
+                return ent
+            await self._read_begin()
+            try:
+                self._check_open()  # the log may have changed while we waited
+                self._check_range(seq)
+                seg = self._locate(seq)
+                return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
+            finally:
+                self._read_end()
+        except OSError as e:
+            raise _read_error(self.path, e) from e
 
     async def _read_begin(self) -> None:
         while self._reshaping:
@@ -1301,9 +1324,12 @@ class FsLog:
                         f"seq {seq} was compacted away while iterating {self.path}"
                     )
                 seg = self._locate(seq)
-                chunk = await trio.to_thread.run_sync(
-                    self._read_step, seg, seq, min(self._seq, seg.last_seq)
-                )
+                try:
+                    chunk = await trio.to_thread.run_sync(
+                        self._read_step, seg, seq, min(self._seq, seg.last_seq)
+                    )
+                except OSError as err:
+                    raise _read_error(self.path, err) from err
             finally:
                 self._read_end()
             # The whole chunk is verified; entries are made as the consumer takes them.
