@@ -64,6 +64,7 @@ from ..errors import (
     SeqMismatchError,
     UsageError,
 )
+from . import _owner
 from . import format as fmt
 from ._codes import corrupt, write_error
 from .flusher import Flusher
@@ -247,6 +248,7 @@ class FsLog:
         self._reads_done = trio.lowlevel.ParkingLot()
         self._reshaped = trio.lowlevel.ParkingLot()
         self._last_framed_term = 0
+        self._finalizer: Any = None
         self._hdr = ffi.new("uint8_t[]", fmt.REC_HDR)
         self._hdr_view = ffi.buffer(self._hdr)
 
@@ -290,6 +292,19 @@ class FsLog:
         except BaseException:
             self._release_files()
             raise
+        self._finalizer = _owner.finalizer(self, self.path, self._flusher, self._segs, lock_fd)
+        _owner.track(self)
+
+    def _forked(self) -> None:
+        """In a child after fork(): release this copy's descriptors, refuse all use."""
+        if self._state != "open":
+            return
+        self._state = "forked"
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _owner.close_in_child(self._flusher, self._segs, self._lock_fd)
+        self._flusher = None
+        self._lock_fd = None
 
     def _recover(self) -> None:
         names = os.listdir(self.path)
@@ -437,7 +452,8 @@ class FsLog:
         a Ctrl-C (``KeyboardInterrupt``) that arrives while it drains is raised once the
         log is closed."""
         if self._state != "open":
-            self._state = "closed"
+            if self._state != "forked":
+                self._state = "closed"
             return
         interrupted: KeyboardInterrupt | None = None
         async with self._excl:
@@ -455,6 +471,9 @@ class FsLog:
                 self._state = "closed"
                 self._reshape_end()
                 self._gate.unpark_all()
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+                _owner.untrack(self)
                 if self._flusher is not None:
                     self._flusher.stop()
                     self._flusher = None
@@ -528,6 +547,12 @@ class FsLog:
 
     def _check_open(self) -> None:
         if self._state != "open":
+            if self._state == "forked":
+                raise ClosedError(
+                    f"log {self.path} was opened by the parent of this process before "
+                    "fork(); the child's copy released its descriptors and refuses use: "
+                    "open the log in the child only once the parent has closed it"
+                )
             what = "before open()" if self._state == "new" else "after close()"
             raise ClosedError(f"log {self.path} used {what}")
 
