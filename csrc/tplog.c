@@ -286,15 +286,19 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
         done += (size_t)w;
     }
     if (sync) {
-        int inj = fault_hit(TP_OP_SYNC);
-        if (inj) {
-            *failed_op = TP_OP_SYNC;
-            return -inj;
+        int err = fault_hit(TP_OP_SYNC);
+        while (!err && fdatasync(fd) != 0) {
+            if (errno != EINTR) err = errno;
         }
-        while (fdatasync(fd) != 0) {
-            if (errno == EINTR) continue;
+        if (err) {
+            /* fsyncgate: after a failed fdatasync the kernel may have dropped dirty pages
+             * and marked them clean, so the page cache can show bytes the disk never got,
+             * and a reopen would read them as records. Every earlier round was durable, so
+             * cut the file back to this round's start (and sync the cut): a reopen then
+             * sees exactly the durable records. The log fails either way. */
             *failed_op = TP_OP_SYNC;
-            return -errno;
+            cut_back(fd, off);
+            return -err;
         }
     }
     return 0;

@@ -123,7 +123,9 @@ size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_p
  * On a write failure the file is truncated back to `off` and that cut is fdatasynced;
  * returns -errno of the write with *failed_op = TP_OP_WRITE. If the cut fails, returns
  * -errno of the cut with *failed_op = TP_OP_TRUNC (the file may hold part of the batch:
- * the caller must fail the log). A failed fdatasync: *failed_op = TP_OP_SYNC. */
+ * the caller must fail the log). A failed fdatasync: *failed_op = TP_OP_SYNC, and the
+ * file is cut back to `off` (best effort) so that the page cache cannot keep bytes the
+ * disk never got (the caller's earlier writes were all fdatasynced). */
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op);
 
 /* A C flusher thread: runs tp_write jobs one at a time and signals completion through an

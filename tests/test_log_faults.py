@@ -376,3 +376,67 @@ async def test_version_1_segment_keeps_the_old_rule(tmp_path):
     with pytest.raises(LogCorruptError, match="valid records follow"):
         async with FsLog(tmp_path, "x"):
             pass
+
+
+async def test_failed_fdatasync_cuts_the_round_back(tmp_path):
+    """Issue 9.6 (fsyncgate): after a failed fdatasync the page cache may hold bytes the
+    disk never got; the failed round is cut back (and the cut synced) before the log
+    fails, so a reopen reads exactly the acknowledged records."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"durable")
+        size = os.path.getsize(_seg0(tmp_path))
+        lib.tp_inject_fault(lib.TP_OP_SYNC, errno.EIO, 0)
+        with pytest.raises(LogFailedError, match="was cut back"):
+            await log.append_batch([b"never acknowledged"] * 3)
+        assert os.path.getsize(_seg0(tmp_path)) == size
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [b"durable"]
+
+
+async def test_roll_without_fsync_syncs_the_sealed_segment(tmp_path, monkeypatch):
+    """Issue 9.6: with fsync=False a roll fdatasyncs the segment it seals, so a power loss
+    cannot leave a sealed segment short."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    async with FsLog(tmp_path, "x", fsync=False, segment_size=4096) as log:
+        synced.clear()
+        while log.seq < 60:
+            await log.append(b"r" * 200)
+        first_two = sorted(str(p) for p in (tmp_path / "x").glob("*.seg"))[:2]
+    assert first_two[0] in synced and first_two[1] in synced
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_failed_segment_creation_leaks_nothing(tmp_path, monkeypatch, err):
+    """Issue 9.6: a failing directory fsync while creating a segment closed nothing (the
+    descriptor leaked) and left the file, so after ENOSPC the next roll failed (EEXIST)."""
+    from tinyraftplus.log import segment
+
+    real = segment.fsync_dir
+    calls = {"n": 0}
+
+    def failing(path: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(err, os.strerror(err))
+        real(path)
+
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+        while log.seq < 10:
+            await log.append(b"r" * 300)
+        fds = len(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(segment, "fsync_dir", failing)
+        with pytest.raises(LogFullError if err == errno.ENOSPC else LogFailedError):
+            while True:
+                await log.append(b"r" * 300)
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert len(list((tmp_path / "x").glob("*.seg"))) == 1
+        if err == errno.ENOSPC:  # the log goes on: the next roll creates the file
+            seq = await log.append(b"r" * 300)
+            assert seq == log.seq and len(list((tmp_path / "x").glob("*.seg"))) == 2

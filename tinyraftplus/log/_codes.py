@@ -61,5 +61,6 @@ def write_error(rc: int, op: int, path: str, offset: int) -> LogFullError | LogF
         f"{what} of {path} at byte offset {offset} failed: {os.strerror(err)} "
         f"({errno.errorcode.get(err, err)}); the log refuses further writes because the "
         "kernel may have dropped the unwritten data: close and reopen it to continue from "
-        "what is on disk"
+        "what is on disk (every record acknowledged before this error; the failed write "
+        "was cut back, so unacknowledged records are normally gone)"
     )

@@ -158,20 +158,29 @@ class Segment:
                 self.fd = None
 
     def create_file(self) -> None:
-        """Create the file with its header, durably (blocking)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        """Create the file with its header, durably (blocking). A file of that name that
+        holds no record (what a failed creation can leave) is replaced."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            if os.stat(self.path).st_size > fmt.SEG_HDR:
+                raise
+            os.unlink(self.path)
+            fd = os.open(self.path, flags, 0o644)
         try:
             hdr = encode_seg_header(self.first_seq, self.prev_term)
             if os.pwrite(fd, hdr, 0) != len(hdr):
                 raise OSError(28, "short write of segment header", self.path)
             os.fdatasync(fd)
+            fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             raise
-        fsync_dir(self.dir)
         self.fd = fd
+        self.synced_end = fmt.SEG_HDR
         self.created = True
 
     def read_header(self) -> tuple[int, int] | int:
