@@ -94,6 +94,17 @@ long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_
               uint64_t *bad_off);
 
 void tp_inject_fault(int op, int err, int after_n);
+
+#define TP_REC_EVENT 40
+#define TP_EV_WRITE 1
+#define TP_EV_TRUNC 2
+#define TP_EV_SYNC 3
+void tp_record_start(int fd);
+void tp_record_stop(void);
+#define TP_BUG_CUT_NO_SYNC 1
+#define TP_BUG_CUT_HIDDEN 2
+#define TP_BUG_SCAN_ANY_RESYNC 4
+void tp_test_bugs(int mask);
 """
 
 

@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -231,6 +232,37 @@ static int fault_hit(int op) {
     return err;
 }
 
+/* ------------------------------------------------------- recording (test only) ---- */
+
+/* When rec_fd >= 0 every pwrite, ftruncate and fdatasync done here is appended to it as
+ * one event (see tp_record_start in tplog.h). Off, it costs one predictable branch per
+ * syscall. */
+static int rec_fd = -1;
+static _Atomic int test_bugs = 0;
+
+void tp_record_start(int fd) { rec_fd = fd; }
+void tp_record_stop(void) { rec_fd = -1; }
+void tp_test_bugs(int mask) { atomic_store(&test_bugs, mask); }
+
+static void rec_event(int op, int fd, uint64_t off, uint64_t len, const void *data) {
+    struct stat st;
+    uint8_t h[TP_REC_EVENT];
+    if (fstat(fd, &st) != 0) return;
+    memset(h, 0, sizeof h);
+    wr32(h, (uint32_t)op);
+    wr64(h + 8, (uint64_t)st.st_ino);
+    wr64(h + 16, off);
+    wr64(h + 24, len);
+    wr64(h + 32, data ? len : 0);
+    struct iovec iov[2] = {{h, sizeof h}, {(void *)data, data ? (size_t)len : 0}};
+    ssize_t r = writev(rec_fd, iov, data ? 2 : 1);
+    (void)r;
+}
+#define REC(op, fd, off, len, data) \
+    do { \
+        if (__builtin_expect(rec_fd >= 0, 0)) rec_event(op, fd, off, len, data); \
+    } while (0)
+
 /* ----------------------------------------------------------------- durable write ---- */
 
 /* After a failed write: cut the file back to `off` and make the cut durable, so that
@@ -243,9 +275,12 @@ static int cut_back(int fd, uint64_t off) {
     while (ftruncate(fd, (off_t)off) != 0) {
         if (errno != EINTR) return errno;
     }
+    REC(TP_EV_TRUNC, fd, off, 0, NULL);
+    if (atomic_load(&test_bugs) & TP_BUG_CUT_NO_SYNC) return 0;
     while (fdatasync(fd) != 0) {
         if (errno != EINTR) return errno;
     }
+    REC(TP_EV_SYNC, fd, 0, 0, NULL);
     return 0;
 }
 
@@ -262,7 +297,7 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
             size_t part = (len - done) / 2;
             if (part) {
                 ssize_t r = pwrite(fd, p + done, part, (off_t)(off + done));
-                (void)r;
+                if (r > 0) REC(TP_EV_WRITE, fd, off + done, (uint64_t)r, p + done);
             }
             errno = inj;
             w = -1;
@@ -276,6 +311,7 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
              * the cut's failure (TP_OP_TRUNC), never the write's errno: ENOSPC would tell
              * the caller "nothing was written" while a partial batch is in the file. */
             int cerr = cut_back(fd, off);
+            if (cerr && (atomic_load(&test_bugs) & TP_BUG_CUT_HIDDEN)) cerr = 0;
             if (cerr) {
                 *failed_op = TP_OP_TRUNC;
                 return -cerr;
@@ -283,6 +319,7 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
             *failed_op = TP_OP_WRITE;
             return -err;
         }
+        REC(TP_EV_WRITE, fd, off + done, (uint64_t)w, p + done);
         done += (size_t)w;
     }
     if (sync) {
@@ -290,6 +327,7 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
         while (!err && fdatasync(fd) != 0) {
             if (errno != EINTR) err = errno;
         }
+        if (!err) REC(TP_EV_SYNC, fd, 0, 0, NULL);
         if (err) {
             /* fsyncgate: after a failed fdatasync the kernel may have dropped dirty pages
              * and marked them clean, so the page cache can show bytes the disk never got,
@@ -579,7 +617,8 @@ int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_off
              * carry no rounds: any valid record after the damage makes it mid-log. */
             uint64_t rs = find_resync(data, off + 1, size, seq, 0, off);
             s->resync_off = rs;
-            if (rs != UINT64_MAX && version >= 2)
+            if (rs != UINT64_MAX && version >= 2 &&
+                !(atomic_load(&test_bugs) & TP_BUG_SCAN_ANY_RESYNC))
                 rs = find_resync(data, off + 1, size, seq, 1, off);
             if (rs != UINT64_MAX) {
                 s->status = TP_SCAN_CORRUPT;

@@ -178,4 +178,25 @@ long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_
  * (once). Each op has its own slot; err == 0 disarms that op, op == 0 disarms all. */
 void tp_inject_fault(int op, int err, int after_n);
 
+/* TEST ONLY: record every pwrite, ftruncate and fdatasync that tp_write does (and the
+ * cut-back after a failed write) as events appended to `fd` (open it O_APPEND), for the
+ * crash-state enumeration (tests/crashsim.py). Event: TP_REC_EVENT bytes, all
+ * little-endian: u32 op (TP_EV_*), u32 name length (0 here; the Python side writes
+ * events with a path), u64 inode, u64 offset, u64 length (of the write, or the new size
+ * for TP_EV_TRUNC), u64 data length; then the name, then the data (a write's bytes).
+ * Off (the default), recording costs one predictable branch per syscall. */
+#define TP_REC_EVENT 40
+#define TP_EV_WRITE 1
+#define TP_EV_TRUNC 2
+#define TP_EV_SYNC 3
+void tp_record_start(int fd);
+void tp_record_stop(void);
+
+/* TEST ONLY: put fixed bugs back, to show that the crash-state enumeration finds them.
+ * 0 (the default) in normal use; read only on failure and recovery paths. */
+#define TP_BUG_CUT_NO_SYNC 1     /* the cut after a failed write is not fdatasynced */
+#define TP_BUG_CUT_HIDDEN 2      /* a failed cut is reported as the write's ENOSPC */
+#define TP_BUG_SCAN_ANY_RESYNC 4 /* any valid record after damage means mid-log */
+void tp_test_bugs(int mask);
+
 #endif

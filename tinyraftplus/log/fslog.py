@@ -64,11 +64,12 @@ from ..errors import (
     SeqMismatchError,
     UsageError,
 )
-from . import _owner
+from . import _owner, fileops
 from . import format as fmt
 from ._codes import corrupt, write_error
+from .fileops import fsync_dir
 from .flusher import Flusher
-from .segment import Records, Segment, entries_of, fsync_dir, parse_entries, scan_fd
+from .segment import Records, Segment, entries_of, parse_entries, scan_fd
 from .terms import TermIndex
 
 _HDR_BA = bytearray(fmt.REC_HDR)
@@ -275,9 +276,9 @@ class FsLog:
 
     def _open_sync(self) -> None:
         if not os.path.isdir(self.path):
-            os.makedirs(self.path, exist_ok=True)
+            fileops.makedirs(self.path)
             fsync_dir(self._parent)
-        lock_fd = os.open(
+        lock_fd = fileops.open_fd(
             os.path.join(self.path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
         )
         try:
@@ -314,7 +315,7 @@ class FsLog:
         for n in names:
             if n.endswith(".tmp"):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.path, n))
+                    fileops.unlink(os.path.join(self.path, n))
         firsts = sorted(f for f in map(fmt.parse_segment_name, names) if f is not None)
         if not firsts:
             seg = Segment(self.path, 0, 0)
@@ -333,7 +334,7 @@ class FsLog:
             ):
                 break
             tail.close_fd()
-            os.unlink(tail.path)
+            fileops.unlink(tail.path)
             fsync_dir(self.path)
             self._segs.pop()
             warnings.warn(
@@ -346,7 +347,7 @@ class FsLog:
             if isinstance(hdr, int):
                 if len(self._segs) == 1 and os.fstat(seg.open_fd()).st_size <= fmt.SEG_HDR:
                     seg.close_fd()
-                    os.unlink(seg.path)
+                    fileops.unlink(seg.path)
                     seg.create_file()
                     warnings.warn(
                         f"rewrote the torn header of {seg.path}", LogRecoveryWarning, stacklevel=4
@@ -401,7 +402,7 @@ class FsLog:
 
     def _recover_tail(self, seg: Segment) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(seg.idx_path)  # only sealed segments have one
+            fileops.unlink(seg.idx_path)  # only sealed segments have one
         seg.close_fd()
         fd = seg.open_fd()
         r = scan_fd(fd, seg.first_seq, True)
@@ -433,11 +434,11 @@ class FsLog:
                 LogRecoveryWarning,
                 stacklevel=5,
             )
-            os.ftruncate(fd, r.commit_end)
+            fileops.ftruncate(fd, r.commit_end)
         # Durable before anything is appended: a new round says everything before it is
         # durable, and the bytes found here may be only in the page cache (a process
         # crash, or an fsync error that left pages the disk never got).
-        os.fdatasync(fd)
+        fileops.fdatasync(fd)
         seg.synced_end = r.commit_end
         offs = r.offs
         del offs[r.n_commit :]
@@ -498,7 +499,7 @@ class FsLog:
         path = os.path.join(os.fspath(dir), name)
         if not os.path.isdir(path):
             return
-        lock_fd = os.open(
+        lock_fd = fileops.open_fd(
             os.path.join(path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
         )
         try:
@@ -510,9 +511,9 @@ class FsLog:
                 ) from None
             for n in os.listdir(path):
                 if n != fmt.LOCK_NAME:
-                    os.unlink(os.path.join(path, n))
-            os.unlink(os.path.join(path, fmt.LOCK_NAME))
-            os.rmdir(path)
+                    fileops.unlink(os.path.join(path, n))
+            fileops.unlink(os.path.join(path, fmt.LOCK_NAME))
+            fileops.rmdir(path)
             fsync_dir(os.fspath(dir))
         finally:
             os.close(lock_fd)
@@ -1016,7 +1017,7 @@ class FsLog:
                 # Without fsync nothing in the tail was made durable: do it before the
                 # segment is sealed, or a power loss could leave a sealed segment short
                 # (open fails) instead of losing only the tail.
-                os.fdatasync(prev.open_fd())
+                fileops.fdatasync(prev.open_fd())
             with contextlib.suppress(OSError):
                 prev.write_index(runs)
             seg.create_file()
@@ -1139,10 +1140,10 @@ class FsLog:
         for later in reversed(gone):
             later.close_fd()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(later.idx_path)
-            os.unlink(later.path)
+                fileops.unlink(later.idx_path)
+            fileops.unlink(later.path)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(seg.idx_path)
+            fileops.unlink(seg.idx_path)
         # The unlinks are durable before the cut: a filesystem orders fsyncs per file, so
         # otherwise a crash could keep the cut and the later segments, which then do not
         # follow on from the cut segment (open fails: a sealed segment too short).
@@ -1151,8 +1152,8 @@ class FsLog:
         fd = seg.open_fd()
         if seq >= seg.first_seq:
             self._end_batch_at(seg, fd, seq)
-        os.ftruncate(fd, cut)
-        os.fdatasync(fd)
+        fileops.ftruncate(fd, cut)
+        fileops.fdatasync(fd)
         if "truncate-order" in _TEST_BUGS:
             fsync_dir(self.path)
 
@@ -1196,10 +1197,10 @@ class FsLog:
             back,
         )
         with seg.fd_lock:  # a reader in a thread never sees half a header
-            n = os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
+            n = fileops.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
         if n != fmt.REC_HDR:
             raise OSError(errno.EIO, f"short write ({n} of {fmt.REC_HDR} bytes)", seg.path)
-        os.fdatasync(fd)
+        fileops.fdatasync(fd)
 
     @_ki_protected
     async def compact(self, seq: int) -> None:
@@ -1242,8 +1243,8 @@ class FsLog:
         for seg in gone:
             seg.close_fd()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(seg.idx_path)
-            os.unlink(seg.path)
+                fileops.unlink(seg.idx_path)
+            fileops.unlink(seg.path)
         fsync_dir(self.path)
 
     # --- reads ------------------------------------------------------------------------

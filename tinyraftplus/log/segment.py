@@ -18,19 +18,13 @@ from typing import NamedTuple
 from .._native import ffi, lib
 from ..entry import Entry
 from ..errors import LogCorruptError
+from . import fileops
 from . import format as fmt
 from ._codes import corrupt
+from .fileops import fsync_dir
 
 _U64 = ffi.sizeof("uint64_t")
 _ZEROS = bytes(_U64)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_seg_header(first_seq: int, prev_term: int) -> bytes:
@@ -147,7 +141,7 @@ class Segment:
         tail again (truncate), and the log holds the directory's lock anyway."""
         with self.fd_lock:
             if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                self.fd = fileops.open_fd(self.path, os.O_RDWR | os.O_CLOEXEC)
             return self.fd
 
     def close_fd(self) -> None:
@@ -162,22 +156,22 @@ class Segment:
         holds no record (what a failed creation can leave) is replaced."""
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = fileops.open_fd(self.path, flags, 0o644)
         except FileExistsError:
             if os.stat(self.path).st_size > fmt.SEG_HDR:
                 raise
-            os.unlink(self.path)
-            fd = os.open(self.path, flags, 0o644)
+            fileops.unlink(self.path)
+            fd = fileops.open_fd(self.path, flags, 0o644)
         try:
             hdr = encode_seg_header(self.first_seq, self.prev_term)
-            if os.pwrite(fd, hdr, 0) != len(hdr):
+            if fileops.pwrite(fd, hdr, 0) != len(hdr):
                 raise OSError(28, "short write of segment header", self.path)
-            os.fdatasync(fd)
+            fileops.fdatasync(fd)
             fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                fileops.unlink(self.path)
             raise
         self.fd = fd
         self.synced_end = fmt.SEG_HDR
@@ -206,9 +200,12 @@ class Segment:
         crc = lib.tp_crc32c(lib.tp_crc32c(0, head, 44), run_bytes, len(run_bytes))
         data = head + crc.to_bytes(4, "little") + run_bytes + offs_bytes
         tmp = self.idx_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.idx_path)
+        fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            fileops.write_all(fd, data)
+        finally:
+            os.close(fd)
+        fileops.replace(tmp, self.idx_path)
 
     def load_index_header(self) -> list[tuple[int, int]] | None:
         """Term runs from the index cache, or None if it is missing, damaged or stale."""
