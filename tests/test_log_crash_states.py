@@ -278,7 +278,7 @@ async def test_every_crash_state_of_the_default_workloads() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(10, 18))
+@pytest.mark.parametrize("seed", range(10, 14))  # one per kind: plain, enospc, +cut, no fsync
 async def test_every_crash_state_slow(seed: int) -> None:
     budget = crashsim.Budget(full=8, sample=24, tears=4, combos=256)
     faults = ["", "enospc", "enospc+cut", ""][seed % 4]
