@@ -14,8 +14,9 @@ over the client's measuring window. The PySyncObj comparison is ``benchmarks.ben
 
 Also runnable alone: ``python -m benchmarks.bench_tcp`` (these figures, no harness), and
 ``python -m benchmarks.bench_tcp client ADDR,... CA CERT KEY SECONDS CONCURRENCY SIZE PIDS
-LATFILE`` (the client process; prints ``RATE``, ``COUNT`` and ``CPU`` lines and writes each
-put's latency in seconds to ``LATFILE`` as native doubles).
+LATFILE`` (the client process; ``- - -`` for CA CERT KEY: plaintext; prints ``RATE``,
+``COUNT`` and ``CPU`` lines and writes each put's latency in seconds to ``LATFILE`` as native
+doubles).
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ class ClientRun:
 
 
 class Cluster:
-    """``nodes`` server processes on loopback, mutual TLS, fsync on (both switchable)."""
+    """``nodes`` server processes on loopback, mutual TLS, fsync on (both switchable, to see
+    what each costs: ``tls=False`` runs the servers and the client ``--plaintext``)."""
 
-    def __init__(self, directory: Path, nodes: int = 3, *, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, nodes: int = 3, *, fsync: bool = True,
+                 tls: bool = True) -> None:
         self.dir = directory
         self.ids = list(range(1, nodes + 1))
         self.certs = _certs(directory, self.ids)
         self.fsync = fsync
+        self.tls = tls
         ports = free_ports(nodes)
         self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip(self.ids, ports,
                                                                     strict=True))
@@ -107,9 +111,9 @@ class Cluster:
                     [sys.executable, "-m", "tinyraftplus.server", "--id", str(i),
                      "--peers", self.peers, "--client-port", "0",
                      "--data", str(self.dir / f"data-{i}"), "--election-timeout", "1.0",
-                     "--tls-ca", self.certs["ca"], "--tls-cert", self.certs[f"cert-{i}"],
-                     "--tls-key", self.certs[f"key-{i}"], "--log-level", "WARNING",
-                     *([] if self.fsync else ["--no-fsync"])],
+                     *(["--tls-ca", self.certs["ca"], "--tls-cert", self.certs[f"cert-{i}"],
+                        "--tls-key", self.certs[f"key-{i}"]] if self.tls else ["--plaintext"]),
+                     "--log-level", "WARNING", *([] if self.fsync else ["--no-fsync"])],
                     stdout=o, stderr=err, stdin=subprocess.DEVNULL, env=child_env()))
             err.close()
         deadline = time.monotonic() + 60
@@ -146,8 +150,9 @@ class Cluster:
         """One client process keeping ``concurrency`` puts of ``size`` bytes in flight for
         ``seconds`` (after a short warm-up)."""
         latfile = self.dir / "latencies.bin"
+        tls = [self.certs["ca"], self.certs["cert-client"], self.certs["key-client"]]
         argv = [sys.executable, "-m", "benchmarks.bench_tcp", "client", ",".join(self.clients),
-                self.certs["ca"], self.certs["cert-client"], self.certs["key-client"],
+                *(tls if self.tls else ["-", "-", "-"]),
                 str(seconds), str(concurrency), str(size), ",".join(map(str, self.pids)),
                 str(latfile)]
         p = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
@@ -268,9 +273,9 @@ def _client_main(argv: list[str]) -> None:
     lat = array.array("d")
 
     async def main() -> None:
-        ctx = client_ssl_context(ca, cert, key)
+        tls = None if ca == "-" else client_ssl_context(ca, cert, key)
         inflight = max(1024, min(4096, concurrency))
-        async with Client(addrs.split(","), tls=ctx, timeout=60.0,
+        async with Client(addrs.split(","), tls=tls, plaintext=tls is None, timeout=60.0,
                           max_inflight=inflight) as c:
             count = 0
             completed = 0
