@@ -45,7 +45,7 @@ async def run(ctx: Context) -> list[Result]:
 
     # Deep queues make short windows noisy: at least 3 s per window in a full run.
     dur = max(ctx.duration, 1.0) if ctx.quick else max(ctx.duration, 3.0)
-    reps = 1 if ctx.quick else max(3, ctx.repeats)
+    reps = 1 if ctx.quick else min(3, ctx.repeats)
     out: list[Result] = []
     best: tuple[float, int] | None = None
     best_row: Result | None = None
