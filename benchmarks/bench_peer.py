@@ -54,6 +54,7 @@ async def run(ctx: Context) -> list[Result]:
         counts: list[int] = []
         cpu: list[float | None] = []
         lat: list[float] = []
+        failed: dict[str, int] = {}
         for _ in range(reps):
             d = ctx.subdir(f"pysyncobj-{depth}")
             try:
@@ -64,11 +65,14 @@ async def run(ctx: Context) -> list[Result]:
             counts.append(got.count)
             cpu.append(got.cpu_seconds)
             lat.extend(got.latencies)
+            for k, v in got.failed.items():
+                failed[k] = failed.get(k, 0) + v
         row = Result(
             f"peer.pysyncobj.depth{depth}", median(rates), "writes/s", samples=rates,
             latency=percentiles(lat, 1e3), cpu_us=cpu_us_per_op(cpu, counts),
             notes=f"PySyncObj, 3 processes on loopback, {depth:,} calls of {SIZE} B in flight "
-                  "(issued in the leader's process); no disk, no TLS",
+                  "(issued in the leader's process); no disk, no TLS"
+                  + (f"; calls that failed in the windows: {failed}" if failed else ""),
         )
         out.append(row)
         if best is None or row.value > best[0]:

@@ -41,6 +41,7 @@ from ._common import (
     percentiles,
 )
 from .baseline import write_fdatasync_rate
+from .peer_pysyncobj import WINDOW_MAX, WINDOW_ROUNDS
 
 TITLE = "Raft over TCP: 3 server processes, mutual TLS, fsync on"
 CONCURRENCY = 256
@@ -156,7 +157,7 @@ class Cluster:
                 str(seconds), str(concurrency), str(size), ",".join(map(str, self.pids)),
                 str(latfile)]
         p = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
-                           timeout=seconds + 120)
+                           timeout=max(seconds, WINDOW_MAX) + 120)
         rate = re.search(r"^RATE (\S+)", p.stdout, re.M)
         count = re.search(r"^COUNT (\d+)", p.stdout, re.M)
         cpu = re.search(r"^CPU (\S+)", p.stdout, re.M)
@@ -303,16 +304,20 @@ def _client_main(argv: list[str]) -> None:
                     nursery.start_soon(worker, w)
                 # Warm up (connections, leader, caches) until one whole round of puts came
                 # back, and a little more, so that the window sees the steady state.
+                # As for PySyncObj (peer_pysyncobj), the window lasts at least three rounds.
+                started = trio.current_time()
                 with trio.move_on_after(60):
                     while completed < concurrency:
                         await trio.sleep(0.02)
+                window = min(max(duration, WINDOW_ROUNDS * (trio.current_time() - started)),
+                             WINDOW_MAX)
                 await trio.sleep(min(1.0, duration / 2))
                 meter = CpuMeter(server_pids)
                 meter.start()
                 measuring = True
                 t0 = trio.current_time()
-                stop_at = t0 + duration
-                await trio.sleep(duration)
+                stop_at = t0 + window
+                await trio.sleep(window)
                 measuring = False
                 elapsed = trio.current_time() - t0
                 cpu = meter.stop()

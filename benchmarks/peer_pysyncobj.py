@@ -30,6 +30,10 @@ from pathlib import Path
 
 from ._common import child_env, free_ports
 
+WINDOW_ROUNDS = 3
+"""The measuring window lasts at least this many pipeline round trips (as warm-up took)."""
+WINDOW_MAX = 30.0
+
 
 @dataclass
 class PeerRun:
@@ -39,6 +43,8 @@ class PeerRun:
     """CPU of all three PySyncObj processes over the leader's window (None if unreadable)."""
     latencies: list[float]
     """Seconds from each ``set`` call to its callback, over the window."""
+    failed: dict[str, int]
+    """Calls that came back with an error in the window, by PySyncObj's FAIL_REASON."""
 
 
 def measure(directory: Path, seconds: float, concurrency: int, size: int) -> PeerRun:
@@ -61,17 +67,21 @@ def measure(directory: Path, seconds: float, concurrency: int, size: int) -> Pee
         tmp = directory / "pids.tmp"
         tmp.write_text(",".join(str(p.pid) for p in procs))
         tmp.rename(pidfile)
-        deadline = time.monotonic() + seconds + 60
+        deadline = time.monotonic() + max(seconds, WINDOW_MAX) + 60
         while time.monotonic() < deadline:
             for out in outs:
                 text = out.read_text()
-                m = re.search(r"^RATE (\S+)\nCOUNT (\d+)\nCPU (\S+)\n", text, re.M)
+                m = re.search(r"^RATE (\S+)\nCOUNT (\d+)\nCPU (\S+)\nFAILED (\S+)\n", text,
+                              re.M)
                 if m:
                     lat = array.array("d")
                     with open(latfile, "rb") as f:
                         lat.frombytes(f.read())
                     cpu = None if m.group(3) == "none" else float(m.group(3))
-                    return PeerRun(float(m.group(1)), int(m.group(2)), cpu, lat.tolist())
+                    failed = {} if m.group(4) == "none" else {
+                        k: int(v) for k, v in (x.split("=") for x in m.group(4).split(","))}
+                    return PeerRun(float(m.group(1)), int(m.group(2)), cpu, lat.tolist(),
+                                   failed)
             if all(p.poll() is not None for p in procs):
                 break
             time.sleep(0.1)
@@ -117,6 +127,7 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
     lock = threading.Lock()
     lat = array.array("d")
     state = {"n": 0, "count": 0, "completed": 0, "measuring": False, "stop": False}
+    failed: dict[str, int] = {}
     clock = time.perf_counter
 
     def issue() -> None:
@@ -134,22 +145,29 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
             with lock:
                 state["count"] += 1
                 lat.append(clock() - t0)
+        elif error != FAIL_REASON.SUCCESS and state["measuring"]:
+            with lock:
+                failed[str(error)] = failed.get(str(error), 0) + 1
         if not state["stop"]:
             issue()
 
+    started = time.monotonic()
     for _ in range(int(conc)):
         issue()
     # Warm up until one whole round of the pipeline came back (at 50,000 in flight that takes
-    # seconds), then a little more, so that the window sees the steady state.
+    # seconds), then a little more, so that the window sees the steady state; and make the
+    # window at least three such rounds, because deep queues commit in bursts and a window
+    # shorter than a burst's period measures luck.
     give_up = time.monotonic() + 60
     while state["completed"] < int(conc) and time.monotonic() < give_up:
         time.sleep(0.05)
+    window = min(max(float(seconds), WINDOW_ROUNDS * (time.monotonic() - started)), WINDOW_MAX)
     time.sleep(0.5)
     meter = CpuMeter(others)
     meter.start()
     state["measuring"] = True
     t0 = time.monotonic()
-    time.sleep(float(seconds))
+    time.sleep(window)
     state["measuring"] = False
     elapsed = time.monotonic() - t0
     cpu = meter.stop()
@@ -158,7 +176,10 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
         with open(latfile, "wb") as f:
             lat.tofile(f)
     cpu_text = "none" if cpu is None else f"{cpu:.4f}"
-    print(f"RATE {count / elapsed:.1f}\nCOUNT {count}\nCPU {cpu_text}", flush=True)
+    reasons = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+    fails = ",".join(f"{reasons.get(int(k), k)}={v}" for k, v in failed.items()) or "none"
+    print(f"RATE {count / elapsed:.1f}\nCOUNT {count}\nCPU {cpu_text}\nFAILED {fails}",
+          flush=True)
     state["stop"] = True
     time.sleep(0.2)
     os._exit(0)
