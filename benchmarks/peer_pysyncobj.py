@@ -13,7 +13,7 @@ The leader also sums the CPU of all three processes over its window (``/proc``) 
 each call's latency (call to callback). ``benchmarks.bench_peer`` sweeps ``concurrency``.
 
 Child usage: ``python -m benchmarks.peer_pysyncobj node SELF PARTNER,PARTNER SECONDS
-CONCURRENCY SIZE PIDFILE LATFILE`` (the leader prints ``RATE``, ``COUNT`` and ``CPU``).
+CONCURRENCY SIZE PIDFILE LATFILE WINDOW_MAX`` (the leader prints ``RATE``, ``COUNT`` and ``CPU``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,14 @@ class PeerRun:
     """Seconds from each ``set`` call to its callback, over the window."""
     failed: dict[str, int]
     """Calls that came back with an error in the window, by PySyncObj's FAIL_REASON."""
+    window: float
+    """Seconds measured."""
 
 
-def measure(directory: Path, seconds: float, concurrency: int, size: int) -> PeerRun:
-    """Start three PySyncObj processes, return what the leader measured."""
+def measure(directory: Path, seconds: float, concurrency: int, size: int,
+            window_max: float = WINDOW_MAX) -> PeerRun:
+    """Start three PySyncObj processes, return what the leader measured (over a window of
+    ``seconds`` or three pipeline rounds, whichever is longer, up to ``window_max``)."""
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     procs, outs = [], []
     pidfile = directory / "pids.txt"
@@ -61,18 +65,19 @@ def measure(directory: Path, seconds: float, concurrency: int, size: int) -> Pee
             with open(out, "wb") as o:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.peer_pysyncobj", "node", me, partners,
-                     str(seconds), str(concurrency), str(size), str(pidfile), str(latfile)],
+                     str(seconds), str(concurrency), str(size), str(pidfile), str(latfile),
+                     str(window_max)],
                     stdout=o, stderr=subprocess.STDOUT, env=child_env(),
                     stdin=subprocess.DEVNULL))
         tmp = directory / "pids.tmp"
         tmp.write_text(",".join(str(p.pid) for p in procs))
         tmp.rename(pidfile)
-        deadline = time.monotonic() + max(seconds, WINDOW_MAX) + 60
+        deadline = time.monotonic() + max(seconds, window_max) + 60
         while time.monotonic() < deadline:
             for out in outs:
                 text = out.read_text()
-                m = re.search(r"^RATE (\S+)\nCOUNT (\d+)\nCPU (\S+)\nFAILED (\S+)\n", text,
-                              re.M)
+                m = re.search(r"^RATE (\S+)\nCOUNT (\d+)\nCPU (\S+)\nFAILED (\S+)\n"
+                              r"WINDOW (\S+)\n", text, re.M)
                 if m:
                     lat = array.array("d")
                     with open(latfile, "rb") as f:
@@ -81,7 +86,7 @@ def measure(directory: Path, seconds: float, concurrency: int, size: int) -> Pee
                     failed = {} if m.group(4) == "none" else {
                         k: int(v) for k, v in (x.split("=") for x in m.group(4).split(","))}
                     return PeerRun(float(m.group(1)), int(m.group(2)), cpu, lat.tolist(),
-                                   failed)
+                                   failed, float(m.group(5)))
             if all(p.poll() is not None for p in procs):
                 break
             time.sleep(0.1)
@@ -95,7 +100,7 @@ def measure(directory: Path, seconds: float, concurrency: int, size: int) -> Pee
 
 
 def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: str,
-          latfile: str) -> None:
+          latfile: str, window_max: str) -> None:
     from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
     from ._common import CpuMeter
@@ -161,7 +166,8 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
     give_up = time.monotonic() + 60
     while state["completed"] < int(conc) and time.monotonic() < give_up:
         time.sleep(0.05)
-    window = min(max(float(seconds), WINDOW_ROUNDS * (time.monotonic() - started)), WINDOW_MAX)
+    window = min(max(float(seconds), WINDOW_ROUNDS * (time.monotonic() - started)),
+                 float(window_max))
     time.sleep(0.5)
     meter = CpuMeter(others)
     meter.start()
@@ -178,12 +184,12 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
     cpu_text = "none" if cpu is None else f"{cpu:.4f}"
     reasons = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
     fails = ",".join(f"{reasons.get(int(k), k)}={v}" for k, v in failed.items()) or "none"
-    print(f"RATE {count / elapsed:.1f}\nCOUNT {count}\nCPU {cpu_text}\nFAILED {fails}",
-          flush=True)
+    print(f"RATE {count / elapsed:.1f}\nCOUNT {count}\nCPU {cpu_text}\nFAILED {fails}\n"
+          f"WINDOW {elapsed:.2f}", flush=True)
     state["stop"] = True
     time.sleep(0.2)
     os._exit(0)
 
 
-if __name__ == "__main__" and len(sys.argv) == 9 and sys.argv[1] == "node":
+if __name__ == "__main__" and len(sys.argv) == 10 and sys.argv[1] == "node":
     _node(*sys.argv[2:])
