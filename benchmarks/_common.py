@@ -325,6 +325,25 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: list[Result]) -> str:
+    """The table as Markdown (for the README): the same columns, without the notes."""
+    lines = ["| figure | value | baseline (same run) | ratio | p50 / p99 / p99.9 ms | "
+             "CPU per op | target | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        base = "-"
+        if r.baseline is not None:
+            base = f"{_fmt(r.baseline)} {r.baseline_unit or r.unit}"
+            if r.baseline_name:
+                base += f" ({r.baseline_name})"
+        verdict = {True: "met", False: "**missed**", None: ""}[r.passed]
+        cpu = "-" if r.cpu_us is None else f"{_fmt(r.cpu_us)} us"
+        lines.append(f"| `{r.name}` | {_fmt(r.value)} {r.unit} | {base} | {_fmt(r.ratio)} | "
+                     f"{_fmt_latency(r.latency).replace('/', ' / ')} | {cpu} | "
+                     f"{r.target_text() or '-'} | {verdict} |")
+    return "\n".join(lines)
+
+
 def write_json(path: str | os.PathLike[str], results: list[Result], meta: dict[str, Any]) -> None:
     doc = {"results": [r.to_json() for r in results], "meta": meta}
     tmp = f"{os.fspath(path)}.tmp"

@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ._common import Context, Result, format_table, write_json
+from ._common import Context, Result, format_markdown, format_table, write_json
 
 SECTIONS = [
     "benchmarks.bench_log",
@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per repetition (default 1.5, quick 0.25)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also print the table as Markdown (for the README)")
     parser.add_argument("--scaling", action="store_true",
                         help="measure the scaling curves (clients, payload, cluster size, log "
                              "open time against log size) instead of the table")
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     print(format_table(results))
+    if args.markdown:
+        print("\n" + format_markdown(results))
     print(f"\n{len(results)} figures in {elapsed:.1f}s"
           f"{' (--quick: small sizes)' if args.quick else ''}; files in {tmpdir} (deleted)")
     if args.json:
