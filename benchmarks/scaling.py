@@ -220,7 +220,7 @@ def _sync_files(directory: Path) -> None:
 def _progress(curve: Curve, p: Point) -> None:
     import sys
 
-    print(f"  {curve.name} {_fmt(p.x)}: {_fmt(p.rate)} {curve.y_label}", file=sys.stderr,
+    print(f"  {curve.name} {p.x:g}: {_fmt(p.rate)} {curve.y_label}", file=sys.stderr,
           flush=True)
 
 

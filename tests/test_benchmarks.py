@@ -18,7 +18,7 @@ from benchmarks._common import (
     percentiles,
     proc_cpu_seconds,
 )
-from benchmarks.baseline import handoff_write_fdatasync_rate
+from benchmarks.baseline import handoff_write_fdatasync_rate, open_fstat_seconds
 
 
 def test_percentiles_nearest_rank() -> None:
@@ -84,6 +84,21 @@ async def test_tiny_log_open_curve(tmp_path) -> None:
                                          segment=256 << 10)
     assert [p.x for p in curve.points] == [1 / 1024, 2 / 1024]
     assert all(p.rate > 0 and p.baseline is not None for p in curve.points)
+
+
+def test_open_fstat_baseline_opens_the_files_under_subdirectories(tmp_path) -> None:
+    # A log keeps its segments in a subdirectory; the baseline must open those, not only
+    # the top level (it once opened one directory and called that the floor).
+    sub = tmp_path / "log"
+    sub.mkdir()
+    for i in range(300):
+        (sub / f"{i:05d}.seg").write_bytes(b"x")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "00000.seg").write_bytes(b"x")
+    many = min(open_fstat_seconds(tmp_path) for _ in range(3))
+    few = min(open_fstat_seconds(one) for _ in range(3))
+    assert many > 20 * few
 
 
 def test_log_sizes_follow_max_and_disk(tmp_path, monkeypatch) -> None:
