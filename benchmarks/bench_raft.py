@@ -12,6 +12,7 @@ import os
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -26,7 +27,7 @@ ELECTION_TIMEOUT = 0.5
 CONCURRENCY = 256
 
 
-async def _cluster(stack: AsyncExitStack, directory: Path, **opts: object) -> list[RaftNode]:
+async def _cluster(stack: AsyncExitStack, directory: Path, **opts: Any) -> list[RaftNode]:
     ids = [1, 2, 3]
     net = MemoryNetwork()
     await stack.enter_async_context(net)

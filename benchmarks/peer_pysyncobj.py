@@ -179,8 +179,8 @@ def _node(me: str, partners: str, seconds: str, conc: str, size: str, pidfile: s
     cpu = meter.stop()
     with lock:
         count = state["count"]
-        with open(latfile, "wb") as f:
-            lat.tofile(f)
+        with open(latfile, "wb") as out:
+            lat.tofile(out)
     cpu_text = "none" if cpu is None else f"{cpu:.4f}"
     reasons = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
     fails = ",".join(f"{reasons.get(int(k), k)}={v}" for k, v in failed.items()) or "none"
