@@ -49,6 +49,9 @@ class Cluster:
     def make(self, i: Any, **extra: Any) -> RaftNode:
         log = FsLog(str(self.root), f"node{i}", fsync=self.fsync)
         opts = {**FAST, **self.opts, **extra}
+        # A new cluster is bootstrapped explicitly; a node started again (a restart, or a
+        # restart after its data was deleted) is not, so a wiped node recovers.
+        opts.setdefault("bootstrap", i not in self.nodes)
         if self.machines:
             sm = self.sms[i] = Counter()
             opts.setdefault("apply", sm.apply)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 import trio
 from cluster import FAST, Counter, cluster
@@ -13,10 +12,12 @@ from tinyraftplus.errors import (
     ConfigurationError,
     InvalidArgumentError,
     LeadershipLostError,
+    MemberStateLostError,
     NoLeaderError,
     RaftTimeoutError,
 )
 from tinyraftplus.log.state import StateFile
+from tinyraftplus.raft.state import decode_hard_state
 from tinyraftplus.transport.memory import MemoryNetwork
 
 
@@ -182,7 +183,8 @@ async def test_restart_all_nothing_lost_and_no_double_vote(tmp_path):
             raw = StateFile(str(tmp_path / f"node{i}.raftstate")).load()
             if raw is None:
                 continue
-            term, vote = msgpack.unpackb(raw)
+            hs = decode_hard_state(raw)
+            term, vote = hs.term, hs.vote
             if vote is not None:
                 prev = votes.setdefault(i, {}).setdefault(term, vote)
                 assert prev == vote, f"node {i} voted for {prev} and {vote} in term {term}"
@@ -211,22 +213,74 @@ async def test_restart_all_nothing_lost_and_no_double_vote(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["follower", "leader"])
-async def test_deleted_log_catches_up(tmp_path, which):
+async def test_deleted_log_recovers_before_it_counts(tmp_path, which):
+    """The original's "delete a follower's / the leader's log", on the safe path: the node
+    restarted without its data recovers (asks every other member, votes for nobody) before
+    it counts again, the cluster keeps committing meanwhile, and it ends with every entry."""
     async with cluster(tmp_path, 3) as c:
         leader = await _one_leader(c)
         for i in range(20):
             await leader.append(f"x{i}".encode())
         victim = leader if which == "leader" else next(n for n in c.running() if n is not leader)
         vid = victim.node_id
+        old_inc = victim._core.incarnation
         await c.stop(vid)
         FsLog.destroy(str(tmp_path), f"node{vid}")
         (tmp_path / f"node{vid}.raftstate").unlink(missing_ok=True)
         new_leader = await _one_leader(c)
         await new_leader.append(b"after")
-        node = await c.start(vid)
+        node = c.make(vid)
+        recovering = []
+        node.on("change", lambda ev: recovering.append(node._core.recovering))
+        await c.nursery.start(node.serve)
+        assert node._core.incarnation > old_inc  # a new member identity, not the old one
         await c.converge(15)
         assert node.head == b"after"
         assert c.sms[vid].count == 21
+        assert not node._core.recovering
+        # It counts again: with the other follower gone, the leader still commits with it.
+        leader = await c.leader()
+        other = next(n for n in c.running() if n not in (leader, node))
+        await c.stop(other.node_id)
+        r = await leader.append(b"with the recovered node")
+        await node.wait_apply(r.seq)
+
+
+async def test_deleted_log_with_state_kept_is_refused(tmp_path):
+    """A node whose log is gone but whose hard state survived is not the member it was:
+    it refuses to start, and says how to bring it back."""
+    async with cluster(tmp_path, 3) as c:
+        leader = await _one_leader(c)
+        await leader.append(b"x")
+        victim = next(n for n in c.running() if n is not leader)
+        await c.converge()
+        await c.stop(victim.node_id)
+        FsLog.destroy(str(tmp_path), f"node{victim.node_id}")
+        node = c.make(victim.node_id)
+        with pytest.raises(MemberStateLostError, match="lost its log.*without bootstrap"):
+            await c.nursery.start(node.serve)
+
+
+async def test_wiped_node_started_with_bootstrap_is_ignored(tmp_path):
+    """The operator error the explicit bootstrap invites: a wiped node started again with
+    bootstrap=True. Its peers know its old identity, ignore the new one and warn."""
+    async with cluster(tmp_path, 3) as c:
+        leader = await _one_leader(c)
+        await leader.append(b"x")
+        victim = next(n for n in c.running() if n is not leader)
+        vid = victim.node_id
+        await c.converge()
+        await c.stop(vid)
+        FsLog.destroy(str(tmp_path), f"node{vid}")
+        (tmp_path / f"node{vid}.raftstate").unlink()
+        warnings = []
+        leader.on("warn", lambda ev: warnings.append(ev.message))
+        node = await c.start(vid, bootstrap=True)
+        with trio.fail_after(5):
+            while not any("without recovering" in w for w in warnings):
+                await trio.sleep(0.01)
+        await leader.append(b"y")  # the cluster goes on without it
+        assert node.seq < leader.seq
 
 
 # --- partitions --------------------------------------------------------------------------

@@ -197,5 +197,31 @@ def test_enumeration_is_fast_enough_and_bounded():
     q = Quorum(ids, group_fn=lambda s: len(s) >= 8)
     assert time.perf_counter() - t0 < 5
     assert q.is_quorum(range(8)) and not q.is_quorum(range(7))
-    with pytest.raises(ConfigurationError, match="at most 20"):
-        Quorum(list(range(21)), group_fn=lambda s: True)
+    with pytest.raises(ConfigurationError, match="at most 16 .*use group= alone"):
+        Quorum(list(range(17)), group_fn=lambda s: True)
+
+
+def test_common_rules_are_never_enumerated_and_group_fn_is_checked_once():
+    """Majority, quorum=N and a majority per group intersect by construction: no 2**n walk,
+    whatever n. A group_fn rule is enumerated once per process, not once per node."""
+    ids = list(range(40))
+    group = {i: i % 3 for i in ids}
+    t0 = time.perf_counter()
+    for _ in range(40):
+        Quorum(ids)
+        Quorum(ids, quorum=30)
+        Quorum(ids, group=group)
+    assert time.perf_counter() - t0 < 1
+    calls = []
+
+    def fn(s):
+        calls.append(1)
+        return len(s) >= 7
+
+    ids = list(range(12))
+    Quorum(ids, group_fn=fn)
+    first = len(calls)
+    assert first > 0
+    for _ in range(10):
+        assert Quorum(ids, group_fn=fn).is_quorum(range(7))
+    assert len(calls) == first

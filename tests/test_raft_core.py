@@ -21,6 +21,7 @@ from tinyraftplus.raft.messages import (
     AppendResponse,
     ReadIndex,
     ReadIndexResponse,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
@@ -201,11 +202,37 @@ def test_propose_refused_during_transfer():
 
 def test_timeout_now_makes_a_follower_campaign_with_transfer():
     core = RaftCore(2, [1, 2, 3], MemoryLog(), HardState(term=4), rng=random.Random(0))
+    core.step(1, AppendEntries(4, -1, 0, (), -1))  # node 1 leads term 4
+    core.ready()
+    core.advance(core._unadvanced)  # type: ignore[arg-type]
     core.step(1, TimeoutNow(4))
     assert core.role is Role.CANDIDATE and core.term == 5
     rd = core.ready()
-    assert rd.hard_state == HardState(5, 2)
+    assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (5, 2)
     assert {m for _, m in rd.messages_after_persist} == {RequestVote(5, -1, 0, transfer=True)}
+
+
+@pytest.mark.parametrize("sender, term", [(3, 4), (1, 5), (1, 3)])
+def test_timeout_now_only_from_the_current_leader(sender, term):
+    """A TimeoutNow from a node that is not this term's leader (or a duplicate that arrives
+    after the campaign it started, hence from an older term) must not start an election:
+    that election would bypass PreVote and the lease check."""
+    core = RaftCore(2, [1, 2, 3], MemoryLog(), HardState(term=4), rng=random.Random(0))
+    core.step(1, AppendEntries(4, -1, 0, (), -1))
+    core.ready()
+    core.advance(core._unadvanced)  # type: ignore[arg-type]
+    core.step(sender, TimeoutNow(term))
+    assert core.role is Role.FOLLOWER and core.term == 4 and core.vote is None
+
+
+def test_duplicated_timeout_now_starts_one_election():
+    core = RaftCore(2, [1, 2, 3], MemoryLog(), HardState(term=4), rng=random.Random(0))
+    core.step(1, AppendEntries(4, -1, 0, (), -1))
+    core.ready()
+    core.advance(core._unadvanced)  # type: ignore[arg-type]
+    core.step(1, TimeoutNow(4))
+    core.step(1, TimeoutNow(4))
+    assert core.term == 5
 
 
 # --- replication flow control ------------------------------------------------------------
@@ -269,16 +296,19 @@ def test_stalled_stream_is_reprobed_after_lost_tail():
     core.propose([b"a"])
     drive(core, log)  # lost on the way to 2
     resent = []
-    while core._now < T - HB:  # slow is not lost: no resend within the election timeout
+    sent_at = core._now
+    while core._now < sent_at + 2 * HB:  # slow is not lost: no resend for two heartbeats
         core.tick(core.next_deadline)
         core.step(3, AppendResponse(1, True, core.last_seq))  # keep CheckQuorum happy
         resent += [m for to, m in drive(core, log) if to == 2 and type(m) is AppendEntries
                    and m.entries]
     assert resent == []
-    core.tick(core.next_deadline + HB)
+    # ... but a lost last batch is resent within three heartbeats, not an election timeout
+    core.tick(sent_at + 3 * HB)
     out = drive(core, log)
     resent = [m for to, m in out if to == 2 and type(m) is AppendEntries and m.entries]
     assert resent and resent[0].entries[0] == Entry(1, 1, b"a")
+    assert 3 * HB < T
 
 
 def test_follower_commit_is_min_of_leader_commit_and_last_new_entry():
@@ -290,12 +320,18 @@ def test_follower_commit_is_min_of_leader_commit_and_last_new_entry():
     drive(f, log)
     f.step(1, AppendEntries(1, 3, 1, ents[4:], commit_seq=4))
     assert f.commit_seq == 4
-    # A heartbeat at prev 2 vouches only for entries up to 2: commit does not go back.
+    # A heartbeat at prev 2 vouches for entries up to 2, and for those of its own term
+    # after it (only its leader wrote them): commit goes to 5, and the answer says so.
     f.step(1, AppendEntries(1, 2, 1, (), commit_seq=10))
-    assert f.commit_seq == 4
+    assert f.commit_seq == 5
     rd = f.ready()
-    assert rd.commit_seq == 4
-    assert rd.messages_after_persist[-1] == (1, AppendResponse(1, True, 2))
+    assert rd.commit_seq == 5
+    assert rd.messages_after_persist[-1] == (1, AppendResponse(1, True, 5))
+    f.advance(rd)
+    # Entries of an older term are vouched for only up to prev: commit never goes back.
+    f.step(3, AppendEntries(2, 2, 1, (), commit_seq=10))
+    assert f.commit_seq == 5
+    assert f.ready().messages_after_persist[-1] == (3, AppendResponse(2, True, 2))
 
 
 def test_leader_counts_itself_only_after_advance():
@@ -550,10 +586,24 @@ def test_vote_and_append_responses_wait_for_persistence_leader_appends_do_not():
     ]
 
 
-def test_unknown_senders_stale_terms_and_odd_messages_are_ignored():
+def test_stale_configuration_follows_a_leader_it_does_not_know_yet():
+    """Membership (thesis 4.2): a node that has not seen the latest configuration must
+    still follow its leader, whom it may not know; which nodes may talk to it at all is the
+    driver's decision (``RaftNode.receive``), what counts is the configuration's."""
+    f = RaftCore(2, [1, 2, 3], MemoryLog(), HardState(term=1))
+    f.step(9, AppendEntries(4, -1, 0, (Entry(0, 4, b"x"),), 0))
+    assert f.leader == 9 and f.term == 4 and f.last_seq == 0
+    # ... but an acknowledgement from a node outside the configuration counts for nothing
+    core, log = leader_core(3)
+    core.propose([b"y"])
+    drive(core, log)
+    core.step(9, AppendResponse(core.term, True, core.last_seq))
+    assert core.commit_seq < core.last_seq
+
+
+def test_stale_terms_and_odd_messages_are_ignored():
     core, log = leader_core(3)
     term = core.term
-    core.step(99, AppendEntries(50, 0, 0, (), 0))
     core.step(1, AppendEntries(50, 0, 0, (), 0))  # from itself
     core.step(2, "not a message")  # type: ignore[arg-type]
     core.step(2, VoteResponse(term - 1, True))
@@ -605,8 +655,9 @@ def test_constructor_checks():
                  config=RaftConfig(heartbeat_interval=1.0, election_timeout=0.5))
     with pytest.raises(InvalidArgumentError):
         RaftCore(1, [1, 2, 3], MemoryLog(), HardState(), bugs=["no_such_bug"])
-    with pytest.raises(InvalidArgumentError):
-        RaftCore(1, [1, 2, 3], MemoryLog(), HardState(term=1, vote=7))
+    # A vote for a node outside the configuration is legitimate with membership changes
+    # (one removed since, or added later): not refused.
+    assert RaftCore(1, [1, 2, 3], MemoryLog(), HardState(term=1, vote=7)).vote == 7
 
 
 def test_next_deadline_follows_the_role():
@@ -745,7 +796,13 @@ def test_well_typed_garbage_never_raises_and_never_yields_a_bad_ready(seed):
             core.advance(rd)
             assert reported_commit <= rd.commit_seq <= log.seq
             reported_commit = rd.commit_seq
-            assert all(to in (2, 3) for to, _ in rd.messages + rd.messages_after_persist)
+            # Messages to a node outside the configuration (99) are only answers to it, or a
+            # read forwarded to it as the leader (a node must follow a leader it does not
+            # know yet): no election or replication is started there.
+            answers = (VoteResponse, AppendResponse, ReadIndexResponse, RecoverResponse,
+                       ReadIndex)
+            assert all(to in (2, 3) or isinstance(m, answers)
+                       for to, m in rd.messages + rd.messages_after_persist)
 
 
 @pytest.mark.parametrize("seed", range(10))

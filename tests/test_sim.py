@@ -307,15 +307,16 @@ def test_without_faults_everything_commits():
 
 
 def test_same_seed_same_trace_different_seed_different_trace():
-    a = Simulation(11)
+    a = Simulation(13)  # a seed with disk wipes among its faults
     ra = a.run()
-    b = Simulation(11)
+    assert ra.wipes > 0
+    b = Simulation(13)
     rb = b.run()
     assert ra.trace_hash == rb.trace_hash and len(a._trace) == len(b._trace) > 1000
     assert a.trace_lines() == b.trace_lines()
     assert Simulation(12).run().trace_hash != ra.trace_hash
     # recording the trace changes nothing about the run
-    rc = run_seed(11, record_trace=False)
+    rc = run_seed(13, record_trace=False)
     assert (rc.ops, rc.messages, rc.commits) == (ra.ops, ra.messages, ra.commits)
 
 

@@ -33,14 +33,30 @@ CASES = [
     # bug, config, seeds allowed, invariants that may catch it
     ("count_vote_twice", SimConfig(), 150, {"election safety", "leader completeness",
                                             "state machine safety", "log matching"}),
+    # (its stale appends can also cut a leader's log below its commit seq, which the core
+    # then trips over: reported as an exception)
     ("skip_append_term_check", SimConfig(), 300, {"state machine safety", "log matching",
                                                   "leader completeness", "liveness",
-                                                  "linearizability"}),
+                                                  "linearizability", "exception"}),
     ("commit_old_term", SimConfig.churn(), 600, {"leader completeness",
                                                  "state machine safety"}),
     ("forget_vote", SimConfig.churn(), 400, {"election safety", "leader completeness",
                                              "state machine safety"}),
     ("skip_fsync", SimConfig(), 20, {"acknowledged write durability"}),
+    # Membership: a configuration in force only once committed (it must be from append),
+    # and a leader changing membership before it committed an entry of its own term (the
+    # 2015 single-server bug), hunted with leaders crashing right after a change.
+    ("config_on_commit", SimConfig(), 150, {"acknowledged write durability", "exception",
+                                            "leader completeness", "commit quorum",
+                                            "state machine safety", "election safety"}),
+    ("skip_own_term_rule", SimConfig.membership_churn(), 600, {
+        "acknowledged write durability", "leader completeness", "commit quorum",
+        "state machine safety", "election safety", "log matching", "liveness"}),
+    # A node whose disk was wiped comes back as the member it was (the first wave's
+    # behaviour): caught by the durability check, or by what it breaks.
+    ("trust_wiped", SimConfig(), 60, {"acknowledged write durability", "leader completeness",
+                                      "state machine safety", "election safety",
+                                      "log matching", "linearizability", "liveness"}),
 ]
 
 
@@ -64,6 +80,13 @@ def test_the_churn_hunt_without_bugs_finds_nothing():
     # (the default mix without bugs is test_sim.py's 1,000-seed scale test)
     config = SimConfig.churn()
     s = run_seeds(range(400), config, jobs=2)
+    assert s.violations == 0, s.text(config) + "\n" + s.failures[0].report
+
+
+def test_the_membership_hunt_without_bugs_finds_nothing():
+    config = SimConfig.membership_churn()
+    s = run_seeds(range(300), config, jobs=2)
+    assert s.member_changes > 1000
     assert s.violations == 0, s.text(config) + "\n" + s.failures[0].report
 
 

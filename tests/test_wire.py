@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyraftplus.entry import Entry
+from tinyraftplus.entry import ConfigEntry, Entry
 from tinyraftplus.errors import InvalidArgumentError, ProtocolError
 from tinyraftplus.raft.messages import (
     AppendEntries,
@@ -24,12 +24,15 @@ from tinyraftplus.raft.messages import (
     ProposeResponse,
     ReadIndex,
     ReadIndexResponse,
+    Recover,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
 )
 from tinyraftplus.transport import wire
 from tinyraftplus.transport.wire import (
+    PING_FRAME,
     PROTOCOL_VERSION,
     FrameDecoder,
     Hello,
@@ -64,6 +67,7 @@ seqs = st.integers(-1, MAX)
 terms = st.integers(0, MAX)
 pos_terms = st.integers(1, MAX)
 u63 = st.integers(0, MAX)
+incs = st.integers(0, MAX)  # a sender's incarnation: every core message carries one, last
 node_ids = st.one_of(st.integers(-MAX, MAX), st.text(min_size=1, max_size=256))
 payloads = st.binary(max_size=300)
 
@@ -75,25 +79,36 @@ def append_entries(draw):
     n = draw(st.integers(0, 40))
     prev_seq = draw(st.integers(-1, MAX - n))
     ts = sorted(draw(st.lists(st.integers(prev_term, term), min_size=n, max_size=n)))
-    ents = tuple(Entry(prev_seq + 1 + i, t, draw(payloads)) for i, t in enumerate(ts))
-    return AppendEntries(term, prev_seq, prev_term, ents, draw(seqs), draw(u63))
+    # Mostly plain entries, sometimes configuration entries (anywhere, any number of them).
+    kinds = st.sampled_from([Entry, Entry, Entry, ConfigEntry])
+    ents = tuple(draw(kinds)(prev_seq + 1 + i, t, draw(payloads)) for i, t in enumerate(ts))
+    return AppendEntries(term, prev_seq, prev_term, ents, draw(seqs), draw(u63), draw(incs))
 
 
 @st.composite
 def request_votes(draw):
     term = draw(pos_terms)
     return RequestVote(term, draw(seqs), draw(st.integers(0, term)), draw(st.booleans()),
-                       draw(st.booleans()))
+                       draw(st.booleans()), draw(incs))
+
+
+@st.composite
+def recover_responses(draw):
+    term = draw(terms)
+    voters = tuple(draw(st.lists(node_ids, max_size=7)))
+    return RecoverResponse(term, draw(seqs), draw(st.integers(0, term)), voters, draw(incs))
 
 
 messages = st.one_of(
     request_votes(),
-    st.builds(VoteResponse, terms, st.booleans(), st.booleans()),
+    st.builds(VoteResponse, terms, st.booleans(), st.booleans(), incs),
     append_entries(),
-    st.builds(AppendResponse, terms, st.booleans(), seqs, terms, seqs, u63),
-    st.builds(TimeoutNow, pos_terms),
-    st.builds(ReadIndex, terms, u63),
-    st.builds(ReadIndexResponse, terms, u63, st.integers(-2, MAX)),
+    st.builds(AppendResponse, terms, st.booleans(), seqs, terms, seqs, u63, incs),
+    st.builds(TimeoutNow, pos_terms, incs),
+    st.builds(ReadIndex, terms, u63, incs),
+    st.builds(ReadIndexResponse, terms, u63, st.integers(-2, MAX), incs),
+    st.builds(Recover, terms, incs),
+    recover_responses(),
     st.builds(Propose, u63, st.lists(st.binary(min_size=1, max_size=200), min_size=1,
                                      max_size=20).map(tuple)),
     st.builds(ProposeResponse, u63, seqs, terms, st.none() | st.text(max_size=4096),
@@ -110,7 +125,16 @@ def test_every_message_round_trips(msg):
     out = decode(payload)
     assert out == msg and type(out) is type(msg)
     if isinstance(msg, AppendEntries):
-        assert all(type(e) is Entry for e in out.entries)
+        # Entry == ConfigEntry with the same triple (tuple equality), so compare the types:
+        # every entry comes back exactly as an Entry or a ConfigEntry, as it was sent.
+        assert len(out.entries) == len(msg.entries)
+        assert all(type(e) in (Entry, ConfigEntry) for e in out.entries)
+        assert [type(e) for e in out.entries] == [type(e) for e in msg.entries]
+        for i in range(len(msg.entries)):
+            assert type(out.entries[i]) is type(msg.entries[i])
+        assert msgpack.unpackb(payload)[10] == [
+            i for i, e in enumerate(msg.entries) if type(e) is ConfigEntry
+        ]
     # Framing: header is length + CRC32C (checked against the bitwise oracle), big-endian.
     f = encode_frame(msg)
     length, crc = struct.unpack(">II", f[:8])
@@ -119,9 +143,69 @@ def test_every_message_round_trips(msg):
 
 
 def test_wire_layout_is_the_documented_flat_array():
-    m = AppendEntries(5, 9, 4, (Entry(10, 4, b"a"), Entry(11, 5, b"bc")), 8, 3)
-    assert msgpack.unpackb(encode(m)) == [1, 3, 5, 9, 4, 8, 3, [4, 5], [b"a", b"bc"]]
-    assert msgpack.unpackb(encode(Hello("n1", 2))) == [1, 16, "n1", 2]
+    # Literal version 2 and literal tags: this is the documented layout, not "whatever the
+    # code says the current version is".
+    m = AppendEntries(5, 9, 4, (Entry(10, 4, b"a"), Entry(11, 5, b"bc")), 8, 3, 77)
+    assert msgpack.unpackb(encode(m)) == [2, 3, 5, 9, 4, 8, 3, 77, [4, 5], [b"a", b"bc"], []]
+    # Configuration entries travel as the indexes (into this message's entries) of the
+    # entries that are ConfigEntry, in order.
+    m = AppendEntries(5, 9, 4, (ConfigEntry(10, 4, b"a"), Entry(11, 5, b"bc"),
+                                ConfigEntry(12, 5, b"d")), 8, 3, 77)
+    assert msgpack.unpackb(encode(m)) == [
+        2, 3, 5, 9, 4, 8, 3, 77, [4, 5, 5], [b"a", b"bc", b"d"], [0, 2]
+    ]
+    assert msgpack.unpackb(encode(Hello("n1", 2))) == [2, 16, "n1", 2]
+
+
+@pytest.mark.parametrize(
+    "msg, layout",
+    [
+        (RequestVote(4, 10, 3, True, False, 6), [2, 1, 4, 10, 3, True, False, 6]),
+        (VoteResponse(4, True, False, 6), [2, 2, 4, True, False, 6]),
+        (AppendEntries(5, 9, 4, (), 8, 3, 77), [2, 3, 5, 9, 4, 8, 3, 77, [], [], []]),
+        (AppendEntries(5, 9, 4, (Entry(10, 4, b"a"), ConfigEntry(11, 5, b"c")), 8, 3, 77),
+         [2, 3, 5, 9, 4, 8, 3, 77, [4, 5], [b"a", b"c"], [1]]),
+        (AppendEntries(5, 9, 4, (ConfigEntry(10, 5, b""),), 8, 3, 77),
+         [2, 3, 5, 9, 4, 8, 3, 77, [5], [b""], [0]]),
+        (AppendResponse(4, False, 9, 2, 7, 3, 6), [2, 4, 4, False, 9, 2, 7, 3, 6]),
+        (TimeoutNow(4, 6), [2, 5, 4, 6]),
+        (ReadIndex(4, 3, 6), [2, 6, 4, 3, 6]),
+        (ReadIndexResponse(4, 3, -2, 6), [2, 7, 4, 3, -2, 6]),
+        (Propose(5, (b"a", b"b")), [2, 8, 5, [b"a", b"b"]]),
+        (ProposeResponse(5, -1, 0, "no leader", "n2"), [2, 9, 5, -1, 0, "no leader", "n2"]),
+        (Recover(4, 6), [2, 10, 4, 6]),
+        (RecoverResponse(4, 10, 3, (1, "b"), 6), [2, 11, 4, 10, 3, [1, "b"], 6]),
+        (Hello(1, None), [2, 16, 1, None]),
+        (Ping(), [2, 17]),
+        # inc is always on the wire, even when it is the default 0.
+        (RequestVote(4, 10, 3), [2, 1, 4, 10, 3, False, False, 0]),
+        (VoteResponse(4, True), [2, 2, 4, True, False, 0]),
+        (AppendEntries(5, 9, 4, (), 8), [2, 3, 5, 9, 4, 8, 0, 0, [], [], []]),
+        (AppendResponse(4, True, 9), [2, 4, 4, True, 9, 0, -1, 0, 0]),
+        (TimeoutNow(4), [2, 5, 4, 0]),
+        (ReadIndex(4, 3), [2, 6, 4, 3, 0]),
+        (ReadIndexResponse(4, 3, 8), [2, 7, 4, 3, 8, 0]),
+        (Recover(4), [2, 10, 4, 0]),
+        (RecoverResponse(4, -1, 0), [2, 11, 4, -1, 0, [], 0]),
+    ],
+)
+def test_every_message_has_its_documented_layout(msg, layout):
+    assert msgpack.unpackb(encode(msg)) == layout
+    out = decode(msgpack.packb(layout, use_bin_type=True))
+    assert out == msg
+    if isinstance(msg, AppendEntries):  # equality alone does not tell Entry from ConfigEntry
+        assert [type(e) for e in out.entries] == [type(e) for e in msg.entries]
+
+
+def test_ping_bytes_are_fixed():
+    assert encode(Ping()) == b"\x92\x02\x11"  # fixarray(2) [2, 17]
+    assert PING_FRAME == struct.pack(">II", 3, crc32c_bitwise(b"\x92\x02\x11")) + b"\x92\x02\x11"
+    assert encode_frame(Ping()) == PING_FRAME
+
+
+def test_protocol_version_is_2():
+    # Bumping the version is a deliberate act that must come with new layouts above.
+    assert PROTOCOL_VERSION == 2
 
 
 def test_encode_accepts_bytes_like_payloads_and_decodes_bytes():
@@ -146,22 +230,38 @@ KINDS = {
     or (type(v) is str and 1 <= len(v) <= 256),
     "id?": lambda v: v is None or KINDS["id"](v),
     "err?": lambda v: v is None or (type(v) is str and len(v) <= 4096),
+    # AppendEntries.entry_configs of a message without entries: only the empty array.
+    "configs0": lambda v: type(v) is list and v == [],
+    # RecoverResponse.voters: an array of node ids
+    "voters": lambda v: type(v) is list and len(v) <= 1024 and all(KINDS["id"](x) for x in v),
 }
 
-# Valid examples (fields beyond version and tag) and the kind of each field. Fields whose
-# validity depends on another (last_term <= term, prev_term <= term) use large partners.
+# Valid examples (fields beyond version and tag), the kind of each field and its name (an
+# error must name the message and the field). Fields whose validity depends on another
+# (last_term <= term, prev_term <= term) use large partners. ``inc`` (the sender's
+# incarnation) is the last field of every core message.
 SPEC = {
-    1: ([MAX, 5, 0, False, True], ["term1", "seq", "term", "bool", "bool"]),
-    2: ([3, True, False], ["term", "bool", "bool"]),
-    3: ([MAX, 5, 0, 4, 0, [], []], ["term", "seq", "term", "seq", "u63", None, None]),
-    4: ([3, True, 7, 2, -1, 0], ["term", "bool", "seq", "term", "seq", "u63"]),
-    5: ([2], ["term1"]),
-    6: ([2, 9], ["term", "u63"]),
-    7: ([2, 9, -2], ["term", "u63", "index"]),
-    8: ([4, [b"x"]], ["u63", None]),
-    9: ([4, -1, 0, "no leader", 3], ["u63", "seq", "term", "err?", "id?"]),
-    16: ([1, "b"], ["id", "id?"]),
-    17: ([], []),
+    1: ([MAX, 5, 0, False, True, 7], ["term1", "seq", "term", "bool", "bool", "u63"],
+        ["term", "last_seq", "last_term", "pre_vote", "transfer", "inc"]),
+    2: ([3, True, False, 7], ["term", "bool", "bool", "u63"],
+        ["term", "granted", "pre_vote", "inc"]),
+    3: ([MAX, 5, 0, 4, 0, 7, [], [], []],
+        ["term", "seq", "term", "seq", "u63", "u63", None, None, "configs0"],
+        ["term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", None, None,
+         "entry_configs"]),
+    4: ([3, True, 7, 2, -1, 0, 7], ["term", "bool", "seq", "term", "seq", "u63", "u63"],
+        ["term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id", "inc"]),
+    5: ([2, 7], ["term1", "u63"], ["term", "inc"]),
+    6: ([2, 9, 7], ["term", "u63", "u63"], ["term", "read_id", "inc"]),
+    7: ([2, 9, -2, 7], ["term", "u63", "index", "u63"], ["term", "read_id", "index", "inc"]),
+    8: ([4, [b"x"]], ["u63", None], ["req_id", None]),
+    9: ([4, -1, 0, "no leader", 3], ["u63", "seq", "term", "err?", "id?"],
+        ["req_id", "first_seq", "term", "error", "leader"]),
+    10: ([3, 7], ["term", "u63"], ["term", "inc"]),
+    11: ([MAX, 5, 0, [1, "a"], 7], ["term", "seq", "term", "voters", "u63"],
+         ["term", "last_seq", "last_term", "voters", "inc"]),
+    16: ([1, "b"], ["id", "id?"], ["node_id", "to"]),
+    17: ([], [], []),
 }
 
 BAD_VALUES = [
@@ -170,15 +270,19 @@ BAD_VALUES = [
 ]
 
 
+V = PROTOCOL_VERSION
+
+
 def raw(tag, fields, version=PROTOCOL_VERSION):
     return msgpack.packb([version, tag, *fields], use_bin_type=True)
 
 
 @pytest.mark.parametrize("tag", sorted(SPEC))
 def test_each_field_accepts_exactly_what_its_kind_allows(tag):
-    good, kinds = SPEC[tag]
+    good, kinds, names = SPEC[tag]
+    assert len(kinds) == len(names) == len(good)
     decode(raw(tag, good))  # the example itself is valid
-    for i, kind in enumerate(kinds):
+    for i, (kind, name) in enumerate(zip(kinds, names, strict=True)):
         if kind is None:
             continue
         for v in BAD_VALUES:
@@ -190,23 +294,66 @@ def test_each_field_accepts_exactly_what_its_kind_allows(tag):
                 with pytest.raises(ProtocolError) as ei:
                     decode(raw(tag, fields))
                 assert wire._NAMES[tag] in str(ei.value)
+                assert f"{wire._NAMES[tag]}.{name}" in str(ei.value)
 
 
 @pytest.mark.parametrize("tag", sorted(SPEC))
 def test_missing_and_extra_fields_are_refused(tag):
-    good, _ = SPEC[tag]
-    with pytest.raises(ProtocolError, match="must have"):
+    good, _, _ = SPEC[tag]
+    with pytest.raises(ProtocolError, match=f"must have {len(good)} fields"):
         decode(raw(tag, good + [0]))
     if good:
-        with pytest.raises(ProtocolError, match="must have"):
+        with pytest.raises(ProtocolError, match=f"must have {len(good)} fields"):
             decode(raw(tag, good[:-1]))
+
+
+@pytest.mark.parametrize(
+    "tag, v1_fields, missing",
+    [
+        (1, [3, 5, 2, False, False], 1),
+        (2, [3, True, False], 1),
+        (3, [3, 5, 2, 4, 0, [3], [b"a"]], 2),  # no inc and no entry_configs
+        (4, [3, True, 7, 2, -1, 0], 1),
+        (5, [3], 1),
+        (6, [3, 9], 1),
+        (7, [3, 9, 4], 1),
+    ],
+)
+def test_version_1_layout_under_the_current_version_is_refused(tag, v1_fields, missing):
+    # A version-1 body without inc, even if labelled with the current version, is short of
+    # fields: never read with a field shifted into the wrong slot.
+    with pytest.raises(ProtocolError, match=f"{wire._NAMES[tag]} must have "
+                       f"{len(v1_fields) + missing} "
+                       r"fields \(.*inc.*\), got " f"{len(v1_fields)}$"):
+        decode(raw(tag, v1_fields))
+
+
+def test_append_entries_without_entry_configs_is_refused():
+    # The AppendEntries of version 2 before configuration entries (inc, no entry_configs) is
+    # one field short: refused by its length, never decoded as if entry_configs were [].
+    for body in ([3, 5, 2, 4, 0, 7, [3], [b"a"]], [3, 5, 2, 4, 0, 7, [], []]):
+        with pytest.raises(ProtocolError, match=r"AppendEntries must have 9 fields "
+                           r"\(.*, inc, entry_terms, entry_data, entry_configs\), got 8$"):
+            decode(raw(3, body))
 
 
 def test_cross_field_ranges():
     with pytest.raises(ProtocolError, match="last_term"):
-        decode(raw(1, [3, 5, 4, False, False]))  # last_term > term
+        decode(raw(1, [3, 5, 4, False, False, 0]))  # last_term > term
     with pytest.raises(ProtocolError, match="prev_term"):
-        decode(raw(3, [3, 5, 4, 4, 0, [], []]))  # prev_term > term
+        decode(raw(3, [3, 5, 4, 4, 0, 0, [], [], []]))  # prev_term > term
+    last_term = r"RecoverResponse.last_term must be an int in \[0, {}\]"
+    with pytest.raises(ProtocolError, match=last_term.format(3)):
+        decode(raw(11, [3, 5, 4, [], 0]))  # last_term > term
+    with pytest.raises(ProtocolError, match=last_term.format(0)):
+        decode(raw(11, [0, -1, 1, [], 0]))
+    # The bound is inclusive.
+    assert decode(raw(1, [3, 5, 3, False, False, 0])) == RequestVote(3, 5, 3)
+    assert decode(raw(3, [3, 5, 3, 4, 0, 0, [], [], []])) == AppendEntries(3, 5, 3, (), 4)
+    assert decode(raw(11, [3, 5, 3, [], 0])) == RecoverResponse(3, 5, 3)
+    assert decode(raw(11, [0, -1, 0, [2], MAX])) == RecoverResponse(0, -1, 0, (2,), MAX)
+    with pytest.raises(ProtocolError, match="RecoverResponse.voters"):
+        decode(raw(11, [3, 5, 3, list(range(1025)), 0]))
 
 
 @pytest.mark.parametrize(
@@ -228,22 +375,138 @@ def test_cross_field_ranges():
 )
 def test_bad_entries_are_refused(terms, datas, why):
     with pytest.raises(ProtocolError, match=why):
-        decode(raw(3, [3, 10, 1, 5, 0, terms, datas]))
+        decode(raw(3, [3, 10, 1, 5, 0, 7, terms, datas, []]))
+
+
+# --- configuration entries: AppendEntries.entry_configs ------------------------------------
+
+# Three entries after prev_seq=10 (seqs 11, 12, 13), within [prev_term=1, term=3].
+AE_HEAD = [3, 10, 1, 5, 0, 7]
+AE_TERMS = [1, 1, 2]
+AE_DATAS = [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize("configs", [[], [0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]])
+def test_entry_configs_decode_to_config_entries_at_those_indexes(configs):
+    out = decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+    assert isinstance(out, AppendEntries)
+    assert out.entries == (Entry(11, 1, b"a"), Entry(12, 1, b"b"), Entry(13, 2, b"c"))
+    assert [type(e) for e in out.entries] == [
+        ConfigEntry if i in configs else Entry for i in range(3)
+    ]
+    assert [e.kind for e in out.entries] == [1 if i in configs else 0 for i in range(3)]
+    # And back: the encoder sends the same indexes.
+    assert msgpack.unpackb(encode(out))[8:] == [AE_TERMS, AE_DATAS, configs]
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [None, 0, 1, -1, True, 1.0, "x", "", b"x", b"", {}, {"a": 1}, msgpack.ExtType(1, b"")],
+)
+def test_entry_configs_must_be_an_array(configs):
+    for terms, datas in ((AE_TERMS, AE_DATAS), ([], [])):
+        with pytest.raises(ProtocolError,
+                           match=r"AppendEntries\.entry_configs must be an array"):
+            decode(raw(3, [*AE_HEAD, terms, datas, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [True], [False], [0, True], [1.0], [0.0], [None], ["0"], [b"\x00"], [[0]], [{}],
+        [0, 1.0], [0, None],
+    ],
+)
+def test_entry_configs_items_must_be_ints(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[1, 0], [2, 1], [0, 2, 1], [2, 0, 1], [2, 1, 0]],
+)
+def test_entry_configs_must_be_in_order(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[0, 0], [1, 1], [2, 2], [0, 1, 1], [0, 0, 1, 2], [0, 1, 2, 2], [1, 1, 1]],
+)
+def test_entry_configs_must_not_repeat(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[-1], [-1, 0], [-1, 0, 1], [-2, 2], [-(1 << 63)], [-(1 << 63), 0]],
+)
+def test_entry_configs_must_not_be_negative(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list"):
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[3], [0, 3], [2, 3], [0, 1, 2, 3], [4], [MAX], [(1 << 64) - 1], [0, (1 << 64) - 1]],
+)
+def test_entry_configs_must_index_an_entry_of_the_message(configs):
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list") as ei:
+        decode(raw(3, [*AE_HEAD, AE_TERMS, AE_DATAS, configs]))
+    assert "below 3" in str(ei.value)
+
+
+@pytest.mark.parametrize("configs", [[0], [1], [0, 1], [MAX]])
+def test_entry_configs_of_a_message_without_entries_must_be_empty(configs):
+    # A heartbeat carries no entries, so no index can be valid.
+    with pytest.raises(ProtocolError, match=r"AppendEntries\.entry_configs must list") as ei:
+        decode(raw(3, [*AE_HEAD, [], [], configs]))
+    assert "below 0" in str(ei.value)
+    assert decode(raw(3, [*AE_HEAD, [], [], []])) == AppendEntries(3, 10, 1, (), 5, 0, 7)
+
+
+def test_encoder_accepts_entries_mixing_entry_and_config_entry():
+    ents = (ConfigEntry(5, 1, b"c0"), Entry(6, 1, b"a"), Entry(7, 2, b""),
+            ConfigEntry(8, 2, bytearray(b"c1")), Entry(9, 2, memoryview(b"b")))
+    m = AppendEntries(2, 4, 1, ents, 3, 1, 9)
+    assert msgpack.unpackb(encode(m))[8:] == [
+        [1, 1, 2, 2, 2], [b"c0", b"a", b"", b"c1", b"b"], [0, 3]
+    ]
+    out = decode(encode(m))
+    assert out.entries == (ConfigEntry(5, 1, b"c0"), Entry(6, 1, b"a"), Entry(7, 2, b""),
+                           ConfigEntry(8, 2, b"c1"), Entry(9, 2, b"b"))
+    assert [type(e) for e in out.entries] == [ConfigEntry, Entry, Entry, ConfigEntry, Entry]
+    assert all(type(e.data) is bytes for e in out.entries)
+    # A list of entries encodes like the tuple.
+    assert encode(AppendEntries(2, 4, 1, list(ents), 3, 1, 9)) == encode(m)  # type: ignore
+    # Only configuration entries; only plain entries.
+    only = tuple(ConfigEntry(5 + i, 1, b"x") for i in range(3))
+    assert msgpack.unpackb(encode(AppendEntries(1, 4, 1, only, 3)))[10] == [0, 1, 2]
+    plain = tuple(Entry(5 + i, 1, b"x") for i in range(3))
+    assert msgpack.unpackb(encode(AppendEntries(1, 4, 1, plain, 3)))[10] == []
 
 
 def test_entries_may_not_run_past_the_largest_seq():
-    decode(raw(3, [3, MAX - 2, 1, 5, 0, [1, 1], [b"a", b"b"]]))
+    decode(raw(3, [3, MAX - 2, 1, 5, 0, 7, [1, 1], [b"a", b"b"], []]))
     with pytest.raises(ProtocolError, match="past seq"):
-        decode(raw(3, [3, MAX - 1, 1, 5, 0, [1, 1], [b"a", b"b"]]))
+        decode(raw(3, [3, MAX - 1, 1, 5, 0, 7, [1, 1], [b"a", b"b"], []]))
+    with pytest.raises(ProtocolError, match="past seq"):
+        decode(raw(3, [3, MAX - 1, 1, 5, 0, 7, [1, 1], [b"a", b"b"], [1]]))
 
 
 def test_size_limits():
     lim = WireLimits(max_entries=3, max_bytes=10, max_id_len=4, max_error_len=5)
-    decode(raw(3, [3, 10, 1, 5, 0, [1, 1, 1], [b"abc", b"abc", b"abcd"]]), lim)
+    decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcd"], []]), lim)
+    decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcd"], [0, 1, 2]]), lim)
     with pytest.raises(ProtocolError, match="4 entries"):
-        decode(raw(3, [3, 10, 1, 5, 0, [1] * 4, [b"a"] * 4]), lim)
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1] * 4, [b"a"] * 4, []]), lim)
+    with pytest.raises(ProtocolError, match="4 entries"):
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1] * 4, [b"a"] * 4, [3]]), lim)
     with pytest.raises(ProtocolError, match="11 payload bytes"):
-        decode(raw(3, [3, 10, 1, 5, 0, [1, 1, 1], [b"abc", b"abc", b"abcde"]]), lim)
+        decode(raw(3, [3, 10, 1, 5, 0, 7, [1, 1, 1], [b"abc", b"abc", b"abcde"], []]), lim)
     with pytest.raises(ProtocolError, match="4 items"):
         decode(raw(8, [1, [b"a"] * 4]), lim)
     with pytest.raises(ProtocolError, match="11 payload bytes"):
@@ -254,6 +517,9 @@ def test_size_limits():
         decode(raw(9, [1, -1, 0, "abcdef", None]), lim)
     with pytest.raises(InvalidArgumentError, match="4 entries"):
         encode(AppendEntries(1, -1, 0, tuple(Entry(i, 1, b"") for i in range(4)), -1), lim)
+    with pytest.raises(InvalidArgumentError, match="4 entries"):
+        encode(AppendEntries(1, -1, 0, tuple(ConfigEntry(i, 1, b"") for i in range(4)), -1),
+               lim)
 
 
 @pytest.mark.parametrize(
@@ -271,26 +537,70 @@ def test_bad_propose_items(items, why):
     [
         (b"", "not one valid msgpack"),
         (b"\xc1", "not one valid msgpack"),  # the one byte msgpack never uses
-        (msgpack.packb([1, 5, 2]) + b"\x00", "not one valid msgpack"),  # trailing bytes
-        (msgpack.packb([1, 5, 2])[:-1], "not one valid msgpack"),  # truncated
-        (b"\x92\x01\xa1\xff", "not one valid msgpack"),  # [1, invalid utf-8]
-        (msgpack.packb({"v": 1, "t": 5}), "must be a msgpack array"),
-        (msgpack.packb(1), "must be a msgpack array"),
-        (msgpack.packb([1]), "must be a msgpack array"),
-        (msgpack.packb([2, 5, 2]), "version 2"),
-        (msgpack.packb([True, 5, 2]), "version"),
-        (msgpack.packb([1.0, 5, 2]), "version"),
-        (msgpack.packb(["1", 5, 2]), "version"),
-        (msgpack.packb([1, 99, 2]), "unknown message tag"),
-        (msgpack.packb([1, True, 2]), "unknown message tag"),  # True == 1 in Python
-        (msgpack.packb([1, "AppendEntries"]), "unknown message tag"),
-        (msgpack.packb([1, 5, msgpack.ExtType(1, b"x")]), "TimeoutNow.term"),
+        (msgpack.packb([V, 5, 2, 0]) + b"\x00", "not one valid msgpack"),  # trailing bytes
+        (msgpack.packb([V, 5, 2, 0])[:-1], "not one valid msgpack"),  # truncated
+        (bytes([0x92, V, 0xA1, 0xFF]), "not one valid msgpack"),  # [V, invalid utf-8]
+        (msgpack.packb({"v": V, "t": 5}), "must be a msgpack array"),
+        (msgpack.packb(V), "must be a msgpack array"),
+        (msgpack.packb([V]), "must be a msgpack array"),
+        (msgpack.packb([V + 1, 5, 2, 0]), f"version {V + 1}, this node speaks {V}"),
+        (msgpack.packb([0, 5, 2, 0]), f"version 0, this node speaks {V}"),
+        (msgpack.packb([-1, 5, 2, 0]), "version -1"),
+        (msgpack.packb([None, 5, 2, 0]), "version None"),
+        (msgpack.packb([True, 5, 2, 0]), "version"),
+        (msgpack.packb([1.0, 5, 2, 0]), "version"),
+        (msgpack.packb([float(V), 5, 2, 0]), "version"),  # 2.0 == 2 in Python
+        (msgpack.packb([str(V), 5, 2, 0]), "version"),
+        (msgpack.packb([[V], 5, 2, 0]), "version"),
+        (msgpack.packb([V, 99, 2, 0]), "unknown message tag"),
+        (msgpack.packb([V, 12, 2, 0]), "unknown message tag"),  # first tag after Recover*
+        (msgpack.packb([V, 0, 2, 0]), "unknown message tag"),
+        (msgpack.packb([V, True, 2, 0]), "unknown message tag"),  # True == 1 in Python
+        (msgpack.packb([V, 10.0, 2, 0]), "unknown message tag"),  # 10.0 == 10 in Python
+        (msgpack.packb([V, "AppendEntries"]), "unknown message tag"),
+        (msgpack.packb([V, 5, msgpack.ExtType(1, b"x"), 0]), "TimeoutNow.term"),
+        (msgpack.packb([V, 5, 2, msgpack.ExtType(1, b"x")]), "TimeoutNow.inc"),
+        (msgpack.packb([V, 10, 2, -1]), "Recover.inc"),
         (b"\x91" * 5000 + b"\x01", "not one valid msgpack"),  # nested too deep
     ],
 )
 def test_garbage_payloads_are_refused(payload, why):
     with pytest.raises(ProtocolError, match=why):
         decode(payload)
+
+
+# Version-1 payloads as a version-1 node sent them (no inc; Hello and Ping are the same as in
+# version 2 apart from the version byte, so only the version can refuse them).
+V1_PAYLOADS = [
+    msgpack.packb([1, 3, 5, 9, 4, 8, 3, [4, 5], [b"a", b"bc"]], use_bin_type=True),
+    msgpack.packb([1, 1, 3, 5, 2, False, False]),
+    msgpack.packb([1, 2, 3, True, False]),
+    msgpack.packb([1, 4, 3, True, 7, 2, -1, 0]),
+    msgpack.packb([1, 5, 3]),
+    msgpack.packb([1, 6, 3, 9]),
+    msgpack.packb([1, 7, 3, 9, 4]),
+    msgpack.packb([1, 8, 4, [b"x"]], use_bin_type=True),
+    msgpack.packb([1, 9, 4, -1, 0, "no leader", 3]),
+    msgpack.packb([1, 16, "n1", 2]),
+    msgpack.packb([1, 17]),
+    # Even one that happens to have the current layout (a version-1 TimeoutNow of 2 fields
+    # cannot exist, but a confused peer might send one): the version alone refuses it.
+    msgpack.packb([1, 5, 3, 0]),
+]
+
+
+@pytest.mark.parametrize("payload", V1_PAYLOADS)
+def test_version_1_payloads_are_refused_with_a_clear_message(payload):
+    assert PROTOCOL_VERSION != 1
+    with pytest.raises(ProtocolError) as ei:
+        decode(payload)
+    msg = str(ei.value)
+    # Says what the peer speaks, what we speak and what to do; not a field/arity complaint.
+    assert f"peer speaks wire protocol version 1, this node speaks {PROTOCOL_VERSION}" in msg
+    assert "same tinyraftplus wire version on every node" in msg
+    assert "must have" not in msg and "must be" not in msg
+    # Framing is version-independent: the frame itself passes, the payload is refused.
+    assert FrameDecoder().feed(frame(payload)) == [payload]
 
 
 @given(messages, st.data())
@@ -309,18 +619,46 @@ def test_mutated_payloads_never_escape_as_other_exceptions(msg, data):
     assert decode(encode(out)) == out
 
 
+class _OtherEntry(ConfigEntry):
+    """A subclass the wire does not know: neither Entry nor ConfigEntry exactly."""
+
+    __slots__ = ()
+
+
 @pytest.mark.parametrize(
     "msg, why",
     [
         (AppendEntries(1, 4, 0, (Entry(6, 1, b"a"),), 0), "do not follow prev_seq"),
         (AppendEntries(1, 4, 0, (Entry(5, 1, b"a"), Entry(7, 1, b"b")), 0), "do not follow"),
         (AppendEntries(1, 4, 0, ((5, 1, b"a"),), 0), "tuple of Entry"),  # type: ignore[arg-type]
+        (AppendEntries(1, 4, 0, (ConfigEntry(6, 1, b"a"),), 0), "do not follow prev_seq"),
+        (AppendEntries(1, 4, 0, (Entry(5, 1, b"a"), ConfigEntry(7, 1, b"b")), 0),
+         "do not follow"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 1, b"a"), (6, 1, b"b")), 0),  # type: ignore
+         "tuple of Entry"),
+        (AppendEntries(1, 4, 0, (_OtherEntry(5, 1, b"a"),), 0), "tuple of Entry"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 2, b"a"),), 0), "must not decrease"),
+        (AppendEntries(1, 4, 0, (ConfigEntry(5, 1, "a"),), 0),  # type: ignore[arg-type]
+         "data must be bytes"),
         (AppendEntries(1, 4, 2, (), 0), "prev_term must be an int in \\[0, 1\\]"),
         (AppendEntries(1, 4, 0, (Entry(5, 2, b"a"),), 0), "must not decrease"),
         (AppendEntries(1, 4, 0, (Entry(5, 1, "a"),), 0), "data must be bytes"),  # type: ignore
         (RequestVote(0, 1, 0), "RequestVote.term must be an int in \\[1"),
         (VoteResponse(1, 1), "VoteResponse.granted must be a bool"),  # type: ignore[arg-type]
         (ReadIndexResponse(1, 1, -3), "index"),
+        (RequestVote(1, -1, 0, inc=-1), "RequestVote.inc must be an int in \\[0, "),
+        (VoteResponse(1, True, inc=MAX + 1), "VoteResponse.inc must be an int in \\[0, "),
+        (AppendEntries(1, -1, 0, (), -1, inc=-1), "AppendEntries.inc must be an int in \\[0, "),
+        (AppendResponse(1, True, 0, inc=True), "AppendResponse.inc must be an int"),
+        (TimeoutNow(1, 1.0), "TimeoutNow.inc must be an int"),  # type: ignore[arg-type]
+        (ReadIndex(1, 1, None), "ReadIndex.inc must be an int"),  # type: ignore[arg-type]
+        (ReadIndexResponse(1, 1, 1, "0"), "ReadIndexResponse.inc must be an int"),  # type: ignore
+        (Recover(-1), "Recover.term must be an int in \\[0, "),
+        (Recover(1, -1), "Recover.inc must be an int in \\[0, "),
+        (RecoverResponse(-1, -1, 0), "RecoverResponse.term must be an int in \\[0, "),
+        (RecoverResponse(1, -2, 0), "RecoverResponse.last_seq must be an int in \\[-1, "),
+        (RecoverResponse(1, 5, 2), "RecoverResponse.last_term must be an int in \\[0, 1\\]"),
+        (RecoverResponse(1, 5, 1, (), MAX + 1), "RecoverResponse.inc must be an int in \\[0, "),
         (Propose(1, ()), "non-empty array"),
         (Propose(1, (b"",)), "non-empty bytes"),
         (ProposeResponse(1, -1, 0, None, 1.5), "leader must be a node id"),
@@ -423,7 +761,7 @@ def test_measure_append_entries_throughput():
     """encode+decode of AppendEntries(256 x 100 B); prints the figure (no assertion on speed:
     the machine is shared)."""
     ents = tuple(Entry(1000 + i, 7, os.urandom(100)) for i in range(256))
-    m = AppendEntries(7, 999, 7, ents, 1100, 0)
+    m = AppendEntries(7, 999, 7, ents, 1100, 0, 123456789)
     n = 2000
     t0 = time.perf_counter()
     for _ in range(n):

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from tinyraftplus import FsLog, RaftNode
+from tinyraftplus._interrupt import run_command
 from tinyraftplus.transport.memory import MemoryNetwork
 
 
@@ -60,5 +61,11 @@ def run() -> None:
         trio.run(main, d)
 
 
+def cli() -> None:
+    """``run()`` as a command: Ctrl-C stops the nodes, removes the directory, prints one
+    line and exits with status 130."""
+    run_command(run, "tinyraftplus.demo")
+
+
 if __name__ == "__main__":
-    run()
+    cli()

@@ -107,6 +107,18 @@ class NodeStoppedError(RaftError):
     """The node was stopped while the request was pending."""
 
 
+class MemberStateLostError(RaftError):
+    """This node's durable state is incomplete (its log is gone but its hard state is not,
+    or the reverse after a restore): it is not the member it was and must not start as one.
+    The message says how to bring it back (recovery, or remove and re-add it)."""
+
+
+class MembershipError(RaftError):
+    """A membership change was refused (another is in flight, the leader has not committed
+    an entry of its term yet, ``expected_config_seq`` is stale, a learner lags, ...); the
+    message says which and what to do. Nothing was proposed."""
+
+
 class ConfigurationError(UsageError, ValueError):
     """A cluster configuration is unsafe or inconsistent (for example, disjoint quorums)."""
 
@@ -139,6 +151,8 @@ __all__ = [
     "LeadershipLostError",
     "RaftTimeoutError",
     "NodeStoppedError",
+    "MemberStateLostError",
+    "MembershipError",
     "ConfigurationError",
     "ProtocolError",
     "TransportError",

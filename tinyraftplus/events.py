@@ -3,7 +3,8 @@
 A node must never stall because someone is slow to read its events, so each subscriber gets a
 bounded buffer: when it is full the oldest event is dropped and the subscriber's ``dropped``
 count goes up (the next event it reads tells it how many it missed). Callbacks run inline and
-must be quick; an exception from one is logged and otherwise ignored.
+must be quick; an exception from one is logged and otherwise ignored. ``on`` returns a
+:class:`Listener`: ``close()`` it, or use it as a context manager, to remove the callback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
+
+from .errors import InvalidArgumentError
 
 log = logging.getLogger("tinyraftplus")
 
@@ -92,6 +95,55 @@ class Subscription:
         return ev
 
 
+class Listener:
+    """A callback registered with ``on``. ``close()`` removes it (idempotent); as a context
+    manager (``with`` or ``async with``) it is removed when the block ends::
+
+        with node.on("change", print):
+            ...
+    """
+
+    __slots__ = ("_hub", "kinds", "callback", "_closed")
+
+    def __init__(self, hub: EventHub, kinds: frozenset[str],
+                 callback: Callable[[NodeEvent], Any]) -> None:
+        self._hub = hub
+        self.kinds = kinds
+        self.callback = callback
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for k in self.kinds:
+            entries = self._hub._callbacks[k]
+            for i, entry in enumerate(entries):
+                if entry is self:
+                    del entries[i]
+                    break
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Listener {sorted(self.kinds)} {self.callback!r} {state}>"
+
+
 def _asdict(ev: NodeEvent) -> dict[str, Any]:
     return {name: getattr(ev, name) for name in NodeEvent.__slots__}  # type: ignore[attr-defined]
 
@@ -100,26 +152,37 @@ class EventHub:
     def __init__(self, node_id: Any) -> None:
         self.node_id = node_id
         self._subs: set[Subscription] = set()
-        self._callbacks: dict[str, list[Callable[[NodeEvent], Any]]] = {k: [] for k in EVENT_KINDS}
+        self._callbacks: dict[str, list[Listener]] = {k: [] for k in EVENT_KINDS}
 
     def subscribe(
         self, kinds: str | tuple[str, ...] | None = None, *, maxlen: int = 1024
     ) -> Subscription:
         wanted = _kinds(kinds)
         if maxlen < 1:
-            raise ValueError(f"subscribe(maxlen={maxlen!r}): the buffer needs room for one event")
+            raise InvalidArgumentError(
+                f"subscribe(maxlen={maxlen!r}): the buffer needs room for one event"
+            )
         sub = Subscription(self, wanted, maxlen)
         self._subs.add(sub)
         return sub
 
-    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
-        for k in _kinds(kinds):
-            self._callbacks[k].append(callback)
+    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> Listener:
+        """Call ``callback(event)`` for each event of these kinds; returns a
+        :class:`Listener` whose ``close()`` removes it."""
+        if not callable(callback):
+            raise InvalidArgumentError(
+                f"on({kinds!r}, ...): the callback {callback!r} is not callable"
+            )
+        listener = Listener(self, _kinds(kinds), callback)
+        for k in listener.kinds:
+            self._callbacks[k].append(listener)
+        return listener
 
     def off(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
+        """Remove every listener of these kinds that calls ``callback``."""
         for k in _kinds(kinds):
-            if callback in self._callbacks[k]:
-                self._callbacks[k].remove(callback)
+            for listener in [x for x in self._callbacks[k] if x.callback == callback]:
+                self._callbacks[k].remove(listener)
 
     @property
     def quiet(self) -> bool:
@@ -132,11 +195,12 @@ class EventHub:
         ev = NodeEvent(kind=kind, node_id=self.node_id, **fields)
         for sub in list(self._subs):
             sub._push(ev)
-        for cb in list(self._callbacks[kind]):
+        for listener in list(self._callbacks[kind]):
             try:
-                cb(ev)
+                listener.callback(ev)
             except Exception:  # a user callback must not break the node
-                log.exception("tinyraftplus: %s event callback %r raised", kind, cb)
+                log.exception("tinyraftplus: %s event callback %r raised", kind,
+                              listener.callback)
 
     def close(self) -> None:
         for sub in list(self._subs):
@@ -150,5 +214,7 @@ def _kinds(kinds: str | tuple[str, ...] | None) -> frozenset[str]:
         kinds = (kinds,)
     bad = [k for k in kinds if k not in EVENT_KINDS]
     if bad:
-        raise ValueError(f"unknown event kind(s) {bad}: use some of {list(EVENT_KINDS)}")
+        raise InvalidArgumentError(
+            f"unknown event kind(s) {bad}: use some of {list(EVENT_KINDS)}"
+        )
     return frozenset(kinds)

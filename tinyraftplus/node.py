@@ -29,19 +29,21 @@ import inspect
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import trio
 
+from ._groups import exit_nursery
 from .entry import Entry
 from .errors import (
     ClosedError,
     InvalidArgumentError,
     LeadershipLostError,
+    MemberStateLostError,
     NodeStoppedError,
     NoLeaderError,
     NotLeaderError,
@@ -49,16 +51,22 @@ from .errors import (
     RaftTimeoutError,
     UsageError,
 )
-from .events import EventHub, NodeEvent, Subscription
+from .events import EventHub, Listener, NodeEvent, Subscription
 from .raft import messages as m
-from .raft.core import HardState, Quorum, RaftConfig, RaftCore, Ready, Role
+from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
-from .validate import check_message
+from .raft.recovery import new_incarnation
+from .raft.state import HardState, Recovery, decode_hard_state, encode_hard_state
+from .raft.validate import check_message
 
 log = logging.getLogger("tinyraftplus")
 
-_RESULT_MEMORY = 1 << 16  # applied results kept for forwarded appends whose answer is late
-_CACHE_MAX = 1 << 17  # persisted-but-unapplied entries kept in memory for the applier
+# Memory that grows with payload size is bounded in bytes, not only in counts.
+_RESULT_MEMORY = 1 << 14  # applied results kept for forwarded appends whose answer is late...
+_RESULT_MEMORY_BYTES = 16 << 20  # ... and at most about this many bytes of them
+_CACHE_MAX_BYTES = 64 << 20  # persisted-but-unapplied entries kept in memory for the applier
+_SEND_QUEUE_BYTES = 64 << 20  # payload queued per peer for an async send
+_PROPOSALS_REMEMBERED = 1 << 12  # forwarded appends answered, to drop duplicated Proposes
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,16 @@ class RaftNode:
         size; group (node id -> group name) and group_fn (``fn(frozenset(ids)) -> bool``):
         replication groups; priority: this node's leader priority (or priorities: id -> int for
         every node); pre_vote (True), check_quorum (True); seed: for the election-timeout rng.
+
+    Starting without durable state (a new node, or one that lost its disk): by default the
+    node *recovers* (``tinyraftplus.raft.recovery``): it asks every other member for its term
+    and log, votes for nobody until its log has caught up, and so can never vote twice in a
+    term or help elect a leader that lacks a committed entry. A brand-new cluster whose
+    members all start needs nothing else. ``bootstrap=True`` says "this is a brand-new
+    cluster" and lets a node without state vote at once, so that a new cluster can elect a
+    leader with members missing; never pass it to a node that lost its data (peers that knew
+    its old incarnation ignore it and warn; one that never heard from it cannot tell). With
+    state on disk, ``bootstrap`` is ignored.
     """
 
     def __init__(
@@ -213,6 +231,7 @@ class RaftNode:
         seed: int | None = None,
         inbox_max: int = 1 << 16,
         send_queue_max: int = 1 << 12,
+        bootstrap: bool = False,
     ) -> None:
         nodes = list(nodes)
         if len(set(nodes)) != len(nodes):
@@ -277,6 +296,7 @@ class RaftNode:
         self._initial_apply_seq = apply_seq
         self._inbox_max = inbox_max
         self._send_queue_max = send_queue_max
+        self._bootstrap = bool(bootstrap)
 
         self.events = EventHub(node_id)
         self._core: RaftCore | None = None
@@ -296,14 +316,24 @@ class RaftNode:
         self._commit_changed = trio.Event()
         self._apply_changed = trio.Event()
         self._role_changed = trio.Event()
+        # Append waiters by first seq; two waiters for one seq (an append lost in a leader
+        # change and the next one given the same seq in a later term) share it through
+        # ``_waiters_extra`` (rare), and only the entry applied there decides which wins.
         self._waiters: dict[int, _AppendWaiter] = {}
+        self._waiters_extra: list[_AppendWaiter] = []
         self._active: list[_AppendWaiter] = []
         self._forwards: dict[int, tuple[Any, _Waiter]] = {}
         self._reads: dict[int, _Waiter] = {}
-        self._next_id = 1
-        self._recent_results: deque[tuple[int, int, Any]] = deque(maxlen=_RESULT_MEMORY)
+        # Request ids go out in Propose and ReadIndex; starting from the clock keeps them
+        # unique across restarts, so the leader's duplicate filter never confuses two.
+        self._next_id = time.time_ns()
+        self._recent_results: deque[tuple[int, int, Any, int]] = deque()
+        self._recent_bytes = 0
+        self._proposed: dict[tuple[Any, int], tuple[int, int]] = {}
         self._cache: deque[Entry] = deque()
+        self._cache_bytes = 0
         self._send_queues: dict[Any, deque[Any]] = {}
+        self._send_bytes: dict[Any, int] = {}
         self._send_wakes: dict[Any, trio.Event] = {}
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -318,21 +348,30 @@ class RaftNode:
         try:
             await nursery.start(self.serve)
         except BaseException as exc:
-            await self._own_nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            await exit_nursery(self._own_nursery_cm, type(exc), exc, exc.__traceback__,
+                               consequences=(NodeStoppedError,))
             raise
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         # Ask the node to stop without waiting here: the nursery's own exit waits for it,
-        # and must run even if this block is being cancelled from outside.
+        # and must run even if this block is being cancelled from outside. What failed comes
+        # out as raised (not in a group of one), so `except SomeError` around the block works;
+        # when the node's own task failed, that cause, not the NodeStoppedError it led to.
         self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
-        return await self._own_nursery_cm.__aexit__(*exc)
+        return await exit_nursery(self._own_nursery_cm, *exc, consequences=(NodeStoppedError,))
 
-    async def start(self, nursery: trio.Nursery) -> None:
+    async def start(self, nursery: trio.Nursery | None = None) -> None:
         """Start the node's tasks in ``nursery`` and return once it runs (log open, hard
         state loaded). Prefer ``async with node:`` when the node's life is one block."""
+        if not isinstance(nursery, trio.Nursery):
+            raise UsageError(
+                f"RaftNode.start() needs the nursery to run the node in (got {nursery!r}): "
+                "use `async with node:`, or `await node.start(nursery)` inside "
+                "`async with trio.open_nursery() as nursery:`"
+            )
         await nursery.start(self.serve)
 
     async def stop(self) -> None:
@@ -381,12 +420,9 @@ class RaftNode:
             self._opened_log = True
         from .log.state import StateFile  # the C-backed log package; imported lazily
 
-        self._state = StateFile(self._state_path or self._default_state_path())
-        raw = self._state.load()
-        hs = HardState()
-        if raw is not None:
-            term, vote = msgpack.unpackb(raw)
-            hs = HardState(term=term, vote=vote)
+        path = self._state_path or self._default_state_path()
+        self._state = StateFile(path)
+        hs = await self._load_hard_state(path)
         # A durable state machine may be ahead of nothing we know; commit starts where it is.
         commit = min(self._apply_seq, self.log.seq)
         self._commit_seq = commit
@@ -402,6 +438,34 @@ class RaftNode:
             commit_seq=commit,
         )
 
+    async def _load_hard_state(self, path: str) -> HardState:
+        """The member's durable state, or a new identity (bootstrap or recovery) written
+        before the node says anything. Raises ``MemberStateLostError`` for a member whose
+        log is gone while its hard state remains."""
+        raw = self._state.load()
+        if raw is None:
+            rec = None if self._bootstrap else Recovery()
+            hs = HardState(incarnation=_new_incarnation(rec is not None), recovery=rec)
+            if rec is not None:
+                log.info(
+                    "tinyraftplus node %r: no state at %s; recovering from the other members "
+                    "(pass bootstrap=True only to start a brand-new cluster)", self.node_id, path,
+                )
+        else:
+            hs = decode_hard_state(raw, path)
+            if hs.has_log and self.log.seq < 0:
+                raise MemberStateLostError(
+                    f"node {self.node_id!r}: its log ({getattr(self.log, 'path', self.log)}) is "
+                    f"empty, but its state ({path}) says it held entries: it lost its log and "
+                    "is not the member it was. Delete the state file too and restart the node "
+                    "without bootstrap; it then recovers from the other members"
+                )
+            if hs.incarnation:
+                return hs
+            hs = HardState(hs.term, hs.vote, _new_incarnation(False), has_log=self.log.seq >= 0)
+        await self._state.save(encode_hard_state(hs))
+        return hs
+
     def _default_state_path(self) -> str:
         # Beside the log's directory (DIR/NAME.raftstate), not inside it: the log owns its
         # directory, and term and vote belong to the node, not to the log's records.
@@ -413,8 +477,11 @@ class RaftNode:
         return os.fspath(path).rstrip(os.sep) + ".raftstate"
 
     def _shutdown(self) -> None:
+        # The state machine outlives a stop: started again, the node resumes applying
+        # where it left off instead of feeding it the whole log a second time.
+        self._initial_apply_seq = self._apply_seq
         err = NodeStoppedError(f"node {self.node_id!r} stopped")
-        for w in list(self._waiters.values()) + self._active:
+        for w in list(self._waiters.values()) + self._waiters_extra + self._active:
             w.fail(err)
         for _, aw in self._proposals:
             aw.fail(err)
@@ -423,6 +490,7 @@ class RaftNode:
         for rw in self._reads.values():
             rw.fail(err)
         self._waiters.clear()
+        self._waiters_extra.clear()
         self._active.clear()
         self._proposals.clear()
         self._forwards.clear()
@@ -500,11 +568,21 @@ class RaftNode:
     def _dispatch(self, core: RaftCore, frm: Any, msg: Any) -> None:
         t = type(msg)
         if t is m.Propose:
+            key = (frm, msg.req_id)
+            done = self._proposed.get(key)
+            if done is not None:
+                # A duplicate (networks duplicate): answer again, never append twice.
+                self._send(frm, m.ProposeResponse(msg.req_id, done[0], done[1]))
+                return
             try:
                 first, term = core.propose(msg.items)
             except NotLeaderError as e:
                 self._send(frm, m.ProposeResponse(msg.req_id, -1, 0, "not leader", e.leader))
             else:
+                proposed = self._proposed
+                proposed[key] = (first, term)
+                if len(proposed) > _PROPOSALS_REMEMBERED:
+                    del proposed[next(iter(proposed))]  # the oldest
                 self._send(frm, m.ProposeResponse(msg.req_id, first, term))
         elif t is m.ProposeResponse:
             fw = self._forwards.get(msg.req_id)
@@ -527,31 +605,35 @@ class RaftNode:
             else:
                 # Registered here, before any await, so the applier cannot miss it.
                 w.first, w.last, w.term = first, first + len(items) - 1, term
-                self._waiters[first] = w
+                self._add_waiter(w)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
         for to, msg in rd.messages:
             self._send(to, msg)
         if rd.hard_state is not None:
-            hs = rd.hard_state
-            await self._state.save(msgpack.packb([hs.term, hs.vote]))
+            await self._state.save(encode_hard_state(rd.hard_state))
         if rd.truncate_after is not None:
             await self.log.truncate(rd.truncate_after)
             cache = self._cache
             while cache and cache[-1].seq > rd.truncate_after:
-                cache.pop()
+                self._cache_bytes -= len(cache.pop().data)
         ents = rd.entries
         if ents:
             await self.log.append_batch(
                 [e.data for e in ents], seq=ents[0].seq, term=[e.term for e in ents]
             )
-            if len(self._cache) < _CACHE_MAX:
+            if self._cache_bytes < _CACHE_MAX_BYTES:
                 self._cache.extend(ents)
+                self._cache_bytes += sum(len(e.data) for e in ents)
             else:
-                self._cache.clear()  # the applier is far behind; it reads from the log instead
+                # The applier is far behind; it reads from the log instead.
+                self._cache.clear()
+                self._cache_bytes = 0
         core.advance(rd)
         for to, msg in rd.messages_after_persist:
             self._send(to, msg)
+        for warning in rd.warnings:
+            self._warn(warning)
         if rd.soft_state is not None:
             ss = rd.soft_state
             self._role_changed.set()
@@ -591,10 +673,13 @@ class RaftNode:
                 self._send_wakes[to] = trio.Event()
                 assert self._nursery is not None
                 self._nursery.start_soon(self._sender_task, to)
-            if len(q) >= self._send_queue_max:
-                q.popleft()
+            size = _payload_bytes(msg)
+            queued = self._send_bytes.get(to, 0) + size
+            while q and (len(q) >= self._send_queue_max or queued > _SEND_QUEUE_BYTES):
+                queued -= _payload_bytes(q.popleft())
                 self.dropped_messages += 1
             q.append(msg)
+            self._send_bytes[to] = queued
             self._send_wakes[to].set()
             return
         try:
@@ -609,6 +694,7 @@ class RaftNode:
                 self._send_wakes[to] = trio.Event()
                 await self._send_wakes[to].wait()
             msg = q.popleft()
+            self._send_bytes[to] -= _payload_bytes(msg)
             try:
                 await self._send_fn(to, msg)
             except Exception as e:
@@ -682,19 +768,25 @@ class RaftNode:
     def _take_entries(self, lo: int, hi: int) -> list[Entry]:
         cache = self._cache
         while cache and cache[0].seq < lo:
-            cache.popleft()
+            self._cache_bytes -= len(cache.popleft().data)
         if cache and cache[0].seq == lo:
             n = min(hi - lo + 1, len(cache))
-            return [cache.popleft() for _ in range(n)]
+            got = [cache.popleft() for _ in range(n)]
+            self._cache_bytes -= sum(len(e.data) for e in got)
+            return got
         return self.log.entries(lo, hi, 8 << 20)
 
     def _finish_applied(self, ents: list[Entry], results: Any) -> None:
-        waiters, active, recent = self._waiters, self._active, self._recent_results
+        waiters, active, extra = self._waiters, self._active, self._waiters_extra
         if results is None:
             results = [None] * len(ents)
-        recent.extend(zip([e.seq for e in ents], [e.term for e in ents], results, strict=True))
+        self._remember_results(ents, results)
         for e, r in zip(ents, results, strict=True):
             w = waiters.pop(e.seq, None) if waiters else None
+            if extra:
+                for x in [x for x in extra if x.first == e.seq]:
+                    extra.remove(x)
+                    active.append(x)
             if w is not None and not active and w.last == e.seq:
                 # The common case: a one-entry append, nothing else collecting.
                 if e.term == w.term:
@@ -716,6 +808,31 @@ class RaftNode:
                         active.remove(w)
                         w.set(w.results)
 
+    def _remember_results(self, ents: list[Entry], results: list[Any]) -> None:
+        recent = self._recent_results
+        size = self._recent_bytes
+        for e, r in zip(ents, results, strict=True):
+            n = len(r) if isinstance(r, (bytes, bytearray, str)) else 64
+            recent.append((e.seq, e.term, r, n))
+            size += n
+        while recent and (len(recent) > _RESULT_MEMORY or size > _RESULT_MEMORY_BYTES):
+            size -= recent.popleft()[3]
+        self._recent_bytes = size
+
+    def _add_waiter(self, w: _AppendWaiter) -> None:
+        if w.first in self._waiters:
+            self._waiters_extra.append(w)
+        else:
+            self._waiters[w.first] = w
+
+    def _drop_waiter(self, w: _AppendWaiter) -> None:
+        """Forget ``w`` (done, timed out or cancelled), and only ``w``: another append may
+        wait at the same seq in another term."""
+        if self._waiters.get(w.first) is w:
+            del self._waiters[w.first]
+        elif w in self._waiters_extra:
+            self._waiters_extra.remove(w)
+
     def _lost(self, w: _AppendWaiter) -> LeadershipLostError:
         return LeadershipLostError(
             f"the leader of term {w.term} lost its role before seq {w.first}..{w.last} were "
@@ -726,7 +843,7 @@ class RaftNode:
         w = _AppendWaiter(first, last, term)
         if first <= self._apply_seq:
             # Already applied (a forwarded append whose answer came late): use the memory.
-            got = [(s, t, r) for (s, t, r) in self._recent_results if first <= s <= last]
+            got = [(s, t, r) for (s, t, r, _) in self._recent_results if first <= s <= last]
             whole = len(got) == last - first + 1 and last <= self._apply_seq
             if whole and all(t == term for _, t, _ in got):
                 w.set([r for _, _, r in got])
@@ -741,7 +858,7 @@ class RaftNode:
             w.results = [r for _, _, r in got]
             self._active.append(w)
             return w
-        self._waiters[first] = w
+        self._add_waiter(w)
         return w
 
     # ------------------------------------------------------------------ public API
@@ -785,7 +902,7 @@ class RaftNode:
             except NotLeaderError:
                 pass  # leadership moved before the driver proposed it: take the slow path
             finally:
-                self._waiters.pop(aw.first, None)
+                self._drop_waiter(aw)
         try:
             with trio.fail_at(deadline):
                 return await self._append_slow(items)
@@ -810,7 +927,7 @@ class RaftNode:
                         await self._role_changed.wait()
                     continue
                 finally:
-                    self._waiters.pop(aw.first, None)
+                    self._drop_waiter(aw)
             leader = await self.wait_leader()
             if leader == self.node_id:
                 continue
@@ -830,7 +947,7 @@ class RaftNode:
                 results = await aw.wait()
                 return aw.first, results
             finally:
-                self._waiters.pop(aw.first, None)
+                self._drop_waiter(aw)
 
     def _append_timeout_error(self) -> RaftTimeoutError | NoLeaderError:
         if self.leader is None:
@@ -927,9 +1044,10 @@ class RaftNode:
         ``error``); a slow reader loses the oldest events, never stalls the node."""
         return self.events.subscribe(kinds, maxlen=maxlen)
 
-    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> None:
-        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick)."""
-        self.events.on(kinds, callback)
+    def on(self, kinds: str | tuple[str, ...], callback: Callable[[NodeEvent], Any]) -> Listener:
+        """Call ``callback(event)`` for each event of these kinds (inline: keep it quick).
+        Returns a ``Listener``: ``close()`` it, or use it as a context manager, to stop."""
+        return self.events.on(kinds, callback)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -941,9 +1059,31 @@ class RaftNode:
     def leader(self) -> Any:
         return self._core.leader if self._core is not None else None
 
+    def is_leader(self) -> bool:
+        """True while this node runs and is the leader (the original's ``isLeader()``)."""
+        return self._core is not None and self._core.role is Role.LEADER
+
     @property
     def term(self) -> int:
-        return self._core.term if self._core is not None else 0
+        """The current term. When the node is not running, the last term it made durable:
+        it keeps its value after ``stop()`` (and before ``start`` reads an earlier run's;
+        0 when there is none)."""
+        if self._core is not None:
+            return self._core.term
+        return self._durable_term()
+
+    def _durable_term(self) -> int:
+        # The term in the hard-state file: what a stopped node last made durable.
+        from .log.state import StateFile
+
+        state = getattr(self, "_state", None)
+        if state is None:
+            try:
+                state = StateFile(self._state_path or self._default_state_path())
+            except InvalidArgumentError:
+                return 0
+        raw = state.load()
+        return 0 if raw is None else decode_hard_state(raw).term
 
     @property
     def followers(self) -> list[Any]:
@@ -991,6 +1131,22 @@ class RaftNode:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+
+def _payload_bytes(msg: Any) -> int:
+    """Payload bytes a queued message holds (what makes a send queue big)."""
+    t = type(msg)
+    if t is m.AppendEntries:
+        return sum(len(e.data) for e in msg.entries)
+    if t is m.Propose:
+        return sum(map(len, msg.items))
+    return 0
+
+
+def _new_incarnation(recovering: bool) -> int:
+    """Larger than any earlier incarnation of this node id: a wiped node restarts later in
+    wall-clock time (nanoseconds, so two restarts within a second differ)."""
+    return new_incarnation(time.time_ns(), recovering)
 
 
 def _log_needs_open(log: Any) -> bool:

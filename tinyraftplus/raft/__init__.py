@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from .core import (
     KNOWN_BUGS,
-    HardState,
-    LogStorage,
     RaftConfig,
     RaftCore,
     ReadState,
@@ -16,8 +14,10 @@ from .core import (
 )
 from .memory import MemoryLog
 from .quorum import Quorum
+from .state import HardState, Recovery
+from .storage import LogStorage
 
 __all__ = [
     "KNOWN_BUGS", "HardState", "LogStorage", "RaftConfig", "RaftCore", "ReadState", "Ready",
-    "Role", "SoftState", "MemoryLog", "Quorum",
+    "Role", "SoftState", "MemoryLog", "Quorum", "Recovery",
 ]

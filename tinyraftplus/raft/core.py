@@ -52,10 +52,11 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 from ..entry import Entry
 from ..errors import ConfigurationError, InvalidArgumentError, NotLeaderError, UsageError
+from .membership import Config, ConfigStack, JointQuorum, QuorumRule, quorum_of
 from .messages import (
     AppendEntries,
     AppendResponse,
@@ -63,6 +64,8 @@ from .messages import (
     NodeId,
     ReadIndex,
     ReadIndexResponse,
+    Recover,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
@@ -70,6 +73,10 @@ from .messages import (
 from .progress import Progress
 from .quorum import Quorum
 from .raftlog import RaftLog
+from .reconfig import Reconfiguration
+from .recovery import MemberIdentity
+from .state import LEARN_TERM, HardState, Recovery
+from .storage import LogStorage
 
 
 class Role(str, Enum):
@@ -77,15 +84,6 @@ class Role(str, Enum):
     PRE_CANDIDATE = "pre_candidate"
     CANDIDATE = "candidate"
     LEADER = "leader"
-
-
-@dataclass(frozen=True, slots=True)
-class HardState:
-    """What must survive a crash before the node acts on it: the current term and the vote
-    cast in it (``None``: no vote yet in this term)."""
-
-    term: int = 0
-    vote: NodeId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,28 +115,9 @@ class Ready:
     messages_after_persist: list[tuple[NodeId, CoreMessage]] = field(default_factory=list)
     commit_seq: int = -1
     read_states: list[ReadState] = field(default_factory=list)
-
-
-class LogStorage(Protocol):
-    """What the core reads from the durable log: synchronous and cheap (``FsLog`` keeps the
-    terms in memory and reads payloads with one ``pread``; the simulator's store is a list).
-    The core keeps entries it has handed out in a ``Ready`` but that were not yet
-    ``advance``d in memory itself, so storage only ever sees durable writes."""
-
-    @property
-    def seq(self) -> int:
-        """Last seq held, ``-1`` when empty."""
-
-    @property
-    def first_seq(self) -> int:
-        """First seq held (0 unless a prefix was compacted away)."""
-
-    def term_at(self, seq: int) -> int:
-        """Term of the entry at ``seq``; 0 for ``seq == -1``."""
-
-    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
-        """Entries ``lo..hi`` inclusive, stopping early once ``max_bytes`` of payload are
-        gathered (but always at least one entry when ``lo <= hi``)."""
+    # Things an operator should hear about (a peer that lost its data, ...): the driver
+    # reports each as a warning event.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +135,12 @@ class RaftConfig:
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
 
 
-KNOWN_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
+KNOWN_BUGS = frozenset({
+    "count_vote_twice", "commit_old_term", "skip_append_term_check",
+    # membership: a configuration takes effect when committed instead of when appended;
+    # a leader proposes a change before an entry of its own term is committed
+    "config_on_commit", "skip_own_term_rule",
+})
 
 _NEVER = float("inf")
 
@@ -192,7 +176,7 @@ def _check_config(cfg: RaftConfig) -> None:
         )
 
 
-class RaftCore:
+class RaftCore(MemberIdentity, Reconfiguration):
     """One node's Raft state machine. See the module docstring for the driving protocol.
 
     ``bugs`` is a TEST-ONLY hook: a set of deliberate faults the simulator switches on to
@@ -218,13 +202,14 @@ class RaftCore:
         now: float = 0.0,
         commit_seq: int = -1,
         bugs: Collection[str] = (),
+        join: bool = False,
     ) -> None:
         ids = tuple(nodes)
-        if node_id not in ids:
+        if node_id not in ids and not join:
             raise ConfigurationError(f"node id {node_id!r} is not among the nodes {ids!r}")
         if quorum is None:
-            quorum = Quorum(ids)
-        elif set(quorum.nodes) != set(ids):
+            quorum = Quorum([i for i in ids if i != node_id] if join else ids)
+        elif set(quorum.nodes) != set(ids) - ({node_id} if join else set()):
             raise ConfigurationError(
                 f"the quorum was built for nodes {quorum.nodes!r}, not {ids!r}"
             )
@@ -237,16 +222,10 @@ class RaftCore:
             )
         if not isinstance(hard_state, HardState) or hard_state.term < 0:
             raise InvalidArgumentError(f"bad hard state {hard_state!r}: need HardState(term>=0)")
-        if hard_state.vote is not None and hard_state.vote not in ids:
-            raise InvalidArgumentError(
-                f"hard state votes for {hard_state.vote!r}, which is not among the nodes {ids!r}"
-            )
+        # (A vote may name any node: with membership changes, one removed since, or added
+        # after the configuration this node was started with.)
 
         self._id = node_id
-        self._nodes = ids
-        self._peers = tuple(i for i in ids if i != node_id)
-        self._peer_set = frozenset(self._peers)
-        self._quorum = quorum
         self._cfg = cfg
         self._rng = rng if rng is not None else random.Random()
         self._bugs = frozenset(bugs)
@@ -256,8 +235,38 @@ class RaftCore:
         self._now = float(now)
         self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
 
+        # membership (reconfig.py): the configurations that may still be in force, the
+        # latest of which is; without any in the hard state, the one given by ``nodes``
+        # (a joining node: the others as voters, itself as a learner).
+        self._rule = QuorumRule.of(quorum)
+        configs = hard_state.configs
+        if configs is None:
+            voters = frozenset(ids) - ({node_id} if join else frozenset())
+            boot = Config(voters, frozenset({node_id}) if join else frozenset(),
+                          groups=quorum.groups or {})
+            configs = ConfigStack(((-1, 0, boot),))
+        else:
+            configs = configs.matching(self._log.term_at, self._log.last_seq)
+            configs = configs.committed_through(min(commit_seq, self._log.last_seq))
+        self._configs = configs
+        self._config = configs.latest[2]
+        self._quorum: JointQuorum = quorum_of(self._config, self._rule)
+        self._prs: dict[NodeId, Progress] = {}
+        self._dirty: set[NodeId] = set()
+        self._role = Role.FOLLOWER
+        self._transfer_target: NodeId | None = None
+        self._hs_changed = configs is not hard_state.configs and hard_state.configs is not None
+        self._use_configs(configs)
+
         self._term = hard_state.term
         self._vote: NodeId | None = hard_state.vote
+        # identity (recovery.py): ours, the peers' as last seen, and recovery progress
+        self._inc = hard_state.incarnation
+        self._peer_inc: dict[NodeId, int] = dict(hard_state.peers)
+        self._recovery: Recovery | None = hard_state.recovery
+        self._recover_replies: dict[NodeId, RecoverResponse] = {}
+        self._recover_also: set[NodeId] = set()
+        self._has_log = hard_state.has_log
         self._role = Role.FOLLOWER
         self._leader: NodeId | None = None
         self._commit = max(-1, min(commit_seq, self._log.last_seq))
@@ -265,11 +274,12 @@ class RaftCore:
         # The election timeout window of this node: [lo, lo + width). Priorities split
         # [T, 2T) into one slice per distinct priority, highest first, so that after a
         # leader fails the highest-priority live node times out first.
-        prios = cfg.priorities or {}
-        self._prio = {i: prios.get(i, 0) for i in ids}
-        levels = sorted(set(self._prio.values()), reverse=True)
+        self._prio = dict(cfg.priorities or {})
+        levels = sorted(set(self._prio.values()) | {0}, reverse=True)
         width = cfg.election_timeout / len(levels)
-        self._timeout_lo = cfg.election_timeout + levels.index(self._prio[node_id]) * width
+        self._timeout_lo = (
+            cfg.election_timeout + levels.index(self._prio.get(node_id, 0)) * width
+        )
         self._timeout_width = width
 
         self._election_deadline = _NEVER
@@ -278,18 +288,18 @@ class RaftCore:
         self._transfer_campaign = False
 
         # leader state
-        self._prs: dict[NodeId, Progress] = {}
-        self._dirty: set[NodeId] = set()
         self._bcast = False
         self._heartbeat_deadline = _NEVER
         self._check_quorum_deadline = _NEVER
         self._recent_active: set[NodeId] = set()
         self._prev_active: set[NodeId] = set()
-        self._transfer_target: NodeId | None = None
         self._transfer_deadline = _NEVER
+        self._transfer_sent = False
         self._reads_waiting: deque[_Read] = deque()  # until an entry of this term commits
         self._reads_pending: deque[_Read] = deque()  # in a heartbeat round, by round
-        self._read_round = 1  # the round reads arriving now will join
+        # The round reads arriving now will join. Heartbeats carry the last round sent
+        # (``_read_round - 1``, from 1 on), so that a rejected heartbeat is recognisable.
+        self._read_round = 2
         self._read_round_open = False  # reads joined the round that was not sent yet
         self._read_acks: dict[NodeId, int] = {}
         # follower state: read_id -> (leader asked, deadline)
@@ -299,6 +309,7 @@ class RaftCore:
         self._msgs: list[tuple[NodeId, CoreMessage]] = []
         self._msgs_after: list[tuple[NodeId, CoreMessage]] = []
         self._read_states: list[ReadState] = []
+        self._warnings: list[str] = []
         self._emitted_hs = hard_state
         self._emitted_soft = SoftState(self._role, None, self._term)
         self._emitted_commit = self._commit
@@ -312,11 +323,15 @@ class RaftCore:
             TimeoutNow: self._on_timeout_now,
             ReadIndex: self._on_read_index,
             ReadIndexResponse: self._on_read_index_response,
+            Recover: self._on_recover,
+            RecoverResponse: self._on_recover_response,
         }
-        if len(ids) == 1:
+        if self._voters == () and self._is_voter:
             self._election_deadline = self._now  # alone: elect itself at the first tick
         else:
             self._reset_election_timer()
+        if self._recovery is not None:
+            self._election_deadline = self._now  # start (or resume) recovering at once
 
     # --- introspection ----------------------------------------------------------------
     @property
@@ -344,8 +359,16 @@ class RaftCore:
         return self._vote
 
     @property
+    def incarnation(self) -> int:
+        return self._inc
+
+    @property
     def hard_state(self) -> HardState:
-        return HardState(self._term, self._vote)
+        configs = self._configs
+        return HardState(
+            self._term, self._vote, self._inc, tuple(self._peer_inc.items()), self._recovery,
+            self._has_log, None if configs.latest[0] < 0 else configs,
+        )
 
     @property
     def commit_seq(self) -> int:
@@ -369,7 +392,7 @@ class RaftCore:
         return self._cfg
 
     @property
-    def quorum(self) -> Quorum:
+    def quorum(self) -> JointQuorum:
         return self._quorum
 
     @property
@@ -441,18 +464,37 @@ class RaftCore:
                 self._transfer_deadline = _NEVER
             self._expire_leader_reads(now)
         elif now >= self._election_deadline:
-            self._start_election(pre_vote=self._cfg.pre_vote)
+            if self._recovery is not None:
+                self._recovery_tick()
+            elif not self._is_voter:
+                self._reset_election_timer()  # a learner (or removed node) never campaigns
+            else:
+                self._start_election(pre_vote=self._cfg.pre_vote)
         if self._reads_forwarded:
             self._expire_forwarded_reads(now)
 
     def step(self, from_id: NodeId, msg: CoreMessage) -> None:
         """Handle one message. Stale, duplicate, reordered or unknown-sender messages are
-        ignored (they are normal on a network); never raises for a well-typed message."""
-        if from_id not in self._peer_set:
+        ignored (they are normal on a network); never raises for a well-typed message.
+
+        A sender outside this node's configuration is not refused: a node that has not yet
+        seen the latest configuration must still follow a leader it does not know (thesis
+        4.2). What counts is decided by the configuration (votes and acknowledgements only
+        from its voters); the driver decides which nodes may talk to it at all."""
+        if from_id == self._id:
             return
-        handler = self._handlers.get(type(msg))
-        if handler is not None:
-            handler(from_id, msg)
+        t = type(msg)
+        handler = self._handlers.get(t)
+        if handler is None:
+            return
+        if msg.inc != self._peer_inc.get(from_id, 0) and not self._check_inc(from_id, msg):
+            return
+        rec = self._recovery
+        if rec is not None and rec.phase == LEARN_TERM and t is not Recover and (
+            t is not RecoverResponse
+        ):
+            return  # until the term is known this node acts on nothing (recovery.py)
+        handler(from_id, msg)
 
     def propose(self, items: Sequence[bytes]) -> tuple[int, int]:
         """Leader only: append ``items`` (non-empty bytes) at the end of the log; returns
@@ -506,13 +548,14 @@ class RaftCore:
         elif self._leader is not None:
             leader = self._leader
             self._reads_forwarded[read_id] = (leader, self._now + self._cfg.election_timeout)
-            self._msgs.append((leader, ReadIndex(self._term, read_id)))
+            self._msgs.append((leader, ReadIndex(self._term, read_id, self._inc)))
         else:
             self._read_states.append(ReadState(read_id, -2))
 
     def campaign(self) -> None:
-        """Start an election now (skipping PreVote), e.g. in tests."""
-        if self._role is not Role.LEADER:
+        """Start an election now (skipping PreVote), e.g. in tests. A recovering node
+        does not campaign."""
+        if self._role is not Role.LEADER and self._recovery is None and self._is_voter:
             self._start_election(pre_vote=False)
 
     # --- outputs ----------------------------------------------------------------------
@@ -522,6 +565,8 @@ class RaftCore:
             self._msgs
             or self._msgs_after
             or self._read_states
+            or self._warnings
+            or self._hs_changed
             or self._log.has_unstable()
             or self._commit > self._emitted_commit
             or self._emitted_hs.term != self._term
@@ -542,14 +587,25 @@ class RaftCore:
         soft = self._emitted_soft
         if soft.role is not self._role or soft.leader != self._leader or soft.term != self._term:
             rd.soft_state = self._emitted_soft = SoftState(self._role, self._leader, self._term)
-        hs = self._emitted_hs
-        if hs.term != self._term or hs.vote != self._vote:
-            rd.hard_state = self._emitted_hs = HardState(self._term, self._vote)
         rd.truncate_after, rd.entries = self._log.take_unstable()
+        if rd.entries and not self._has_log:
+            self._has_log = self._hs_changed = True
+        hs = self._emitted_hs
+        if self._hs_changed or hs.term != self._term or hs.vote != self._vote:
+            rd.hard_state = self._emitted_hs = self.hard_state
+            self._hs_changed = False
         if self._msgs:
             rd.messages, self._msgs = self._msgs, []
         if self._msgs_after:
             rd.messages_after_persist, self._msgs_after = self._msgs_after, []
+        if rd.hard_state is not None and rd.messages:
+            # Nothing that depends on a hard state leaves before it is durable, whatever
+            # the quorum: a one-node quorum wins inside one step, and its first appends
+            # carry the new term (etcd's rule).
+            rd.messages_after_persist[:0] = rd.messages
+            rd.messages = []
+        if self._warnings:
+            rd.warnings, self._warnings = self._warnings, []
         if self._read_states:
             rd.read_states, self._read_states = self._read_states, []
         self._emitted_commit = self._commit
@@ -568,6 +624,10 @@ class RaftCore:
             self._log.stable_to(last.seq, last.term)
             if self._role is Role.LEADER:
                 self._maybe_commit()
+            elif self._recovery is not None:
+                self._maybe_recovered()
+            if len(self._configs.items) > 1:
+                self._configs_committed()
 
     # --- roles ------------------------------------------------------------------------
     def _reset_election_timer(self) -> None:
@@ -597,15 +657,19 @@ class RaftCore:
         log = self._log
         if pre_vote:
             self._role = Role.PRE_CANDIDATE
-            req = RequestVote(self._term + 1, log.last_seq, log.last_term, pre_vote=True)
+            req = RequestVote(
+                self._term + 1, log.last_seq, log.last_term, pre_vote=True, inc=self._inc
+            )
             out = self._msgs  # asks for nothing durable
         else:
             self._role = Role.CANDIDATE
             self._term += 1
             self._vote = self._id
-            req = RequestVote(self._term, log.last_seq, log.last_term, transfer=transfer)
+            req = RequestVote(
+                self._term, log.last_seq, log.last_term, transfer=transfer, inc=self._inc
+            )
             out = self._msgs_after  # only once term and vote are on disk
-        for p in self._peers:
+        for p in self._voters:
             out.append((p, req))
         self._tally()
 
@@ -614,7 +678,7 @@ class RaftCore:
         votes = self._votes
         granted = [i for i, v in votes.items() if v]
         if "count_vote_twice" in self._bugs:
-            extra = [p for p in self._nodes if p not in votes]
+            extra = [p for p in self._voters if p not in votes]
             granted += extra[: len(granted) - 1]  # every grant but our own counts again
         q = self._quorum
         if q.is_quorum(granted):
@@ -623,7 +687,7 @@ class RaftCore:
             else:
                 self._become_leader()
             return
-        possible = [i for i in self._nodes if votes.get(i, True)]
+        possible = [i for i in (self._id, *self._voters) if votes.get(i, True)]
         if not q.is_quorum(possible):
             self._become_follower(self._term, None)
 
@@ -646,6 +710,17 @@ class RaftCore:
         self._read_acks = {}
         log.append([Entry(nxt, self._term, b"")])  # the no-op: commits earlier terms' entries
         self._bcast = True
+
+    def _leading(self) -> bool:
+        return self._role is Role.LEADER
+
+    def _election_timeout(self) -> float:
+        return self._cfg.election_timeout
+
+    def _step_down_removed(self) -> None:
+        # A configuration without this node is committed: it led the change to the end and
+        # now leaves (thesis 4.2.2); a voter of the new configuration times out and wins.
+        self._become_follower(self._term, None)
 
     def _end_leadership(self) -> None:
         for r in self._reads_waiting:
@@ -686,10 +761,11 @@ class RaftCore:
             # A pre-vote changes nothing here: it only says whether a vote would be granted.
             grant = (
                 m.term > self._term
+                and self._may_vote_for(m.last_seq, m.last_term)
                 and (m.transfer or not self._in_lease())
                 and self._log_ok(m.last_seq, m.last_term)
             )
-            resp = VoteResponse(m.term if grant else self._term, grant, pre_vote=True)
+            resp = VoteResponse(m.term if grant else self._term, grant, True, self._inc)
             self._msgs_after.append((frm, resp))
             return
         if m.term > self._term:
@@ -697,15 +773,17 @@ class RaftCore:
                 return  # a disruptive candidate; its term must not depose a live leader
             self._become_follower(m.term, None)
         if m.term < self._term:
-            self._msgs_after.append((frm, VoteResponse(self._term, False)))
+            self._msgs_after.append((frm, VoteResponse(self._term, False, inc=self._inc)))
             return
-        grant = (self._vote is None or self._vote == frm) and self._log_ok(
-            m.last_seq, m.last_term
+        grant = (
+            (self._vote is None or self._vote == frm)
+            and self._may_vote_for(m.last_seq, m.last_term)
+            and self._log_ok(m.last_seq, m.last_term)
         )
         if grant:
             self._vote = frm
             self._reset_election_timer()
-        self._msgs_after.append((frm, VoteResponse(self._term, grant)))
+        self._msgs_after.append((frm, VoteResponse(self._term, grant, inc=self._inc)))
 
     def _on_vote_response(self, frm: NodeId, m: VoteResponse) -> None:
         if m.pre_vote:
@@ -731,10 +809,13 @@ class RaftCore:
         self._tally()
 
     def _on_timeout_now(self, frm: NodeId, m: TimeoutNow) -> None:
-        if m.term < self._term or self._role is Role.LEADER:
+        # Only from the leader of our current term, and so only once: campaigning moves
+        # this node to the next term, where a duplicate is stale. A TimeoutNow from anyone
+        # else would start an election that bypasses PreVote and the lease check.
+        if m.term != self._term or self._leader != frm or self._role is not Role.FOLLOWER:
             return
-        if m.term > self._term:
-            self._become_follower(m.term, None)
+        if self._recovery is not None or not self._is_voter:
+            return  # a learner (or a node removed meanwhile) never leads
         self._start_election(pre_vote=False, transfer=True)
 
     # --- replication: follower side ---------------------------------------------------
@@ -746,7 +827,7 @@ class RaftCore:
                 return
             # Tell the stale leader about the newer term so that it steps down.
             self._msgs_after.append(
-                (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id))
+                (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id, inc=self._inc))
             )
             return
         if m.term > term:
@@ -773,7 +854,7 @@ class RaftCore:
         if prev > last:
             self._msgs_after.append((frm, AppendResponse(
                 self._term, False, prev, conflict_term=0, conflict_seq=last + 1,
-                read_id=m.read_id,
+                read_id=m.read_id, inc=self._inc,
             )))
             return
         if prev >= log.first_seq and log.term_at(prev) != m.prev_term:
@@ -781,6 +862,7 @@ class RaftCore:
             cs = log.first_of_term(prev, floor=self._commit + 1)
             self._msgs_after.append((frm, AppendResponse(
                 self._term, False, prev, conflict_term=ct, conflict_seq=cs, read_id=m.read_id,
+                inc=self._inc,
             )))
             return
         if n:
@@ -800,13 +882,25 @@ class RaftCore:
                     if first_new <= self._commit and not self._unguarded:
                         return  # would rewrite committed entries: impossible from a true leader
                     log.truncate_after(first_new - 1)
-                log.append(entries[start:] if start else entries)
+                    self._configs_truncated(first_new - 1)
+                new = entries[start:] if start else entries
+                log.append(new)
+                for e in new:
+                    if e.kind:
+                        self._config_appended(e)  # in force from now on, committed or not
         last_new = prev + n
+        if log.last_term == m.term and log.last_seq > last_new:
+            # Entries of the leader's own term can only have come from it, so they match
+            # its log: say how far we hold them (a heartbeat then tells the leader of a lost
+            # last batch at once).
+            last_new = log.last_seq
         commit = m.commit_seq if m.commit_seq < last_new else last_new
         if commit > self._commit:
             self._commit = commit
+            if len(self._configs.items) > 1:
+                self._configs_committed()
         self._msgs_after.append(
-            (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id))
+            (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id, inc=self._inc))
         )
 
     # --- replication: leader side -----------------------------------------------------
@@ -816,7 +910,19 @@ class RaftCore:
             return
         if m.term < self._term or self._role is not Role.LEADER:
             return
-        pr = self._prs[frm]
+        pr = self._prs.get(frm)
+        if pr is None or pr.lost:
+            return  # not a member, or lost until it comes back as a new incarnation
+        if not m.success and m.read_id and m.conflict_seq >= 0:
+            # (conflict_seq -1: the answer to a message of an older term of ours, which a
+            # follower refuses whatever its log holds)
+            if m.read_id < pr.hb_floor:
+                return  # answers a heartbeat sent to its previous incarnation
+            # Heartbeats go at prev = match, which this follower acknowledged in this term:
+            # rejecting one means it lost entries it promised to keep.
+            self._read_acks.pop(frm, None)
+            self._lost_member(frm, m)
+            return
         self._recent_active.add(frm)
         if m.read_id:
             if m.read_id > self._read_acks.get(frm, 0):
@@ -830,6 +936,7 @@ class RaftCore:
             if ms > pr.match:
                 pr.match = ms
                 pr.last_progress = self._now
+                pr.idle_beats = 0
                 if pr.probe:
                     pr.become_replicate(self._now)
                 else:
@@ -842,36 +949,29 @@ class RaftCore:
                 if self._role is not Role.LEADER:
                     return
             elif pr.probe:
+                if ms < pr.next - 1:
+                    return  # a read round's heartbeat, not the probe: keep probing
                 pr.become_replicate(self._now)
+            if self._transfer_target is not None:
+                self._maybe_send_timeout_now(frm)
             if pr.match < log.last_seq:
                 self._dirty.add(frm)
             elif (
                 self._transfer_target is None
-                and self._prio[frm] > self._prio[self._id]
+                and self._prio.get(frm, 0) > self._prio.get(self._id, 0)
                 and self._transfer_deadline == _NEVER
+                and frm in self._voters
             ):
-                # An up-to-date follower we prefer as leader: hand over.
-                self._transfer_target = frm
-                self._transfer_deadline = self._now + self._cfg.election_timeout
-                self._msgs.append((frm, TimeoutNow(self._term)))
+                self._start_transfer(frm)  # an up-to-date voter we prefer as leader
             return
         rejected = m.match_seq
-        if rejected > log.last_seq:
-            return  # rejects an append we never sent
-        if pr.probe:
-            if rejected != pr.next - 1:
-                return  # answers an older probe
-        elif rejected <= pr.match:
-            if m.conflict_term != 0 or not 0 <= m.conflict_seq <= pr.match:
-                return  # answers a batch overtaken by later acknowledgements
-            # The follower no longer holds entries it acknowledged: its log was deleted or
-            # lost while it was down (the original supports wiping a node's log and letting
-            # it catch up). Start again from what it has. A reordered old rejection can also
-            # land here; it only costs a probe round, never safety (commit never goes back).
-            pr.match = m.conflict_seq - 1
-            pr.become_probe(m.conflict_seq)
-            self._dirty.add(frm)
+        if rejected > log.last_seq or rejected <= pr.match:
+            # Rejects an append we never sent, or one overtaken by later acknowledgements
+            # (reordered). A follower that really lost acknowledged entries is found by
+            # the next heartbeat (above), so this never resends in a loop.
             return
+        if pr.probe and rejected != pr.next - 1:
+            return  # answers an older probe
         if m.conflict_term > 0:
             # Skip the follower's whole conflicting term: resume after our last entry of
             # that term if we have one, else at the first seq the follower has of it.
@@ -889,14 +989,19 @@ class RaftCore:
 
     def _maybe_commit(self) -> None:
         log = self._log
-        matches = {p: pr.match for p, pr in self._prs.items()}
-        matches[self._id] = log.stable
+        matches = {p: pr.match for p, pr in self._prs.items() if not pr.lost}
+        if self._is_voter:  # a leader being removed leads the change without counting
+            matches[self._id] = log.stable
         n = self._quorum.highest(matches)
         if n <= self._commit:
             return
         if log.term_at(n) != self._term and "commit_old_term" not in self._bugs:
             return  # section 5.4.2: only the current term's entries commit by counting
         self._commit = n
+        if self._configs.latest[0] >= 0:
+            self._configs_committed()
+            if self._role is not Role.LEADER:
+                return
         if self._reads_waiting and log.term_at(n) == self._term:
             # The leader now knows the commit seq of its term: waiting reads can start.
             waiting = self._reads_waiting
@@ -909,6 +1014,8 @@ class RaftCore:
         last = log.last_seq
         cfg = self._cfg
         term = self._term
+        if pr.lost:
+            return
         if pr.probe:
             if pr.probe_sent:
                 return
@@ -917,8 +1024,11 @@ class RaftCore:
                 log.slice(nxt, min(last, nxt + cfg.rpc_max - 1), cfg.rpc_max_bytes)
                 if nxt <= last else []
             )
+            # At prev = match (a seq it acknowledged) a rejection means lost data: mark it
+            # as a heartbeat so that the answer is recognised.
+            rid = self._read_round - 1 if nxt - 1 == pr.match >= 0 else 0
             self._msgs.append((p, AppendEntries(
-                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit, rid, self._inc
             )))
             pr.probe_sent = True
             return
@@ -930,36 +1040,49 @@ class RaftCore:
             if not infl:
                 pr.last_progress = self._now  # the stall clock starts with the first batch
             self._msgs.append((p, AppendEntries(
-                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit
+                term, nxt - 1, log.term_at(nxt - 1), tuple(ents), self._commit, 0, self._inc
             )))
             pr.next = nxt + len(ents)
             infl.append(pr.next - 1)
 
     def _heartbeat(self, p: NodeId, pr: Progress, read_id: int) -> None:
         # prev = match: the follower is known to hold it, so a heartbeat never causes a
-        # rejection (and a fallback to probing) just because batches are still in flight.
-        match = pr.match
+        # rejection (and a fallback to probing) just because batches are still in flight;
+        # if it is rejected all the same, the follower lost data (``_on_append_response``).
+        # A lost member gets prev = -1: it keeps following, and nothing it says counts.
+        match = pr.match if not pr.lost else -1
         self._msgs.append((p, AppendEntries(
-            self._term, match, self._log.term_at(match), (), self._commit, read_id
+            self._term, match, self._log.term_at(match), (), self._commit, read_id, self._inc
         )))
 
     def _broadcast_heartbeat(self) -> None:
-        # A follower that acknowledged nothing for a whole election timeout while batches
-        # were out lost them (a lost batch in mid-stream shows up sooner, as a rejection of
-        # the next one). Shorter would resend to merely slow followers and make them slower.
-        stall = self._cfg.election_timeout
-        now = self._now
+        # A follower that acknowledged nothing for three heartbeat ticks while batches were
+        # out lost them (a lost batch in mid-stream shows up sooner, as a rejection of the
+        # next one; a lost last batch shows up in a heartbeat's answer, which says how far
+        # the follower holds this term's entries). Probe again from what it has. Ticks are
+        # counted, not timed: heartbeat times are sums of floats.
+        rnd = self._read_round - 1  # the last read round sent: acknowledging it again is true
         for p, pr in self._prs.items():
-            if pr.probe:
-                pr.probe_sent = False  # the last probe may be lost: send another
-                self._send_append(p, pr)
+            if pr.probe and not pr.lost:
+                if pr.probe_sent:
+                    # No answer to the last probe yet: ask again without entries, so a dead
+                    # follower costs a heartbeat, not a batch.
+                    nxt = pr.next
+                    rid = rnd if nxt - 1 == pr.match >= 0 else 0
+                    self._msgs.append((p, AppendEntries(
+                        self._term, nxt - 1, self._log.term_at(nxt - 1), (), self._commit, rid,
+                        self._inc,
+                    )))
+                else:
+                    self._send_append(p, pr)
                 continue
-            if pr.inflight and now - pr.last_progress >= stall:
-                # Batches were lost (or the follower is stuck): probe from the known match.
-                pr.become_probe(pr.match + 1)
-                self._send_append(p, pr)
-                continue
-            self._heartbeat(p, pr, 0)
+            if pr.inflight:
+                pr.idle_beats += 1
+                if pr.idle_beats >= 3:
+                    pr.become_probe(pr.match + 1)
+                    self._send_append(p, pr)
+                    continue
+            self._heartbeat(p, pr, rnd)
 
     def _flush(self) -> None:
         """Send what stepping queued: appends to dirty followers and a read round."""
@@ -1018,7 +1141,9 @@ class RaftCore:
         if r.origin is None:
             self._read_states.append(ReadState(r.read_id, index))
         else:
-            self._msgs.append((r.origin, ReadIndexResponse(self._term, r.read_id, index)))
+            self._msgs.append(
+                (r.origin, ReadIndexResponse(self._term, r.read_id, index, self._inc))
+            )
 
     def _fail_read(self, r: _Read) -> None:
         self._answer_read(r, -2)
@@ -1040,7 +1165,7 @@ class RaftCore:
         if self._role is Role.LEADER:
             self._leader_read(m.read_id, frm)
         else:
-            self._msgs.append((frm, ReadIndexResponse(self._term, m.read_id, -2)))
+            self._msgs.append((frm, ReadIndexResponse(self._term, m.read_id, -2, self._inc)))
 
     def _on_read_index_response(self, frm: NodeId, m: ReadIndexResponse) -> None:
         pending = self._reads_forwarded.get(m.read_id)

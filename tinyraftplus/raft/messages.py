@@ -5,8 +5,12 @@ mutual TLS, has authenticated it), and hands ``(from_id, message)`` to ``RaftNod
 
 Two families:
 
-* Core messages (``RequestVote`` ... ``ReadIndexResponse``) are stepped into ``RaftCore``.
-  Every one carries the sender's ``term``.
+* Core messages (``RequestVote`` ... ``RecoverResponse``) are stepped into ``RaftCore``.
+  Every one carries the sender's ``term`` and, last, ``inc``: the *incarnation* of the
+  sender's durable state (its data identity, created when the member's state was first
+  written; see ``tinyraftplus.raft.recovery``). A receiver ignores messages from an older
+  incarnation of a peer than one it has seen, so a member that lost its disk is never
+  mistaken for the member it was.
 * Driver messages (``Propose`` / ``ProposeResponse``) are handled by ``RaftNode`` itself: a
   follower forwards a client's append to the leader, the leader answers with the seq it gave
   the entries, and the follower then waits until it has applied that seq itself (so the
@@ -47,6 +51,7 @@ class RequestVote:
     last_term: int
     pre_vote: bool = False
     transfer: bool = False
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class VoteResponse:
     term: int
     granted: bool
     pre_vote: bool = False
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,7 @@ class AppendEntries:
     entries: tuple[Entry, ...]
     commit_seq: int
     read_id: int = 0
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +99,16 @@ class AppendResponse:
     conflict_term: int = 0
     conflict_seq: int = -1
     read_id: int = 0
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class TimeoutNow:
-    """Leader to an up-to-date follower: campaign now (leadership transfer, priorities)."""
+    """Leader to an up-to-date follower: campaign now (leadership transfer, priorities).
+    Accepted only from the leader of the current term, once."""
 
     term: int
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,7 @@ class ReadIndex:
 
     term: int
     read_id: int
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,32 @@ class ReadIndexResponse:
     term: int
     read_id: int
     index: int
+    inc: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """From a member that lost its durable state (or never had any) and is rebuilding it:
+    "what is your term, and how far does your log go?". Its ``inc`` is the new incarnation
+    that replaces the one the member had; receivers adopt it and forget the old one's
+    progress (see ``tinyraftplus.raft.recovery``)."""
+
+    term: int
+    inc: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecoverResponse:
+    """Answer to ``Recover``: the responder's durable term, the last (seq, term) of its
+    durable log, and the voters of its latest configuration (so a recovering node started
+    with an outdated configuration also asks the voters it did not know). Sent only after
+    the responder persisted the new incarnation it learned."""
+
+    term: int
+    last_seq: int
+    last_term: int
+    voters: tuple[NodeId, ...] = ()
+    inc: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +178,19 @@ class ProposeResponse:
 
 CoreMessage = Union[  # noqa: UP007
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
-    ReadIndexResponse,
+    ReadIndexResponse, Recover, RecoverResponse,
 ]
 Message = Union[CoreMessage, Propose, ProposeResponse]  # noqa: UP007
 
 CORE_MESSAGE_TYPES = (
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
-    ReadIndexResponse,
+    ReadIndexResponse, Recover, RecoverResponse,
 )
 MESSAGE_TYPES = CORE_MESSAGE_TYPES + (Propose, ProposeResponse)
 
 __all__ = [
     "NodeId", "Entry", "RequestVote", "VoteResponse", "AppendEntries", "AppendResponse",
-    "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Propose", "ProposeResponse",
+    "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Recover", "RecoverResponse", "Propose",
+    "ProposeResponse",
     "CoreMessage", "Message", "CORE_MESSAGE_TYPES", "MESSAGE_TYPES",
 ]

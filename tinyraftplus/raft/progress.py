@@ -17,7 +17,8 @@ from collections import deque
 
 
 class Progress:
-    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress")
+    __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost",
+                 "hb_floor", "idle_beats")
 
     def __init__(self, next_seq: int, now: float) -> None:
         self.match = -1  # highest seq known to be durable on the follower and matching us
@@ -27,6 +28,22 @@ class Progress:
         # replicate state: last seq of each unacknowledged batch, oldest first
         self.inflight: deque[int] = deque()
         self.last_progress = now  # when match last advanced (or streaming (re)started)
+        self.idle_beats = 0  # heartbeat ticks with batches out and no progress
+        # The follower reported a log shorter than ``match`` without changing incarnation:
+        # it lost acknowledged entries, so it is not counted (``recovery.py``).
+        self.lost = False
+        # Only a heartbeat numbered at least this (sent to the current incarnation) tells
+        # of lost data when it is rejected.
+        self.hb_floor = 0
+
+    def forget(self, next_seq: int, now: float, hb_floor: int) -> None:
+        """The follower is a new incarnation: nothing it acknowledged before counts, and
+        heartbeats sent to its old incarnation say nothing about the new one."""
+        self.match = -1
+        self.lost = False
+        self.hb_floor = hb_floor
+        self.last_progress = now
+        self.become_probe(next_seq)
 
     def become_probe(self, next_seq: int) -> None:
         self.probe = True
@@ -40,7 +57,10 @@ class Progress:
         self.next = self.match + 1
         self.inflight.clear()
         self.last_progress = now
+        self.idle_beats = 0
 
     def __repr__(self) -> str:
         state = "probe" if self.probe else f"replicate inflight={len(self.inflight)}"
+        if self.lost:
+            state += " LOST"
         return f"Progress(match={self.match}, next={self.next}, {state})"

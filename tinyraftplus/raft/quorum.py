@@ -26,9 +26,16 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from ..errors import ConfigurationError, InvalidArgumentError
 from .messages import NodeId
 
-MAX_ENUMERATED_NODES = 20
-"""A custom ``group_fn`` is called for all ``2 ** n`` subsets at construction; beyond this
-many nodes that stops being instant and the configuration is refused."""
+MAX_ENUMERATED_NODES = 16
+"""A custom ``group_fn`` is called for all ``2 ** n`` subsets at construction (about 0.25 s
+for 16 nodes, doubling with each more); beyond this many nodes the configuration is refused.
+Majorities, ``quorum=N`` and ``group`` without ``group_fn`` intersect by construction and
+are never enumerated, whatever the size."""
+
+_TABLES: dict[tuple[object, ...], bytes] = {}
+"""Enumerated rules, by (nodes, count, groups, group_fn): every node of a process builds the
+same rule, and it is checked once. Bounded: a process holds a handful of clusters."""
+_TABLES_MAX = 64
 
 
 def _fmt(ids: Iterable[NodeId]) -> str:
@@ -46,7 +53,7 @@ class Quorum:
 
     __slots__ = (
         "nodes", "count", "_group_need", "_group_of", "_table", "_bit", "_majority_only",
-        "description",
+        "description", "quorum_arg", "group_fn",
     )
 
     def __init__(
@@ -66,6 +73,10 @@ class Quorum:
                 f"duplicate node ids {', '.join(dups)}: every id must be unique"
             )
         self.nodes: tuple[NodeId, ...] = ids
+        # The rule as given, so that a membership change can build the same rule for
+        # another set of nodes (``membership.QuorumRule``).
+        self.quorum_arg = quorum
+        self.group_fn = group_fn
         self._bit = {node: 1 << i for i, node in enumerate(ids)}
         self._group_need: dict[object, int] | None = None
         self._group_of: dict[NodeId, object] | None = None
@@ -111,7 +122,19 @@ class Quorum:
         if group_fn is not None:
             if not callable(group_fn):
                 raise InvalidArgumentError(f"group_fn must be callable, got {group_fn!r}")
-            self._table = self._enumerate(group_fn)
+            groups = None if group is None else tuple(sorted(group.items(), key=repr))
+            key: tuple[object, ...] | None = (ids, self.count, groups, group_fn)
+            try:
+                table = _TABLES.get(key)  # type: ignore[arg-type]
+            except TypeError:  # unhashable group names: check, but do not remember
+                key, table = None, None
+            if table is None:
+                table = self._enumerate(group_fn)
+                if key is not None:
+                    if len(_TABLES) >= _TABLES_MAX:
+                        del _TABLES[next(iter(_TABLES))]
+                    _TABLES[key] = table
+            self._table = table
 
         if not self._accepts_mask((1 << n) - 1):
             raise ConfigurationError(
@@ -139,7 +162,9 @@ class Quorum:
         if n > MAX_ENUMERATED_NODES:
             raise ConfigurationError(
                 f"cannot verify group_fn for {n} nodes (2**{n} subsets); at most "
-                f"{MAX_ENUMERATED_NODES} nodes are supported with a custom group_fn"
+                f"{MAX_ENUMERATED_NODES} nodes are supported with a custom group_fn. For more "
+                "nodes use group= alone (a majority in every group), quorum=N or the default "
+                "majority, which are safe by construction and need no check"
             )
         size = 1 << n
         count = self.count
@@ -237,9 +262,12 @@ class Quorum:
         (``default`` if there is none). With the match seqs of every node this is the
         highest seq a quorum holds."""
         if self._majority_only:
-            if len(values) < self.count:
+            bit = self._bit
+            vals = [v for k, v in values.items() if k in bit]  # others count for nothing
+            if len(vals) < self.count:
                 return default
-            return sorted(values.values(), reverse=True)[self.count - 1]
+            vals.sort(reverse=True)
+            return vals[self.count - 1]
         bit = self._bit
         mask = 0
         for node, v in sorted(values.items(), key=lambda kv: kv[1], reverse=True):
@@ -247,6 +275,10 @@ class Quorum:
             if self._accepts_mask(mask):
                 return v
         return default
+
+    @property
+    def groups(self) -> dict[NodeId, object] | None:
+        return dict(self._group_of) if self._group_of is not None else None
 
     def __repr__(self) -> str:
         return f"Quorum({_fmt(self.nodes)}: {self.description})"

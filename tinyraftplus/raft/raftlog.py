@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..entry import Entry
 
 if TYPE_CHECKING:
-    from .core import LogStorage
+    from .storage import LogStorage
 
 
 class RaftLog:

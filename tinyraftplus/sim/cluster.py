@@ -33,8 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import InvalidArgumentError, NotLeaderError
+from ..errors import ConfigurationError, InvalidArgumentError, MembershipError, NotLeaderError
 from ..raft.core import RaftConfig, RaftCore, Role
+from ..raft.membership import Config, QuorumRule, quorum_of
 from ..raft.messages import Propose, ProposeResponse
 from .app import OpSpec, SessionStateMachine, SimApp, kv_app
 from .invariants import Invariants, SafetyViolation
@@ -44,7 +45,9 @@ from .store import STORE_BUGS, SimCrash, SimStore
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS"]
 
-CORE_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check"})
+CORE_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check",
+                       "config_on_commit", "skip_own_term_rule"})
+# (store bugs, including "trust_wiped", are in store.py)
 ALL_BUGS = CORE_BUGS | STORE_BUGS
 
 _INF = float("inf")
@@ -54,6 +57,9 @@ CHURN_OVERRIDES: tuple[tuple[str, Any], ...] = (
     ("drop", 0.3), ("pre_vote", False), ("check_quorum", False), ("vote_bounce", 0.5),
     ("duplicate", 0.05), ("long_delay", 0.05), ("restart_min", 0.001),
 )
+
+
+MEMBERSHIP_OVERRIDES: tuple[tuple[str, Any], ...] = (("member_p", 0.3), ("spares", 2))
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,15 @@ class SimConfig:
         kw.setdefault("election_timeout", 0.05)
         return cls(overrides=tuple(overrides.items()), **kw)
 
+    @classmethod
+    def membership_churn(cls, **kw: Any) -> SimConfig:
+        """``churn`` plus a membership change (or a leadership transfer) asked of the leader
+        in 30% of the steps, with two spare nodes to add: leaders crash soon after they
+        append a change, which is where the membership rules matter."""
+        extra = dict(MEMBERSHIP_OVERRIDES)
+        extra.update(dict(kw.pop("overrides", ())))
+        return cls.churn(overrides=tuple(extra.items()), **kw)
+
     def replay_command(self, seed: int) -> str:
         parts = ["python -m tinyraftplus.sim", f"--seed {seed}", f"--steps {self.steps}"]
         n_churn = len(CHURN_OVERRIDES)
@@ -143,6 +158,8 @@ class SimResult:
     elections: int = 0
     crashes: int = 0
     partitions: int = 0
+    wipes: int = 0
+    member_changes: int = 0
     messages: int = 0
     commits: int = 0
     checks: int = 0
@@ -177,6 +194,9 @@ class _Profile:
     check_quorum: bool = True
     rpc_max: int = 64
     max_inflight: int = 8
+    wipe_p: float = 0.0  # per step: a node crashes and loses its disk (one at a time)
+    member_p: float = 0.0  # per step: the leader is asked for a membership change or transfer
+    spares: int = 0  # nodes beyond the first configuration's voters, started as joiners
 
     @property
     def net(self) -> NetworkFaults:
@@ -247,6 +267,8 @@ class SimNode:
         self.incarnation = 0
         self.applied = -1
         self.led_term = -1
+        self.checked_commit = -1
+        self.checked_config: Config | None = None
         self.results: dict[int, Any] = {}
         self.write_waiters: dict[int, list[tuple[int, _Attempt]]] = {}
         self.read_waiters: list[tuple[int, _Attempt, Any]] = []
@@ -264,15 +286,22 @@ class SimNode:
     def start(self) -> None:
         sim = self.sim
         self.incarnation += 1
+        wiped = self.store.wipes > 0 and not self.store.has_state
         hs = self.store.restart_hard_state()
         rng = random.Random(f"{sim.seed}:core:{self.id}:{self.incarnation}")
+        # Started without state, a node is given the cluster as an operator would: the first
+        # voters at the first start, the current configuration's after a wipe.
+        voters = sorted(sim.current_config().voters if wiped else sim.voter_ids)
         self.core = RaftCore(
-            self.id, sim.node_ids, self.store, hs, config=sim.raft_config, rng=rng,
+            self.id, voters, self.store, hs, config=sim.raft_config, rng=rng,
             now=self.local_now(), commit_seq=-1, bugs=sim.config.bugs & CORE_BUGS,
+            join=self.id not in voters,
         )
         self.sm = SessionStateMachine(sim.app.state_machine())
         self.applied = -1
         self.led_term = -1
+        self.checked_commit = -1
+        self.checked_config = None
         self.results = {}
         self.up = True
         sim.inv.on_restart(self.id)
@@ -338,6 +367,16 @@ class SimNode:
             core.advance(rd)
             for to, msg in rd.messages_after_persist:
                 send(me, to, msg)
+            if me in sim.lost and not core.recovering:
+                sim.lost.discard(me)
+                sim.trace("recovered", me, core.term, store.seq)
+            if core.role is Role.LEADER and self.led_term != core.term:
+                # What it committed before it led was checked where it was committed.
+                self.checked_commit = core.commit_seq
+                self.checked_config = core.configuration
+            if core.role is Role.LEADER and core.commit_seq > self.checked_commit:
+                self.checked_commit = core.commit_seq
+                sim.check_commit_quorum(self)
             if core.role is Role.LEADER and self.led_term != core.term:
                 self.led_term = core.term
                 sim.elections += 1
@@ -364,7 +403,7 @@ class SimNode:
         sim = self.sim
         for seq in range(self.applied + 1, min(commit, store.seq) + 1):
             e = store.entry(seq)
-            result = sm.apply(e.data, seq)
+            result = sm.apply(b"" if e.kind else e.data, seq)  # a configuration: as a no-op
             self.applied = seq
             self.results[seq] = result
             sim.commits += 1
@@ -610,6 +649,14 @@ class Simulation:
         master = random.Random(f"tinyraftplus-sim:{seed}")
         n = config.nodes if config.nodes is not None else master.choice([3, 3, 5])
         self.profile = _profile(master, config.faults)
+        if config.faults:
+            # Drawn from generators of their own so that adding these faults kept every
+            # other draw of a seed as it was.
+            wipe = random.Random(f"{seed}:wipe").choice([0.0, 0.002, 0.005, 0.01])
+            mr = random.Random(f"{seed}:membership")
+            self.profile = replace(self.profile, wipe_p=wipe,
+                                   member_p=mr.choice([0.0, 0.01, 0.03, 0.06]),
+                                   spares=mr.choice([0, 1, 2]))
         if config.overrides:
             self.profile = replace(self.profile, **dict(config.overrides))
         p = self.profile
@@ -624,8 +671,13 @@ class Simulation:
             pre_vote=p.pre_vote,
             check_quorum=p.check_quorum,
         )
-        self.node_ids: list[int] = list(range(1, n + 1))
+        # The first configuration's voters, then spare nodes that start as joiners (learners
+        # of nobody's configuration until a membership change adds them).
+        self.voter_ids: list[int] = list(range(1, n + 1))
+        self.node_ids: list[int] = list(range(1, n + 1 + p.spares))
         self.quorum_size = n // 2 + 1
+        self.rule = QuorumRule()
+        self.member_changes = 0
         self.queue = EventQueue()
         self._record = record_trace
         self._trace: list[tuple[Any, ...]] = []
@@ -635,7 +687,7 @@ class Simulation:
                               p.net, self._deliver)
         self.inv = Invariants(self.node_ids, self.quorum_size, self.fail)
         self.history = History()
-        self.nodes: dict[int, SimNode] = {}
+        self.nodes: dict[Any, SimNode] = {}
         for i in self.node_ids:
             rate = 1.0 + master.uniform(-p.skew, p.skew)
             offset = master.uniform(0, 1000.0)
@@ -646,6 +698,10 @@ class Simulation:
         self.partitions = 0
         self.elections = 0
         self.commits = 0
+        self.wipes = 0
+        # Nodes whose disk was wiped and that have not finished recovering: until then they
+        # hold less than they acknowledged, which the durability check allows for.
+        self.lost: set[int] = set()
 
     # --- tracing and failing ------------------------------------------------------------------
     def trace(self, kind: str, *args: Any) -> None:
@@ -677,10 +733,104 @@ class Simulation:
                               step=self.step, report="\n".join(lines))
 
     def check_acked_durable(self, when: str) -> None:
+        cfg = self.current_config()
         self.inv.check_acked_durable(
-            {i: n.store.durable_term_at for i, n in self.nodes.items()}, when)
+            {i: n.store.durable_term_at for i, n in self.nodes.items()}, when,
+            quorum=quorum_of(cfg, self.rule), voters=cfg.all_voters, lost=self.lost)
 
-    # --- plumbing ---------------------------------------------------------------------------
+    def check_commit_quorum(self, node: SimNode) -> None:
+        """A leader commits only what a quorum of the configuration in force holds
+        durably (joint: a quorum of each half)."""
+        core = node.core
+        assert core is not None
+        seq = core.commit_seq
+        term = core.term_at(seq)
+        # The commit advanced under the configuration in force then: the one at the last
+        # check or (if a change was appended since, within the same step) the current one.
+        cfg = core.configuration
+        ok = False
+        for c in (cfg, node.checked_config or cfg):
+            # (a node that lost its disk since it acknowledged is not asked for its vote
+            # before it holds the entry again: it counts as holding it)
+            holders = {i for i in c.all_voters
+                       if self.nodes[i].store.durable_term_at(seq) == term or i in self.lost}
+            ok = ok or quorum_of(c, self.rule).is_quorum(holders)
+        node.checked_config = cfg
+        self.inv.checks += 1
+        if not ok:
+            self.fail("commit quorum",
+                      f"node {node.id} committed seq {seq} (term {term}) held durably only by "
+                      f"{sorted(holders)}, not a quorum of the configuration in force "
+                      f"({cfg.describe()})", [node.id])
+
+    def _membership_op(self, r: random.Random) -> None:
+        lead = self.leader()
+        if lead is None or self.lost:
+            # (No change while a member recovers from a wipe: a leader that removes itself
+            # and dies before its change commits can hold the only copy of a log tail the
+            # recovering member then waits for; see the README's known limits.)
+            return
+        node = self.nodes[lead]
+        core = node.core
+        assert core is not None
+        cfg = core.configuration
+        outsiders: list[Any] = [i for i in self.node_ids if i not in cfg.members]
+        learners: list[Any] = sorted(cfg.learners, key=repr)
+        voters: list[Any] = sorted(cfg.voters, key=repr)
+        ops = ["transfer"]
+        if outsiders:
+            ops.append("add learner")
+        if learners:
+            ops.append("promote")
+        if len(voters) > 3:
+            ops.append("remove")
+        if learners and len(voters) >= 3:
+            ops.append("replace")
+        op = r.choice(ops)
+        try:
+            if op == "transfer":
+                to = r.choice([None, *voters])
+                what = f"transfer to {core.transfer_leadership(to)}"
+            elif op == "add learner":
+                x = r.choice(outsiders)
+                core.propose_config(cfg.voters, cfg.learners | {x})
+                what = f"add learner {x}"
+            elif op == "promote":
+                x = r.choice(learners)
+                core.propose_config(cfg.voters | {x}, cfg.learners - {x}, max_lag=50)
+                what = f"promote {x}"
+            elif op == "remove":
+                x = r.choice(voters)
+                core.propose_config(cfg.voters - {x}, cfg.learners)
+                what = f"remove {x}"
+            else:
+                x, y = r.choice(voters), r.choice(learners)
+                core.propose_config((cfg.voters - {x}) | {y}, cfg.learners - {y}, max_lag=50)
+                what = f"replace {x} by {y}"
+        except (MembershipError, NotLeaderError, InvalidArgumentError, ConfigurationError) as e:
+            self.trace("member-refused", lead, op, str(e)[:60])
+            return
+        self.member_changes += 1
+        self.trace("member", lead, what)
+        node.process()
+
+    def current_config(self) -> Config:
+        """The newest configuration any node holds: the latest entry (by seq, then term)
+        among the running nodes' logs and what the others hold durably. A stale leader's
+        older configuration is not the one the cluster moves in."""
+        cands: list[tuple[int, int, Config]] = []
+        for n in self.nodes.values():
+            if n.up and n.core is not None:
+                seq = n.core.config_seq
+                cands.append((seq, n.core.term_at(seq) if seq >= 0 else 0,
+                              n.core.configuration))
+            else:
+                stack = n.store.durable_hard_state().configs
+                if stack is not None:
+                    cands.append(stack.latest)
+        if cands:
+            return max(cands, key=lambda x: (x[0], x[1]))[2]
+        return Config(frozenset(self.voter_ids))
     def _deliver(self, src: Any, dst: Any, msg: Any) -> None:
         self.nodes[dst].on_message(src, msg)
 
@@ -710,8 +860,9 @@ class Simulation:
         node.crash(why)
 
     def _can_crash_one(self) -> bool:
-        down = sum(1 for n in self.nodes.values() if not n.up)
-        return down < len(self.nodes) - self.quorum_size
+        voters = self.current_config().voters
+        down = sum(1 for i in voters if not self.nodes[i].up)
+        return down < len(voters) - (len(voters) // 2 + 1)
 
     def on_vote(self, node: SimNode) -> None:
         """A node just made a vote durable: maybe bounce it (crash, restart at once), which
@@ -754,6 +905,21 @@ class Simulation:
             desc = net.partition(kind, self.leader())
             self.partitions += 1
             self.trace("partition", desc)
+        if p.member_p and r.random() < p.member_p:
+            self._membership_op(r)
+        if p.wipe_p and not self.lost and r.random() < p.wipe_p:
+            members = self.current_config().members
+            up = [n for n in self.nodes.values() if n.up and n.id in members]
+            if up and self._can_crash_one():
+                victim = r.choice(up)
+                victim.crash("crash, then the disk is wiped")
+                victim.store.wipe()
+                self.wipes += 1
+                if "trust_wiped" not in self.config.bugs:
+                    self.lost.add(victim.id)
+                self.trace("wipe", victim.id)
+                self.check_acked_durable(f"after node {victim.id} lost its disk")
+                return
         if r.random() < p.crash_all_p:
             for node in self.nodes.values():
                 if node.up:
@@ -817,7 +983,8 @@ class Simulation:
         return SimResult(
             seed=self.seed, ok=True, ops=len(ops), acked_writes=len(self.inv.acked),
             elections=self.elections, crashes=self.crashes, partitions=self.partitions,
-            messages=self.net.sent, commits=self.commits, checks=self.inv.checks,
+            wipes=self.wipes, member_changes=self.member_changes, messages=self.net.sent,
+            commits=self.commits, checks=self.inv.checks,
             virtual_time=queue.now,
             trace_hash=self.trace_hash() if self._record else "",
         )
@@ -872,8 +1039,11 @@ class Simulation:
                 c.spec = None
         self.check_acked_durable("after settling")
         if self._converged():
+            members = self.current_config().members
             for seq, term, what in self.inv.acked:
                 for i, node in self.nodes.items():
+                    if i not in members:
+                        continue
                     if seq > node.store.seq or node.store.entry(seq).term != term:
                         self.fail("acknowledged write durability",
                                   f"{what} was acknowledged at seq {seq} term {term} but "
@@ -888,7 +1058,10 @@ class Simulation:
         target = lc.commit_seq
         if target < lc.last_seq:
             return False
+        members = lc.configuration.members
         for node in self.nodes.values():
+            if node.id not in members:
+                continue  # a spare never added, or a removed node: not caught up any more
             if not node.up or node.core is None or node.applied != target:
                 return False
         return True
@@ -909,6 +1082,8 @@ def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = No
     except SafetyViolation as v:
         return SimResult(seed=seed, ok=False, ops=len(sim.history), violation=v,
                          crashes=sim.crashes, elections=sim.elections,
+                         partitions=sim.partitions, wipes=sim.wipes,
+                         member_changes=sim.member_changes,
                          messages=sim.net.sent, checks=sim.inv.checks,
                          virtual_time=sim.queue.now)
 

@@ -158,16 +158,27 @@ class Invariants:
         self.acked.append((seq, term, what))
 
     def check_acked_durable(self, durable_term_at: dict[Any, Callable[[int], int | None]],
-                            when: str) -> None:
+                            when: str, quorum: Any = None, voters: Any = None,
+                            lost: Any = ()) -> None:
+        """Every acknowledged write is durable on enough nodes that no quorum of the
+        configuration in force lacks it (so no leader can be elected without it). Nodes
+        that lost their disk and have not finished recovering count as holders: they vote
+        for nobody until they hold every committed entry again."""
         self.checks += 1
+        if voters is None:
+            voters = frozenset(self.nodes)
         for seq, term, what in self.acked:
-            holders = [n for n, f in durable_term_at.items() if f(seq) == term]
-            if len(holders) < self.quorum_size:
+            holders = {n for n, f in durable_term_at.items() if f(seq) == term} | set(lost)
+            lacking = [n for n in voters if n not in holders]
+            short = (quorum.is_quorum(lacking) if quorum is not None
+                     else len(voters) - len(lacking) < self.quorum_size)
+            if short:
                 self._fail(
                     "acknowledged write durability",
                     f"{what} was acknowledged at seq {seq} term {term} but {when} only "
-                    f"{holders or 'no nodes'} hold it durably (a quorum is "
-                    f"{self.quorum_size}); crashing the others would lose it",
-                    holders,
+                    f"{sorted(holders - set(lost)) or 'no nodes'} hold it durably, so the "
+                    f"voters {sorted(lacking)} that lack it form a quorum; crashing the "
+                    "others would lose it",
+                    sorted(holders),
                 )
                 return

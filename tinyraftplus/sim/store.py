@@ -24,7 +24,12 @@ same prefix, which is how the simulator checks Raft's Log Matching property in O
 ``bugs`` holds deliberate, test-only faults: ``"forget_vote"`` hands back the persisted term
 without the vote on restart, as a node would that forgot to persist or fsync its vote;
 ``"skip_fsync"`` makes ``sync_log`` return without making anything durable (a disk that lies
-about its write cache), which loses acknowledged writes at the next crash.
+about its write cache), which loses acknowledged writes at the next crash; ``"trust_wiped"``
+restarts a node whose disk was wiped (:meth:`SimStore.wipe`) as the member it was (its old
+incarnation, no recovery), which is what the first wave did and what ``recovery.py`` forbids.
+
+A node's first start has no state: it bootstraps (a brand-new cluster). After a wipe it has
+none either, and restarts recovering, under a new incarnation (``restart_hard_state``).
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from collections.abc import Collection
 
 from ..entry import Entry
 from ..errors import InvalidArgumentError
-from ..raft.core import HardState
+from ..raft.recovery import new_incarnation
+from ..raft.state import HardState, Recovery
 
 __all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
 
-STORE_BUGS = frozenset({"forget_vote", "skip_fsync"})
+STORE_BUGS = frozenset({"forget_vote", "skip_fsync", "trust_wiped"})
 
 
 class SimCrash(Exception):
@@ -103,6 +109,11 @@ class SimStore:
         self._hard = HardState()
         self._durable_hard = HardState()
         self._hard_dirty = False
+        self._has_state = False  # no state yet (first start) or wiped
+        self._started = False
+        self.incarnation = 0
+        self._identities = 0
+        self.wipes = 0
         self._crash_in: int | None = None
         self.steps = 0  # storage steps performed, for traces
         self.syncs = 0
@@ -200,6 +211,7 @@ class SimStore:
         self._storage_step("sync hard state")
         self._durable_hard = self._hard
         self._hard_dirty = False
+        self._has_state = self._started = True
         self.syncs += 1
 
     def truncate_after(self, seq: int) -> None:
@@ -267,10 +279,37 @@ class SimStore:
         self._hard = self._durable_hard
         return kept
 
+    @property
+    def has_state(self) -> bool:
+        return self._has_state
+
+    def wipe(self) -> None:
+        """The disk is lost while the node is down: log and hard state, durable or not."""
+        self._log = _LogImage()
+        self._durable_log = _LogImage()
+        self._pending_log.clear()
+        self._hard = self._durable_hard = HardState()
+        self._hard_dirty = False
+        self._has_state = False
+        self.wipes += 1
+
     def restart_hard_state(self) -> HardState:
-        """The hard state a restarting node reads back (``forget_vote`` drops the vote)."""
+        """The hard state a restarting node reads back (``forget_vote`` drops the vote). With
+        no state: a new identity, written durably at once as ``RaftNode`` does; bootstrapped
+        at the first start, recovering after a wipe (``trust_wiped``: the old one)."""
+        if not self._has_state:
+            if self._started and "trust_wiped" in self.bugs:
+                hs = HardState(incarnation=self.incarnation)
+            else:
+                self._identities += 1
+                rec = Recovery() if self._started else None
+                self.incarnation = new_incarnation(self._identities, rec is not None)
+                hs = HardState(incarnation=self.incarnation, recovery=rec)
+            self._hard = self._durable_hard = hs
+            self._has_state = self._started = True
+            return hs
         hs = self._durable_hard
         if "forget_vote" in self.bugs:
-            hs = HardState(hs.term, None)
+            hs = HardState(hs.term, None, hs.incarnation, hs.peers, hs.recovery, hs.has_log)
             self._hard = hs
         return hs

@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 
+from .._groups import exit_nursery
+
 Receiver = Callable[[Any, Any], None]
 
 
@@ -65,7 +67,8 @@ class MemoryNetwork:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()  # messages still in flight are simply lost
         self._nursery = None
-        return await self._nursery_cm.__aexit__(*exc)
+        # What failed comes out as raised, not wrapped in a group of one.
+        return await exit_nursery(self._nursery_cm, *exc)
 
     # --- wiring ----------------------------------------------------------------------------
     def register(self, node_id: Hashable, receive: Receiver) -> None:

@@ -16,7 +16,8 @@ message's dataclass fields in declaration order, every one always present (no de
 the wire, so "missing" and "extra" are both simply a wrong length). Flat arrays rather than
 maps keep field names off the wire and make ``AppendEntries`` -- the hot path -- cheap:
 
-    [1, 3, term, prev_seq, prev_term, commit_seq, read_id, [term, ...], [data, ...]]
+    [2, 3, term, prev_seq, prev_term, commit_seq, read_id, inc, [term, ...], [data, ...],
+     [index of each configuration entry, ...]]
 
 The entries' seqs are not sent: Raft's entries always follow ``prev_seq`` one by one, so the
 ``i``-th entry is ``prev_seq + 1 + i``. The encoder refuses entries that are not contiguous.
@@ -46,7 +47,7 @@ from typing import Any
 import msgpack
 from crc32c import crc32c
 
-from ..entry import Entry
+from ..entry import ENTRY_TYPES, ConfigEntry, Entry
 from ..errors import InvalidArgumentError, ProtocolError
 from ..raft.messages import (
     AppendEntries,
@@ -57,14 +58,20 @@ from ..raft.messages import (
     ProposeResponse,
     ReadIndex,
     ReadIndexResponse,
+    Recover,
+    RecoverResponse,
     RequestVote,
     TimeoutNow,
     VoteResponse,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: every Raft message carries its sender's incarnation (``inc``, last); ``Recover`` and
+``RecoverResponse`` are new."""
 
 MAX_U63 = (1 << 63) - 1
+MAX_VOTERS = 1024
+"""Voters a configuration (as named in ``RecoverResponse``) may have."""
 """Largest seq, term or id a message may carry (the log stores them as signed 64-bit)."""
 
 HEADER = struct.Struct(">II")
@@ -124,6 +131,8 @@ TAG_READ_INDEX = 6
 TAG_READ_INDEX_RESPONSE = 7
 TAG_PROPOSE = 8
 TAG_PROPOSE_RESPONSE = 9
+TAG_RECOVER = 10
+TAG_RECOVER_RESPONSE = 11
 TAG_HELLO = 16
 TAG_PING = 17
 
@@ -137,6 +146,8 @@ _NAMES = {
     TAG_READ_INDEX_RESPONSE: "ReadIndexResponse",
     TAG_PROPOSE: "Propose",
     TAG_PROPOSE_RESPONSE: "ProposeResponse",
+    TAG_RECOVER: "Recover",
+    TAG_RECOVER_RESPONSE: "RecoverResponse",
     TAG_HELLO: "Hello",
     TAG_PING: "Ping",
 }
@@ -191,29 +202,32 @@ def _arity(obj: list, n: int) -> None:
 
 
 def _v_request_vote(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 5)
+    _arity(obj, 6)
     _int(obj, 2, 1)  # term: a candidate is always past term 0
     _int(obj, 3, -1)  # last_seq
     _int(obj, 4, 0, obj[2])  # last_term <= term
     _bool(obj, 5)
     _bool(obj, 6)
+    _int(obj, 7, 0)  # inc
 
 
 def _v_vote_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 3)
+    _arity(obj, 4)
     _int(obj, 2, 0)
     _bool(obj, 3)
     _bool(obj, 4)
+    _int(obj, 5, 0)
 
 
 def _v_append_entries(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 7)
+    _arity(obj, 9)
     _int(obj, 2, 0)  # term
     _int(obj, 3, -1)  # prev_seq
     _int(obj, 4, 0, obj[2])  # prev_term <= term
     _int(obj, 5, -1)  # commit_seq
     _int(obj, 6, 0)  # read_id
-    terms, datas = obj[7], obj[8]
+    _int(obj, 7, 0)  # inc
+    terms, datas = obj[8], obj[9]
     if type(terms) is not list or type(datas) is not list:
         raise ProtocolError(
             f"AppendEntries entry terms and data must be two arrays, got "
@@ -223,6 +237,20 @@ def _v_append_entries(obj: list, lim: WireLimits) -> None:
     if n != len(datas):
         raise ProtocolError(
             f"AppendEntries has {n} entry terms but {len(datas)} entry payloads"
+        )
+    configs = obj[10]
+    if type(configs) is not list:
+        raise ProtocolError(
+            f"AppendEntries.entry_configs must be an array, got {_show(configs)}"
+        )
+    if configs and (
+        len(configs) > n  # first: cheap, and bounds the work below by the entries' count
+        or set(map(type, configs)) != {int} or sorted(set(configs)) != configs
+        or configs[0] < 0 or configs[-1] >= n
+    ):
+        raise ProtocolError(
+            "AppendEntries.entry_configs must list distinct entry indexes in order, each "
+            f"below {n}, got {_show(configs)}"
         )
     if not n:
         return
@@ -251,31 +279,57 @@ def _v_append_entries(obj: list, lim: WireLimits) -> None:
 
 
 def _v_append_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 6)
+    _arity(obj, 7)
     _int(obj, 2, 0)
     _bool(obj, 3)
     _int(obj, 4, -1)
     _int(obj, 5, 0)
     _int(obj, 6, -1)
     _int(obj, 7, 0)
+    _int(obj, 8, 0)
 
 
 def _v_timeout_now(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 1)
+    _arity(obj, 2)
     _int(obj, 2, 1)
+    _int(obj, 3, 0)
 
 
 def _v_read_index(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 3)
+    _int(obj, 2, 0)
+    _int(obj, 3, 0)
+    _int(obj, 4, 0)
+
+
+def _v_read_index_response(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 4)
+    _int(obj, 2, 0)
+    _int(obj, 3, 0)
+    _int(obj, 4, -2)  # -2: refused
+    _int(obj, 5, 0)
+
+
+def _v_recover(obj: list, lim: WireLimits) -> None:
     _arity(obj, 2)
     _int(obj, 2, 0)
     _int(obj, 3, 0)
 
 
-def _v_read_index_response(obj: list, lim: WireLimits) -> None:
-    _arity(obj, 3)
+def _v_recover_response(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 5)
     _int(obj, 2, 0)
-    _int(obj, 3, 0)
-    _int(obj, 4, -2)  # -2: refused
+    _int(obj, 3, -1)
+    _int(obj, 4, 0, obj[2])
+    voters = obj[5]
+    if type(voters) is not list or len(voters) > MAX_VOTERS:
+        raise ProtocolError(
+            f"RecoverResponse.voters must be an array of at most {MAX_VOTERS} node ids, got "
+            f"{_show(voters)}"
+        )
+    for v in voters:
+        check_node_id(v, "RecoverResponse.voters", lim)
+    _int(obj, 6, 0)
 
 
 def _v_propose(obj: list, lim: WireLimits) -> None:
@@ -324,7 +378,9 @@ def _v_ping(obj: list, lim: WireLimits) -> None:
 
 def _fields_append_entries(m: AppendEntries) -> list:
     ents = m.entries
-    if not isinstance(ents, (tuple, list)) or (ents and set(map(type, ents)) != {Entry}):
+    if not isinstance(ents, (tuple, list)) or (
+        ents and not set(map(type, ents)) <= _ENTRY_TYPE_SET
+    ):
         raise InvalidArgumentError(
             f"cannot encode AppendEntries: entries must be a tuple of Entry, got {_show(ents)}"
         )
@@ -339,14 +395,17 @@ def _fields_append_entries(m: AppendEntries) -> list:
             )
         terms: list[Any] = list(term_col)
         datas: list[Any] = list(data_col)
+        # The rare configuration entries, by index (a list that is almost always empty).
+        configs = [i for i, e in enumerate(ents) if e.kind] if ConfigEntry in set(
+            map(type, ents)) else []
         if set(map(type, datas)) != {bytes}:
             # The log may hand out memoryviews or bytearrays; the wire carries bytes.
             datas = [bytes(d) if isinstance(d, (bytearray, memoryview)) else d for d in datas]
     else:
-        terms, datas = [], []
+        terms, datas, configs = [], [], []
     return [
         PROTOCOL_VERSION, TAG_APPEND_ENTRIES,
-        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, terms, datas,
+        m.term, m.prev_seq, m.prev_term, m.commit_seq, m.read_id, m.inc, terms, datas, configs,
     ]
 
 
@@ -355,6 +414,11 @@ def _fields_propose(m: Propose) -> list:
     if isinstance(items, (tuple, list)):
         items = [bytes(d) if isinstance(d, (bytearray, memoryview)) else d for d in items]
     return [PROTOCOL_VERSION, TAG_PROPOSE, m.req_id, items]
+
+
+def _fields_recover_response(m: RecoverResponse) -> list:
+    return [PROTOCOL_VERSION, TAG_RECOVER_RESPONSE, m.term, m.last_seq, m.last_term,
+            list(m.voters), m.inc]
 
 
 def _fields_simple(tag: int, names: tuple[str, ...]) -> Callable[[Any], list]:
@@ -369,17 +433,20 @@ def _fields_simple(tag: int, names: tuple[str, ...]) -> Callable[[Any], list]:
 
 
 _FIELDS: dict[int, tuple[str, ...]] = {
-    TAG_REQUEST_VOTE: ("term", "last_seq", "last_term", "pre_vote", "transfer"),
-    TAG_VOTE_RESPONSE: ("term", "granted", "pre_vote"),
+    TAG_REQUEST_VOTE: ("term", "last_seq", "last_term", "pre_vote", "transfer", "inc"),
+    TAG_VOTE_RESPONSE: ("term", "granted", "pre_vote", "inc"),
     TAG_APPEND_ENTRIES: (
-        "term", "prev_seq", "prev_term", "commit_seq", "read_id", "entry_terms", "entry_data",
+        "term", "prev_seq", "prev_term", "commit_seq", "read_id", "inc", "entry_terms",
+        "entry_data", "entry_configs",
     ),
     TAG_APPEND_RESPONSE: (
-        "term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id",
+        "term", "success", "match_seq", "conflict_term", "conflict_seq", "read_id", "inc",
     ),
-    TAG_TIMEOUT_NOW: ("term",),
-    TAG_READ_INDEX: ("term", "read_id"),
-    TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index"),
+    TAG_TIMEOUT_NOW: ("term", "inc"),
+    TAG_READ_INDEX: ("term", "read_id", "inc"),
+    TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index", "inc"),
+    TAG_RECOVER: ("term", "inc"),
+    TAG_RECOVER_RESPONSE: ("term", "last_seq", "last_term", "voters", "inc"),
     TAG_PROPOSE: ("req_id", "items"),
     TAG_PROPOSE_RESPONSE: ("req_id", "first_seq", "term", "error", "leader"),
     TAG_HELLO: ("node_id", "to"),
@@ -396,6 +463,8 @@ _CLASSES: dict[int, type] = {
     TAG_READ_INDEX_RESPONSE: ReadIndexResponse,
     TAG_PROPOSE: Propose,
     TAG_PROPOSE_RESPONSE: ProposeResponse,
+    TAG_RECOVER: Recover,
+    TAG_RECOVER_RESPONSE: RecoverResponse,
     TAG_HELLO: Hello,
     TAG_PING: Ping,
 }
@@ -410,6 +479,8 @@ _VALIDATORS: dict[int, Callable[[list, WireLimits], None]] = {
     TAG_READ_INDEX_RESPONSE: _v_read_index_response,
     TAG_PROPOSE: _v_propose,
     TAG_PROPOSE_RESPONSE: _v_propose_response,
+    TAG_RECOVER: _v_recover,
+    TAG_RECOVER_RESPONSE: _v_recover_response,
     TAG_HELLO: _v_hello,
     TAG_PING: _v_ping,
 }
@@ -420,9 +491,13 @@ for _tag, _cls in _CLASSES.items():
         _ENCODERS[_cls] = (_tag, _fields_append_entries)
     elif _tag == TAG_PROPOSE:
         _ENCODERS[_cls] = (_tag, _fields_propose)
+    elif _tag == TAG_RECOVER_RESPONSE:
+        _ENCODERS[_cls] = (_tag, _fields_recover_response)
     else:
         _ENCODERS[_cls] = (_tag, _fields_simple(_tag, _FIELDS[_tag]))
 del _tag, _cls
+
+_ENTRY_TYPE_SET = frozenset(ENTRY_TYPES)
 
 _PING_PAYLOAD = msgpack.packb([PROTOCOL_VERSION, TAG_PING])
 
@@ -453,7 +528,7 @@ def encode(msg: WireMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
 
 def _build(tag: int, obj: list) -> WireMessage:
     if tag == TAG_APPEND_ENTRIES:
-        terms, datas = obj[7], obj[8]
+        terms, datas = obj[8], obj[9]
         if terms:
             first = obj[3] + 1
             # tuple.__new__ builds each Entry in C; Entry(...) would run Python code per entry.
@@ -461,11 +536,18 @@ def _build(tag: int, obj: list) -> WireMessage:
                 tuple.__new__, [Entry] * len(terms),
                 zip(range(first, first + len(terms)), terms, datas, strict=True),
             ))
+            if obj[10]:
+                lst = list(entries)
+                for i in obj[10]:
+                    lst[i] = ConfigEntry(*lst[i])
+                entries = tuple(lst)
         else:
             entries = ()
-        return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6])
+        return AppendEntries(obj[2], obj[3], obj[4], entries, obj[5], obj[6], obj[7])
     if tag == TAG_PROPOSE:
         return Propose(obj[2], tuple(obj[3]))
+    if tag == TAG_RECOVER_RESPONSE:
+        return RecoverResponse(obj[2], obj[3], obj[4], tuple(obj[5]), obj[6])
     return _CLASSES[tag](*obj[2:])
 
 
