@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Measure the log (and other sections) beside raw baselines.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes and short repetitions (under a minute)")
+                        help="small sizes and short repetitions (about a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--only", metavar="PREFIX", action="append",
                         help="run only figures whose name starts with PREFIX (repeatable); with "
