@@ -149,8 +149,9 @@ async def test_three_nodes_exchange_messages_over_mutual_tls(ca):
                         assert ts[j].stats(i).received == 52
                         assert ts[i].is_connected(j)
             assert warns == []
-    # Stopping the cluster closes connections; the survivors may say so, politely.
-    assert all("closed by the peer" in str(w) for w in warns), warns
+    # Stopping the cluster closes connections; the survivors may say so, politely (a peer
+    # that closes while data is still unread on its side resets the connection instead).
+    assert all("closed by the peer" in str(w) or "reset by peer" in str(w) for w in warns), warns
 
 
 async def test_str_ids_plaintext_and_mixed_order():

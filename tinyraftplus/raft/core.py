@@ -738,6 +738,9 @@ class RaftCore(MemberIdentity, Reconfiguration):
     def _election_timeout(self) -> float:
         return self._cfg.election_timeout
 
+    def _heartbeat_interval(self) -> float:
+        return self._cfg.heartbeat_interval
+
     def _step_down_removed(self) -> None:
         # A configuration without this node is committed: it led the change to the end and
         # now leaves (thesis 4.2.2); a voter of the new configuration times out and wins.

@@ -107,6 +107,9 @@ class MemberIdentity:
     def _reset_election_timer(self) -> None:
         raise NotImplementedError  # RaftCore's
 
+    def _heartbeat_interval(self) -> float:
+        raise NotImplementedError  # RaftCore's
+
     # --- incarnations ------------------------------------------------------------------
     def _check_inc(self, frm: NodeId, msg: Any) -> bool:
         """Whether a message whose ``inc`` differs from the one known for ``frm`` may be
@@ -158,9 +161,10 @@ class MemberIdentity:
                       key=repr)
 
     def _recovery_tick(self) -> None:
-        """At each election timeout while recovering: ask again whoever has not answered
-        (phase 1), or check the log (phase 2). Never campaigns."""
-        self._reset_election_timer()
+        """While recovering, every heartbeat interval: ask again whoever has not answered
+        (phase 1; a member that was not up yet when first asked is asked again soon), or
+        check the log (phase 2). Never campaigns."""
+        self._election_deadline = self._now + self._heartbeat_interval()
         rec = self._recovery
         assert rec is not None
         if rec.phase == LEARN_TERM:
@@ -216,6 +220,7 @@ class MemberIdentity:
         if (log.last_term, log.last_seq) >= (rec.target_term, rec.target_seq):
             self._recovery = None
             self._hs_changed = True
+            self._reset_election_timer()  # a follower again, on the usual timer
             if not self._peers:
                 self._election_deadline = self._now  # alone: elect itself at once
 
