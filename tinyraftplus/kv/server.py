@@ -260,6 +260,8 @@ class Server:
         self._known_addrs: dict[Any, Address] = {
             k: v for k, v in config.peers.items() if k != config.node_id}
         """Peer addresses: ``--peers``, then what configurations say."""
+        self._prune_pending = False
+        """Peers may have to be dropped once the configuration in force commits."""
         self._refusal_log = RateLimitedLog(logger)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -294,6 +296,7 @@ class Server:
                 self.node = node
                 node.on("change", self._on_change)
                 node.on("config", self._on_config)
+                node.on(("commit", "change"), self._on_commit_or_change)
                 async with node:
                     # A restarted node knows its configuration from its state: follow it
                     # now (members added or removed since --peers was written).
@@ -388,10 +391,15 @@ class Server:
             logger.error("node %r: cannot follow the configuration at seq %s: %s",
                          self.config.node_id, ev.seq, e)
 
+    def _on_commit_or_change(self, ev: Any) -> None:
+        if self._prune_pending:
+            self._prune_peers()
+
     def _sync_peers(self, config: Any) -> bool:
-        """Make the transport's peers the configuration's members (addresses from
-        ``--peers`` and from the configuration's ``addrs``); returns whether a peer was
-        added. Certificates still authenticate every peer."""
+        """Make every member of the configuration a peer of the transport (addresses from
+        ``--peers`` and from the configuration's ``addrs``); returns whether one was added.
+        Peers that are no longer members are dropped later, by :meth:`_prune_peers`.
+        Certificates still authenticate every peer."""
         transport = self.transport
         if transport is None:
             return False
@@ -402,16 +410,35 @@ class Server:
             except InvalidArgumentError:
                 logger.warning("node %r: the configuration gives node %r the address %r, "
                                "which is not HOST:PORT; ignored", me, nid, text)
-        members = set(config.members) - {me}
         added = False
-        for nid in members:
-            addr = self._known_addrs.get(nid)
-            if transport.add_peer(nid, addr):
+        for nid in set(config.members) - {me}:
+            if transport.add_peer(nid, self._known_addrs.get(nid)):
                 added = True
-        for nid in transport.peer_ids:
-            if nid not in members:
-                transport.remove_peer(nid)
+        self._prune_pending = True
+        self._prune_peers()
         return added
+
+    def _prune_peers(self) -> None:
+        """Drop the peers the configuration removed, once it is committed and none of them
+        leads: a leader that removes itself leads until the change commits, and a change
+        that is cut away brings them back."""
+        node, transport = self.node, self.transport
+        if node is None or transport is None:
+            return
+        try:
+            st = node.status()
+        except NodeStoppedError:
+            return
+        if st.config_seq > st.commit_seq:
+            return  # not committed yet: a commit event calls again
+        keep = set(st.voters) | set(st.learners) | set(st.outgoing)
+        leader = st.leader
+        for nid in transport.peer_ids:
+            if nid not in keep:
+                if nid == leader:
+                    return  # it still leads: a change of leader calls again
+                transport.remove_peer(nid)
+        self._prune_pending = False
 
     # --- client connections -------------------------------------------------------------
 
