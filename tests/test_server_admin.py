@@ -1,0 +1,163 @@
+"""The server's admin side: the status request's node fields, admin requests on the leader
+(a follower answers ``not_leader`` naming it), who may send them (``--admin-allow``,
+``"admin": true`` in ``--authz``), their validation on the wire, and ``--join`` /
+``--bootstrap`` on the command line. (Growing and shrinking real processes with the admin
+tool: ``test_membership_processes.py``.)"""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import pytest
+import trio
+from test_client import FAST, InProc, client_ctx, raw_request
+
+from tinyraftplus.errors import ConfigurationError, MembershipError, ProtocolError
+from tinyraftplus.kv.authz import AdminPolicy, Authorization
+from tinyraftplus.kv.client import (
+    Client,
+    ForbiddenError,
+    decode_request,
+    encode_admin,
+)
+from tinyraftplus.kv.server import Server, ServerConfig, parse_args
+from tinyraftplus.transport.wire import frame
+
+
+class AdminProc(InProc):
+    """``InProc`` with an admin policy on every node."""
+
+    def __init__(self, *a, admin=None, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.admin = admin
+
+    async def _run(self, i, task_status=trio.TASK_STATUS_IGNORED):
+        cfg = ServerConfig(
+            node_id=i, peers=self.peers, data_dir=str(self.tmp / f"d{i}"),
+            client_listen=("127.0.0.1", self.cports[i]), tls=self.tls[i], fsync=False,
+            election_timeout=self.et, ping_timeout=self.et / 5, append_timeout=3.0,
+            read_timeout=3.0, transport_options=FAST, admin=self.admin,
+        )
+        srv = self.servers[i] = Server(cfg)
+        with trio.CancelScope() as self.scopes[i]:
+            await srv.serve(task_status=task_status)
+
+
+@pytest.fixture(scope="module")
+def ca():
+    import trustme
+
+    return trustme.CA()
+
+
+async def test_status_admin_on_the_leader_and_policy(tmp_path, ca, nursery):
+    cl = AdminProc(tmp_path, ca, admin=AdminPolicy(["dns:ops.*"]))
+    for i in cl.ids:
+        await cl.start(nursery, i)
+    with trio.fail_after(30):
+        lead = await cl.leader()
+        async with cl.client() as c:
+            await c.put("k", "v")
+            st = await c.cluster_status()
+            assert set(st) == {1, 2, 3}
+            for i, s in st.items():
+                assert s["id"] == i and s["voters"] == [1, 2, 3] and s["learners"] == []
+                assert s["role"] == ("leader" if i == lead else "follower")
+                assert s["leader"] == lead and s["commit_seq"] >= 1
+                for k in ("term", "first_seq", "last_seq", "apply_seq", "outgoing",
+                          "config_seq", "followers"):
+                    assert k in s
+            assert set(st[lead]["followers"]) == {1, 2, 3} - {lead}
+            assert set(next(iter(st[lead]["followers"].values()))) == {
+                "match", "next", "state", "inflight"}
+            # This client's certificate (client.tinyraftplus) may not administer.
+            with pytest.raises(ForbiddenError, match="admin"):
+                await c.promote(2)
+        ops = Client(cl.addrs(), tls=client_ctx(ca, "ops.tinyraftplus"), timeout=10.0)
+        async with ops:
+            with pytest.raises(MembershipError, match="not a learner"):
+                await ops.promote(2)
+            other = next(i for i in cl.ids if i != lead)
+            r = await ops.transfer_leadership(other)
+            assert r["leader"] == other and r["voters"] == [1, 2, 3]
+            # A follower answers not_leader and names the leader; nothing is done.
+            follower = next(i for i in cl.ids if i != other)
+            ans = await raw_request(cl, ca, follower, encode_admin(7, "remove", 3))
+            assert ans[2] == "forbidden"  # the raw client is client.tinyraftplus
+        cl.admin = None
+        cl.stop(follower)
+        await trio.sleep(0.1)
+        await cl.start(nursery, follower)
+        assert await cl.leader() == other
+        ans = await raw_request(cl, ca, follower, encode_admin(7, "remove", 3))
+        assert ans[1] == 7 and ans[2] == "not_leader" and f"leader is {other}" in ans[3], ans
+
+
+def test_admin_requests_are_validated_on_the_wire():
+    ok = msgpack.unpackb(encode_admin(5, "add_learner", 4, "10.0.0.4:7001")[8:])
+    assert decode_request(msgpack.packb(ok)) == [1, 5, 5, "add_learner", 4, "10.0.0.4:7001"]
+    assert decode_request(msgpack.packb([1, 5, 1, "transfer_leader", None, None]))
+    assert decode_request(msgpack.packb([1, 5, 1, "promote", "n" * 200, None]))
+    bad = [
+        [1, 5, 1, "drop_tables", 4, None],
+        [1, 5, 1, "add_learner", 4, None],
+        [1, 5, 1, "add_learner", 4, "no-port"],
+        [1, 5, 1, "promote", 4, "10.0.0.4:7001"],
+        [1, 5, 1, "promote", None, None],
+        [1, 5, 1, "remove", -1, None],
+        [1, 5, 1, "remove", "n" * 256, None],
+        [1, 5, 1, "remove", b"4", None],
+        [1, 2, 1, "get", "k", None],  # 6 elements are for admin requests only
+        [1, 5, 1, "remove", 4],
+    ]
+    for req in bad:
+        with pytest.raises(ProtocolError):
+            decode_request(msgpack.packb(req, use_bin_type=True))
+    # The long strings admin requests may hold are not allowed elsewhere.
+    with pytest.raises(ProtocolError):
+        decode_request(msgpack.packb([1, 3, 1, 1, 1, 0, "p" * 40, b"k", b"v"],
+                                     use_bin_type=True))
+    assert frame  # (imported for symmetry with the other wire tests)
+
+
+def test_join_and_bootstrap_on_the_command_line(tmp_path):
+    base = ["--data", str(tmp_path / "d"), "--client-port", "0", "--plaintext"]
+    cfg = parse_args(["--id", "4", "--peers", "1=127.0.0.1:7001,2=127.0.0.1:7002", "--join",
+                      "--listen", "127.0.0.1:7004", *base])
+    assert cfg.join and not cfg.bootstrap and cfg.peer_listen == ("127.0.0.1", 7004)
+    assert cfg.client_listen[0] == "127.0.0.1" and cfg.admin is None
+    with pytest.raises(ConfigurationError, match="--listen"):
+        parse_args(["--id", "4", "--peers", "1=127.0.0.1:7001", "--join", *base])
+    with pytest.raises(ConfigurationError, match="without this node"):
+        parse_args(["--id", "1", "--peers", "1=127.0.0.1:7001", "--join", "--listen",
+                    "127.0.0.1:7001", *base])
+    with pytest.raises(ConfigurationError, match="choose one"):
+        parse_args(["--id", "4", "--peers", "1=127.0.0.1:7001", "--join", "--bootstrap",
+                    "--listen", "127.0.0.1:7004", *base])
+    with pytest.raises(ConfigurationError, match="not in --peers"):
+        parse_args(["--id", "4", "--peers", "1=127.0.0.1:7001", *base])
+    cfg = parse_args(["--id", "1", "--peers", "1=127.0.0.1:7001", "--bootstrap",
+                      "--admin-allow", "dns:ops.example", *base])
+    assert cfg.bootstrap and cfg.admin is not None
+    assert cfg.admin.allows("dns:ops.example") and not cfg.admin.allows("dns:other")
+
+
+def test_admin_policy_from_a_file_and_from_authz(tmp_path):
+    f = tmp_path / "admins"
+    f.write_text("# operators\ncn:alice\ndns:ops-*.example  # the ops hosts\n")
+    p = AdminPolicy(file=str(f))
+    assert p.allows("cn:alice") and p.allows("dns:ops-1.example") and not p.allows("cn:bob")
+    f.write_text("cn:bob\n")
+    p.reload()
+    assert p.allows("cn:bob") and not p.allows("cn:alice")
+    az = tmp_path / "authz.json"
+    az.write_text(json.dumps({"cn:carol": {"read": [""], "admin": True},
+                              "*": {"read": ["shared/"], "admin": False}}))
+    a = Authorization.from_file(az)
+    assert a.admins == {"cn:carol"} and a.allows("cn:carol", "read", b"x")
+    p = AdminPolicy(authz=a)
+    assert p.allows("cn:carol") and not p.allows("cn:dave")
+    az.write_text(json.dumps({"cn:carol": {"admin": "yes"}}))
+    with pytest.raises(ConfigurationError, match="true or false"):
+        Authorization.from_file(az)
