@@ -36,6 +36,15 @@ first byte. Sessions are opened by a register request and belong to the client
 certificate's identity (:func:`cert_identity`), which the server writes into every command;
 ``--authz`` optionally limits each identity to key prefixes (:mod:`.authz`).
 
+**Membership.** ``--join`` starts a node empty as a learner of a running cluster (``--peers``
+the current voters, ``--listen`` its own address) until an admin request adds it;
+``--bootstrap`` lets a node without state vote at once (a brand-new cluster with members
+missing). The transport follows the configuration: a member it does not know is added (its
+address from ``--peers`` or the configuration's ``addrs``) when a configuration names it or
+the node first sends to it; one the configuration removed is dropped once that configuration
+is committed and it does not lead. Admin requests (:mod:`.admin`) run on the leader (others
+answer ``not_leader``), optionally only for the identities ``--admin-allow`` names.
+
 **Lifecycle.** Once everything listens the server prints one line to stdout::
 
     tinyraftplus-server ready id=1 peer=127.0.0.1:7001 client=127.0.0.1:7101
