@@ -250,6 +250,10 @@ class TcpTransport:
     (:meth:`set_peer_address`); only the addresses of higher ids are ever dialed. An entry
     for this node's own id is ignored, so every node can be given the same map.
 
+    Membership changes: :meth:`add_peer` makes a node a peer while serving (it is dialed or
+    accepted like the others, and authenticated the same way), :meth:`remove_peer` closes
+    its connection and refuses it from then on.
+
     ``tls`` (a :class:`~tinyraftplus.transport.tls.TlsConfig`) turns on mutual TLS; without
     it you must pass ``plaintext=True`` to say you mean it.
 
