@@ -161,3 +161,45 @@ def test_admin_policy_from_a_file_and_from_authz(tmp_path):
     az.write_text(json.dumps({"cn:carol": {"admin": "yes"}}))
     with pytest.raises(ConfigurationError, match="true or false"):
         Authorization.from_file(az)
+
+
+async def test_admin_tool_exit_statuses(tmp_path, ca, nursery, capsys):
+    """``main()`` of the tool against an in-process cluster: a change prints the new
+    configuration (0), a refusal one line (1), a usage mistake exits 2, --json parses."""
+    import trustme  # noqa: F401  (the fixture's CA issues the tool's files)
+
+    from tinyraftplus.kv.admin import main
+
+    cl = InProc(tmp_path, ca)
+    for i in cl.ids:
+        await cl.start(nursery, i)
+    ca_file, cert_file = tmp_path / "ca.pem", tmp_path / "ops.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("ops.tinyraftplus").private_key_and_cert_chain_pem.write_to_path(
+        str(cert_file))
+    base = ["--peers", ",".join(f"{h}:{p}" for h, p in cl.addrs()), "--tls-ca", str(ca_file),
+            "--tls-cert", str(cert_file), "--timeout", "10"]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        rc = await trio.to_thread.run_sync(main, [*base, *args])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    with trio.fail_after(30):
+        lead = await cl.leader()
+        rc, out, err = await run("--json", "status")
+        assert rc == 0, err
+        st = json.loads(out)
+        assert st[str(lead)]["role"] == "leader" and st[str(lead)]["voters"] == [1, 2, 3]
+        rc, out, err = await run("remove", "9")
+        assert rc == 1 and err.count("\n") == 1 and "not a member" in err, err
+        rc, out, err = await run("promote", "2")
+        assert rc == 1 and "not a learner" in err and "Traceback" not in err, err
+        rc, out, err = await run("add-learner", "6", "no-port")
+        assert rc == 2 and "no-port" in err, err
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "frobnicate"])
+        assert exit_info.value.code == 2
+        other = next(i for i in cl.ids if i != lead)
+        rc, out, err = await run("transfer-leader", str(other))
+        assert rc == 0 and f"leadership transferred to {other}" in out, err
