@@ -203,3 +203,53 @@ async def test_admin_tool_exit_statuses(tmp_path, ca, nursery, capsys):
         other = next(i for i in cl.ids if i != lead)
         rc, out, err = await run("transfer-leader", str(other))
         assert rc == 0 and f"leadership transferred to {other}" in out, err
+
+
+async def test_in_process_join_promote_and_remove_the_leader(tmp_path, ca, nursery):
+    """Servers in this Trio run: a node started with join=True is added with its address,
+    promoted, and the leader removes itself; the transports follow (the new node becomes a
+    peer everywhere, the removed leader is dropped only after its removal committed, which
+    it could not have led otherwise)."""
+    from test_client import node_tls
+    from test_multiprocess import free_ports
+
+    cl = InProc(tmp_path, ca)
+    for i in cl.ids:
+        await cl.start(nursery, i)
+    p4, c4 = free_ports(2)
+    cfg4 = ServerConfig(
+        node_id=4, peers=dict(cl.peers), data_dir=str(tmp_path / "d4"),
+        client_listen=("127.0.0.1", c4), peer_listen=("127.0.0.1", p4), tls=node_tls(ca, 4),
+        fsync=False, election_timeout=cl.et, ping_timeout=cl.et / 5, append_timeout=3.0,
+        read_timeout=3.0, transport_options=FAST, join=True,
+    )
+    s4 = Server(cfg4)
+    await nursery.start(s4.serve)
+    with trio.fail_after(30):
+        lead = await cl.leader()
+        async with cl.client() as c:
+            for k in range(20):
+                await c.put(f"k{k}", f"v{k}")
+            r = await c.add_learner(4, f"127.0.0.1:{p4}")
+            assert r["learners"] == [4] and r["addrs"] == {4: f"127.0.0.1:{p4}"}
+            while s4.node.apply_seq < cl.servers[lead].node.commit_seq:
+                await trio.sleep(0.02)
+            r = await c.promote(4)
+            assert r["voters"] == [1, 2, 3, 4]
+            for i in cl.ids:
+                assert 4 in cl.servers[i].transport.peer_ids
+            r = await c.remove_node(lead)
+            assert lead not in r["voters"] and len(r["voters"]) == 3
+            await c.put("after", "removal")
+            rest = [i for i in (1, 2, 3, 4) if i != lead]
+            while True:
+                roles = {i: (s4 if i == 4 else cl.servers[i]).node.state for i in rest}
+                if "leader" in roles.values():
+                    break
+                await trio.sleep(0.02)
+            assert cl.servers[lead].node.state != "leader"
+            while any(lead in cl.servers[i].transport.peer_ids for i in rest if i != 4) or \
+                    lead in s4.transport.peer_ids:
+                await trio.sleep(0.02)
+        async with Client([("127.0.0.1", c4)], tls=client_ctx(ca), timeout=10.0) as one:
+            assert await one.get("k7") == b"v7" and await one.get("after") == b"removal"

@@ -702,8 +702,9 @@ class Client:
                 raise InvalidArgumentError(f"the server refused the request: {body}")
             if code in ("timeout", "timeout_local", "closed", "retry", "stopped"):
                 cls = RaftTimeoutError if code.startswith("timeout") else LeadershipLostError
-                raise cls(f"{op} {target!r}: {where}: {body}; it may or may not have taken "
-                          f"effect: check the status")
+                more = "" if "may" in str(body) else ("; it may or may not have taken "
+                                                      "effect: check the status")
+                raise cls(f"{op} {target!r}: {where}: {body}{more}")
             raise RaftError(f"{where} answered {code!r}: {body}")
 
     @property

@@ -387,7 +387,16 @@ class Server:
             transport.send(to, msg)
         except InvalidArgumentError:
             node = self.node
-            if node is None or not self._sync_peers(node.configuration):
+            if node is None:
+                raise
+            cfg = node.configuration
+            if to not in cfg.members:
+                # An answer to a member removed since (it still talks until it is told):
+                # the transport forgot it on purpose.
+                logger.debug("node %r: dropped a %s to %r, not a member", self.config.node_id,
+                             type(msg).__name__, to)
+                return
+            if not self._sync_peers(cfg):
                 raise
             transport.send(to, msg)
 
