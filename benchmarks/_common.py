@@ -33,7 +33,9 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 
 @dataclass(frozen=True)
 class Target:
-    """A goal for one figure: ``metric`` ("value" or "ratio") ``op`` ``threshold``."""
+    """A goal for one figure: ``metric`` ``op`` ``threshold``.
+
+    ``metric`` is "value", "ratio" or "cpu_us" (the row's CPU microseconds per operation)."""
 
     op: str
     threshold: float
@@ -42,11 +44,13 @@ class Target:
     def __post_init__(self) -> None:
         if self.op not in _OPS:
             raise ValueError(f"target op must be one of {sorted(_OPS)}, not {self.op!r}")
-        if self.metric not in ("value", "ratio"):
-            raise ValueError(f"target metric must be 'value' or 'ratio', not {self.metric!r}")
+        if self.metric not in ("value", "ratio", "cpu_us"):
+            raise ValueError(
+                f"target metric must be 'value', 'ratio' or 'cpu_us', not {self.metric!r}")
 
     def check(self, result: Result) -> bool | None:
-        got = result.value if self.metric == "value" else result.ratio
+        got = {"value": result.value, "ratio": result.ratio,
+               "cpu_us": result.cpu_us}[self.metric]
         if got is None or (isinstance(got, float) and math.isnan(got)):
             return None
         return _OPS[self.op](got, self.threshold)
@@ -54,6 +58,8 @@ class Target:
     def describe(self, unit: str) -> str:
         if self.metric == "ratio":
             return f"ratio {self.op} {_fmt(self.threshold)}"
+        if self.metric == "cpu_us":
+            return f"CPU/op {self.op} {_fmt(self.threshold)} us"
         return f"{self.op} {_fmt(self.threshold)} {unit}"
 
     def to_json(self) -> dict[str, Any]:
@@ -68,6 +74,11 @@ class Result:
     ``value / baseline`` unless the section sets it, also where smaller is better (open time,
     memory), so read it with the target beside it. ``samples`` are the individual
     repetitions behind the medians.
+
+    ``latency`` is per-operation latency in milliseconds, ``{"p50", "p99", "p99.9"}`` over
+    every operation of every repetition pooled (see ``percentiles``); ``cpu_us`` is CPU
+    microseconds (user + system) per completed operation, summed over every process that
+    took part (see ``CpuMeter``).
     """
 
     name: str
@@ -82,6 +93,8 @@ class Result:
     samples: list[float] = field(default_factory=list)
     baseline_samples: list[float] = field(default_factory=list)
     extra_targets: list[Target] = field(default_factory=list)
+    latency: dict[str, float] | None = None
+    cpu_us: float | None = None
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.baseline:
@@ -119,6 +132,8 @@ class Result:
             [t.to_json() for t in targets] if targets else None
         )
         out["pass"] = self.passed
+        out["latency_ms"] = self.latency
+        out["cpu_us_per_op"] = self.cpu_us
         out["notes"] = self.notes
         out["samples"] = self.samples
         out["baseline_samples"] = self.baseline_samples
@@ -268,9 +283,17 @@ def _fmt(x: float | None) -> str:
     return f"{x:.2e}"
 
 
+def _fmt_latency(lat: dict[str, float] | None) -> str:
+    if not lat:
+        return "-"
+    return "/".join(_fmt(lat[k]) for k in PERCENTILES)
+
+
 def format_table(results: list[Result]) -> str:
-    """A plain-text table: figure, baseline, ratio, target and whether it was met."""
-    rows = [("figure", "value", "baseline", "ratio", "target", "", "notes")]
+    """A plain-text table: figure, baseline, ratio, latency percentiles (ms), CPU per operation
+    (us, all processes), target and whether it was met."""
+    rows = [("figure", "value", "baseline", "ratio", "p50/p99/p99.9 ms", "CPU/op",
+             "target", "", "notes")]
     for r in results:
         base = "-"
         if r.baseline is not None:
@@ -284,6 +307,8 @@ def format_table(results: list[Result]) -> str:
                 f"{_fmt(r.value)} {r.unit}",
                 base,
                 _fmt(r.ratio),
+                _fmt_latency(r.latency),
+                "-" if r.cpu_us is None else f"{_fmt(r.cpu_us)} us",
                 r.target_text(),
                 verdict,
                 r.notes,
@@ -297,6 +322,25 @@ def format_table(results: list[Result]) -> str:
         lines.append("  ".join(cells) + ("  " + row[-1] if row[-1] else ""))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(results: list[Result]) -> str:
+    """The table as Markdown (for the README): the same columns, without the notes."""
+    lines = ["| figure | value | baseline (same run) | ratio | p50 / p99 / p99.9 ms | "
+             "CPU per op | target | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        base = "-"
+        if r.baseline is not None:
+            base = f"{_fmt(r.baseline)} {r.baseline_unit or r.unit}"
+            if r.baseline_name:
+                base += f" ({r.baseline_name})"
+        verdict = {True: "met", False: "**missed**", None: ""}[r.passed]
+        cpu = "-" if r.cpu_us is None else f"{_fmt(r.cpu_us)} us"
+        lines.append(f"| `{r.name}` | {_fmt(r.value)} {r.unit} | {base} | {_fmt(r.ratio)} | "
+                     f"{_fmt_latency(r.latency).replace('/', ' / ')} | {cpu} | "
+                     f"{r.target_text() or '-'} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -319,3 +363,86 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+# --- latency percentiles -----------------------------------------------------------------------
+
+PERCENTILES = ("p50", "p99", "p99.9")
+_FRACTIONS = {"p50": 0.50, "p99": 0.99, "p99.9": 0.999}
+
+
+def percentiles(samples: Iterable[float], scale: float = 1.0) -> dict[str, float] | None:
+    """``{"p50", "p99", "p99.9"}`` of ``samples`` times ``scale`` (None when empty).
+
+    Nearest rank: the smallest sample with at least that fraction of all samples at or below
+    it, so every percentile is a latency that was observed (no interpolation), and p99.9 of
+    fewer than 1,000 samples is the maximum, as it should be.
+    """
+    xs = sorted(samples)
+    if not xs:
+        return None
+    n = len(xs)
+    return {k: xs[max(0, math.ceil(f * n) - 1)] * scale for k, f in _FRACTIONS.items()}
+
+
+# --- CPU accounting ----------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads), from
+    ``/proc/<pid>/stat``; None where there is no ``/proc`` or the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = data[data.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def self_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, every thread (``getrusage``)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds spent by this process and the processes ``pids`` between ``start()`` and
+    ``stop()``. ``/proc`` counts in clock ticks (10 ms), so measure windows of a second or
+    more; ``seconds`` is None if a process could not be read (not Linux, or it exited)."""
+
+    def __init__(self, pids: Iterable[int] = (), include_self: bool = True) -> None:
+        self.pids = list(pids)
+        self.include_self = include_self
+        self._start: float | None = None
+        self.seconds: float | None = None
+
+    def _now(self) -> float | None:
+        total = self_cpu_seconds() if self.include_self else 0.0
+        for pid in self.pids:
+            got = proc_cpu_seconds(pid)
+            if got is None:
+                return None
+            total += got
+        return total
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> float | None:
+        end = self._now()
+        self.seconds = None if end is None or self._start is None else end - self._start
+        return self.seconds
+
+
+def cpu_us_per_op(seconds: Iterable[float | None], ops: Iterable[int]) -> float | None:
+    """Microseconds of CPU per operation over several windows (None if any is unknown)."""
+    secs, n = list(seconds), sum(ops)
+    if not secs or any(s is None for s in secs) or not n:
+        return None
+    return sum(s for s in secs if s is not None) / n * 1e6

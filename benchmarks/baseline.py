@@ -82,11 +82,96 @@ def sequential_read_rate(paths: list[Path], chunk: int = 1 << 20) -> float:
 
 
 def open_fstat_seconds(directory: Path) -> float:
-    """Seconds to list ``directory`` and open, ``fstat`` and close every file in it: the least
+    """Seconds to list ``directory`` (and the directories under it: a log keeps its files in
+    a subdirectory named after it) and open, ``fstat`` and close every file in it: the least
     any log open must do."""
     start = time.perf_counter()
-    for entry in os.scandir(directory):
-        fd = os.open(entry.path, os.O_RDONLY)
-        os.fstat(fd)
-        os.close(fd)
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            os.fstat(fd)
+            os.close(fd)
     return time.perf_counter() - start
+
+
+async def handoff_write_fdatasync_rate(
+    directory: Path, record_size: int, duration: float
+) -> tuple[float, list[float]]:
+    """Durable appends per second through a plain Python thread hand-off, and each one's
+    latency in seconds.
+
+    The shape every durable log on an event loop pays: the caller (a Trio task) hands the
+    record to a worker thread, the thread does ``write`` + ``fdatasync`` and signals an
+    eventfd (a pipe where there is none), and the caller waits for it through Trio's epoll.
+    One record in flight, as in ``log.append.seq``. The gap between this and the raw loop is
+    the cost of waking a thread and the event loop twice per record on this machine; the
+    log, which does the same hand-off in C, should reach at least this.
+    """
+    import queue
+    import threading
+
+    import trio
+
+    path = directory / "raw-handoff.dat"
+    fd = _open_append(path)
+    buf = os.urandom(record_size)
+    if hasattr(os, "eventfd"):
+        rfd = wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+        def signal() -> None:
+            os.eventfd_write(wfd, 1)
+
+        def drain() -> bool:
+            try:
+                os.eventfd_read(rfd)
+                return True
+            except BlockingIOError:
+                return False
+    else:  # pragma: no cover (not Linux)
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+
+        def signal() -> None:
+            os.write(wfd, b"x")
+
+        def drain() -> bool:
+            try:
+                return bool(os.read(rfd, 64))
+            except BlockingIOError:
+                return False
+
+    requests: queue.SimpleQueue[bool] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while requests.get():
+            os.write(fd, buf)
+            os.fdatasync(fd)
+            signal()
+
+    thread = threading.Thread(target=worker, name="handoff-baseline", daemon=True)
+    thread.start()
+    latencies: list[float] = []
+    try:
+        n = 0
+        clock = time.perf_counter
+        start = clock()
+        end = start + duration
+        while True:
+            t0 = clock()
+            requests.put(True)
+            while not drain():
+                await trio.lowlevel.wait_readable(rfd)
+            now = clock()
+            latencies.append(now - t0)
+            n += 1
+            if now >= end:
+                break
+    finally:
+        requests.put(False)
+        thread.join()
+        os.close(fd)
+        os.close(rfd)
+        if wfd != rfd:
+            os.close(wfd)
+        path.unlink()
+    return n / (now - start), latencies

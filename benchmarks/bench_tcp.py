@@ -1,42 +1,63 @@
-"""Over real sockets: three ``python -m tinyraftplus.server`` processes on loopback with mutual
-TLS on both ports and fsync on, and one client process keeping 256 requests of 100 bytes in
-flight (``put`` of a 100-byte value to a fresh key, each awaited until committed and applied).
+"""Over real sockets: ``python -m tinyraftplus.server`` processes on loopback (three unless
+asked otherwise) with mutual TLS on both ports and fsync on, and one client process doing
+``put`` of a value to a key, each awaited until committed and applied.
 
-``raft.tcp.append.concurrent`` is committed writes per second, beside the raw ``write`` +
-``fdatasync`` loop (100 B records) measured in the same run, between the repetitions. With
-``pysyncobj`` installed, ``peer.pysyncobj.concurrent`` runs the same shape on PySyncObj (see
-``benchmarks/peer_pysyncobj.py``) and prints our ratio to it.
+* ``raft.tcp.append.seq``: one put in flight (100 B), beside the raw ``write`` + ``fdatasync``
+  loop of 100 B measured in the same run; CPU per put in all processes.
+* ``raft.tcp.append.concurrent``: 256 puts of 100 B in flight, the same baseline.
+* ``raft.tcp.append.large``: 64 puts of 64 KiB in flight, in MB/s of values, beside a raw
+  64 KiB ``write`` + ``fdatasync`` loop in MB/s.
 
-Also runnable alone: ``python -m benchmarks.bench_tcp`` (the figure, no harness), and
-``python -m benchmarks.bench_tcp client ADDR,ADDR,ADDR CA CERT KEY SECONDS CONCURRENCY SIZE``
-(the client process; prints ``RATE <writes/s>``).
+Every row carries the put latency percentiles (from the client) and CPU microseconds per
+committed put, summed over the servers (``/proc/<pid>/stat``) and the client (``getrusage``)
+over the client's measuring window. The PySyncObj comparison is ``benchmarks.bench_peer``.
+
+Also runnable alone: ``python -m benchmarks.bench_tcp`` (these figures, no harness), and
+``python -m benchmarks.bench_tcp client ADDR,... CA CERT KEY SECONDS CONCURRENCY SIZE PIDS
+LATFILE`` (the client process; ``- - -`` for CA CERT KEY: plaintext; prints ``RATE``,
+``COUNT`` and ``CPU`` lines and writes each put's latency in seconds to ``LATFILE`` as native
+doubles).
 """
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ._common import Context, Result, Target, child_env, free_ports, median
+from ._common import (
+    Context,
+    Result,
+    Target,
+    child_env,
+    cpu_us_per_op,
+    free_ports,
+    median,
+    percentiles,
+)
 from .baseline import write_fdatasync_rate
+from .peer_pysyncobj import WINDOW_MAX, WINDOW_ROUNDS
 
 TITLE = "Raft over TCP: 3 server processes, mutual TLS, fsync on"
 CONCURRENCY = 256
 SIZE = 100
+LARGE_SIZE = 64 << 10
+LARGE_CONCURRENCY = 64
 READY = re.compile(r"tinyraftplus-server ready id=(\S+) peer=\S+ client=(\S+):(\d+)")
 
 
-def _certs(directory: Path) -> dict[str, str]:
+def _certs(directory: Path, ids: list[int]) -> dict[str, str]:
     import trustme  # a test dependency; the harness records an error without it
 
     ca = trustme.CA()
     out = {"ca": str(directory / "ca.pem")}
     ca.cert_pem.write_to_path(out["ca"])
-    for name, san in [(str(i), f"node-{i}.tinyraftplus") for i in (1, 2, 3)] + [
+    for name, san in [(str(i), f"node-{i}.tinyraftplus") for i in ids] + [
             ("client", "client.tinyraftplus")]:
         cert = ca.issue_cert(san)
         out[f"cert-{name}"] = str(directory / f"{name}.crt")
@@ -46,19 +67,43 @@ def _certs(directory: Path) -> dict[str, str]:
     return out
 
 
-class _Cluster:
-    def __init__(self, directory: Path) -> None:
+@dataclass
+class ClientRun:
+    """What one client process measured over its window."""
+
+    rate: float
+    """Committed puts per second."""
+    count: int
+    cpu_seconds: float | None
+    """CPU of the client and every server process over the window (None if unreadable)."""
+    latencies: list[float]
+    """Seconds, one per put completed in the window."""
+
+
+class Cluster:
+    """``nodes`` server processes on loopback, mutual TLS, fsync on (both switchable, to see
+    what each costs: ``tls=False`` runs the servers and the client ``--plaintext``)."""
+
+    def __init__(self, directory: Path, nodes: int = 3, *, fsync: bool = True,
+                 tls: bool = True) -> None:
         self.dir = directory
-        self.certs = _certs(directory)
-        ports = free_ports(3)
-        self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip((1, 2, 3), ports,
+        self.ids = list(range(1, nodes + 1))
+        self.certs = _certs(directory, self.ids)
+        self.fsync = fsync
+        self.tls = tls
+        ports = free_ports(nodes)
+        self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip(self.ids, ports,
                                                                     strict=True))
         self.procs: list[subprocess.Popen] = []
         self.clients: list[str] = []
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
     def start(self) -> None:
         outs = []
-        for i in (1, 2, 3):
+        for i in self.ids:
             out = self.dir / f"out-{i}.txt"
             err = open(self.dir / f"err-{i}.txt", "wb")  # noqa: SIM115 (the child owns it)
             outs.append(out)
@@ -67,18 +112,19 @@ class _Cluster:
                     [sys.executable, "-m", "tinyraftplus.server", "--id", str(i),
                      "--peers", self.peers, "--client-port", "0",
                      "--data", str(self.dir / f"data-{i}"), "--election-timeout", "1.0",
-                     "--tls-ca", self.certs["ca"], "--tls-cert", self.certs[f"cert-{i}"],
-                     "--tls-key", self.certs[f"key-{i}"], "--log-level", "WARNING"],
+                     *(["--tls-ca", self.certs["ca"], "--tls-cert", self.certs[f"cert-{i}"],
+                        "--tls-key", self.certs[f"key-{i}"]] if self.tls else ["--plaintext"]),
+                     "--log-level", "WARNING", *([] if self.fsync else ["--no-fsync"])],
                     stdout=o, stderr=err, stdin=subprocess.DEVNULL, env=child_env()))
             err.close()
         deadline = time.monotonic() + 60
-        for i, out in zip((1, 2, 3), outs, strict=True):
+        for k, (i, out) in enumerate(zip(self.ids, outs, strict=True)):
             while True:
                 m = READY.search(out.read_text())
                 if m:
                     self.clients.append(f"{m.group(2)}:{m.group(3)}")
                     break
-                if self.procs[i - 1].poll() is not None or time.monotonic() > deadline:
+                if self.procs[k].poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server {i} did not start:\n"
                                        f"{(self.dir / f'err-{i}.txt').read_text()[-2000:]}")
                 time.sleep(0.05)
@@ -89,68 +135,124 @@ class _Cluster:
         for p in self.procs:
             p.wait()
 
-    def run_client(self, seconds: float) -> float:
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run_client(self, seconds: float, concurrency: int = CONCURRENCY,
+                   size: int = SIZE) -> ClientRun:
+        """One client process keeping ``concurrency`` puts of ``size`` bytes in flight for
+        ``seconds`` (after a short warm-up)."""
+        latfile = self.dir / "latencies.bin"
+        tls = [self.certs["ca"], self.certs["cert-client"], self.certs["key-client"]]
         argv = [sys.executable, "-m", "benchmarks.bench_tcp", "client", ",".join(self.clients),
-                self.certs["ca"], self.certs["cert-client"], self.certs["key-client"],
-                str(seconds), str(CONCURRENCY), str(SIZE)]
+                *(tls if self.tls else ["-", "-", "-"]),
+                str(seconds), str(concurrency), str(size), ",".join(map(str, self.pids)),
+                str(latfile)]
         p = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
-                           timeout=seconds + 120)
-        m = re.search(r"^RATE (\S+)", p.stdout, re.M)
-        if p.returncode != 0 or not m:
+                           timeout=max(seconds, WINDOW_MAX) + 120)
+        rate = re.search(r"^RATE (\S+)", p.stdout, re.M)
+        count = re.search(r"^COUNT (\d+)", p.stdout, re.M)
+        cpu = re.search(r"^CPU (\S+)", p.stdout, re.M)
+        if p.returncode != 0 or not rate or not count or not cpu:
             raise RuntimeError(f"benchmark client failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        return float(m.group(1))
+        lat = array.array("d")
+        with open(latfile, "rb") as f:
+            lat.frombytes(f.read())
+        latfile.unlink()
+        return ClientRun(float(rate.group(1)), int(count.group(1)),
+                         None if cpu.group(1) == "none" else float(cpu.group(1)), lat.tolist())
+
+
+@dataclass
+class Series:
+    """Repetitions of one client shape: rates, and everything pooled for the row."""
+
+    rates: list[float]
+    counts: list[int]
+    cpu: list[float | None]
+    latencies: list[float]
+
+    @classmethod
+    def empty(cls) -> Series:
+        return cls([], [], [], [])
+
+    def add(self, run: ClientRun) -> None:
+        self.rates.append(run.rate)
+        self.counts.append(run.count)
+        self.cpu.append(run.cpu_seconds)
+        self.latencies.extend(run.latencies)
+
+    @property
+    def latency_ms(self) -> dict[str, float] | None:
+        return percentiles(self.latencies, 1e3)
+
+    @property
+    def cpu_us(self) -> float | None:
+        return cpu_us_per_op(self.cpu, self.counts)
 
 
 async def run(ctx: Context) -> list[Result]:
-    names = ["raft.tcp.append.concurrent", "peer.pysyncobj.concurrent"]
+    names = ["raft.tcp.append.seq", "raft.tcp.append.concurrent", "raft.tcp.append.large"]
     if not ctx.wants_any(names):
         return []
     out: list[Result] = []
     dur = max(ctx.duration, 1.0)
-    rates: list[float] = []
+    reps = min(ctx.repeats, 2) if ctx.quick else ctx.repeats
+    seq, conc, large = Series.empty(), Series.empty(), Series.empty()
     raws: list[float] = []
-    if ctx.wants("raft.tcp.append.concurrent"):
-        d = ctx.subdir("tcp")
-        cl = _Cluster(d)
-        try:
-            cl.start()
-            for _ in range(ctx.repeats):
+    raws_large: list[float] = []
+    d = ctx.subdir("tcp")
+    try:
+        with Cluster(d) as cl:
+            for _ in range(reps):
                 raws.append(write_fdatasync_rate(d, SIZE, dur / 2))
-                rates.append(cl.run_client(dur))
-        finally:
-            cl.stop()
-            ctx.remove(d)
+                if ctx.wants("raft.tcp.append.seq"):
+                    seq.add(cl.run_client(dur, 1, SIZE))
+                if ctx.wants("raft.tcp.append.concurrent"):
+                    conc.add(cl.run_client(dur, CONCURRENCY, SIZE))
+                if ctx.wants("raft.tcp.append.large"):
+                    raws_large.append(write_fdatasync_rate(d, LARGE_SIZE, dur / 2)
+                                      * LARGE_SIZE / 1e6)
+                    large.add(cl.run_client(dur, LARGE_CONCURRENCY, LARGE_SIZE))
+    finally:
+        ctx.remove(d)
+    shape = "3 server processes + 1 client process on loopback, mutual TLS, fsync on"
+    if seq.rates:
         out.append(Result(
-            "raft.tcp.append.concurrent", median(rates), "writes/s", baseline=median(raws),
-            baseline_name="raw write+fdatasync 100 B", target=Target(">=", 20_000),
-            samples=rates, baseline_samples=raws,
-            notes=f"3 server processes + 1 client process on loopback, mutual TLS, fsync on; "
-                  f"{CONCURRENCY} concurrent puts of {SIZE} B, each committed and applied",
+            "raft.tcp.append.seq", median(seq.rates), "writes/s", baseline=median(raws),
+            baseline_name="raw write+fdatasync 100 B", target=Target(">=", 0.2, "ratio"),
+            extra_targets=[Target("<", 1000, "cpu_us")],
+            samples=seq.rates, baseline_samples=raws,
+            latency=seq.latency_ms, cpu_us=seq.cpu_us,
+            notes=f"{shape}; one put of {SIZE} B in flight",
         ))
-    if ctx.wants("peer.pysyncobj.concurrent"):
-        try:
-            import pysyncobj  # noqa: F401
-        except ImportError:
-            print("(peer.pysyncobj.concurrent skipped: pip install pysyncobj)", file=sys.stderr)
-            return out
-        from .peer_pysyncobj import measure
-
-        peer_rates = []
-        for _ in range(ctx.repeats):
-            d = ctx.subdir("pysyncobj")
-            try:
-                peer_rates.append(measure(d, dur, CONCURRENCY, SIZE))
-            finally:
-                ctx.remove(d)
-        ours = median(rates) if rates else None
-        theirs = median(peer_rates)
+    if conc.rates:
+        ctx.baselines["raft.tcp.append.concurrent"] = median(conc.rates)
         out.append(Result(
-            "peer.pysyncobj.concurrent", theirs, "writes/s",
-            baseline=ours, baseline_name="ours: raft.tcp.append.concurrent",
-            ratio=(ours / theirs) if ours and theirs else None,
-            target=Target(">=", 1.0, "ratio"), samples=peer_rates,
-            notes="PySyncObj 3 processes on loopback, same size and concurrency; no TLS, and "
-                  "its journal is never fsynced (in-memory log). ratio = ours / theirs",
+            "raft.tcp.append.concurrent", median(conc.rates), "writes/s",
+            baseline=median(raws), baseline_name="raw write+fdatasync 100 B",
+            samples=conc.rates, baseline_samples=raws,
+            latency=conc.latency_ms, cpu_us=conc.cpu_us,
+            notes=f"{shape}; {CONCURRENCY} concurrent puts of {SIZE} B, each committed and "
+                  "applied; target: >= 2x PySyncObj's best (peer.pysyncobj.concurrent)",
+        ))
+    if large.rates:
+        mbs = [r * LARGE_SIZE / 1e6 for r in large.rates]
+        out.append(Result(
+            "raft.tcp.append.large", median(mbs), "MB/s",
+            baseline=median(raws_large), baseline_name="raw write+fdatasync 64 KiB",
+            target=Target(">=", 0.5, "ratio"), samples=mbs, baseline_samples=raws_large,
+            latency=large.latency_ms, cpu_us=large.cpu_us,
+            notes=f"{shape}; {LARGE_CONCURRENCY} concurrent puts of 64 KiB values "
+                  f"({median(large.rates):,.0f} puts/s); CPU per put",
         ))
     return out
 
@@ -163,39 +265,67 @@ def _client_main(argv: list[str]) -> None:
 
     from tinyraftplus.client import Client, client_ssl_context
 
-    addrs, ca, cert, key, seconds, conc, size = argv
+    from ._common import CpuMeter
+
+    addrs, ca, cert, key, seconds, conc, size, pids, latfile = argv
     duration, concurrency, nbytes = float(seconds), int(conc), int(size)
     value = os.urandom(nbytes)
+    server_pids = [int(p) for p in pids.split(",") if p]
+    lat = array.array("d")
 
     async def main() -> None:
-        ctx = client_ssl_context(ca, cert, key)
-        async with Client(addrs.split(","), tls=ctx, timeout=30.0) as c:
+        tls = None if ca == "-" else client_ssl_context(ca, cert, key)
+        inflight = max(1024, min(4096, concurrency))
+        async with Client(addrs.split(","), tls=tls, plaintext=tls is None, timeout=60.0,
+                          max_inflight=inflight) as c:
             count = 0
+            completed = 0
             measuring = False
             stop_at = 0.0
+            clock = time.perf_counter
 
             async def worker(w: int) -> None:
-                nonlocal count
+                nonlocal count, completed
                 n = 0
                 while True:
-                    await c.put(b"w%d-%d" % (w, n), value)
-                    n += 1
+                    # A bounded key set per worker: large values must not fill the memory.
+                    t0 = clock()
+                    await c.put(b"w%d-%d" % (w, n & 1023), value)
                     if measuring:
+                        lat.append(clock() - t0)
                         count += 1
+                    n += 1
+                    completed += 1
                     if stop_at and trio.current_time() >= stop_at:
                         return
 
             async with trio.open_nursery() as nursery:
                 for w in range(concurrency):
                     nursery.start_soon(worker, w)
-                await trio.sleep(min(1.0, duration / 2))  # warm up: connections, leader
+                # Warm up (connections, leader, caches) until one whole round of puts came
+                # back, and a little more, so that the window sees the steady state.
+                # As for PySyncObj (peer_pysyncobj), the window lasts at least three rounds.
+                started = trio.current_time()
+                with trio.move_on_after(60):
+                    while completed < concurrency:
+                        await trio.sleep(0.02)
+                window = min(max(duration, WINDOW_ROUNDS * (trio.current_time() - started)),
+                             WINDOW_MAX)
+                await trio.sleep(min(1.0, duration / 2))
+                meter = CpuMeter(server_pids)
+                meter.start()
                 measuring = True
                 t0 = trio.current_time()
-                stop_at = t0 + duration
-                await trio.sleep(duration)
+                stop_at = t0 + window
+                await trio.sleep(window)
                 measuring = False
                 elapsed = trio.current_time() - t0
+                cpu = meter.stop()
+                with open(latfile, "wb") as f:
+                    lat.tofile(f)
                 print(f"RATE {count / elapsed:.1f}", flush=True)
+                print(f"COUNT {count}", flush=True)
+                print(f"CPU {'none' if cpu is None else f'{cpu:.4f}'}", flush=True)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

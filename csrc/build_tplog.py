@@ -23,7 +23,8 @@ CDEF = """
 #define TP_SEG_HDR 48
 #define TP_REC_HDR 32
 #define TP_FLAG_MORE 1
-#define TP_FORMAT_VERSION 1
+#define TP_FLAG_ROUND 2
+#define TP_FORMAT_VERSION 2
 #define TP_MAX_PAYLOAD ...
 #define TP_EBADLEN -1001
 #define TP_ECRC -1002
@@ -36,6 +37,7 @@ CDEF = """
 #define TP_SCAN_CORRUPT 2
 #define TP_OP_WRITE 1
 #define TP_OP_SYNC 2
+#define TP_OP_TRUNC 3
 
 uint32_t tp_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t tp_crc32c_sw(uint32_t crc, const void *buf, size_t len);
@@ -47,12 +49,12 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
                          uint64_t *prev_term);
 
 void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
-                  uint32_t flags);
+                  uint32_t flags, uint32_t back);
 void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
-                  uint64_t term, uint32_t flags);
+                  uint64_t term, uint32_t flags, uint32_t back);
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
-                      uint64_t *offs_out);
+                      uint64_t *offs_out, uint32_t first_flags, uint32_t back);
 
 size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_prev,
                        uint64_t *out);
@@ -92,6 +94,17 @@ long tp_parse(const uint8_t *buf, size_t len, uint64_t file_off, uint64_t first_
               uint64_t *bad_off);
 
 void tp_inject_fault(int op, int err, int after_n);
+
+#define TP_REC_EVENT 40
+#define TP_EV_WRITE 1
+#define TP_EV_TRUNC 2
+#define TP_EV_SYNC 3
+void tp_record_start(int fd);
+void tp_record_stop(void);
+#define TP_BUG_CUT_NO_SYNC 1
+#define TP_BUG_CUT_HIDDEN 2
+#define TP_BUG_SCAN_ANY_RESYNC 4
+void tp_test_bugs(int mask);
 """
 
 

@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -146,7 +147,8 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
     if (len < TP_SEG_HDR) return TP_ESHORT;
     if (memcmp(in, SEG_MAGIC, 8) != 0) return TP_EHDR;
     if (rd32(in + 44) != tp_crc32c(0, in, 44)) return TP_ECRC;
-    if (rd32(in + 8) != TP_FORMAT_VERSION || rd32(in + 12) != TP_SEG_HDR) return TP_EHDR;
+    uint32_t ver = rd32(in + 8);
+    if ((ver != 1 && ver != TP_FORMAT_VERSION) || rd32(in + 12) != TP_SEG_HDR) return TP_EHDR;
     *first_seq = rd64(in + 16);
     *prev_term = rd64(in + 24);
     return 0;
@@ -155,37 +157,38 @@ int tp_seg_header_decode(const uint8_t *in, size_t len, uint64_t *first_seq,
 /* --------------------------------------------------------------------- framing ---- */
 
 static inline void frame_one(uint8_t *h, uint32_t len, uint64_t seq, uint64_t term,
-                             uint32_t flags) {
+                             uint32_t flags, uint32_t back) {
     wr32(h, len);
     wr64(h + 8, seq);
     wr64(h + 16, term);
     wr32(h + 24, flags);
-    wr32(h + 28, 0);
+    wr32(h + 28, (flags & TP_FLAG_ROUND) ? back : 0);
     wr32(h + 4, tp_crc32c(0, h + 8, (size_t)TP_REC_HDR - 8 + len));
 }
 
 void tp_frame_one(uint8_t *base, size_t pos, uint32_t len, uint64_t seq, uint64_t term,
-                  uint32_t flags) {
-    frame_one(base + pos, len, seq, term, flags);
+                  uint32_t flags, uint32_t back) {
+    frame_one(base + pos, len, seq, term, flags, back);
 }
 
 void tp_frame_hdr(uint8_t *hdr, const char *payload, uint32_t len, uint64_t seq,
-                  uint64_t term, uint32_t flags) {
+                  uint64_t term, uint32_t flags, uint32_t back) {
     wr32(hdr, len);
     wr64(hdr + 8, seq);
     wr64(hdr + 16, term);
     wr32(hdr + 24, flags);
-    wr32(hdr + 28, 0);
+    wr32(hdr + 28, (flags & TP_FLAG_ROUND) ? back : 0);
     wr32(hdr + 4, tp_crc32c(tp_crc32c(0, hdr + 8, TP_REC_HDR - 8), payload, len));
 }
 
 size_t tp_frame_batch(uint8_t *base, const uint32_t *lens, size_t n, uint64_t seq,
                       uint64_t term, const uint64_t *terms, int atomic, uint64_t file_off,
-                      uint64_t *offs_out) {
+                      uint64_t *offs_out, uint32_t first_flags, uint32_t back) {
     size_t pos = 0;
     for (size_t i = 0; i < n; i++) {
         uint32_t flags = (atomic && i + 1 < n) ? TP_FLAG_MORE : 0;
-        frame_one(base + pos, lens[i], seq + i, terms ? terms[i] : term, flags);
+        if (i == 0) flags |= first_flags;
+        frame_one(base + pos, lens[i], seq + i, terms ? terms[i] : term, flags, back);
         if (offs_out) offs_out[i] = file_off + pos;
         pos += TP_REC_HDR + (size_t)lens[i];
     }
@@ -203,25 +206,83 @@ size_t tp_term_changes(const uint64_t *terms, size_t n, uint64_t prev, int has_p
 
 /* ---------------------------------------------------------- fault injection ---- */
 
-/* Test hook: armed with tp_inject_fault; costs one relaxed atomic load per write. */
-static _Atomic int fault_op = 0, fault_err = 0, fault_after = 0;
+/* Test hook: armed with tp_inject_fault, one slot per operation so that a write fault
+ * and a truncate fault can be armed together; costs one relaxed atomic load per call. */
+#define TP_NOPS 4
+static _Atomic int fault_armed = 0; /* bit op: slot op is armed */
+static _Atomic int fault_err[TP_NOPS], fault_after[TP_NOPS];
 
 void tp_inject_fault(int op, int err, int after_n) {
-    atomic_store(&fault_op, 0);
-    atomic_store(&fault_err, err);
-    atomic_store(&fault_after, after_n);
-    atomic_store(&fault_op, err ? op : 0);
+    if (op <= 0 || op >= TP_NOPS) { /* disarm everything */
+        atomic_store(&fault_armed, 0);
+        return;
+    }
+    atomic_fetch_and(&fault_armed, ~(1 << op));
+    if (!err) return;
+    atomic_store(&fault_err[op], err);
+    atomic_store(&fault_after[op], after_n);
+    atomic_fetch_or(&fault_armed, 1 << op);
 }
 
 static int fault_hit(int op) {
-    if (atomic_load_explicit(&fault_op, memory_order_relaxed) != op) return 0;
-    if (atomic_fetch_sub(&fault_after, 1) > 0) return 0;
-    int err = atomic_load(&fault_err);
-    atomic_store(&fault_op, 0);
+    if (!(atomic_load_explicit(&fault_armed, memory_order_relaxed) & (1 << op))) return 0;
+    if (atomic_fetch_sub(&fault_after[op], 1) > 0) return 0;
+    int err = atomic_load(&fault_err[op]);
+    atomic_fetch_and(&fault_armed, ~(1 << op));
     return err;
 }
 
+/* ------------------------------------------------------- recording (test only) ---- */
+
+/* When rec_fd >= 0 every pwrite, ftruncate and fdatasync done here is appended to it as
+ * one event (see tp_record_start in tplog.h). Off, it costs one predictable branch per
+ * syscall. */
+static int rec_fd = -1;
+static _Atomic int test_bugs = 0;
+
+void tp_record_start(int fd) { rec_fd = fd; }
+void tp_record_stop(void) { rec_fd = -1; }
+void tp_test_bugs(int mask) { atomic_store(&test_bugs, mask); }
+
+static void rec_event(int op, int fd, uint64_t off, uint64_t len, const void *data) {
+    struct stat st;
+    uint8_t h[TP_REC_EVENT];
+    if (fstat(fd, &st) != 0) return;
+    memset(h, 0, sizeof h);
+    wr32(h, (uint32_t)op);
+    wr64(h + 8, (uint64_t)st.st_ino);
+    wr64(h + 16, off);
+    wr64(h + 24, len);
+    wr64(h + 32, data ? len : 0);
+    struct iovec iov[2] = {{h, sizeof h}, {(void *)data, data ? (size_t)len : 0}};
+    ssize_t r = writev(rec_fd, iov, data ? 2 : 1);
+    (void)r;
+}
+#define REC(op, fd, off, len, data) \
+    do { \
+        if (__builtin_expect(rec_fd >= 0, 0)) rec_event(op, fd, off, len, data); \
+    } while (0)
+
 /* ----------------------------------------------------------------- durable write ---- */
+
+/* After a failed write: cut the file back to `off` and make the cut durable, so that
+ * neither the process nor a crash can see the partial batch. 0 on success, else the errno
+ * of the step that failed (then the caller must fail the log for good: the partial batch
+ * may hold whole, valid records that a reopen would take for appends that succeeded). */
+static int cut_back(int fd, uint64_t off) {
+    int inj = fault_hit(TP_OP_TRUNC);
+    if (inj) return inj;
+    while (ftruncate(fd, (off_t)off) != 0) {
+        if (errno != EINTR) return errno;
+    }
+    REC(TP_EV_TRUNC, fd, off, 0, NULL);
+    if (atomic_load(&test_bugs) & TP_BUG_CUT_NO_SYNC) return 0;
+    while (fdatasync(fd) != 0) {
+        if (errno != EINTR) return errno;
+    }
+    REC(TP_EV_SYNC, fd, 0, 0, NULL);
+    return 0;
+}
 
 int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *failed_op) {
     const uint8_t *p = buf;
@@ -236,39 +297,46 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
             size_t part = (len - done) / 2;
             if (part) {
                 ssize_t r = pwrite(fd, p + done, part, (off_t)(off + done));
-                (void)r;
+                if (r > 0) REC(TP_EV_WRITE, fd, off + done, (uint64_t)r, p + done);
             }
             errno = inj;
             w = -1;
         } else {
             w = pwrite(fd, p + done, len - done, (off_t)(off + done));
         }
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            int err = errno;
-            /* Leave the file as it was before this batch so a later write does not land
-             * after a hole of garbage. If even this fails, the caller fails the log. */
-            if (ftruncate(fd, (off_t)off) != 0) err = err ? err : errno;
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            int err = w < 0 ? errno : ENOSPC;
+            /* Leave the file as it was before this batch, durably. If that fails, report
+             * the cut's failure (TP_OP_TRUNC), never the write's errno: ENOSPC would tell
+             * the caller "nothing was written" while a partial batch is in the file. */
+            int cerr = cut_back(fd, off);
+            if (cerr && (atomic_load(&test_bugs) & TP_BUG_CUT_HIDDEN)) cerr = 0;
+            if (cerr) {
+                *failed_op = TP_OP_TRUNC;
+                return -cerr;
+            }
             *failed_op = TP_OP_WRITE;
             return -err;
         }
-        if (w == 0) {
-            if (ftruncate(fd, (off_t)off) != 0) { /* reported as ENOSPC below */ }
-            *failed_op = TP_OP_WRITE;
-            return -ENOSPC;
-        }
+        REC(TP_EV_WRITE, fd, off + done, (uint64_t)w, p + done);
         done += (size_t)w;
     }
     if (sync) {
-        int inj = fault_hit(TP_OP_SYNC);
-        if (inj) {
-            *failed_op = TP_OP_SYNC;
-            return -inj;
+        int err = fault_hit(TP_OP_SYNC);
+        while (!err && fdatasync(fd) != 0) {
+            if (errno != EINTR) err = errno;
         }
-        while (fdatasync(fd) != 0) {
-            if (errno == EINTR) continue;
+        if (!err) REC(TP_EV_SYNC, fd, 0, 0, NULL);
+        if (err) {
+            /* fsyncgate: after a failed fdatasync the kernel may have dropped dirty pages
+             * and marked them clean, so the page cache can show bytes the disk never got,
+             * and a reopen would read them as records. Every earlier round was durable, so
+             * cut the file back to this round's start (and sync the cut): a reopen then
+             * sees exactly the durable records. The log fails either way. */
             *failed_op = TP_OP_SYNC;
-            return -errno;
+            cut_back(fd, off);
+            return -err;
         }
     }
     return 0;
@@ -445,7 +513,9 @@ static int check_record(const uint8_t *p, uint64_t avail, uint64_t expect_seq,
     if (len > TP_MAX_PAYLOAD) return TP_EBADLEN;
     if ((uint64_t)TP_REC_HDR + len > avail) return TP_ESHORT;
     if (rd32(p + 4) != tp_crc32c(0, p + 8, (size_t)TP_REC_HDR - 8 + len)) return TP_ECRC;
-    if ((rd32(p + 24) & ~TP_FLAG_MORE) != 0 || rd32(p + 28) != 0) return TP_EFLAGS;
+    uint32_t flags = rd32(p + 24);
+    if ((flags & ~(TP_FLAG_MORE | TP_FLAG_ROUND)) != 0) return TP_EFLAGS;
+    if (!(flags & TP_FLAG_ROUND) && rd32(p + 28) != 0) return TP_EFLAGS;
     if (rd64(p + 8) != expect_seq) return TP_ESEQ;
     *size = TP_REC_HDR + (uint64_t)len;
     return 0;
@@ -491,14 +561,20 @@ void tp_scan_release(tp_scan *s) {
 }
 
 /* Is there a whole valid record anywhere in data[from..size) with a seq at or after
- * expect_seq? Only a record that a writer produced can pass the CRC at a plausible seq,
- * so finding one means the damage is in the middle of the log, not a torn tail. */
+ * expect_seq? Only a record that a writer produced can pass the CRC at a plausible seq.
+ * With `after_durable` set, only a record that starts a write round (TP_FLAG_ROUND) and
+ * says the segment was durable beyond `bad_off` when it was written counts: proof that
+ * the damage at bad_off is in data that had been made durable, i.e. not a torn write. */
 static uint64_t find_resync(const uint8_t *data, uint64_t from, uint64_t size,
-                            uint64_t expect_seq) {
+                            uint64_t expect_seq, int after_durable, uint64_t bad_off) {
     uint64_t max_seq = expect_seq + (size - from) / TP_REC_HDR + 1;
     for (uint64_t p = from; p + TP_REC_HDR <= size; p++) {
         uint64_t seq = rd64(data + p + 8);
         if (seq < expect_seq || seq > max_seq) continue;
+        if (after_durable) {
+            if (!(rd32(data + p + 24) & TP_FLAG_ROUND)) continue;
+            if (p - rd32(data + p + 28) <= bad_off) continue;
+        }
         uint64_t sz;
         if (check_record(data + p, size - p, seq, &sz) == 0) return p;
     }
@@ -521,6 +597,7 @@ int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_off
     uint8_t *data = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (data == MAP_FAILED) return -errno;
     madvise(data, size, MADV_SEQUENTIAL);
+    uint32_t version = size >= TP_SEG_HDR ? rd32(data + 8) : TP_FORMAT_VERSION;
     uint64_t off = start_off, seq = first_seq;
     int rc = 0;
     uint64_t last_term = 0;
@@ -530,7 +607,19 @@ int tp_scan_segment(int fd, uint64_t start_off, uint64_t first_seq, int want_off
         if (r != 0) {
             s->reason = r;
             s->bad_off = off;
-            uint64_t rs = find_resync(data, off + 1, size, seq);
+            /* Torn tail or damage mid-log? Format 2 frames every write round's first
+             * record with TP_FLAG_ROUND and how far back the segment was durable when
+             * the round was written; only one round is ever in flight. Valid records
+             * after the damage prove it mid-log only if one of them starts a round that
+             * was written after the damaged bytes had been made durable. Otherwise they
+             * belong to the round a crash interrupted (a later page of it reached the
+             * disk, an earlier one did not) and the tail is torn. Format 1 segments
+             * carry no rounds: any valid record after the damage makes it mid-log. */
+            uint64_t rs = find_resync(data, off + 1, size, seq, 0, off);
+            s->resync_off = rs;
+            if (rs != UINT64_MAX && version >= 2 &&
+                !(atomic_load(&test_bugs) & TP_BUG_SCAN_ANY_RESYNC))
+                rs = find_resync(data, off + 1, size, seq, 1, off);
             if (rs != UINT64_MAX) {
                 s->status = TP_SCAN_CORRUPT;
                 s->resync_off = rs;

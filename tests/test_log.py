@@ -59,9 +59,12 @@ async def test_on_disk_frame_matches_documented_format(tmp_path):
     while pos < len(raw):
         ln, crc, seq, term, flags, res = struct.unpack_from("<IIQQII", raw, pos)
         assert crc == crc32c.crc32c(raw[pos + 8 : pos + 32 + ln])
-        got.append((seq, term, flags, raw[pos + 32 : pos + 32 + ln]))
+        got.append((seq, term, flags, res, raw[pos + 32 : pos + 32 + ln]))
         pos += 32 + ln
-    assert got == [(0, 7, 1, b"hello"), (1, 7, 0, b"world"), (2, 8, 0, b"!")]
+    # flags: MORE = 1 inside a batch, ROUND = 2 on each write round's first record (its
+    # durable back, bytes 28..32, is 0 with fsync)
+    assert got == [(0, 7, 3, 0, b"hello"), (1, 7, 0, 0, b"world"), (2, 8, 2, 0, b"!")]
+    assert struct.unpack_from("<I", raw, 8)[0] == 2  # format version
 
 
 async def test_append_batch_terms_and_errors(tmp_path):

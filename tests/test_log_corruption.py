@@ -52,6 +52,7 @@ SEG_MAGIC = b"TPLOGSEG"
 SEG_HDR = struct.Struct("<8sIIQQ12sI")  # magic, version, header length, first seq, prev term
 REC_HDR = struct.Struct("<IIQQII")  # length, crc, seq, term, flags, reserved
 FLAG_MORE = 1
+FLAG_ROUND = 2  # format 2: the record starts a write round; bytes 28..32 its durable back
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _crc(data: bytes) -> int:
 def parse_segment(data: bytes) -> tuple[int, list[Frame]]:
     """Parse one segment file per the documented format; raise AssertionError if it is not."""
     magic, version, hlen, first, _prev_term, reserved, hcrc = SEG_HDR.unpack_from(data, 0)
-    assert magic == SEG_MAGIC and version == 1 and hlen == SEG_HDR.size == 48
+    assert magic == SEG_MAGIC and version == 2 and hlen == SEG_HDR.size == 48
     assert reserved == bytes(12), "segment header reserved bytes must be zero"
     assert hcrc == _crc(data[:44]), "segment header CRC does not match the documentation"
     frames = []
@@ -108,7 +109,8 @@ def parse_segment(data: bytes) -> tuple[int, list[Frame]]:
         end = off + REC_HDR.size + length
         assert end <= len(data), f"record at {off} runs past the end of the file"
         assert crc == _crc(data[off + 8 : end]), f"record at {off}: CRC != documented CRC"
-        assert rseq == seq and rsv == 0 and flags & ~FLAG_MORE == 0
+        assert rseq == seq and flags & ~(FLAG_MORE | FLAG_ROUND) == 0
+        assert rsv == 0 or flags & FLAG_ROUND, f"record at {off}: reserved bytes set"
         frames.append(Frame(off, end, rseq, term, flags, data[off + REC_HDR.size : end]))
         off, seq = end, seq + 1
     return first, frames
@@ -147,7 +149,10 @@ async def _build(root: Path, rng: random.Random, *, segment_size: int, ops: int,
     Runs at least ``ops`` operations, and more until the log has ``min_segments`` segments.
     """
     root.mkdir(parents=True, exist_ok=True)
-    log = FsLog(str(root), NAME, segment_size=segment_size, fsync=False)
+    # fsync=True: every operation is its own durable write round, so damage before the
+    # last one is mid-log (with fsync=False nothing was durable: any damage in the tail
+    # segment may be a torn write, and open cuts it back).
+    log = FsLog(str(root), NAME, segment_size=segment_size, fsync=True)
     originals: list[Entry] = []
     term = 1
 

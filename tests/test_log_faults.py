@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import subprocess
+import warnings
 
 import pytest
 import trio
@@ -257,3 +259,184 @@ async def test_failed_roll_fails_every_append_that_needed_it(tmp_path, monkeypat
     async with FsLog(tmp_path, "x", segment_size=4096) as log:
         assert [e.seq async for e in log.iter()] == list(range(len(acked) + 1))
         assert log.head == b"after"
+
+
+@pytest.mark.parametrize("cut_err", [errno.EIO, errno.ENOSPC])
+async def test_enospc_then_a_failed_cut_back_fails_the_log(tmp_path, cut_err):
+    """Issue 9.1: a write fails half-way (ENOSPC) and cutting the partial round back fails
+    too. Before, the cut's failure hid behind ENOSPC: the appends raised the recoverable
+    ``LogFullError`` ("the log is unchanged"), a retry reused their seqs, and after reopen
+    the "failed" appends' payloads came back. Now the log fails for good."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"first")
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        lib.tp_inject_fault(lib.TP_OP_TRUNC, cut_err, 0)
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await log.append(b"failed-%d-" % i + b"x" * 200)
+                outcomes.append("ok")
+            except (LogFailedError, LogFullError) as e:
+                outcomes.append(type(e).__name__)
+
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(one, i)
+        assert "LogFullError" not in outcomes and "ok" not in outcomes, outcomes
+        with pytest.raises(LogFailedError, match="cutting the partial write back failed"):
+            await log.append(b"retry")
+        assert log.seq == 0
+    # Reopen: the log opens, "first" is there; what the failed appends left is either
+    # absent or whole records with their own payloads (never another append's seq).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LogRecoveryWarning)
+        async with FsLog(tmp_path, "x") as log:
+            got = [e.data async for e in log.iter()]
+    assert got[0] == b"first"
+    assert all(d.startswith(b"failed-") for d in got[1:])
+
+
+async def test_cut_back_after_enospc_is_durable(tmp_path):
+    """Issue 9.1: the cut after a failed write is fdatasynced before LogFullError is
+    raised (checked here through the fault hook: a failing fdatasync of the cut also
+    fails the log; the crash-state enumeration checks the ordering itself)."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"first")
+        lib.tp_inject_fault(lib.TP_OP_WRITE, errno.ENOSPC, 0)
+        with pytest.raises(LogFullError, match="disk full"):
+            await log.append_batch([b"y" * 3000, b"z"])
+        assert os.path.getsize(_seg0(tmp_path)) == fmt.SEG_HDR + fmt.REC_HDR + 5
+        assert await log.append(b"after") == 1
+
+
+def _rounds(raw: bytes) -> list[tuple[int, int]]:
+    """(offset, seq) of every record that starts a write round, per the documented format."""
+    out, pos = [], fmt.SEG_HDR
+    while pos < len(raw):
+        ln, _crc, seq, _term, flags, _back = struct.unpack_from("<IIQQII", raw, pos)
+        if flags & fmt.FLAG_ROUND:
+            out.append((pos, seq))
+        pos += fmt.REC_HDR + ln
+    return out
+
+
+async def _log_ending_in_a_multi_page_round(tmp_path) -> list[tuple[int, int]]:
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"a" * 100)
+        await log.append(b"b" * 100)
+        async with trio.open_nursery() as n:  # one round of many independent appends
+            for i in range(12):
+                n.start_soon(log.append, bytes([65 + i]) * 1000)
+    rounds = _rounds(_seg0(tmp_path).read_bytes())
+    assert len(rounds) >= 3 and os.path.getsize(_seg0(tmp_path)) - rounds[-1][0] > 8192
+    return rounds
+
+
+async def test_torn_final_round_is_cut_not_called_corrupt(tmp_path):
+    """Issue 9.3: a power loss during the last (never acknowledged) group commit persisted
+    a later page of the round but not its first (zeros). Before, open raised
+    LogCorruptError ("valid records follow"); now the tail is cut with a warning."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    start, first_seq = rounds[-1]
+    page_end = (start // 4096 + 1) * 4096
+    with open(_seg0(tmp_path), "r+b") as f:
+        f.seek(start)
+        f.write(bytes(page_end - start))
+    with pytest.warns(LogRecoveryWarning, match="same unacknowledged write round"):
+        async with FsLog(tmp_path, "x") as log:
+            assert log.seq == first_seq - 1
+            assert [e.data[:1] async for e in log.iter()][:2] == [b"a", b"b"]
+            assert await log.append(b"next") == first_seq
+    assert os.path.getsize(_seg0(tmp_path)) == start + fmt.REC_HDR + 4
+
+
+async def test_damage_before_a_later_round_stays_corrupt(tmp_path):
+    """Issue 9.3: damage in an acknowledged round, followed by a round written after it
+    was durable, is mid-log corruption, never cut as a torn tail."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    victim = rounds[1][0] + fmt.REC_HDR + 10  # a payload byte of the second round
+    with open(_seg0(tmp_path), "r+b") as f:
+        f.seek(victim)
+        f.write(b"\xff")
+    with pytest.raises(LogCorruptError, match="valid records follow"):
+        async with FsLog(tmp_path, "x"):
+            pass
+
+
+async def test_version_1_segment_keeps_the_old_rule(tmp_path):
+    """A format-1 segment has no rounds: any valid record after damage is mid-log."""
+    rounds = await _log_ending_in_a_multi_page_round(tmp_path)
+    raw = bytearray(_seg0(tmp_path).read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")
+    raw[44:48] = lib.tp_crc32c(0, bytes(raw[:44]), 44).to_bytes(4, "little")
+    start = rounds[-1][0]
+    raw[start : start + 100] = bytes(100)
+    _seg0(tmp_path).write_bytes(bytes(raw))
+    with pytest.raises(LogCorruptError, match="valid records follow"):
+        async with FsLog(tmp_path, "x"):
+            pass
+
+
+async def test_failed_fdatasync_cuts_the_round_back(tmp_path):
+    """Issue 9.6 (fsyncgate): after a failed fdatasync the page cache may hold bytes the
+    disk never got; the failed round is cut back (and the cut synced) before the log
+    fails, so a reopen reads exactly the acknowledged records."""
+    async with FsLog(tmp_path, "x") as log:
+        await log.append(b"durable")
+        size = os.path.getsize(_seg0(tmp_path))
+        lib.tp_inject_fault(lib.TP_OP_SYNC, errno.EIO, 0)
+        with pytest.raises(LogFailedError, match="was cut back"):
+            await log.append_batch([b"never acknowledged"] * 3)
+        assert os.path.getsize(_seg0(tmp_path)) == size
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [b"durable"]
+
+
+async def test_roll_without_fsync_syncs_the_sealed_segment(tmp_path, monkeypatch):
+    """Issue 9.6: with fsync=False a roll fdatasyncs the segment it seals, so a power loss
+    cannot leave a sealed segment short."""
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    async with FsLog(tmp_path, "x", fsync=False, segment_size=4096) as log:
+        synced.clear()
+        while log.seq < 60:
+            await log.append(b"r" * 200)
+        first_two = sorted(str(p) for p in (tmp_path / "x").glob("*.seg"))[:2]
+    assert first_two[0] in synced and first_two[1] in synced
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+async def test_failed_segment_creation_leaks_nothing(tmp_path, monkeypatch, err):
+    """Issue 9.6: a failing directory fsync while creating a segment closed nothing (the
+    descriptor leaked) and left the file, so after ENOSPC the next roll failed (EEXIST)."""
+    from tinyraftplus.log import segment
+
+    real = segment.fsync_dir
+    calls = {"n": 0}
+
+    def failing(path: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(err, os.strerror(err))
+        real(path)
+
+    async with FsLog(tmp_path, "x", segment_size=4096) as log:
+        while log.seq < 10:
+            await log.append(b"r" * 300)
+        fds = len(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(segment, "fsync_dir", failing)
+        with pytest.raises(LogFullError if err == errno.ENOSPC else LogFailedError):
+            while True:
+                await log.append(b"r" * 300)
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert len(list((tmp_path / "x").glob("*.seg"))) == 1
+        if err == errno.ENOSPC:  # the log goes on: the next roll creates the file
+            seq = await log.append(b"r" * 300)
+            assert seq == log.seq and len(list((tmp_path / "x").glob("*.seg"))) == 2

@@ -43,16 +43,14 @@ CASES = [
                                                  "state machine safety"}),
     ("forget_vote", SimConfig.churn(), 400, {"election safety", "leader completeness",
                                              "state machine safety"}),
-    ("skip_fsync", SimConfig(), 20, {"acknowledged write durability"}),
-    # Membership: a configuration in force only once committed (it must be from append),
-    # and a leader changing membership before it committed an entry of its own term (the
-    # 2015 single-server bug), hunted with leaders crashing right after a change.
-    ("config_on_commit", SimConfig(), 150, {"acknowledged write durability", "exception",
-                                            "leader completeness", "commit quorum",
-                                            "state machine safety", "election safety"}),
-    ("skip_own_term_rule", SimConfig.membership_churn(), 600, {
-        "acknowledged write durability", "leader completeness", "commit quorum",
-        "state machine safety", "election safety", "log matching", "liveness"}),
+    ("skip_fsync", SimConfig(), 20, {"acknowledged write durability", "commit quorum"}),
+    # Membership: a configuration put in force only once committed (it must be from the
+    # moment it is appended). (The other planted membership bug, a change before the
+    # leader's own-term commit, needs the exact 2015 interleaving: it is shown breaking
+    # safety step by step in tests/test_membership_core.py.)
+    ("config_on_commit", SimConfig(), 150, {"commit quorum", "acknowledged write durability",
+                                            "leader completeness", "state machine safety",
+                                            "election safety"}),
     # A node whose disk was wiped comes back as the member it was (the first wave's
     # behaviour): caught by the durability check, or by what it breaks.
     ("trust_wiped", SimConfig(), 60, {"acknowledged write durability", "leader completeness",

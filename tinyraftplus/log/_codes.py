@@ -41,6 +41,14 @@ def write_error(rc: int, op: int, path: str, offset: int) -> LogFullError | LogF
     """ENOSPC from a write is recoverable (the batch was cut back); anything else fails
     the log for good."""
     err = -rc
+    if op == lib.TP_OP_TRUNC:
+        return LogFailedError(
+            f"a write of {path} at byte offset {offset} failed, and cutting the partial "
+            f"write back failed too: {os.strerror(err)} ({errno.errorcode.get(err, err)}); "
+            "part of the failed appends may still be in the file, so the log refuses further "
+            "writes: close and reopen it (after freeing space) to continue from what is on "
+            "disk, where the failed appends may or may not be"
+        )
     what = "fdatasync" if op == lib.TP_OP_SYNC else "write"
     if err == errno.ENOSPC and op == lib.TP_OP_WRITE:
         return LogFullError(
@@ -53,5 +61,6 @@ def write_error(rc: int, op: int, path: str, offset: int) -> LogFullError | LogF
         f"{what} of {path} at byte offset {offset} failed: {os.strerror(err)} "
         f"({errno.errorcode.get(err, err)}); the log refuses further writes because the "
         "kernel may have dropped the unwritten data: close and reopen it to continue from "
-        "what is on disk"
+        "what is on disk (every record acknowledged before this error; the failed write "
+        "was cut back, so unacknowledged records are normally gone)"
     )

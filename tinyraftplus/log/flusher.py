@@ -69,11 +69,14 @@ class Flusher:
             raise RuntimeError(f"flusher busy ({rc}): a write was submitted twice")
         self._started = time.perf_counter()
 
+    @trio.lowlevel.enable_ki_protection
     async def wait(self) -> tuple[int, int]:
-        """(rc, failed_op) of the submitted write. Not cancellable: call it shielded."""
+        """(rc, failed_op) of the submitted write. Not cancellable: call it shielded.
+        A KeyboardInterrupt can still end it at a checkpoint: the result is then kept (the
+        write stays in flight) and the next call returns it."""
         if self._inline is not None:
-            result, self._inline = self._inline, None
             await trio.lowlevel.cancel_shielded_checkpoint()
+            result, self._inline = self._inline, None
             return result
         done = self._done
         if self._poll and not done[0] and self._took < self._poll:

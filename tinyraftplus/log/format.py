@@ -1,4 +1,4 @@
-"""The on-disk format of an ``FsLog`` (version 1), for anyone writing another reader.
+"""The on-disk format of an ``FsLog`` (version 2), for anyone writing another reader.
 
 All integers are little-endian. CRC32C is the Castagnoli CRC (reflected polynomial
 0x82F63B78, initial value and final xor 0xFFFFFFFF), the one the ``crc32c`` package computes.
@@ -17,7 +17,7 @@ Directory ``DIR/NAME/`` holds:
 Segment header (``SEG_HDR`` = 48 bytes)::
 
     0   8  magic b"TPLOGSEG"
-    8   u32 format version (1)
+    8   u32 format version (2; version 1 segments, without write rounds, are still read)
     12  u32 header length (48)
     16  u64 first seq (equals the file name)
     24  u64 term of the record before first seq (0 if none): survives compaction
@@ -30,13 +30,28 @@ Records follow back to back. Record header (``REC_HDR`` = 32 bytes), then the pa
     4   u32 CRC32C of bytes 8..32 of this header and the payload
     8   u64 seq
     16  u64 term
-    24  u32 flags: bit 0 = MORE (further records of the same atomic batch follow)
-    28  u32 reserved (zero)
+    24  u32 flags: bit 0 = MORE (further records of the same atomic batch follow),
+            bit 1 = ROUND (this record starts a write round; version 2)
+    28  u32 with ROUND: "durable back", this record's offset minus the offset up to which
+            the segment was durable when its round was written (0 with fsync: every
+            earlier round was fdatasynced first; saturates, never overstating the durable
+            end); without ROUND: zero
 
 Atomicity: every record of an ``append_batch`` or a transaction except the last has MORE
 set, and a batch never spans segments. On open, the tail segment is scanned and cut back to
 the end of the last record without MORE, so a batch a crash cut short disappears whole. A
 group commit writes many independent batches with one ``pwrite`` + ``fdatasync``.
+
+Write rounds and torn tails: the writer puts many records into one write round (one
+``pwrite``, then ``fdatasync``) and has at most one round in flight. A power loss during a
+round may persist any subset of its pages: a later page and not an earlier one (XFS, ext4
+``data=writeback``, preallocated files), which leaves invalid bytes followed by valid
+records. On open, at the first invalid record (offset X), recovery looks at the valid
+records after it: if one starts a round (ROUND) whose durable end, its offset minus its
+durable back, lies beyond X, then X was durable before that round was written, so the
+damage is mid-log: ``LogCorruptError``. Otherwise everything from X on belongs to the
+round a crash interrupted: a torn tail, cut back to X with a ``LogRecoveryWarning``. In
+version 1 segments any valid record after X makes the damage mid-log.
 
 Index file (``.idx``)::
 
@@ -62,7 +77,10 @@ import struct
 SEG_HDR = 48
 REC_HDR = 32
 FLAG_MORE = 1
-FORMAT_VERSION = 1
+FLAG_ROUND = 2
+FORMAT_VERSION = 2
+IDX_VERSION = 1
+MAX_BACK = (1 << 32) - 1
 MAX_PAYLOAD = 1 << 30
 MAX_U64 = (1 << 64) - 1
 

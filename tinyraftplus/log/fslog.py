@@ -24,7 +24,9 @@ Records become visible (``seq``, ``read``, ``iter``, ``entries``) only once dura
 ``format``) inside one round and one segment, so a crash keeps all of it or none.
 
 A failed write: ``ENOSPC`` fails that round and every round framed after it (their offsets
-assumed it), cuts the file back and rewinds the seqs: the log stays usable. Any other write
+assumed it), cuts the file back (durably: ``ftruncate`` + ``fdatasync`` before
+``LogFullError`` is raised) and rewinds the seqs: the log stays usable. If the cut itself
+fails, part of the round may still be in the file, so the log fails for good. Any other write
 or ``fdatasync`` error fails the log for good (``LogFailedError``): after an fsync error
 the kernel may have dropped the dirty pages, so nothing written since can be trusted.
 
@@ -62,13 +64,23 @@ from ..errors import (
     SeqMismatchError,
     UsageError,
 )
+from . import _owner, fileops
 from . import format as fmt
 from ._codes import corrupt, write_error
+from .fileops import fsync_dir
 from .flusher import Flusher
-from .segment import Records, Segment, entries_of, fsync_dir, parse_entries, scan_fd
+from .segment import Records, Segment, entries_of, parse_entries, scan_fd
 from .terms import TermIndex
 
 _HDR_BA = bytearray(fmt.REC_HDR)
+# Ctrl-C (KeyboardInterrupt) is never raised in the middle of these methods' state
+# updates: Trio delivers it to the main task at its next blocking point instead. Where that
+# blocking point is the flusher's own wait, the round stays in flight (``_inflight``) and
+# the next flusher, or ``close``, collects it. Protection is per code object: no cost.
+_ki_protected = trio.lowlevel.enable_ki_protection
+# TEST ONLY: names of fixed bugs to put back, so that the crash-state enumeration can show
+# it catches them (tests/test_log_crash_states.py). Empty in normal use; read on cold paths.
+_TEST_BUGS: set[str] = set()
 _BECOME_FLUSHER = object()
 _READ_STEP = 1 << 20  # bytes per pread when iterating
 
@@ -112,6 +124,13 @@ def _copy_error(exc: BaseException) -> BaseException:
     if isinstance(exc, LogFullError):
         return LogFullError(errno.ENOSPC, exc.strerror, exc.filename)
     return type(exc)(*exc.args)
+
+
+def _read_error(path: str, e: OSError) -> LogError:
+    return LogError(
+        f"reading log {path} failed: {e}; the log's files may have been changed by "
+        "something else: check them with `python -m tinyraftplus.log verify DIR NAME`"
+    )
 
 
 def _round_error(rnd: _Round | None) -> BaseException | None:
@@ -233,6 +252,7 @@ class FsLog:
         self._reads_done = trio.lowlevel.ParkingLot()
         self._reshaped = trio.lowlevel.ParkingLot()
         self._last_framed_term = 0
+        self._finalizer: Any = None
         self._hdr = ffi.new("uint8_t[]", fmt.REC_HDR)
         self._hdr_view = ffi.buffer(self._hdr)
 
@@ -256,9 +276,9 @@ class FsLog:
 
     def _open_sync(self) -> None:
         if not os.path.isdir(self.path):
-            os.makedirs(self.path, exist_ok=True)
+            fileops.makedirs(self.path)
             fsync_dir(self._parent)
-        lock_fd = os.open(
+        lock_fd = fileops.open_fd(
             os.path.join(self.path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
         )
         try:
@@ -276,13 +296,26 @@ class FsLog:
         except BaseException:
             self._release_files()
             raise
+        self._finalizer = _owner.finalizer(self, self.path, self._flusher, self._segs, lock_fd)
+        _owner.track(self)
+
+    def _forked(self) -> None:
+        """In a child after fork(): release this copy's descriptors, refuse all use."""
+        if self._state != "open":
+            return
+        self._state = "forked"
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _owner.close_in_child(self._flusher, self._segs, self._lock_fd)
+        self._flusher = None
+        self._lock_fd = None
 
     def _recover(self) -> None:
         names = os.listdir(self.path)
         for n in names:
             if n.endswith(".tmp"):
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.path, n))
+                    fileops.unlink(os.path.join(self.path, n))
         firsts = sorted(f for f in map(fmt.parse_segment_name, names) if f is not None)
         if not firsts:
             seg = Segment(self.path, 0, 0)
@@ -301,7 +334,7 @@ class FsLog:
             ):
                 break
             tail.close_fd()
-            os.unlink(tail.path)
+            fileops.unlink(tail.path)
             fsync_dir(self.path)
             self._segs.pop()
             warnings.warn(
@@ -314,7 +347,7 @@ class FsLog:
             if isinstance(hdr, int):
                 if len(self._segs) == 1 and os.fstat(seg.open_fd()).st_size <= fmt.SEG_HDR:
                     seg.close_fd()
-                    os.unlink(seg.path)
+                    fileops.unlink(seg.path)
                     seg.create_file()
                     warnings.warn(
                         f"rewrote the torn header of {seg.path}", LogRecoveryWarning, stacklevel=4
@@ -369,7 +402,7 @@ class FsLog:
 
     def _recover_tail(self, seg: Segment) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(seg.idx_path)  # only sealed segments have one
+            fileops.unlink(seg.idx_path)  # only sealed segments have one
         seg.close_fd()
         fd = seg.open_fd()
         r = scan_fd(fd, seg.first_seq, True)
@@ -383,7 +416,14 @@ class FsLog:
         if r.commit_end != r.file_size:
             parts = []
             if r.status == lib.TP_SCAN_TORN:
-                parts.append(f"torn record at byte offset {r.bad_off}")
+                torn = f"torn record at byte offset {r.bad_off}"
+                if r.resync_off != 2**64 - 1:
+                    torn += (
+                        f" (valid records of the same unacknowledged write round follow at "
+                        f"byte offset {r.resync_off}: a later page of it reached the disk, an "
+                        "earlier one did not)"
+                    )
+                parts.append(torn)
             if r.n_commit < r.n:
                 parts.append(f"incomplete batch of {r.n - r.n_commit} records")
             why = " and ".join(parts)
@@ -394,8 +434,12 @@ class FsLog:
                 LogRecoveryWarning,
                 stacklevel=5,
             )
-            os.ftruncate(fd, r.commit_end)
-            os.fdatasync(fd)
+            fileops.ftruncate(fd, r.commit_end)
+        # Durable before anything is appended: a new round says everything before it is
+        # durable, and the bytes found here may be only in the page cache (a process
+        # crash, or an fsync error that left pages the disk never got).
+        fileops.fdatasync(fd)
+        seg.synced_end = r.commit_end
         offs = r.offs
         del offs[r.n_commit :]
         seg.offs = offs
@@ -405,26 +449,41 @@ class FsLog:
             if s < seg.first_seq + r.n_commit:
                 self._terms.add(s, t)
 
+    @_ki_protected
     async def close(self) -> None:
         """Wait for an open transaction and for every framed append to be durable, then
-        close the files and release the lock. Closing twice is allowed."""
+        close the files and release the lock. Closing twice is allowed. Always finishes:
+        a Ctrl-C (``KeyboardInterrupt``) that arrives while it drains is raised once the
+        log is closed."""
         if self._state != "open":
-            self._state = "closed"
+            if self._state != "forked":
+                self._state = "closed"
             return
+        interrupted: KeyboardInterrupt | None = None
         async with self._excl:
             if self._state != "open":
                 return
             self._blocked = True
             with trio.CancelScope(shield=True):
-                await self._drain()
-                await self._reshape_begin()
+                while True:
+                    try:
+                        await self._drain()
+                        await self._reshape_begin()
+                        break
+                    except KeyboardInterrupt as e:
+                        interrupted = e
                 self._state = "closed"
                 self._reshape_end()
                 self._gate.unpark_all()
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+                _owner.untrack(self)
                 if self._flusher is not None:
                     self._flusher.stop()
                     self._flusher = None
                 self._release_files()
+        if interrupted is not None:
+            raise interrupted
 
     def _release_files(self) -> None:
         for s in self._segs:
@@ -440,7 +499,7 @@ class FsLog:
         path = os.path.join(os.fspath(dir), name)
         if not os.path.isdir(path):
             return
-        lock_fd = os.open(
+        lock_fd = fileops.open_fd(
             os.path.join(path, fmt.LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
         )
         try:
@@ -452,9 +511,9 @@ class FsLog:
                 ) from None
             for n in os.listdir(path):
                 if n != fmt.LOCK_NAME:
-                    os.unlink(os.path.join(path, n))
-            os.unlink(os.path.join(path, fmt.LOCK_NAME))
-            os.rmdir(path)
+                    fileops.unlink(os.path.join(path, n))
+            fileops.unlink(os.path.join(path, fmt.LOCK_NAME))
+            fileops.rmdir(path)
             fsync_dir(os.fspath(dir))
         finally:
             os.close(lock_fd)
@@ -492,6 +551,12 @@ class FsLog:
 
     def _check_open(self) -> None:
         if self._state != "open":
+            if self._state == "forked":
+                raise ClosedError(
+                    f"log {self.path} was opened by the parent of this process before "
+                    "fork(); the child's copy released its descriptors and refuses use: "
+                    "open the log in the child only once the parent has closed it"
+                )
             what = "before open()" if self._state == "new" else "after close()"
             raise ClosedError(f"log {self.path} used {what}")
 
@@ -501,10 +566,17 @@ class FsLog:
             raise LogFailedError(str(self._failed)) from self._failed
 
     # --- appends ----------------------------------------------------------------------
+    @_ki_protected
     async def append(
         self, data: bytes | bytearray | memoryview, *, seq: int | None = None, term: int = 0
     ) -> int:
         """Append one record; return its seq once it is durable.
+
+        Cancelled (a cancel scope, a timeout) after the call was made, the record was
+        already framed and keeps its seq: it may still become durable and visible, and
+        later appends follow it. A caller that must know checks ``log.seq`` /
+        ``read(seq)`` afterwards, or writes records that are safe to find twice (Raft
+        does: it compares terms). Ctrl-C behaves the same.
 
         Raises ``InvalidArgumentError`` for a non-bytes payload or bad term,
         ``SeqMismatchError`` if ``seq`` is given and is not the next seq,
@@ -535,7 +607,10 @@ class FsLog:
         rnd = self._open_round(fmt.REC_HDR + n)
         buf = rnd.buf
         pos = len(buf)
-        lib.tp_frame_hdr(self._hdr, data, n, s, term, 0)
+        if pos:
+            lib.tp_frame_hdr(self._hdr, data, n, s, term, 0, 0)
+        else:
+            lib.tp_frame_hdr(self._hdr, data, n, s, term, fmt.FLAG_ROUND, self._back(rnd))
         try:  # the round's bytes and bookkeeping change together or not at all
             rnd.offs.append(rnd.file_off + pos)
             buf += self._hdr_view
@@ -556,6 +631,7 @@ class FsLog:
         await self._wait_durable(rnd)
         return s
 
+    @_ki_protected
     async def append_batch(
         self,
         items: Sequence[bytes | bytearray | memoryview],
@@ -564,7 +640,9 @@ class FsLog:
         term: int | Sequence[int] = 0,
     ) -> int:
         """Append records atomically (all or none survive a crash); return the first seq
-        once all are durable. ``term`` is one term for all or one per item."""
+        once all are durable. ``term`` is one term for all or one per item. Cancelled
+        after the call, the batch may still become durable, whole, with its seqs (see
+        ``append``)."""
         self._check_writable()
         items, lens, terms, joined = self._check_batch(items, term)
         while self._blocked:
@@ -657,8 +735,9 @@ class FsLog:
         if joined is None:
             joined = _HDR_BA.join(chain((b"",), items))
         c_joined = ffi.from_buffer("uint8_t[]", joined)
+        flags0, back = (fmt.FLAG_ROUND, self._back(rnd)) if pos == 0 else (0, 0)
         if n == 1:
-            lib.tp_frame_one(c_joined, 0, lens[0], first, last_term, 0)
+            lib.tp_frame_one(c_joined, 0, lens[0], first, last_term, flags0, back)
             offs = array("Q", (off,))
         else:
             offs = array("Q", bytes(8 * n))
@@ -672,6 +751,8 @@ class FsLog:
                 1 if atomic else 0,
                 off,
                 ffi.from_buffer("uint64_t[]", offs),
+                flags0,
+                back,
             )
         del c_joined  # releases the buffer export, so the round can grow it later
         if terms is None:
@@ -701,6 +782,14 @@ class FsLog:
         self._next_seq = first + n
         self._last_framed_term = last_term
         return rnd
+
+    def _back(self, rnd: _Round) -> int:
+        """The durable back of a round's first record (see ``format``): with fsync every
+        earlier round is durable before this one is written; without, only what was
+        last fdatasynced (the segment's creation, a truncate, an open)."""
+        if self._fsync:
+            return 0
+        return min(rnd.file_off - rnd.seg.synced_end, fmt.MAX_BACK)
 
     def _open_round(self, nbytes: int) -> _Round:
         seg = self._segs[-1]
@@ -735,6 +824,7 @@ class FsLog:
         if v is _BECOME_FLUSHER:
             await self._run_flusher(rnd)
 
+    @_ki_protected
     async def _run_flusher(self, mine: _Round | None) -> None:
         """Be the flusher until ``mine`` is durable and the role can be handed on (or no
         work is left). Shielded: a cancelled flusher still finishes the write it started,
@@ -744,16 +834,29 @@ class FsLog:
             try:
                 error = await self._flush_loop(mine)
             except BaseException:
-                self._stop_flushing()
+                # Only a KeyboardInterrupt delivered at the flusher's wait gets here: hand
+                # the role on, so the waiters of queued rounds are not left waiting for a
+                # flusher that is gone (the round in flight is collected by the next one).
+                nxt = self._next_waiter()
+                if nxt is not None:
+                    trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
+                else:
+                    self._stop_flushing()
                 raise
         if error is not None:
             raise error
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    @_ki_protected
     async def _flush_loop(self, mine: _Round | None) -> BaseException | None:
         """Write queued rounds one at a time until ``mine`` is done (durable or failed) and
         the role is handed on, or nothing is left; return ``mine``'s error, if any."""
         while True:
+            if self._inflight is not None:
+                # A flusher interrupted (Ctrl-C) in its wait left its round in the C
+                # thread: collect it before anything else (close() waits for this too).
+                await self._collect(self._inflight)
+                continue
             if mine is not None and mine.done:
                 nxt = self._next_waiter()
                 if nxt is not None:
@@ -791,18 +894,22 @@ class FsLog:
                 self._fail_queued(misplaced)
                 continue
             self._submit(rnd)
-            assert self._flusher is not None
-            rc, op = await self._flusher.wait()
-            self._inflight = None
-            if rc == 0:
-                self._commit_round(rnd)
-                if rnd.waiters:
-                    self._gather = True
-                    self._wake(rnd.waiters, None)
-            else:
-                exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
-                self._fail_round(rnd, exc)
-                self._fail_queued(exc)
+            await self._collect(rnd)
+
+    async def _collect(self, rnd: _Round) -> None:
+        """Wait for the round in flight and commit or fail it."""
+        assert self._flusher is not None
+        rc, op = await self._flusher.wait()
+        self._inflight = None
+        if rc == 0:
+            self._commit_round(rnd)
+            if rnd.waiters:
+                self._gather = True
+                self._wake(rnd.waiters, None)
+        else:
+            exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
+            self._fail_round(rnd, exc)
+            self._fail_queued(exc)
 
     def _check_placement(self, rnd: _Round) -> LogFailedError | None:
         """A round must start exactly where its segment's durable records end, with the
@@ -853,6 +960,8 @@ class FsLog:
         seg.offs.extend(rnd.offs)
         seg.count += rnd.count
         seg.end = rnd.file_off + len(rnd.buf)
+        if self._fsync:
+            seg.synced_end = seg.end
         for s, t in rnd.terms:
             self._terms.add(s, t)
         self._seq = rnd.first_seq + rnd.count - 1
@@ -904,6 +1013,11 @@ class FsLog:
         runs = self._terms.runs_between(prev.first_seq, prev.last_seq)
 
         def work() -> None:
+            if not self._fsync and "roll-no-sync" not in _TEST_BUGS:
+                # Without fsync nothing in the tail was made durable: do it before the
+                # segment is sealed, or a power loss could leave a sealed segment short
+                # (open fails) instead of losing only the tail.
+                fileops.fdatasync(prev.open_fd())
             with contextlib.suppress(OSError):
                 prev.write_index(runs)
             seg.create_file()
@@ -918,10 +1032,15 @@ class FsLog:
                     "and append again",
                     seg.path,
                 )
-            return LogFailedError(f"cannot create segment {seg.path}: {e}")
+            return LogFailedError(
+                f"cannot seal {prev.path} and create segment {seg.path}: {e}; the log "
+                "refuses further writes: close and reopen it to continue from what is on disk"
+            )
+        prev.synced_end = prev.end
         prev.close_fd()
         return None
 
+    @_ki_protected
     async def _drain(self) -> None:
         """Wait until nothing is framed but not yet durable."""
         while self._flushing or self._queue or self._inflight:
@@ -933,6 +1052,7 @@ class FsLog:
                 continue
             await self._idle.park()
 
+    @_ki_protected
     async def _exclusive_begin(self) -> None:
         await self._excl.acquire()
         try:
@@ -966,11 +1086,14 @@ class FsLog:
         """``async with log.txn() as txn:`` appends that become durable and visible
         together at exit, or not at all (exception or ``await txn.abort()``). Other
         appends wait while a transaction is open; ``log.append`` from inside it raises
-        ``UsageError`` (it would wait for itself): use ``txn.append``."""
+        ``UsageError`` (it would wait for itself): use ``txn.append``. Cancelled while
+        its exit writes the records, the transaction is still written whole and may
+        become durable (see ``append``); cancelled inside the block, it aborts."""
         self._check_open()
         return Txn(self)
 
     # --- truncate / compact -----------------------------------------------------------
+    @_ki_protected
     async def truncate(self, seq: int) -> None:
         """Keep records ``<= seq`` (``-1``, or ``first_seq - 1``, empties the log)."""
         self._check_writable()
@@ -990,8 +1113,16 @@ class FsLog:
             with trio.CancelScope(shield=True):
                 await self._reshape_begin()
                 try:
-                    i, cut = await trio.to_thread.run_sync(self._truncate_sync, seq)
+                    i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
+                    seg = self._segs[i]
+                    await trio.to_thread.run_sync(seg.ensure_offsets)
+                    cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
+                    later = self._segs[i + 1 :]
+                    # Forget the cut records first, on this thread (as compact does): a
+                    # synchronous read (``entries``) then never looks at a file being
+                    # deleted or a range being cut while the thread does the file work.
                     self._truncate_apply(seq, i, cut)
+                    await trio.to_thread.run_sync(self._truncate_sync, seg, later, seq, cut)
                 except OSError as e:
                     self._failed = LogFailedError(
                         f"truncating {self.path} to seq {seq} failed half-way ({e}); the log "
@@ -1003,26 +1134,28 @@ class FsLog:
         finally:
             self._exclusive_end()
 
-    def _truncate_sync(self, seq: int) -> tuple[int, int]:
-        """The file work of a truncate (blocking): delete later segments, end a cut batch,
-        cut the segment holding ``seq``; returns that segment's index and the cut."""
-        i = max(bisect_right(self._firsts, seq + 1) - 1, 0)
-        seg = self._segs[i]
-        cut = seg.span(seq + 1, seq + 1)[0] if seq + 1 <= seg.last_seq else seg.end
-        for later in reversed(self._segs[i + 1 :]):
+    def _truncate_sync(self, seg: Segment, gone: list[Segment], seq: int, cut: int) -> None:
+        """The file work of a truncate (blocking): delete the later segments ``gone``, end
+        a cut batch, cut ``seg`` (the segment holding ``seq``) at byte offset ``cut``."""
+        for later in reversed(gone):
             later.close_fd()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(later.idx_path)
-            os.unlink(later.path)
+                fileops.unlink(later.idx_path)
+            fileops.unlink(later.path)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(seg.idx_path)
+            fileops.unlink(seg.idx_path)
+        # The unlinks are durable before the cut: a filesystem orders fsyncs per file, so
+        # otherwise a crash could keep the cut and the later segments, which then do not
+        # follow on from the cut segment (open fails: a sealed segment too short).
+        if "truncate-order" not in _TEST_BUGS:
+            fsync_dir(self.path)
         fd = seg.open_fd()
         if seq >= seg.first_seq:
             self._end_batch_at(seg, fd, seq)
-        os.ftruncate(fd, cut)
-        os.fdatasync(fd)
-        fsync_dir(self.path)
-        return i, cut
+        fileops.ftruncate(fd, cut)
+        fileops.fdatasync(fd)
+        if "truncate-order" in _TEST_BUGS:
+            fsync_dir(self.path)
 
     def _truncate_apply(self, seq: int, i: int, cut: int) -> None:
         seg = self._segs[i]
@@ -1032,7 +1165,7 @@ class FsLog:
         assert seg.offs is not None
         del seg.offs[n:]
         seg.count = n
-        seg.end = seg.write_end = cut
+        seg.end = seg.write_end = seg.synced_end = cut
         self._terms.truncate_after(seq)
         self._seq = seq
         self._next_seq = seq + 1
@@ -1053,10 +1186,23 @@ class FsLog:
         if not flags & fmt.FLAG_MORE:
             return
         term = int.from_bytes(rec[16:24], "little")
-        lib.tp_frame_one(ffi.from_buffer("uint8_t[]", rec), 0, len(rec) - fmt.REC_HDR, seq, term, 0)
-        os.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
-        os.fdatasync(fd)
+        back = int.from_bytes(rec[28:32], "little")
+        lib.tp_frame_one(
+            ffi.from_buffer("uint8_t[]", rec),
+            0,
+            len(rec) - fmt.REC_HDR,
+            seq,
+            term,
+            flags & ~fmt.FLAG_MORE,
+            back,
+        )
+        with seg.fd_lock:  # a reader in a thread never sees half a header
+            n = fileops.pwrite(fd, bytes(rec[: fmt.REC_HDR]), start)
+        if n != fmt.REC_HDR:
+            raise OSError(errno.EIO, f"short write ({n} of {fmt.REC_HDR} bytes)", seg.path)
+        fileops.fdatasync(fd)
 
+    @_ki_protected
     async def compact(self, seq: int) -> None:
         """Drop whole segments whose records are all ``<= seq`` (never the tail
         segment); ``first_seq`` moves to the first record kept."""
@@ -1097,8 +1243,8 @@ class FsLog:
         for seg in gone:
             seg.close_fd()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(seg.idx_path)
-            os.unlink(seg.path)
+                fileops.unlink(seg.idx_path)
+            fileops.unlink(seg.path)
         fsync_dir(self.path)
 
     # --- reads ------------------------------------------------------------------------
@@ -1127,12 +1273,20 @@ class FsLog:
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         """Records ``lo..hi`` (inclusive), stopping once ``max_bytes`` of payload are
         gathered but always at least one when ``lo <= hi``. Synchronous: one ``pread`` per
-        segment touched, served from the page cache."""
+        segment touched, served from the page cache. Safe beside a running ``truncate`` or
+        ``compact`` (they change what is visible before touching files); an I/O error is
+        raised as ``LogError``."""
         self._check_open()
         if hi < lo:
             return []
         self._check_range(lo)
         self._check_range(hi)
+        try:
+            return self._entries(lo, hi, max_bytes)
+        except OSError as e:
+            raise _read_error(self.path, e) from e
+
+    def _entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         out: list[Entry] = []
         budget = max_bytes
         while lo <= hi:
@@ -1166,18 +1320,21 @@ class FsLog:
         self._check_open()
         self._check_range(seq)
         seg = self._locate(seq)
-        if not self._reshaping and seg.offs is not None and seg.end - seg.offs[-1] < 65536:
-            ent = seg.read_entries(seq, seq)[0]
-            await trio.lowlevel.checkpoint()
-            return ent
-        await self._read_begin()
         try:
-            self._check_open()  # the log may have changed while we waited
-            self._check_range(seq)
-            seg = self._locate(seq)
-            return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
-        finally:
-            self._read_end()
+            if not self._reshaping and seg.offs is not None and seg.end - seg.offs[-1] < 65536:
+                ent = seg.read_entries(seq, seq)[0]
+                await trio.lowlevel.checkpoint()
+                return ent
+            await self._read_begin()
+            try:
+                self._check_open()  # the log may have changed while we waited
+                self._check_range(seq)
+                seg = self._locate(seq)
+                return (await trio.to_thread.run_sync(seg.read_entries, seq, seq))[0]
+            finally:
+                self._read_end()
+        except OSError as e:
+            raise _read_error(self.path, e) from e
 
     async def _read_begin(self) -> None:
         while self._reshaping:
@@ -1223,9 +1380,12 @@ class FsLog:
                         f"seq {seq} was compacted away while iterating {self.path}"
                     )
                 seg = self._locate(seq)
-                chunk = await trio.to_thread.run_sync(
-                    self._read_step, seg, seq, min(self._seq, seg.last_seq)
-                )
+                try:
+                    chunk = await trio.to_thread.run_sync(
+                        self._read_step, seg, seq, min(self._seq, seg.last_seq)
+                    )
+                except OSError as err:
+                    raise _read_error(self.path, err) from err
             finally:
                 self._read_end()
             # The whole chunk is verified; entries are made as the consumer takes them.
@@ -1262,6 +1422,7 @@ class Txn:
         self._first = self._log._next_seq
         return self
 
+    @_ki_protected
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         log = self._log
         try:

@@ -18,19 +18,13 @@ from typing import NamedTuple
 from .._native import ffi, lib
 from ..entry import Entry
 from ..errors import LogCorruptError
+from . import fileops
 from . import format as fmt
 from ._codes import corrupt
+from .fileops import fsync_dir
 
 _U64 = ffi.sizeof("uint64_t")
 _ZEROS = bytes(_U64)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encode_seg_header(first_seq: int, prev_term: int) -> bytes:
@@ -113,6 +107,7 @@ class Segment:
         "idx_offsets_crc",
         "runs_from_scan",
         "fd_lock",
+        "synced_end",
     )
 
     def __init__(self, dir: str, first_seq: int, prev_term: int = 0) -> None:
@@ -131,6 +126,9 @@ class Segment:
         self.idx_offsets_crc = 0
         self.runs_from_scan: list[tuple[int, int]] = []
         self.fd_lock = threading.RLock()  # see read_verified
+        # Up to where the file is known durable (fdatasynced): what a round's first record
+        # records as its durable end (see ``format``: write rounds and torn tails).
+        self.synced_end = fmt.SEG_HDR
 
     @property
     def last_seq(self) -> int:
@@ -143,7 +141,7 @@ class Segment:
         tail again (truncate), and the log holds the directory's lock anyway."""
         with self.fd_lock:
             if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                self.fd = fileops.open_fd(self.path, os.O_RDWR | os.O_CLOEXEC)
             return self.fd
 
     def close_fd(self) -> None:
@@ -154,20 +152,29 @@ class Segment:
                 self.fd = None
 
     def create_file(self) -> None:
-        """Create the file with its header, durably (blocking)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        """Create the file with its header, durably (blocking). A file of that name that
+        holds no record (what a failed creation can leave) is replaced."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = fileops.open_fd(self.path, flags, 0o644)
+        except FileExistsError:
+            if os.stat(self.path).st_size > fmt.SEG_HDR:
+                raise
+            fileops.unlink(self.path)
+            fd = fileops.open_fd(self.path, flags, 0o644)
         try:
             hdr = encode_seg_header(self.first_seq, self.prev_term)
-            if os.pwrite(fd, hdr, 0) != len(hdr):
+            if fileops.pwrite(fd, hdr, 0) != len(hdr):
                 raise OSError(28, "short write of segment header", self.path)
-            os.fdatasync(fd)
+            fileops.fdatasync(fd)
+            fsync_dir(self.dir)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                fileops.unlink(self.path)
             raise
-        fsync_dir(self.dir)
         self.fd = fd
+        self.synced_end = fmt.SEG_HDR
         self.created = True
 
     def read_header(self) -> tuple[int, int] | int:
@@ -182,7 +189,7 @@ class Segment:
         run_bytes = b"".join(fmt.IDX_RUN.pack(s, t) for s, t in runs)
         head = fmt.IDX_HDR.pack(
             fmt.IDX_MAGIC,
-            fmt.FORMAT_VERSION,
+            fmt.IDX_VERSION,
             len(runs),
             self.first_seq,
             self.count,
@@ -193,9 +200,12 @@ class Segment:
         crc = lib.tp_crc32c(lib.tp_crc32c(0, head, 44), run_bytes, len(run_bytes))
         data = head + crc.to_bytes(4, "little") + run_bytes + offs_bytes
         tmp = self.idx_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.idx_path)
+        fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            fileops.write_all(fd, data)
+        finally:
+            os.close(fd)
+        fileops.replace(tmp, self.idx_path)
 
     def load_index_header(self) -> list[tuple[int, int]] | None:
         """Term runs from the index cache, or None if it is missing, damaged or stale."""
@@ -209,7 +219,7 @@ class Segment:
             if len(head) < fmt.IDX_HDR.size:
                 return None
             magic, ver, nruns, first, count, data_end, offs_crc, crc = fmt.IDX_HDR.unpack_from(head)
-            if magic != fmt.IDX_MAGIC or ver != fmt.FORMAT_VERSION or first != self.first_seq:
+            if magic != fmt.IDX_MAGIC or ver != fmt.IDX_VERSION or first != self.first_seq:
                 return None
             runs_len = nruns * fmt.IDX_RUN.size
             need = fmt.IDX_HDR.size + runs_len

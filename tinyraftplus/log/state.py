@@ -16,7 +16,8 @@ import trio
 
 from .._native import lib
 from ..errors import InvalidArgumentError, LogCorruptError
-from .segment import fsync_dir
+from . import fileops
+from .fileops import fsync_dir
 
 _MAGIC = b"TPSTATE1"
 _HDR = struct.Struct("<8sII")
@@ -60,14 +61,12 @@ class StateFile:
 
     def _save_sync(self, data: bytes) -> None:
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             blob = _HDR.pack(_MAGIC, len(data), lib.tp_crc32c(0, data, len(data))) + data
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            fileops.write_all(fd, blob)
+            fileops.fdatasync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.path)
+        fileops.replace(tmp, self.path)
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))

@@ -487,7 +487,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
         elif now >= self._election_deadline:
             if self._recovery is not None:
                 self._recovery_tick()
-            elif not self._may_campaign:
+            elif not self._is_voter:
                 self._reset_election_timer()  # a learner (or removed node) never campaigns
             else:
                 self._start_election(pre_vote=self._cfg.pre_vote)
@@ -576,7 +576,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
     def campaign(self) -> None:
         """Start an election now (skipping PreVote), e.g. in tests. A recovering node
         does not campaign."""
-        if self._role is not Role.LEADER and self._recovery is None and self._may_campaign:
+        if self._role is not Role.LEADER and self._recovery is None and self._is_voter:
             self._start_election(pre_vote=False)
 
     # --- outputs ----------------------------------------------------------------------
@@ -967,8 +967,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
                     if pr.next <= ms:
                         pr.next = ms + 1
                 self._maybe_commit()
-                if self._role is not Role.LEADER:
-                    return
+                if self._role is not Role.LEADER or frm not in self._prs:
+                    return  # (its own acknowledgement committed its removal)
             elif pr.probe:
                 if ms < pr.next - 1:
                     return  # a read round's heartbeat, not the probe: keep probing

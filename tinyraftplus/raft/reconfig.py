@@ -46,7 +46,6 @@ class Reconfiguration:
     _peer_set: frozenset[NodeId]
     _voters: tuple[NodeId, ...]
     _is_voter: bool
-    _may_campaign: bool
     _prs: dict[NodeId, Progress]
     _dirty: set[NodeId]
     _bcast: bool
@@ -62,6 +61,12 @@ class Reconfiguration:
     def configuration(self) -> Config:
         """The configuration in force: the latest in the log, committed or not."""
         return self._config
+
+    @property
+    def latest_configuration(self) -> Config:
+        """The latest configuration in the log: by the rules, the one in force (the same as
+        ``configuration`` unless the planted bug ``config_on_commit`` is on)."""
+        return self._configs.latest[2]
 
     @property
     def config_seq(self) -> int:
@@ -93,13 +98,6 @@ class Reconfiguration:
         self._peer_set = frozenset(self._peers)
         self._voters = tuple(sorted(cfg.all_voters - {self._id}, key=repr))
         self._is_voter = self._id in cfg.all_voters
-        # A node that an uncommitted change removes may still campaign: it is a voter of
-        # the configuration before, and if it holds the only complete copy of that change
-        # it must be able to finish it (as a leader counting only the new voters, which is
-        # a valid election under the configuration in force; thesis 4.2.2).
-        self._may_campaign = self._is_voter or (
-            len(stack.items) > 1 and self._id in stack.items[-2][2].all_voters
-        )
         if self._prs or self._leading():
             nxt = self._log.last_seq + 1
             for p in self._peers:
