@@ -675,3 +675,43 @@ def test_a_transport_given_another_nodes_certificate_files_refuses_to_start(tmp_
     with pytest.raises(ConfigurationError, match="give each node its own certificate"):
         TcpTransport(3, ("127.0.0.1", 0), {1: None, 2: None}, tls=tls)
     TcpTransport(2, ("127.0.0.1", 0), {1: None, 3: None}, tls=tls)  # its own: fine
+
+
+async def test_add_peer_while_serving_then_remove_it(ca):
+    """A node added to the configuration becomes a peer of running transports (both
+    directions of dialing), authenticated by its certificate; a removed one is cut off."""
+    ids = [2, 3]
+    tls = {i: tls_for(ca, node_dns_name(i)) for i in [1, 2, 3, 4]}
+    inbox, warns = Inbox(), Warnings()
+    with trio.fail_after(20):
+        async with AsyncExitStack() as stack:
+            ts = await start_cluster(stack, ids, tls, inbox, warns)
+            # Node 1 dials 2 and 3 (lower id); node 4 is dialed by them.
+            t1 = await start(stack, 1, {2: ("127.0.0.1", ts[2].port),
+                                        3: ("127.0.0.1", ts[3].port)},
+                             tls=tls[1], handler=inbox.handler(1), warn=warns)
+            t4 = await start(stack, 4, {}, tls=tls[4], handler=inbox.handler(4), warn=warns)
+            with pytest.raises(InvalidArgumentError):
+                ts[2].send(1, RequestVote(1, 0, 0))
+            for i in ids:
+                assert ts[i].add_peer(1) is True
+                assert ts[i].add_peer(4, ("127.0.0.1", t4.port)) is True
+                assert ts[i].add_peer(4, ("127.0.0.1", t4.port)) is False
+                t4.add_peer(i)
+            for i in ids:
+                ts[i].send(1, RequestVote(5, 0, 0))
+                ts[i].send(4, RequestVote(6, 0, 0))
+            await inbox.wait(lambda: len(inbox.got[1]) == 2 and len(inbox.got[4]) == 2)
+            assert sorted(f for f, _ in inbox.got[4]) == [2, 3]
+            # Removed: the connection closes, sending is refused, it cannot come back.
+            assert ts[2].remove_peer(4) is True and ts[2].remove_peer(4) is False
+            with pytest.raises(InvalidArgumentError):
+                ts[2].send(4, RequestVote(7, 0, 0))
+            while t4.is_connected(2):
+                await trio.sleep(0.01)
+            ts[2].remove_peer(1)
+            t1.send(2, RequestVote(8, 0, 0))
+            await warns.wait_for("which is not a peer")
+            assert ts[3].is_connected(4) and ts[3].is_connected(1)
+            with pytest.raises(InvalidArgumentError):
+                ts[2].add_peer(2)

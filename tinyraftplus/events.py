@@ -33,6 +33,8 @@ class NodeEvent:
     * ``commit``: ``seq`` (the new commit seq)
     * ``apply``: ``seq`` (the new apply seq)
     * ``warn`` / ``error``: ``message`` and, where there is one, ``exc``
+    * ``config``: ``seq`` (of the configuration entry), ``config`` (the ``Config`` in force)
+      and ``description`` (its ``describe()``)
     """
 
     kind: str
@@ -44,6 +46,8 @@ class NodeEvent:
     message: str | None = None
     exc: BaseException | None = None
     dropped: int = 0
+    config: Any = None
+    description: str | None = None
 
 
 class Subscription:

@@ -7,6 +7,8 @@ part of it.
   ``python -m tinyraftplus.server``), one node of the store over mutual TLS.
 - :mod:`tinyraftplus.kv.client`: ``Client``, the Trio client (also importable as
   ``tinyraftplus.client``).
+- :mod:`tinyraftplus.kv.admin`: ``python -m tinyraftplus.admin``, status and membership
+  changes (add-learner, promote, remove, transfer-leader) over the client port.
 """
 
 from .store import (

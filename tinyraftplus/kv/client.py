@@ -37,7 +37,17 @@ connection, answered in any order:
               [1, 2, rid, key]                                     get
               [1, 3, rid, session, seq, ack, op, key, value]       write (put/append/delete)
               [1, 4, rid]                                          register -> session id
+              [1, 5, rid, op, node_id | nil, "host:port" | nil]    admin (see below)
     response  [1, rid, "ok", result] | [1, rid, code, message]
+
+**Admin requests** (``op``: ``add_learner`` with an address, ``promote``, ``remove``,
+``transfer_leader`` with an optional target) run on the leader: another node answers
+``not_leader`` naming the one it knows, and the client looks for the leader and sends again
+(nothing was done). Once the leader took the request, its outcome may be unknown (``timeout``,
+a lost connection, a leader change): the client then raises saying so instead of sending it
+again, and ``status()`` tells what happened. A refusal (a change in flight, a stale view, a
+lagging learner, an unknown node) is answered ``refused`` and raised as ``MembershipError``;
+a client whose certificate may not administer (``--admin-allow``) gets ``forbidden``.
 
 Error codes: ``no_leader``, ``timeout``, ``retry`` (leadership changed; safe to retry),
 ``stopped`` (the node is shutting down) -- all retried by the client -- and ``bad_request``,
@@ -77,6 +87,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from ..errors import (
     ConfigurationError,
     InvalidArgumentError,
+    LeadershipLostError,
+    MembershipError,
     NoLeaderError,
     ProtocolError,
     RaftError,
@@ -96,6 +108,10 @@ TAG_STATUS = 1
 TAG_GET = 2
 TAG_WRITE = 3
 TAG_REGISTER = 4
+TAG_ADMIN = 5
+ADMIN_OPS = frozenset({"add_learner", "promote", "remove", "transfer_leader"})
+MAX_ADMIN_STR = 255
+"""Longest string in an admin request (a node id, an address)."""
 MAX_RID = (1 << 63) - 1
 CLIENT_MAX_FRAME = 2 << 20
 """Largest frame on the client port (a 1 MiB value plus a 4 KiB key fits with room)."""
@@ -175,7 +191,11 @@ def encode_write_request(rid: int, client_id: int, seq: int, ack: int, op: str, 
                                use_bin_type=True))
 
 
-_REQUEST_HEADS = frozenset({0x93, 0x94, 0x99})
+def encode_admin(rid: int, op: str, node_id: Any = None, addr: str | None = None) -> bytes:
+    return frame(msgpack.packb([VERSION, TAG_ADMIN, rid, op, node_id, addr]))
+
+
+_REQUEST_HEADS = frozenset({0x93, 0x94, 0x96, 0x99})
 
 
 def _one_array() -> Callable[[list[Any]], list[Any]]:
@@ -197,13 +217,20 @@ def decode_request(payload: bytes) -> list[Any]:
     """Decode and validate one request payload (server side); raises ``ProtocolError``
     saying what is wrong. Returns the msgpack array: ``[1, tag, rid, ...]``."""
     # Refused before decoding where the first byte says it cannot be valid: a request is a
-    # fixarray of 3, 4 or 9 elements (status/register, get, write).
+    # fixarray of 3, 4, 6 or 9 elements (status/register, get, admin, write).
     if not payload or payload[0] not in _REQUEST_HEADS:
-        raise ProtocolError(f"a request must be an array [1, tag, rid, ...] of 3, 4 or 9 "
+        raise ProtocolError(f"a request must be an array [1, tag, rid, ...] of 3, 4, 6 or 9 "
                             f"elements (first byte {payload[:1].hex() or 'missing'})")
+    # Strings are at most 16 characters (an op), except in an admin request (a node id, an
+    # address): its tag is the third byte ([fixarray, 1, 5, ...]).
+    admin = payload[0] == 0x96 and payload[1:3] == b"\x01\x05"
+    if payload[0] == 0x96 and not admin:
+        raise ProtocolError("an array of 6 elements must be an admin request [1, 5, rid, op, "
+                            "node_id, address]")
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_array_len=9,
-                              max_map_len=0, max_str_len=16, max_bin_len=MAX_VALUE,
+                              max_map_len=0, max_str_len=MAX_ADMIN_STR if admin else 16,
+                              max_bin_len=0 if admin else MAX_VALUE,
                               max_ext_len=0, list_hook=_one_array())
     except Exception as e:  # msgpack raises several unrelated types; all mean "garbage"
         raise ProtocolError(f"a request of {len(payload)} bytes is not msgpack "
@@ -227,6 +254,8 @@ def decode_request(payload: bytes) -> list[Any]:
             check_key(obj[3])
         except InvalidArgumentError as e:
             raise ProtocolError(f"get: {e}") from None
+    elif tag == TAG_ADMIN and type(tag) is int:
+        _check_admin(obj)
     elif tag == TAG_WRITE and type(tag) is int:
         if len(obj) != 9:
             raise ProtocolError("a write request is [1, 3, rid, client_id, seq, ack, op, key, "
@@ -238,6 +267,32 @@ def decode_request(payload: bytes) -> list[Any]:
     else:
         raise ProtocolError(f"unknown request tag {show_value(tag, 20)}")
     return obj
+
+
+def _check_admin(obj: list[Any]) -> None:
+    if len(obj) != 6:
+        raise ProtocolError("an admin request is [1, 5, rid, op, node_id, address]")
+    op, target, addr = obj[3], obj[4], obj[5]
+    if op not in ADMIN_OPS or type(op) is not str:
+        raise ProtocolError(f"admin: unknown op {show_value(op, 20)} (one of "
+                            f"{', '.join(sorted(ADMIN_OPS))})")
+    if target is not None or op != "transfer_leader":
+        if type(target) is int:
+            ok = 0 <= target <= MAX_RID
+        else:
+            ok = type(target) is str and 0 < len(target) <= MAX_ADMIN_STR
+        if not ok:
+            raise ProtocolError(f"admin {op}: the node id must be an int >= 0 or a str of "
+                                f"1..{MAX_ADMIN_STR} characters, got {show_value(target, 20)}")
+    if op == "add_learner":
+        if type(addr) is not str:
+            raise ProtocolError("admin add_learner: give the node's peer address host:port")
+        try:
+            parse_address(addr)
+        except InvalidArgumentError as e:
+            raise ProtocolError(f"admin add_learner: {e}") from None
+    elif addr is not None:
+        raise ProtocolError(f"admin {op} takes no address")
 
 
 def encode_response(rid: int, code: str, payload: Any) -> bytes:
@@ -570,6 +625,88 @@ class Client:
             raise TransportError(f"no status from {addr[0]}:{addr[1]}")
         return st
 
+    async def cluster_status(self) -> dict[Any, dict[str, Any]]:
+        """The status of every node that answers (within ``attempt_timeout``), by node id.
+        Each holds its ``role``, ``term``, ``leader``, ``first_seq``/``last_seq``/
+        ``commit_seq``/``apply_seq``, its configuration (``voters``, ``learners``,
+        ``outgoing``, ``config_seq``, ``addrs``) and, on the leader, ``followers``: per
+        member ``match``, ``next``, ``state`` and ``inflight``."""
+        out: dict[Any, dict[str, Any]] = {}
+
+        async def one(addr: Address) -> None:
+            with trio.move_on_after(self.attempt_timeout):
+                st = await self._status_of(addr)
+                if st is not None:
+                    out[st.get("id")] = st
+
+        async with trio.open_nursery() as n:
+            for a in self.addresses:
+                n.start_soon(one, a)
+        return out
+
+    # --- admin (on the leader; see the module docstring) --------------------------------
+
+    async def add_learner(self, node_id: int | str, address: str) -> dict[str, Any]:
+        """Add ``node_id`` (listening for peers at ``address``, ``host:port``) as a learner.
+        Returns ``{"config": ..., "leader": ...}`` once the change is committed."""
+        parse_address(address)
+        return await self._admin("add_learner", node_id, address)
+
+    async def promote(self, node_id: int | str) -> dict[str, Any]:
+        """Make learner ``node_id`` a voter (refused while it lags)."""
+        return await self._admin("promote", node_id)
+
+    async def remove_node(self, node_id: int | str) -> dict[str, Any]:
+        """Remove voter or learner ``node_id`` (the leader itself too: it then steps down)."""
+        return await self._admin("remove", node_id)
+
+    async def transfer_leadership(self, to: int | str | None = None) -> dict[str, Any]:
+        """Hand leadership to voter ``to`` (``None``: the most up-to-date one)."""
+        return await self._admin("transfer_leader", to)
+
+    async def _admin(self, op: str, target: Any, addr: str | None = None) -> dict[str, Any]:
+        """Send an admin request to the leader. Sent again only when the answer says nothing
+        was done (not the leader, no leader, could not connect); an unknown outcome raises."""
+        deadline = trio.current_time() + self.timeout
+        last: TinyRaftError | None = None
+        attempt = 0
+        while True:
+            if trio.current_time() >= deadline:
+                raise last or NoLeaderError(f"no leader answered within {self.timeout}s")
+            if attempt:
+                await trio.sleep(min(self.backoff_max, 0.05 * 2 ** min(attempt, 5)))
+                with trio.move_on_at(deadline):
+                    await self._find_leader()
+            attempt += 1
+            conn = await self._connection(deadline)
+            if conn is None:
+                last = TransportError(f"could not connect to {self._addrs_text()}")
+                continue
+            rid = self._rid()
+            w = conn.send(rid, encode_admin(rid, op, target, addr), deadline)
+            await w.event.wait()
+            code, body = w.code, w.payload
+            where = f"{conn.addr[0]}:{conn.addr[1]}"
+            if code == "ok" and isinstance(body, dict):
+                return body
+            if code in ("not_leader", "no_leader"):
+                last = NoLeaderError(f"{where}: {body}")
+                if self.addresses[self._target] == conn.addr and len(self.addresses) > 1:
+                    self._target = (self._target + 1) % len(self.addresses)
+                continue
+            if code == "refused":
+                raise MembershipError(f"{where} refused: {body}")
+            if code == "forbidden":
+                raise ForbiddenError(f"{where} refused: {body}")
+            if code == "bad_request":
+                raise InvalidArgumentError(f"the server refused the request: {body}")
+            if code in ("timeout", "timeout_local", "closed", "retry", "stopped"):
+                cls = RaftTimeoutError if code.startswith("timeout") else LeadershipLostError
+                more = "" if "may" in str(body) else ("; it may or may not have taken "
+                                                      "effect: check the status")
+                raise cls(f"{op} {target!r}: {where}: {body}{more}")
+            raise RaftError(f"{where} answered {code!r}: {body}")
+
     @property
     def leader_address(self) -> Address | None:
         """The address the client currently sends to (the leader's, once known)."""
@@ -898,4 +1035,5 @@ __all__ = [
     "client_ssl_context",
     "parse_address", "decode_request", "encode_response",
     "encode_status", "encode_get", "encode_write_request", "CLIENT_MAX_FRAME",
+    "encode_admin", "ADMIN_OPS",
 ]

@@ -36,6 +36,15 @@ first byte. Sessions are opened by a register request and belong to the client
 certificate's identity (:func:`cert_identity`), which the server writes into every command;
 ``--authz`` optionally limits each identity to key prefixes (:mod:`.authz`).
 
+**Membership.** ``--join`` starts a node empty as a learner of a running cluster (``--peers``
+the current voters, ``--listen`` its own address) until an admin request adds it;
+``--bootstrap`` lets a node without state vote at once (a brand-new cluster with members
+missing). The transport follows the configuration: a member it does not know is added (its
+address from ``--peers`` or the configuration's ``addrs``) when a configuration names it or
+the node first sends to it; one the configuration removed is dropped once that configuration
+is committed and it does not lead. Admin requests (:mod:`.admin`) run on the leader (others
+answer ``not_leader``), optionally only for the identities ``--admin-allow`` names.
+
 **Lifecycle.** Once everything listens the server prints one line to stdout::
 
     tinyraftplus-server ready id=1 peer=127.0.0.1:7001 client=127.0.0.1:7101
@@ -72,8 +81,10 @@ from ..errors import (
     InvalidArgumentError,
     LeadershipLostError,
     LogLockedError,
+    MembershipError,
     NodeStoppedError,
     NoLeaderError,
+    NotLeaderError,
     ProtocolError,
     RaftTimeoutError,
     TinyRaftError,
@@ -85,14 +96,16 @@ from ..node import RaftNode
 from ..transport.tcp import TcpTransport
 from ..transport.tls import TlsConfig, cert_expiry, check_own_certificate
 from ..transport.wire import FrameDecoder, show_value
-from .authz import Authorization
+from .authz import AdminPolicy, Authorization
 from .client import (
     CLIENT_MAX_FRAME,
+    TAG_ADMIN,
     TAG_GET,
     TAG_REGISTER,
     TAG_STATUS,
     decode_request,
     encode_response,
+    parse_address,
 )
 from .limits import ConnectionLimits, RateLimitedLog
 from .store import KVStore, encode_register
@@ -171,9 +184,29 @@ class ServerConfig:
     """A client that started a frame must finish it within this time (the whole frame, not
     each read of it)."""
     transport_options: dict[str, Any] = field(default_factory=dict)
+    join: bool = False
+    """Start empty as a learner of an existing cluster whose voters are ``peers`` (this
+    node not among them; ``peer_listen`` is its own address)."""
+    bootstrap: bool = False
+    """A brand-new cluster: a node without state may vote at once (see ``RaftNode``)."""
+    admin: AdminPolicy | None = None
+    """Who may send admin requests (``--admin-allow`` / ``"admin": true`` in ``--authz``);
+    ``None``: every client the CA signed."""
 
     def check(self) -> None:
-        if self.node_id not in self.peers:
+        if self.join:
+            if self.node_id in self.peers:
+                raise ConfigurationError(
+                    f"--join: --peers lists the cluster's current voters, without this node "
+                    f"({self.node_id!r}); give this node's own address with --listen")
+            if self.peer_listen is None:
+                raise ConfigurationError(
+                    "--join: give this node's peer address with --listen HOST:PORT (the "
+                    "address the operator passes to add-learner)")
+            if self.bootstrap:
+                raise ConfigurationError("--join and --bootstrap together: a joining node "
+                                         "enters an existing cluster; choose one")
+        elif self.node_id not in self.peers:
             raise ConfigurationError(
                 f"--id {self.node_id!r} is not in --peers ({', '.join(map(str, self.peers))}); "
                 f"list every node, this one included"
@@ -233,6 +266,11 @@ class Server:
         """Set (and replaced) when requests finish: readers waiting for the global limit."""
         self.limits = ConnectionLimits(config.max_clients, config.max_clients_per_source,
                                        config.fd_reserve)
+        self._known_addrs: dict[Any, Address] = {
+            k: v for k, v in config.peers.items() if k != config.node_id}
+        """Peer addresses: ``--peers``, then what configurations say."""
+        self._prune_pending = False
+        """Peers may have to be dropped once the configuration in force commits."""
         self._refusal_log = RateLimitedLog(logger)
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -257,15 +295,21 @@ class Server:
             async with transport:
                 self.transport = transport
                 node = RaftNode(
-                    cfg.node_id, list(cfg.peers), transport.send, log,
+                    cfg.node_id, list(cfg.peers), self._send, log,
                     apply=self.store.apply, read=self.store.read,
                     election_timeout=cfg.election_timeout, ping_timeout=cfg.ping_timeout,
                     append_timeout=cfg.append_timeout, read_timeout=cfg.read_timeout,
+                    bootstrap=cfg.bootstrap, join=cfg.join,
                 )
                 transport.set_handler(node.receive)
                 self.node = node
                 node.on("change", self._on_change)
+                node.on("config", self._on_config)
+                node.on(("commit", "change"), self._on_commit_or_change)
                 async with node:
+                    # A restarted node knows its configuration from its state: follow it
+                    # now (members added or removed since --peers was written).
+                    self._sync_peers(node.configuration)
                     host, port = cfg.client_listen
                     try:
                         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -297,6 +341,13 @@ class Server:
         """Read the TLS certificate, key and CA files again (SIGHUP): new connections, peer
         and client, use them; established ones keep theirs until the other side's
         certificate expires. A file that cannot be used is reported and changes nothing."""
+        admin = self.config.admin
+        if admin is not None and admin.file is not None:
+            try:
+                admin.reload()
+            except TinyRaftError as e:
+                logger.error("node %r: SIGHUP: kept the current --admin-allow-file: %s",
+                             self.config.node_id, e)
         authz = self.config.authz
         if authz is not None:
             try:
@@ -323,6 +374,89 @@ class Server:
     def _on_change(self, ev: Any) -> None:
         logger.info("node %r: %s, leader %r, term %s", self.config.node_id,
                     ev.state, ev.leader, ev.term)
+
+    # --- membership: the transport follows the configuration ------------------------------
+
+    def _send(self, to: Any, msg: Any) -> None:
+        """The node's ``send``: a member the transport does not know yet (the leader sends
+        to a node it just added before the ``config`` event) is added from the
+        configuration in force, then sent to."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            transport.send(to, msg)
+        except InvalidArgumentError:
+            node = self.node
+            if node is None:
+                raise
+            cfg = node.configuration
+            if to not in cfg.members:
+                # An answer to a member removed since (it still talks until it is told):
+                # the transport forgot it on purpose.
+                logger.debug("node %r: dropped a %s to %r, not a member", self.config.node_id,
+                             type(msg).__name__, to)
+                return
+            if not self._sync_peers(cfg):
+                raise
+            transport.send(to, msg)
+
+    def _on_config(self, ev: Any) -> None:
+        logger.info("node %r: configuration at seq %s: %s", self.config.node_id, ev.seq,
+                    ev.description)
+        try:
+            self._sync_peers(ev.config)
+        except TinyRaftError as e:
+            logger.error("node %r: cannot follow the configuration at seq %s: %s",
+                         self.config.node_id, ev.seq, e)
+
+    def _on_commit_or_change(self, ev: Any) -> None:
+        if self._prune_pending:
+            self._prune_peers()
+
+    def _sync_peers(self, config: Any) -> bool:
+        """Make every member of the configuration a peer of the transport (addresses from
+        ``--peers`` and from the configuration's ``addrs``); returns whether one was added.
+        Peers that are no longer members are dropped later, by :meth:`_prune_peers`.
+        Certificates still authenticate every peer."""
+        transport = self.transport
+        if transport is None:
+            return False
+        me = self.config.node_id
+        for nid, text in config.addrs.items():
+            try:
+                self._known_addrs[nid] = parse_address(text)
+            except InvalidArgumentError:
+                logger.warning("node %r: the configuration gives node %r the address %r, "
+                               "which is not HOST:PORT; ignored", me, nid, text)
+        added = False
+        for nid in set(config.members) - {me}:
+            if transport.add_peer(nid, self._known_addrs.get(nid)):
+                added = True
+        self._prune_pending = True
+        self._prune_peers()
+        return added
+
+    def _prune_peers(self) -> None:
+        """Drop the peers the configuration removed, once it is committed and none of them
+        leads: a leader that removes itself leads until the change commits, and a change
+        that is cut away brings them back."""
+        node, transport = self.node, self.transport
+        if node is None or transport is None:
+            return
+        try:
+            st = node.status()
+        except NodeStoppedError:
+            return
+        if st.config_seq > st.commit_seq:
+            return  # not committed yet: a commit event calls again
+        keep = set(st.voters) | set(st.learners) | set(st.outgoing)
+        leader = st.leader
+        for nid in transport.peer_ids:
+            if nid not in keep:
+                if nid == leader:
+                    return  # it still leads: a change of leader calls again
+                transport.remove_peer(nid)
+        self._prune_pending = False
 
     # --- client connections -------------------------------------------------------------
 
@@ -416,7 +550,14 @@ class Server:
         node = self.node
         if node is None:
             return {"id": self.config.node_id, "state": "stopped"}
+        try:
+            st = node.status().as_dict()
+            st["addrs"] = dict(node.configuration.addrs)
+        except NodeStoppedError:
+            return {"id": self.config.node_id, "state": "stopped"}
+        del st["node_id"]
         return {
+            **st,
             "id": self.config.node_id,
             "state": node.state,
             "leader": node.leader,
@@ -451,11 +592,12 @@ def cert_identity(cert: dict[str, Any] | None) -> str:
 
 
 def _answer_size(payload: Any) -> int:
-    """About what an answer takes once encoded (a status dict is ~300 bytes)."""
+    """About what an answer takes once encoded (a status dict is ~600 bytes and ~60 more
+    per follower)."""
     if isinstance(payload, (bytes, str)):
         return len(payload) + 24
     if isinstance(payload, dict):
-        return 512
+        return 1024 + 96 * len(payload.get("followers", ()))
     return 32
 
 
@@ -598,6 +740,13 @@ class _ClientConnection:
                 tag, rid = req[1], req[2]
                 if tag == TAG_STATUS:
                     self._answer(rid, "ok", self.server.status())
+                elif tag == TAG_ADMIN:
+                    policy = self.server.config.admin
+                    if policy is not None and not policy.allows(self.owner):
+                        self._answer(rid, "forbidden", f"{self.owner or 'this client'} may not "
+                                                       f"send admin requests (--admin-allow)")
+                        continue
+                    self._start(self._admin, rid, req[3], req[4], req[5])
                 elif tag == TAG_GET:
                     if not self._allowed("read", req[3]):
                         self._forbid(rid, "read", req[3])
@@ -690,6 +839,48 @@ class _ClientConnection:
         else:
             self._answer(rid, "ok", value)
 
+    async def _admin(self, rid: int, op: str, target: Any, addr: str | None) -> None:
+        """A membership change or leadership transfer, on the leader; another node answers
+        ``not_leader`` naming the leader it knows."""
+        server = self.server
+        node = server.node
+        me = server.config.node_id
+        try:
+            if node is None:
+                raise NodeStoppedError("the node is stopping")
+            if not node.is_leader():
+                raise NotLeaderError(f"node {me!r} is not the leader", leader=node.leader)
+            logger.info("node %r: admin %s %r%s from %s", me, op, target,
+                        f" at {addr}" if addr else "", self.owner or self.where)
+            leader = me
+            if op == "add_learner":
+                cfg = await node.add_learner(target, addr)
+            elif op == "promote":
+                cfg = await node.promote(target)
+            elif op == "remove":
+                cfg = await node.remove_node(target)
+            else:
+                leader = await node.transfer_leadership(target)
+                cfg = node.configuration
+        except NotLeaderError as e:
+            self._answer(rid, "not_leader", f"{e}; the leader is {e.leader!r}"
+                         if e.leader is not None else f"{e}; no leader known")
+            return
+        except (MembershipError, InvalidArgumentError, ConfigurationError) as e:
+            self._answer(rid, "refused", str(e))
+            return
+        except Exception as e:
+            if not isinstance(e, TinyRaftError):
+                logger.exception("node %r: admin %s failed", me, op)
+            self._answer(rid, _error_code(e), str(e))
+            return
+        logger.info("node %r: admin %s %r done: %s", me, op, target, cfg.describe())
+        self._answer(rid, "ok", {
+            "op": op, "node": target, "leader": leader, "config": cfg.describe(),
+            "voters": sorted(cfg.voters, key=repr), "learners": sorted(cfg.learners, key=repr),
+            "outgoing": sorted(cfg.outgoing, key=repr), "addrs": dict(cfg.addrs),
+        })
+
     async def _register(self, rid: int) -> None:
         cfg = self.server.config
         cmd = encode_register(self.owner, max_sessions=cfg.max_sessions,
@@ -727,8 +918,6 @@ def _node_id(text: str) -> int | str:
 def parse_peers(text: str) -> dict[Any, Address]:
     """``1=host:port,2=host:port`` -> ``{1: ("host", port), ...}`` (ids made of digits are
     ints, others strs)."""
-    from .client import parse_address
-
     out: dict[Any, Address] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if any(c.isspace() for c in part):
@@ -759,7 +948,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id", required=True, help="this node's id (one of the --peers ids)")
     p.add_argument("--peers", required=True,
-                   help="every node's peer address: 1=host:port,2=host:port,3=host:port")
+                   help="every node's peer address: 1=host:port,2=host:port,3=host:port "
+                        "(with --join: the current voters')")
+    p.add_argument("--join", action="store_true",
+                   help="start empty as a learner of an existing cluster: --peers lists its "
+                        "current voters, --listen this node's peer address; then run "
+                        "'python -m tinyraftplus.admin add-learner ID HOST:PORT' (and promote)")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="a brand-new cluster: a node without state votes at once, so the "
+                        "cluster starts with members missing; never for a node that lost its "
+                        "data (without state and without this flag a node recovers from the "
+                        "others)")
+    p.add_argument("--admin-allow", action="append", default=[], metavar="IDENTITY",
+                   help="only clients whose certificate identity matches (fnmatch: "
+                        "dns:ops.example, cn:admin-*) may send admin requests; repeatable")
+    p.add_argument("--admin-allow-file", metavar="FILE",
+                   help="identities (patterns) allowed admin requests, one a line (reloaded "
+                        "on SIGHUP)")
     p.add_argument("--data", required=True, help="data directory (created if missing)")
     p.add_argument("--client-port", type=int, required=True,
                    help="port for clients (0 picks a free one; see the ready line)")
@@ -876,10 +1081,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     keepalive = min(ping * 2, idle / 4)
     peer_listen = None
     if a.listen:
-        from .client import parse_address
-
-        peer_listen = parse_address(a.listen, allow_zero=True)
-    client_host = a.client_host or (peers[node_id][0] if node_id in peers else "127.0.0.1")
+            peer_listen = parse_address(a.listen, allow_zero=True)
+    if node_id in peers:
+        client_host = a.client_host or peers[node_id][0]
+    else:
+        client_host = a.client_host or (peer_listen[0] if peer_listen else "127.0.0.1")
+    authz = None if a.authz is None else Authorization.from_file(a.authz)
+    admin = None
+    if a.admin_allow or a.admin_allow_file or authz is not None:
+        if a.admin_allow_file and not os.path.isfile(a.admin_allow_file):
+            raise ConfigurationError(f"--admin-allow-file {a.admin_allow_file}: no such file")
+        admin = AdminPolicy(a.admin_allow, a.admin_allow_file, authz)
     cfg = ServerConfig(
         node_id=node_id, peers=peers, data_dir=a.data,
         client_listen=(client_host, a.client_port), peer_listen=peer_listen,
@@ -888,7 +1100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         read_timeout=a.read_timeout,
         max_sessions=a.max_sessions, max_results_total=a.max_results_total,
         max_request_bytes=a.max_request_bytes, quota_bytes=a.quota_bytes, debug=a.debug,
-        authz=None if a.authz is None else Authorization.from_file(a.authz),
+        authz=authz, admin=admin, join=a.join, bootstrap=a.bootstrap,
         max_clients=a.max_clients, max_clients_per_source=a.max_clients_per_source,
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight,
         max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,

@@ -151,7 +151,7 @@ class _Peer:
     __slots__ = (
         "id", "addr", "we_dial", "queue", "queued_bytes", "wakeup", "addr_known", "up",
         "scope", "stats", "last_drop_warn", "dropped_since_warn", "dial_failures",
-        "dial_reason", "dial_warned_at",
+        "dial_reason", "dial_warned_at", "dial_scope",
     )
 
     def __init__(self, node_id: NodeId, addr: Address | None, we_dial: bool) -> None:
@@ -173,6 +173,8 @@ class _Peer:
         self.dial_reason = ""
         """Why the last dial failed (a new reason is news: logged at WARNING once)."""
         self.dial_warned_at = -math.inf
+        self.dial_scope: trio.CancelScope | None = None
+        """The dial loop's (``remove_peer`` cancels it)."""
 
     def take(self) -> tuple[bytes, int]:
         """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
@@ -247,6 +249,10 @@ class TcpTransport:
     node's id to its ``(host, port)``, or to ``None`` when it is not known yet
     (:meth:`set_peer_address`); only the addresses of higher ids are ever dialed. An entry
     for this node's own id is ignored, so every node can be given the same map.
+
+    Membership changes: :meth:`add_peer` makes a node a peer while serving (it is dialed or
+    accepted like the others, and authenticated the same way), :meth:`remove_peer` closes
+    its connection and refuses it from then on.
 
     ``tls`` (a :class:`~tinyraftplus.transport.tls.TlsConfig`) turns on mutual TLS; without
     it you must pass ``plaintext=True`` to say you mean it.
@@ -365,6 +371,8 @@ class TcpTransport:
         """Inbound connections refused before their handshake completed."""
         self._nursery_mgr: Any = None
         self._nursery: trio.Nursery | None = None
+        self._dialers: trio.Nursery | None = None
+        """Where dial loops run (``add_peer`` starts one there while serving)."""
 
     @staticmethod
     def _check_addr(pid: NodeId, addr: Any) -> Address | None:
@@ -401,6 +409,53 @@ class TcpTransport:
         peer = self._peer(peer_id)
         peer.addr = self._check_addr(peer_id, addr)
         peer.addr_known.set()
+
+    def add_peer(self, peer_id: NodeId, addr: Address | None = None) -> bool:
+        """Make ``peer_id`` a peer (a node added to the cluster's configuration): from now
+        on it may connect (authenticated by its certificate as every peer is) and messages
+        can be sent to it; this node dials it if its id is the lower. ``addr`` ``None``:
+        not known yet (:meth:`set_peer_address`). Returns False if it already was a peer
+        (its address is then updated when given)."""
+        try:
+            check_node_id(peer_id, "peer id", self._limits)
+        except ProtocolError as e:
+            raise InvalidArgumentError(str(e)) from None
+        if _same_id(peer_id, self.node_id):
+            raise InvalidArgumentError(f"node {self.node_id!r}: add_peer of its own id")
+        checked = self._check_addr(peer_id, addr)
+        old = self._peers.get(peer_id)
+        if old is not None and _same_id(old.id, peer_id):
+            if checked is not None and checked != old.addr:
+                self.set_peer_address(peer_id, checked)
+            return False
+        if self._tls is not None:
+            check_distinct_names([self.node_id, *self._peers, peer_id])
+        peer = _Peer(peer_id, checked, dials(self.node_id, peer_id))
+        self._peers[peer_id] = peer
+        if checked is not None:
+            self._peer_hosts.add(checked[0])
+        if peer.we_dial and self._dialers is not None and not self._closed:
+            self._dialers.start_soon(self._dial_loop, peer)
+        logger.info("node %r: added peer %r%s", self.node_id, peer_id,
+                    f" at {checked[0]}:{checked[1]}" if checked else "")
+        return True
+
+    def remove_peer(self, peer_id: NodeId) -> bool:
+        """Forget ``peer_id`` (a node removed from the configuration): its connection is
+        closed, its queue dropped, and it is refused if it connects again. Returns False if
+        it was not a peer."""
+        peer = self._peers.get(peer_id)
+        if peer is None or not _same_id(peer.id, peer_id):
+            return False
+        del self._peers[peer_id]
+        for scope in (peer.dial_scope, peer.scope):
+            if scope is not None:
+                scope.cancel()
+        peer.queue.clear()
+        peer.queued_bytes = 0
+        self._peer_hosts = {p.addr[0] for p in self._peers.values() if p.addr is not None}
+        logger.info("node %r: removed peer %r", self.node_id, peer_id)
+        return True
 
     def send(self, to: NodeId, msg: Message) -> None:
         """Queue ``msg`` for ``to``; never blocks.
@@ -490,6 +545,7 @@ class TcpTransport:
                     "mutual TLS" if self._tls else "PLAINTEXT")
         try:
             async with trio.open_nursery() as nursery:
+                self._dialers = nursery
                 for peer in self._peers.values():
                     if peer.we_dial:
                         nursery.start_soon(self._dial_loop, peer)
@@ -497,6 +553,7 @@ class TcpTransport:
                 task_status.started(self._port)
         finally:
             self._closed = True
+            self._dialers = None
             for peer in self._peers.values():
                 peer.up = trio.Event()
             for listener in listeners:  # free the port now: a restarted node may rebind it
@@ -542,6 +599,12 @@ class TcpTransport:
             peer.dropped_since_warn = 0
 
     async def _dial_loop(self, peer: _Peer) -> None:
+        with trio.CancelScope() as scope:
+            peer.dial_scope = scope
+            if self._peers.get(peer.id) is peer:  # not removed before this task started
+                await self._dial_forever(peer)
+
+    async def _dial_forever(self, peer: _Peer) -> None:
         attempt = 0
         while True:
             await peer.addr_known.wait()
