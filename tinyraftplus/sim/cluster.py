@@ -804,14 +804,10 @@ class Simulation:
                       f"({cfg.describe()})", [node.id])
 
     def _config_settled(self) -> bool:
-        """No membership change in flight at the leader (the simulator wipes disks only
-        then; see the README's known limits)."""
-        lead = self.leader()
-        if lead is None:
-            return True
-        core = self.nodes[lead].core
-        assert core is not None
-        return core.config_seq <= core.commit_seq
+        """No membership change in flight on any running node (the simulator wipes disks
+        only then; see the README's known limits)."""
+        return all(n.core.config_seq <= n.core.commit_seq for n in self.nodes.values()
+                   if n.up and n.core is not None)
 
     def _membership_op(self, r: random.Random) -> None:
         lead = self.leader()
