@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection
+from dataclasses import replace
 
 from ..entry import Entry
 from ..errors import InvalidArgumentError
@@ -312,6 +313,6 @@ class SimStore:
             return hs
         hs = self._durable_hard
         if "forget_vote" in self.bugs:
-            hs = HardState(hs.term, None, hs.incarnation, hs.peers, hs.recovery, hs.has_log)
+            hs = replace(hs, vote=None)
             self._hard = hs
         return hs
