@@ -155,6 +155,10 @@ async def test_the_client_refuses_a_node_whose_certificate_names_another_id():
                 assert why == (f"127.0.0.1:{bad_addr[1]} says it is node {show_value(1)} but its "
                                f"certificate names node-2.tinyraftplus"), why
                 assert await c.cluster_status() == {}
-                assert seen_bad and all(r[1] == 1 for r in seen_bad)  # only status asked
+                # Nor is it sent anything but status requests: a write gives up naming why
+                # (before the fix it was sent register requests on a fresh connection).
+                with pytest.raises(TransportError, match="certificate names node-2"):
+                    await c.put("k", "v")
+                assert seen_bad and all(r[1] == 1 for r in seen_bad), seen_bad
             n.cancel_scope.cancel()
 
