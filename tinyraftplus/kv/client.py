@@ -549,6 +549,9 @@ class Client:
         self._registering: trio.Event | None = None
         self._connect_errors: dict[Address, str] = {}
         """Why the last connection attempt to each address failed."""
+        self._misnamed: set[Address] = set()
+        """Addresses whose certificate named another node than the id they reported: no
+        request but status goes there until a status check passes again."""
         self.timeout = float(timeout)
         self.attempt_timeout = float(attempt_timeout)
         self.connect_timeout = float(connect_timeout)
@@ -959,8 +962,10 @@ class Client:
                    f"certificate names {', '.join(cert_dns_names(stream.getpeercert()))}")
             logger.warning("refusing %s", why)
             self._connect_errors[addr] = why
+            self._misnamed.add(addr)
             conn.close(why)
             return None
+        self._misnamed.discard(addr)
         conn.node_id = node_id
         return w.payload
 
@@ -972,6 +977,8 @@ class Client:
             if trio.current_time() >= deadline:
                 return None
             addr = self.addresses[(self._target + k) % n]
+            if addr in self._misnamed:
+                continue
             with trio.move_on_at(deadline):
                 conn = await self._connect(addr)
                 if conn is not None:
