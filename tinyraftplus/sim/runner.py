@@ -23,6 +23,7 @@ import shlex
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,13 +343,30 @@ def run_seeds(seeds: Iterable[int], config: SimConfig | None = None, *, jobs: in
         ctx = multiprocessing.get_context("fork" if hasattr(multiprocessing, "get_context")
                                           else None)
         with ctx.Pool(jobs, initializer=_ignore_sigint) as pool:
-            for outcomes in pool.imap(_work, work):
-                for o in outcomes:
+            # Chunks are handed out a few at a time and collected in order; stopping early
+            # means handing out no more and letting the ones out finish. (Terminating the
+            # pool in the middle of an ``imap`` could leave the parent waiting forever.)
+            todo = iter(work)
+            out: deque[Any] = deque()
+
+            def hand_out() -> None:
+                w = next(todo, None)
+                if w is not None:
+                    out.append(pool.apply_async(_work, (w,)))
+
+            for _ in range(2 * jobs):
+                hand_out()
+            stopping = False
+            while out:
+                for o in out.popleft().get():
                     summary.add(o)
                 if progress is not None:
                     progress(summary)
                 if stop_after is not None and summary.violations >= stop_after:
-                    pool.terminate()
-                    break
+                    stopping = True
+                if not stopping:
+                    hand_out()
+            pool.close()
+            pool.join()
     summary.seconds = time.perf_counter() - t0
     return summary
