@@ -22,6 +22,17 @@ every turn: on an idle machine that returns at once, while at load 4-5 on 2 core
 the single appender from 0.4 to 0.75 of the raw loop (a busy-waiting thread had been
 keeping the very thread it waited for off the core).
 
+The Trio side's window follows the disk (``PollWindow``): it is about twice the typical
+(median of the last few) time a write took to be seen done, at least ``poll_us`` and at most
+``POLL_MAX``; with a disk slower than that, polling is skipped (waking on the eventfd then
+costs a small share of the write). A fixed 300 us window suited a ~100 us ``fdatasync`` but
+missed a ~300-450 us one nearly every time, so the appender parked on the eventfd on every
+write (0.50-0.54 of the raw loop on such a disk; see issue 13). And it gives way to other work:
+a poll that got less than half of the CPU time it spun for (``time.thread_time`` against the
+clock: ``sched_yield`` handed the core to someone else) means the cores are contended, so
+polling pauses for a number of writes that doubles each time this happens again (up to
+``BACKOFF_MAX``) and is reset by a poll that ran uncontended.
+
 Writes without ``fdatasync`` (``FsLog(fsync=False)``) of at most ``INLINE_MAX`` bytes are
 done on the calling thread: a ``pwrite`` into the page cache of a few hundred KiB costs less
 than the two thread wake-ups of a hand-off, and blocks the event loop far less than 1 ms.
@@ -38,6 +49,52 @@ import trio
 from .._native import ffi, lib
 
 INLINE_MAX = 256 << 10
+POLL_MAX = 2e-3
+"""Longest Trio-side poll, in seconds: a write expected to take longer is waited for parked."""
+BACKOFF_MAX = 256
+"""Most writes for which polling pauses after polls found the CPU contended."""
+
+
+class PollWindow:
+    """How long the Trio side polls for the write in flight before parking (pure, no I/O).
+
+    ``window()`` before each wait: seconds to poll (0: park at once). ``observe(took,
+    spun, cpu)`` after it: how long the write took to be seen done, how long the poll ran
+    (wall clock) and how much CPU this thread got meanwhile."""
+
+    KEEP = 16  # recent latencies kept for the median
+
+    def __init__(self, floor: float) -> None:
+        self.floor = floor
+        self._recent = [0.0] * self.KEEP
+        self._n = 0
+        self.typical = 0.0  # median of the recent latencies (0: none yet)
+        self.backoff = 0  # pause length after the next contended poll (0: never contended)
+        self.paused = 0  # waits left without polling
+
+    def window(self) -> float:
+        if self.floor <= 0:
+            return 0.0
+        if self.paused:
+            self.paused -= 1
+            return 0.0
+        want = max(self.floor, 2 * self.typical + 50e-6)
+        return want if want <= POLL_MAX else 0.0
+
+    def observe(self, took: float, spun: float, cpu: float) -> None:
+        self._recent[self._n % self.KEEP] = took
+        self._n += 1
+        if self._n <= self.KEEP:
+            self.typical = sorted(self._recent[: self._n])[(self._n - 1) // 2]
+        elif self._n % 4 == 0:  # often enough to follow the disk, cheaply
+            self.typical = sorted(self._recent)[self.KEEP // 2]
+        if spun < 100e-6:
+            return  # too short to tell contention from timer granularity
+        if cpu < 0.5 * spun:
+            self.backoff = min(BACKOFF_MAX, max(8, 2 * self.backoff))
+            self.paused = self.backoff
+        else:
+            self.backoff = 0
 
 
 class Flusher:
@@ -51,11 +108,10 @@ class Flusher:
         self._efd = efd[0]
         self._done = lib.tp_flusher_done_ptr(self._f)
         self._op = ffi.new("int*")
-        self._poll = poll_us * 1e-6
+        self._poll = PollWindow(poll_us * 1e-6)
         self._keep: object = None
         self._inline: tuple[int, int] | None = None
         self._started = 0.0
-        self._took = 0.0  # moving average of how long a write took to be seen done
 
     def submit(self, fd: int, buf: object, length: int, off: int, sync: bool) -> None:
         """Start a write; ``buf`` (a cffi buffer) must stay alive until ``wait`` returns."""
@@ -79,21 +135,25 @@ class Flusher:
             result, self._inline = self._inline, None
             return result
         done = self._done
-        if self._poll and not done[0] and self._took < self._poll:
-            until = self._started + self._poll
-            while not done[0] and time.perf_counter() < until:
-                await trio.lowlevel.checkpoint()
-                if not done[0]:
-                    os.sched_yield()  # shared cores: let the flusher thread run first
+        spun = cpu = 0.0
+        if not done[0]:
+            window = self._poll.window()
+            if window:
+                clock, thread_time = time.perf_counter, time.thread_time
+                t0, c0 = clock(), thread_time()
+                until = self._started + window
+                while not done[0] and clock() < until:
+                    await trio.lowlevel.checkpoint()
+                    if not done[0]:
+                        os.sched_yield()  # shared cores: let the flusher thread run first
+                spun, cpu = clock() - t0, thread_time() - c0
         while True:
             if not done[0]:
                 await trio.lowlevel.wait_readable(self._efd)
             rc = lib.tp_flusher_collect(self._f, self._op)
             if rc != -errno.EAGAIN:
                 self._keep = None
-                # Capped so that one slow write is forgotten after a few quick ones.
-                took = min(time.perf_counter() - self._started, 4 * self._poll)
-                self._took = 0.75 * self._took + 0.25 * took
+                self._poll.observe(time.perf_counter() - self._started, spun, cpu)
                 return rc, self._op[0]
 
     def stop(self) -> None:
