@@ -690,6 +690,40 @@ def test_frame_decoder_handles_any_chunking(msgs, data):
     assert dec.buffered == 0 and dec.offset == len(stream)
 
 
+@given(st.lists(st.sampled_from([0, 5, 1000, 70_000, 200_000]), min_size=1, max_size=5),
+       st.data())
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_frame_decoder_gathers_large_frames_in_any_chunking(sizes, data):
+    """Frames far from whole are gathered as a list of chunks (FrameDecoder.GATHER_MIN):
+    mixed with small frames, split anywhere (TLS hands them over in 16 KiB records), they
+    come out whole, in order, with the stream offset and buffered count kept."""
+    payloads = [bytes([i]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(frame(p) for p in payloads)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=40)))
+    dec = FrameDecoder()
+    out: list[bytes] = []
+    prev = 0
+    for c in [*cuts, len(stream)]:
+        out += dec.feed(bytearray(stream[prev:c]))  # not bytes: the decoder must copy
+        assert dec.offset + dec.buffered == c
+        prev = c
+    assert out == payloads
+    assert dec.buffered == 0 and dec.offset == len(stream)
+
+
+def test_frame_decoder_refuses_a_bad_crc_in_a_gathered_frame():
+    good = frame(b"a" * 10)
+    bad = bytearray(frame(b"b" * 300_000))
+    bad[150_000] ^= 1
+    stream = good + bytes(bad) + good
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match=f"stream offset {len(good)} .*CRC32C"):
+        for i in range(0, len(stream), 16384):
+            dec.feed(stream[i:i + 16384])
+    with pytest.raises(ProtocolError, match="CRC32C"):
+        dec.feed(good)  # broken for good
+
+
 def test_frame_decoder_byte_at_a_time_and_partial_tail():
     f = encode_frame(Propose(1, (b"x" * 1000,)))
     dec = FrameDecoder()

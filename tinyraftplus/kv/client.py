@@ -97,6 +97,7 @@ from ..errors import (
     TransportError,
     UsageError,
 )
+from ..transport.streamio import receive_some
 from ..transport.tls import DNS_SUFFIX, cert_dns_names, cert_names_node
 from ..transport.wire import FrameDecoder, frame, show_value
 from .store import MAX_CLIENT_ID, MAX_VALUE, check_key, check_write
@@ -471,7 +472,7 @@ class _Conn:
     async def _reader(self) -> None:
         decoder = FrameDecoder(CLIENT_MAX_FRAME)
         while True:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await receive_some(self.stream, RECEIVE_SIZE)
             if not data:
                 self.close(f"{self.addr[0]}:{self.addr[1]} closed the connection")
                 return

@@ -93,6 +93,7 @@ from ..errors import (
 )
 from ..log import FsLog
 from ..node import RaftNode
+from ..transport.streamio import receive_some
 from ..transport.tcp import TcpTransport
 from ..transport.tls import TlsConfig, cert_expiry, check_own_certificate
 from ..transport.wire import FrameDecoder, show_value
@@ -687,14 +688,14 @@ class _ClientConnection:
                 # first byte (a deadline per frame: one byte every few seconds must not keep
                 # a connection and its buffer for ever).
                 with trio.move_on_at(frame_deadline) as waited:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    data = await receive_some(self.stream, RECEIVE_SIZE)
                 if waited.cancelled_caught:
                     raise ProtocolError(
                         f"a frame was not complete {cfg.frame_timeout}s after it began "
                         f"({decoder.buffered} bytes buffered)")
             else:
                 with trio.move_on_after(cfg.idle_timeout) as idle:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    data = await receive_some(self.stream, RECEIVE_SIZE)
                 if idle.cancelled_caught:
                     if self.inflight or self.out:
                         continue  # quiet, not idle: answers are still coming

@@ -70,6 +70,7 @@ from ..errors import (
     UsageError,
 )
 from ..raft.messages import Message, NodeId
+from .streamio import receive_some
 from .tls import (
     TlsConfig,
     cert_dns_names,
@@ -681,7 +682,7 @@ class TcpTransport:
     async def _read_hello(self, stream: trio.abc.Stream,
                           decoder: FrameDecoder) -> tuple[Hello, list[bytes]]:
         while True:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            data = await receive_some(stream, RECEIVE_SIZE)
             if not data:
                 raise TransportError("connection closed before the Hello")
             if self._tls is None and decoder.offset == 0 and data[:2] == b"\x16\x03":
@@ -895,7 +896,7 @@ class TcpTransport:
             conn.pending = []
             while True:
                 with trio.move_on_after(self._idle_timeout) as idle:
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await receive_some(stream, RECEIVE_SIZE)
                 if idle.cancelled_caught:
                     conn.fail(TransportError(
                         f"nothing received for {self._idle_timeout} s (keepalive every "

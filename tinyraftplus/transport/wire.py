@@ -678,7 +678,12 @@ class FrameDecoder:
     no way to find the next frame boundary, so the connection must be closed.
     """
 
-    __slots__ = ("max_frame", "_buf", "_error", "offset")
+    __slots__ = ("max_frame", "_buf", "_error", "offset", "_parts", "_have", "_want", "_crc")
+
+    GATHER_MIN = 64 << 10
+    """A frame missing at least this many bytes is gathered as a list of the chunks read and
+    joined once when whole: growing one buffer chunk by chunk (16 KiB TLS records) moved
+    a 1 MiB frame's bytes around several times (about 2.5 ms per MiB, against 0.1 ms)."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if type(max_frame) is not int or max_frame < 1 or max_frame > 0xFFFFFFFF:
@@ -690,43 +695,88 @@ class FrameDecoder:
         self._error: ProtocolError | None = None
         self.offset = 0
         """Stream offset of the first byte not yet consumed (for error messages)."""
+        self._parts: list[bytes] = []
+        """While gathering a large frame: its bytes so far (header first), as read."""
+        self._have = 0
+        self._want = 0
+        """While gathering: the whole frame's size with its header (0: not gathering)."""
+        self._crc = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole frame."""
-        return len(self._buf)
+        return len(self._buf) + self._have
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         if self._error is not None:
             raise self._error
+        if not self._want:
+            return self._feed_buf(data)
+        # Gathering a large frame: keep the chunk (a copy only if it is not bytes already).
+        chunk = data if type(data) is bytes else bytes(data)
+        self._parts.append(chunk)
+        self._have += len(chunk)
+        if self._have < self._want:
+            return []
+        parts, extra = self._parts, self._have - self._want
+        rest = b""
+        if extra:
+            rest = chunk[len(chunk) - extra:]
+            parts[-1] = chunk[:len(chunk) - extra]
+        parts[0] = parts[0][HEADER_SIZE:]
+        payload = b"".join(parts)
+        self._parts, self._have, self._want = [], 0, 0
+        if crc32c(payload) != self._crc:
+            self._fail(ProtocolError(
+                f"frame at stream offset {self.offset} ({len(payload)} bytes) has CRC32C "
+                f"{crc32c(payload):#010x} but its header says {self._crc:#010x}: corrupted "
+                f"in transit or not our protocol"
+            ))
+        self.offset += HEADER_SIZE + len(payload)
+        if not rest:
+            return [payload]
+        out = self._feed_buf(rest)
+        out.insert(0, payload)
+        return out
+
+    def _fail(self, e: ProtocolError) -> None:
+        self._error = e
+        self._buf = bytearray()
+        self._parts, self._have, self._want = [], 0, 0
+        raise e
+
+    def _feed_buf(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         buf = self._buf
         buf += data
         out: list[bytes] = []
         pos, n, unpack = 0, len(buf), HEADER.unpack_from
-        try:
-            while n - pos >= HEADER_SIZE:
-                length, crc = unpack(buf, pos)
-                if length > self.max_frame:
-                    raise ProtocolError(
-                        f"frame at stream offset {self.offset + pos} announces {length} bytes, "
-                        f"over the maximum frame size of {self.max_frame}"
-                    )
-                end = pos + HEADER_SIZE + length
-                if end > n:
-                    break
-                payload = bytes(buf[pos + HEADER_SIZE:end])
-                if crc32c(payload) != crc:
-                    raise ProtocolError(
-                        f"frame at stream offset {self.offset + pos} ({length} bytes) has CRC32C "
-                        f"{crc32c(payload):#010x} but its header says {crc:#010x}: corrupted "
-                        f"in transit or not our protocol"
-                    )
-                out.append(payload)
-                pos = end
-        except ProtocolError as e:
-            self._error = e
-            self._buf = bytearray()
-            raise
+        while n - pos >= HEADER_SIZE:
+            length, crc = unpack(buf, pos)
+            if length > self.max_frame:
+                self._fail(ProtocolError(
+                    f"frame at stream offset {self.offset + pos} announces {length} bytes, "
+                    f"over the maximum frame size of {self.max_frame}"
+                ))
+            end = pos + HEADER_SIZE + length
+            if end > n:
+                if end - n >= self.GATHER_MIN:
+                    # Large and far from whole: gather it from here on (see GATHER_MIN).
+                    self._parts = [bytes(buf[pos:])]
+                    self._have, self._want, self._crc = n - pos, end - pos, crc
+                    buf.clear()
+                    self.offset += pos
+                    return out
+                break
+            with memoryview(buf) as view:
+                payload = bytes(view[pos + HEADER_SIZE:end])
+            if crc32c(payload) != crc:
+                self._fail(ProtocolError(
+                    f"frame at stream offset {self.offset + pos} ({length} bytes) has CRC32C "
+                    f"{crc32c(payload):#010x} but its header says {crc:#010x}: corrupted "
+                    f"in transit or not our protocol"
+                ))
+            out.append(payload)
+            pos = end
         del buf[:pos]  # bytearray drops a prefix without copying the rest
         self.offset += pos
         return out
