@@ -45,6 +45,8 @@ TITLE = "durable log (FsLog)"
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+SLICES = 6
+"""Slices per repetition in which ``log.append.seq`` and its two baselines take turns."""
 
 
 def _fslog():  # type: ignore[no-untyped-def]
@@ -146,14 +148,30 @@ async def bench_append_seq(ctx: Context) -> list[Result]:
     ops: list[int] = []
     async with FsLog(str(d), "seq") as log:
         for _ in range(ctx.repeats):
-            raws.append(raw.write_fdatasync_rate(d, KiB, ctx.duration))
-            rate, _ = await raw.handoff_write_fdatasync_rate(d, KiB, ctx.duration)
-            handoffs.append(rate)
+            # The three are interleaved in short slices (the order rotating) so that each
+            # sees the same disk: on a shared machine the raw loop's rate moved 10x between
+            # consecutive 1.5 s windows, which made the ratios of back-to-back windows noise.
+            counts, times = [0, 0, 0], [0.0, 0.0, 0.0]
             meter = CpuMeter()
-            meter.start()
             before = len(lat)
-            logs.append(await _seq_rate(log, record, ctx.duration, lat))
-            cpu.append(meter.stop())
+            log_cpu = 0.0
+            for k in range(SLICES):
+                for which in ((k + j) % 3 for j in range(3)):
+                    t = ctx.duration / SLICES
+                    if which == 0:
+                        rate = raw.write_fdatasync_rate(d, KiB, t)
+                    elif which == 1:
+                        rate, _ = await raw.handoff_write_fdatasync_rate(d, KiB, t)
+                    else:
+                        meter.start()
+                        rate = await _seq_rate(log, record, t, lat)
+                        log_cpu += meter.stop() or 0.0
+                    counts[which] += round(rate * t)
+                    times[which] += t
+            raws.append(counts[0] / times[0])
+            handoffs.append(counts[1] / times[1])
+            logs.append(counts[2] / times[2])
+            cpu.append(log_cpu)
             ops.append(len(lat) - before)
     ctx.remove(d)
     ctx.baselines["raw.fdatasync.1KiB"] = median(raws)
