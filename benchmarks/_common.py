@@ -191,6 +191,11 @@ def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 
 
+SLICES = 6
+"""Slices per repetition in which a sequential figure and its raw baselines take turns, so
+that all of them see the same shared disk."""
+
+
 def rate_for(duration: float, step: Callable[[], object]) -> tuple[int, float]:
     """Call ``step()`` until ``duration`` seconds pass; return (calls, elapsed seconds)."""
     n = 0

@@ -29,6 +29,7 @@ import trio
 
 from . import baseline as raw
 from ._common import (
+    SLICES,
     Context,
     CpuMeter,
     Result,
@@ -45,8 +46,6 @@ TITLE = "durable log (FsLog)"
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-SLICES = 6
-"""Slices per repetition in which ``log.append.seq`` and its two baselines take turns."""
 
 
 def _fslog():  # type: ignore[no-untyped-def]

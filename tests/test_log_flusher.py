@@ -3,6 +3,8 @@ measured write latency and gives way when the cores are contended (issue 13)."""
 
 from __future__ import annotations
 
+import trio
+
 from tinyraftplus import FsLog
 from tinyraftplus.log.flusher import BACKOFF_MAX, POLL_MAX, PollWindow
 
@@ -77,3 +79,59 @@ async def test_log_appends_through_the_adaptive_window(tmp_path):
     async with FsLog(tmp_path, "x") as log:
         assert log.seq == 39
         assert [e.data async for e in log.iter()] == [b"r%d" % i for i in range(40)]
+
+
+async def test_one_poller_per_process_is_enough(tmp_path, monkeypatch):
+    """Several logs in one process (three Raft nodes in one Trio thread): while one log's
+    wait polls, the others park, since the poller's checkpoints already run Trio's epoll
+    check that sees their eventfds. Every append is still acknowledged."""
+    from tinyraftplus.log import flusher as fl
+
+    most = 0
+    real_checkpoint = trio.lowlevel.checkpoint
+
+    async def checkpoint() -> None:
+        nonlocal most
+        most = max(most, fl.Flusher._polling)
+        await real_checkpoint()
+
+    monkeypatch.setattr(fl.trio.lowlevel, "checkpoint", checkpoint)
+    async with FsLog(tmp_path, "a") as a, FsLog(tmp_path, "b") as b, \
+            FsLog(tmp_path, "c") as c:
+        for log in (a, b, c):
+            log._flusher._poll.floor = 1.5e-3  # poll long enough to overlap
+
+        async def writer(log: FsLog) -> None:
+            for i in range(20):
+                await log.append(b"%d" % i)
+
+        async with trio.open_nursery() as n:
+            for log in (a, b, c):
+                n.start_soon(writer, log)
+        assert a.seq == b.seq == c.seq == 19
+    assert most <= 1
+    assert fl.Flusher._polling == 0
+
+
+async def test_a_wait_does_not_poll_while_another_does(tmp_path, monkeypatch):
+    from tinyraftplus.log import flusher as fl
+
+    calls = 0
+    real_checkpoint = trio.lowlevel.checkpoint
+
+    async def checkpoint() -> None:
+        nonlocal calls
+        calls += 1
+        await real_checkpoint()
+
+    async with FsLog(tmp_path, "a") as log:
+        log._flusher._poll.floor = 1.5e-3
+        monkeypatch.setattr(fl.trio.lowlevel, "checkpoint", checkpoint)
+        monkeypatch.setattr(fl.Flusher, "_polling", 1)  # as if another log were polling
+        for i in range(10):
+            await log.append(b"%d" % i)
+        assert calls == 0
+        monkeypatch.setattr(fl.Flusher, "_polling", 0)
+        for i in range(10):
+            await log.append(b"%d" % i)
+        assert log.seq == 19

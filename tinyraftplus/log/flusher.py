@@ -98,6 +98,9 @@ class PollWindow:
 
 
 class Flusher:
+    _polling = 0
+    """Waits polling right now (on any log of this process): one is enough per thread."""
+
     def __init__(self, spin_us: int = 200, poll_us: int = 300) -> None:
         fp = ffi.new("tp_flusher**")
         efd = ffi.new("int*")
@@ -138,14 +141,26 @@ class Flusher:
         spun = cpu = 0.0
         if not done[0]:
             window = self._poll.window()
+            if window and Flusher._polling:
+                # Another log's wait is polling on this thread already: its checkpoints run
+                # Trio's epoll check, which sees this write's eventfd as soon as it fires.
+                window = 0.0
             if window:
+                Flusher._polling += 1
                 clock, thread_time = time.perf_counter, time.thread_time
                 t0, c0 = clock(), thread_time()
                 until = self._started + window
-                while not done[0] and clock() < until:
-                    await trio.lowlevel.checkpoint()
-                    if not done[0]:
-                        os.sched_yield()  # shared cores: let the flusher thread run first
+                stats = trio.lowlevel.current_statistics
+                try:
+                    while not done[0] and clock() < until:
+                        await trio.lowlevel.checkpoint()
+                        if not done[0] and not stats().tasks_runnable:
+                            # Idle but for us: let the flusher thread run first if it shares
+                            # this core. Not while other tasks are runnable: under load the
+                            # yield can lose the core for a whole time slice they need.
+                            os.sched_yield()
+                finally:
+                    Flusher._polling -= 1
                 spun, cpu = clock() - t0, thread_time() - c0
         while True:
             if not done[0]:
