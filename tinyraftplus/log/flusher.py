@@ -27,11 +27,18 @@ The Trio side's window follows the disk (``PollWindow``): it is about twice the 
 ``POLL_MAX``; with a disk slower than that, polling is skipped (waking on the eventfd then
 costs a small share of the write). A fixed 300 us window suited a ~100 us ``fdatasync`` but
 missed a ~300-450 us one nearly every time, so the appender parked on the eventfd on every
-write (0.50-0.54 of the raw loop on such a disk; see issue 13). And it gives way to other work:
-a poll that got less than half of the CPU time it spun for (``time.thread_time`` against the
-clock: ``sched_yield`` handed the core to someone else) means the cores are contended, so
-polling pauses for a number of writes that doubles each time this happens again (up to
-``BACKOFF_MAX``) and is reset by a poll that ran uncontended.
+write (0.50-0.54 of the raw loop on such a disk; see issue 13). One polling wait per process
+is enough: while one log's wait polls, the others park (the poller's checkpoints run Trio's
+epoll check, which sees their eventfds at once), so three Raft nodes in one process spin one
+loop, not three. The poll yields the core (``sched_yield``) only when no other Trio task is
+runnable: under load a yield can lose the core for a whole time slice those tasks need.
+
+Tried and dropped: pausing the poll, with a doubling backoff, after a poll that got less than
+half the CPU time it spun for (``time.thread_time``: the cores looked contended). In the
+benchmark's interleaved runs it made ``log.append.seq`` no better under load and a little
+worse on a fast disk (median 0.74 against 0.77 without it, three runs each), where it parked
+the appender for many writes after one busy moment. A server whose nodes share cores turns
+polling off instead (``poll_us=0``, see ``kv.server``).
 
 Writes without ``fdatasync`` (``FsLog(fsync=False)``) of at most ``INLINE_MAX`` bytes are
 done on the calling thread: a ``pwrite`` into the page cache of a few hundred KiB costs less
@@ -51,16 +58,13 @@ from .._native import ffi, lib
 INLINE_MAX = 256 << 10
 POLL_MAX = 2e-3
 """Longest Trio-side poll, in seconds: a write expected to take longer is waited for parked."""
-BACKOFF_MAX = 256
-"""Most writes for which polling pauses after polls found the CPU contended."""
 
 
 class PollWindow:
     """How long the Trio side polls for the write in flight before parking (pure, no I/O).
 
-    ``window()`` before each wait: seconds to poll (0: park at once). ``observe(took,
-    spun, cpu)`` after it: how long the write took to be seen done, how long the poll ran
-    (wall clock) and how much CPU this thread got meanwhile."""
+    ``window()`` before each wait: seconds to poll (0: park at once). ``observe(took)``
+    after it: how long the write took to be seen done."""
 
     KEEP = 16  # recent latencies kept for the median
 
@@ -69,32 +73,20 @@ class PollWindow:
         self._recent = [0.0] * self.KEEP
         self._n = 0
         self.typical = 0.0  # median of the recent latencies (0: none yet)
-        self.backoff = 0  # pause length after the next contended poll (0: never contended)
-        self.paused = 0  # waits left without polling
 
     def window(self) -> float:
         if self.floor <= 0:
             return 0.0
-        if self.paused:
-            self.paused -= 1
-            return 0.0
         want = max(self.floor, 2 * self.typical + 50e-6)
         return want if want <= POLL_MAX else 0.0
 
-    def observe(self, took: float, spun: float, cpu: float) -> None:
+    def observe(self, took: float) -> None:
         self._recent[self._n % self.KEEP] = took
         self._n += 1
         if self._n <= self.KEEP:
             self.typical = sorted(self._recent[: self._n])[(self._n - 1) // 2]
         elif self._n % 4 == 0:  # often enough to follow the disk, cheaply
             self.typical = sorted(self._recent)[self.KEEP // 2]
-        if spun < 100e-6:
-            return  # too short to tell contention from timer granularity
-        if cpu < 0.5 * spun:
-            self.backoff = min(BACKOFF_MAX, max(8, 2 * self.backoff))
-            self.paused = self.backoff
-        else:
-            self.backoff = 0
 
 
 class Flusher:
@@ -138,7 +130,6 @@ class Flusher:
             result, self._inline = self._inline, None
             return result
         done = self._done
-        spun = cpu = 0.0
         if not done[0]:
             window = self._poll.window()
             if window and Flusher._polling:
@@ -147,8 +138,7 @@ class Flusher:
                 window = 0.0
             if window:
                 Flusher._polling += 1
-                clock, thread_time = time.perf_counter, time.thread_time
-                t0, c0 = clock(), thread_time()
+                clock = time.perf_counter
                 until = self._started + window
                 stats = trio.lowlevel.current_statistics
                 try:
@@ -161,14 +151,13 @@ class Flusher:
                             os.sched_yield()
                 finally:
                     Flusher._polling -= 1
-                spun, cpu = clock() - t0, thread_time() - c0
         while True:
             if not done[0]:
                 await trio.lowlevel.wait_readable(self._efd)
             rc = lib.tp_flusher_collect(self._f, self._op)
             if rc != -errno.EAGAIN:
                 self._keep = None
-                self._poll.observe(time.perf_counter() - self._started, spun, cpu)
+                self._poll.observe(time.perf_counter() - self._started)
                 return rc, self._op[0]
 
     def stop(self) -> None:
