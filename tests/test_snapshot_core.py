@@ -62,8 +62,9 @@ class SnapCluster(Cluster):
             self.start(i)
 
     def start(self, i):
-        from tinyraftplus.raft.core import RaftCore
         import random
+
+        from tinyraftplus.raft.core import RaftCore
 
         self._starts += 1
         src = self.sources[i]
