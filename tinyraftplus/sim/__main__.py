@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"concurrent clients (default {SimConfig.clients})")
     p.add_argument("--keys", type=_int_at_least(1), default=SimConfig.keys,
                    help=f"keys the default key-value workload uses (default {SimConfig.keys})")
+    p.add_argument("--snapshot-entries", type=_int_at_least(0), default=None, metavar="N",
+                   help="each node snapshots its state machine every N applied entries and "
+                   "compacts its log behind it (0: off; default: drawn from the seed, off in "
+                   "some seeds and 4 to 25 in the others)")
     p.add_argument("--no-faults", action="store_true", help="no drops, partitions or crashes")
     p.add_argument("--bug", action="append", default=[], choices=sorted(ALL_BUGS),
                    help="switch on a deliberate bug (repeatable)")
@@ -147,6 +151,8 @@ def _config(args: argparse.Namespace) -> SimConfig:
         kw[name] = value
     if args.nodes is not None:
         kw["nodes"] = args.nodes
+    if args.snapshot_entries is not None:
+        kw["snapshot_entries"] = args.snapshot_entries
     if args.election_timeout is not None:
         kw["election_timeout"] = args.election_timeout
     return SimConfig.churn(**kw) if args.preset == "churn" else SimConfig(**kw)

@@ -43,7 +43,7 @@ from .invariants import Invariants, SafetyViolation
 from .linearizable import History, check
 from .network import PARTITION_KINDS, EventQueue, NetworkFaults, SimNetwork
 from .snapfiles import SNAPSHOT_STEPS
-from .snapshots import SNAPSHOT_BUGS, NodeSnapshots
+from .snapshots import SNAPSHOT_BUGS, NodeSnapshots, base_of
 from .store import STORE_BUGS, SimCrash, SimStore
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS",
@@ -757,6 +757,8 @@ class Simulation:
         self.snap_rng = random.Random(f"{seed}:snapjobs")
         # taken, skipped, installs, compactions, restores, damaged, "crash <step>"
         self.snap_stats: Counter[str] = Counter()
+        if every:
+            self.snap_stats["seeds"] = 1
         if config.overrides:
             self.profile = replace(self.profile, **dict(config.overrides))
         p = self.profile
@@ -846,11 +848,10 @@ class Simulation:
             store = n.store
             last = store.durable_seq
             key = (store.durable_term_at(last) or 0, last) if last >= 0 else (0, -1)
-            stack = store.durable_hard_state().configs
             if n.up and n.core is not None:
                 cfg = n.core.configuration
             else:
-                cfg = stack.latest[2] if stack is not None else Config(frozenset(self.voter_ids))
+                cfg = self.durable_config(n)[1]
             info[n.id] = (cfg, key)
         quorums: dict[int, Any] = {}
         for seq, term, what in self.inv.acked:
@@ -873,6 +874,24 @@ class Simulation:
                         f"{holders} hold it durably: node {y} could be elected without it by "
                         f"{sorted(voters)} ({cfg.describe()})", holders)
                     return
+
+    def durable_config(self, node: SimNode) -> tuple[int, Config]:
+        """The configuration a node that is down would restart with, and the seq of its
+        entry: its newest good durable snapshot's (the one in force at the snapshot's seq)
+        unless its durable hard state names a later one, else the hard state's, else the
+        first voters'. (The hard state's stack stays None until a change is persisted.)"""
+        store = node.store
+        stack = store.durable_hard_state().configs
+        snap = store.snaps.durable_newest()
+        if snap is not None and snap.config is not None:
+            later = [x for x in stack.items if x[0] > snap.seq] if stack is not None else []
+            if later:
+                return later[-1][0], later[-1][2]
+            b = base_of(snap)
+            return b.config_seq, b.config
+        if stack is not None:
+            return stack.latest[0], stack.latest[2]
+        return -1, Config(frozenset(self.voter_ids))
 
     def check_commit_quorum(self, node: SimNode) -> None:
         """A leader commits only what a quorum of the configuration in force holds
@@ -982,8 +1001,9 @@ class Simulation:
                     cands.append((core.term, core.config_seq, core.configuration))
             else:
                 hs = n.store.durable_hard_state()
-                if hs.configs is not None:
-                    cands.append((hs.term, hs.configs.latest[0], hs.configs.latest[2]))
+                if hs.configs is not None or n.store.snaps.durable_newest() is not None:
+                    cseq, cfg = self.durable_config(n)
+                    cands.append((hs.term, cseq, cfg))
         if cands:
             return max(cands, key=lambda x: (x[0], x[1]))[2]
         return Config(frozenset(self.voter_ids))
@@ -1143,6 +1163,7 @@ class Simulation:
             commits=self.commits, checks=self.inv.checks,
             virtual_time=queue.now,
             trace_hash=self.trace_hash() if self._record else "",
+            stats={"snapshots": dict(self.snap_stats)},
         )
 
     def _check_storm(self) -> None:
@@ -1200,7 +1221,7 @@ class Simulation:
                 for i, node in self.nodes.items():
                     if i not in members:
                         continue
-                    if seq > node.store.seq or node.store.entry(seq).term != term:
+                    if node.store.covered_term(seq) != term:
                         self.fail("acknowledged write durability",
                                   f"{what} was acknowledged at seq {seq} term {term} but "
                                   f"node {i}'s settled log does not hold it", [i])
@@ -1241,5 +1262,6 @@ def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = No
                          partitions=sim.partitions, wipes=sim.wipes,
                          member_changes=sim.member_changes,
                          messages=sim.net.sent, checks=sim.inv.checks,
-                         virtual_time=sim.queue.now)
+                         virtual_time=sim.queue.now,
+                         stats={"snapshots": dict(sim.snap_stats)})
 

@@ -74,7 +74,7 @@ class SnapshotDir:
         self._pending: list[tuple[str, str, object]] = []  # name ops since the last dir fsync
         self._inodes = 0
         self._version = 0  # bumped by anything that changes what is durable
-        self._cover: tuple[int, int] = (-1, -1)  # (version, seq) cache of durable_cover
+        self._cover: tuple[int, SnapshotMeta | None] = (-1, None)  # (version, newest good)
 
     # --- the write path (each call is one storage step) ---------------------------------
     def create(self, name: str, meta: SnapshotMeta, data: bytes, what: str) -> None:
@@ -153,17 +153,23 @@ class SnapshotDir:
                 return m.seq
         return -1
 
-    def durable_cover(self) -> int:
-        """The seq of the newest snapshot that a crash now would leave complete and
-        undamaged (durable name, durable content, CRC good); -1 if none."""
+    def durable_newest(self) -> SnapshotMeta | None:
+        """The newest snapshot that a crash now would leave complete and undamaged (durable
+        name, durable content, CRC good)."""
         if self._cover[0] == self._version:
             return self._cover[1]
-        best = -1
+        best: SnapshotMeta | None = None
         for n, (m, ino) in self._ddir.items():
-            if n.startswith("snap-") and m.seq > best and good(m, self._files[ino].durable):
-                best = m.seq
+            if (n.startswith("snap-") and (best is None or m.seq > best.seq)
+                    and good(m, self._files[ino].durable)):
+                best = m
         self._cover = (self._version, best)
         return best
+
+    def durable_cover(self) -> int:
+        """The seq of ``durable_newest`` (-1 if none)."""
+        m = self.durable_newest()
+        return -1 if m is None else m.seq
 
     # --- faults -------------------------------------------------------------------------------
     def crash(self) -> str:
