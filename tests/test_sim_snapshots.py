@@ -294,3 +294,34 @@ def test_core_bug_1_restart_with_compacted_config_entry():
     core = RaftCore(leader, c.ids, log, c.hard[leader], config=c.config,
                     snapshots=c.sources[leader], snapshot_base=base)
     assert core.configuration.voters == frozenset(c.ids)
+
+
+@pytest.mark.xfail(strict=True, reason="CORE_BUGS.md #2: the leader asks for the term of a "
+                   "compacted entry when a follower's conflict hint points below its log")
+def test_core_bug_2_conflict_hint_below_compaction():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_snapshot_core import SnapCluster, _write
+
+    c = SnapCluster([1, 2, 3])
+    a = c.wait_leader()
+    _write(c, 3)
+    k = c.logs[a].seq  # committed everywhere
+    # A (the leader) appends 30 entries of its term that nobody else gets, and is cut off.
+    c.partition([a], [i for i in c.ids if i != a])
+    for n in range(30):
+        c.cores[a].propose([b"lost%d" % n])
+        c.handle(a)
+    c.advance(2.0)
+    b = c.wait_leader()
+    _write(c, 40)  # a newer term's entries over k+1..
+    others = [i for i in c.ids if i != a]
+    c.run_until(lambda: all(c.applied[i] == c.applied[b] for i in others))
+    for i in others:  # snapshot, compact to k + 10 (a trailing window), restart
+        c.take_snapshot(i, trailing=c.logs[i].seq - (k + 10))
+        assert c.logs[i].first_seq == k + 11
+        c.crash(i)
+    for i in others:
+        c.start(i)
+    lead = c.wait_leader()  # a restarted node: its in-memory log cache is empty
+    c.heal()
+    c.run_until(lambda: c.applied[a] == c.applied[lead])

@@ -1163,8 +1163,16 @@ class Simulation:
             commits=self.commits, checks=self.inv.checks,
             virtual_time=queue.now,
             trace_hash=self.trace_hash() if self._record else "",
-            stats={"snapshots": dict(self.snap_stats)},
+            stats={"snapshots": dict(self._snap_counts())},
         )
+
+    def _snap_counts(self) -> Counter[str]:
+        """``snap_stats`` plus the core's reads of compacted terms (CORE_BUGS.md #2)."""
+        out = Counter(self.snap_stats)
+        below = sum(n.store.below_base_reads for n in self.nodes.values())
+        if below:
+            out["core read a compacted term"] = below
+        return out
 
     def _check_storm(self) -> None:
         if self.net.sent > self.config.max_messages:
@@ -1263,5 +1271,5 @@ def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = No
                          member_changes=sim.member_changes,
                          messages=sim.net.sent, checks=sim.inv.checks,
                          virtual_time=sim.queue.now,
-                         stats={"snapshots": dict(sim.snap_stats)})
+                         stats={"snapshots": dict(sim._snap_counts())})
 
