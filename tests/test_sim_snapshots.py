@@ -325,3 +325,15 @@ def test_core_bug_2_conflict_hint_below_compaction():
     lead = c.wait_leader()  # a restarted node: its in-memory log cache is empty
     c.heal()
     c.run_until(lambda: c.applied[a] == c.applied[lead])
+
+
+def test_settled_nodes_must_hold_the_same_state():
+    from tinyraftplus.sim import SafetyViolation
+
+    sim = Simulation(3, SimConfig(faults=False, nodes=3, snapshot_entries=5))
+    sim.run()
+    sim._check_state_agreement()  # holds
+    sim.nodes[2].sm.inner.data["k0"] = "tampered"
+    with pytest.raises(SafetyViolation) as ei:
+        sim._check_state_agreement()
+    assert ei.value.invariant == "state agreement" and 2 in ei.value.nodes

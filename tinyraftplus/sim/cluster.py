@@ -38,6 +38,7 @@ from ..errors import ConfigurationError, InvalidArgumentError, MembershipError, 
 from ..raft.core import RaftConfig, RaftCore, Role
 from ..raft.membership import Config, QuorumRule, quorum_of
 from ..raft.messages import Propose, ProposeResponse
+from ..raft.snapshot import crc32c
 from .app import OpSpec, SessionStateMachine, SimApp, kv_app, supports_snapshots
 from .invariants import Invariants, SafetyViolation
 from .linearizable import History, check
@@ -1224,6 +1225,7 @@ class Simulation:
                 c.spec = None
         self.check_acked_durable("after settling")
         if self._converged():
+            self._check_state_agreement()
             members = self.current_config().members
             for seq, term, what in self.inv.acked:
                 for i, node in self.nodes.items():
@@ -1233,6 +1235,25 @@ class Simulation:
                         self.fail("acknowledged write durability",
                                   f"{what} was acknowledged at seq {seq} term {term} but "
                                   f"node {i}'s settled log does not hold it", [i])
+
+    def _check_state_agreement(self) -> None:
+        """Settled, every member applied the same log: their state machines must hold the
+        same state (compared through their snapshots, when they can take one)."""
+        states: dict[int, list[Any]] = {}
+        for i, node in self.nodes.items():
+            if node.sm is None or i not in self.current_config().members:
+                continue
+            if not supports_snapshots(node.sm.inner):
+                return
+            states.setdefault(crc32c(node.sm.snapshot()), []).append(i)
+        self.inv.checks += 1
+        if len(states) > 1:
+            groups = "; ".join(f"nodes {sorted(v)}" for v in states.values())
+            self.fail("state agreement",
+                      f"the settled nodes applied the same log through seq "
+                      f"{max(n.applied for n in self.nodes.values())} but their state "
+                      f"machines differ: {groups} hold different states",
+                      sorted(i for v in states.values() for i in v))
 
     def _converged(self) -> bool:
         lead = self.leader()

@@ -97,6 +97,7 @@ class Invariants:
     def _check_has(self, leader: Any, term: int, chain: LeaderLog, seq: int, h: int,
                    cterm: int, first: Any) -> None:
         base, base_chain, hashes = chain
+        have: int | None
         if seq < base:
             # In its snapshot: it holds the committed prefix iff its chain hash at the base
             # (which covers the prefix) is the committed one there.

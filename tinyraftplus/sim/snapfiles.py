@@ -47,7 +47,7 @@ def final_name(meta: SnapshotMeta) -> str:
     return f"snap-{meta.seq:012d}-{meta.term}-{meta.crc:08x}"
 
 
-def good(meta: SnapshotMeta, data: bytes) -> bool:
+def good(meta: SnapshotMeta, data: bytes | bytearray) -> bool:
     """The bytes are the snapshot ``meta`` names (size and CRC32C)."""
     return len(data) == meta.size and crc32c(bytes(data)) == meta.crc
 

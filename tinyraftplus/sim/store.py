@@ -17,9 +17,17 @@ What a real disk does, and what this store therefore does:
   log), so a node can die after its vote is durable but before its entries are, after a
   truncate but before the append that should have followed it, and so on.
 
+Snapshots: the log can be compacted (``compact``: drop a prefix behind a snapshot) or reset
+(``reset``: hold nothing, continue after a snapshot's last entry); both are log writes like
+the others (durable at the next sync, or maybe at a torn crash). The snapshot files live in
+``snaps`` (:class:`~tinyraftplus.sim.snapfiles.SnapshotDir`, whose steps are storage steps of
+this store too). ``durable_term_at`` counts a seq as held when the newest good durable
+snapshot includes it.
+
 The store also keeps, per entry, a chain hash (the hash of the previous entry's chain hash,
 this entry's term and its payload). Two logs that hold the same chain hash at a seq hold the
 same prefix, which is how the simulator checks Raft's Log Matching property in O(1) per entry.
+A compacted log keeps the chain hash of its base entry, so the checks go on from there.
 
 ``bugs`` holds deliberate, test-only faults: ``"forget_vote"`` hands back the persisted term
 without the vote on restart, as a node would that forgot to persist or fsync its vote;
