@@ -337,3 +337,24 @@ def test_settled_nodes_must_hold_the_same_state():
     with pytest.raises(SafetyViolation) as ei:
         sim._check_state_agreement()
     assert ei.value.invariant == "state agreement" and 2 in ei.value.nodes
+
+
+@pytest.mark.xfail(strict=True, reason="CORE_BUGS.md #3: snapshot_installed drops the index "
+                   "of configuration entries the kept log still holds")
+def test_core_bug_3_install_keeps_config_index_of_the_kept_log():
+    from tinyraftplus.entry import ConfigEntry
+    from tinyraftplus.raft.core import RaftCore
+    from tinyraftplus.raft.membership import Config, ConfigStack
+    from tinyraftplus.raft.memory import MemoryLog
+    from tinyraftplus.raft.snapshot import SnapshotBase
+    from tinyraftplus.raft.state import HardState
+
+    cfg = Config(frozenset({1, 2, 3}))
+    log = MemoryLog([Entry(0, 1, b""), Entry(1, 1, b"a"),
+                     Entry(2, 1, cfg.encode()),  # stored untyped, as FsLog does
+                     Entry(3, 1, b"b"), Entry(4, 1, b"c")])
+    hs = HardState(term=1, configs=ConfigStack(((2, 1, cfg),)), config_index=((2, 1),))
+    core = RaftCore(2, [1, 2, 3], log, hs)
+    assert type(core.read_entries(2, 2, 1 << 20)[0]) is ConfigEntry
+    core.snapshot_installed(SnapshotBase(3, 1, cfg, 2, 1), None)  # the log is kept (0..4)
+    assert type(core.read_entries(2, 2, 1 << 20)[0]) is ConfigEntry
