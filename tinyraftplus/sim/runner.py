@@ -142,9 +142,12 @@ class Summary:
             + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")
             + f"; {sn['damaged']} damaged chunks or files caught by their CRC; "
             f"{sn['rot']} snapshot files rotted at rest",
-        ] + ([f"core bug work-around: the core read the term of a compacted entry "
+        ] + ([f"core bug work-arounds: the core read the term of a compacted entry "
               f"{sn['core read a compacted term']} times (CORE_BUGS.md #2, answered by "
-              "the simulated store)"] if sn.get("core read a compacted term") else [])
+              f"the simulated store); {sn['core bug #3 work-around']} installs had "
+              "configuration entries put back in the core's index (CORE_BUGS.md #3)"]
+             if sn.get("core read a compacted term") or sn.get("core bug #3 work-around")
+             else [])
 
 
 AppFactory = Callable[[], SimApp]

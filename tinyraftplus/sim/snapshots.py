@@ -316,7 +316,15 @@ class NodeSnapshots:
         sim.snap_stats["installs"] += 1
         sim.trace("snap-install", node.id, meta.seq, meta.term, "from", frm,
                   f"log {store.first_seq}..{store.seq}")
+        index = list(core._log.config_index)
         core.snapshot_installed(base_of(meta), frm, (meta.crc, meta.size))
+        # Work-around for CORE_BUGS.md #3 (the core forgets configuration entries the kept
+        # log still holds, which then read back as plain entries): put them back.
+        lost = [x for x in index if x not in core._log.config_index
+                and store.first_seq <= x[0] <= store.seq and store.term_at(x[0]) == x[1]]
+        if lost:
+            core._log.config_index = sorted(core._log.config_index + lost)
+            sim.snap_stats["core bug #3 work-around"] += 1
         node.after_install(meta.seq)
 
     # --- faults ----------------------------------------------------------------------------------
