@@ -204,6 +204,7 @@ class NodeSnapshots:
         what = job.steps.pop(0)
         if job.crash_at == 5 - len(job.steps) and not sim.stopping and sim._can_crash_one():
             sim.snap_stats["crash " + what] += 1
+            self.job = None
             node.crash(f"crash before snapshot step '{what}'")
             return
         try:
