@@ -74,9 +74,12 @@ class Invariants:
         self.checks = 0
 
     # --- election safety + leader completeness ------------------------------------------
-    def on_leader(self, node: Any, term: int, chain: LeaderLog) -> None:
+    def on_leader(self, node: Any, term: int, chain: LeaderLog | list[int]) -> None:
         """``chain``: the new leader's log as ``(base, chain hash at base, chain hashes of
-        base + 1 ..)``; entries up to ``base`` are in its snapshot (``base == -1``: none)."""
+        base + 1 ..)``; entries up to ``base`` are in its snapshot (``base == -1``: none).
+        A plain list is the chain hashes of a log from seq 0."""
+        if isinstance(chain, list):
+            chain = (-1, 0, chain)
         self.checks += 1
         other = self.leaders.get(term)
         if other is None:

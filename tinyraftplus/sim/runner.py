@@ -136,7 +136,8 @@ class Summary:
         crashes = sorted((k[6:], v) for k, v in sn.items() if k.startswith("crash "))
         return [
             f"snapshots:          {sn['taken']} taken in {sn['seeds']} seeds with snapshots "
-            f"on, {sn['installs']} installed by InstallSnapshot, {sn['restores']} restarts "
+            f"on, {sn['installs']} installed by InstallSnapshot ({sn['resumed']} transfers "
+            f"resumed from the follower's offset), {sn['restores']} restarts "
             f"from a snapshot, {sn['compactions']} log compactions",
             f"snapshot faults:    {sum(v for _, v in crashes)} crashes during snapshot steps"
             + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")

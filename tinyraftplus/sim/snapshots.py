@@ -10,8 +10,9 @@ place a crash can land (``snapfiles.py`` models what survives):
   write, fsync, rename, directory fsync, prune (keep the newest two), then compaction of
   the log to ``min(snapshot seq, applied - trailing_entries, core.snapshot_floor())``.
 * **Serving** (``latest_snapshot`` / ``read_chunk``): the core's ``SnapshotSource``.
-* **Receiving** (``on_piece``): pieces of an ``InstallSnapshot`` go to a partial file that
-  survives restarts as far as it reached the disk; the begin message is answered with its
+* **Receiving** (``on_piece``): pieces of an ``InstallSnapshot`` go to a partial file,
+  fsynced every ``SYNC_EVERY`` bytes, that survives restarts as far as it reached the disk
+  (what follows the last fsync may be lost or garbage); the begin message is answered with its
   length (so the transfer resumes there); each chunk's CRC is checked; once whole, the
   snapshot's CRC is checked (a partial damaged by a crash fails it: discarded, the leader
   starts over), then: fsync, rename, directory fsync, restore the state machine, make the
@@ -54,6 +55,7 @@ __all__ = ["NodeSnapshots", "SNAPSHOT_BUGS", "KEEP"]
 
 SNAPSHOT_BUGS = frozenset({"compact_past_snapshot", "restore_unchecked"})
 KEEP = 2  # complete snapshots kept
+SYNC_EVERY = 1024  # bytes: a follower fsyncs its partial snapshot each time it passes one
 
 
 def _meta_extra(config_seq: int, config_term: int) -> bytes:
@@ -272,6 +274,9 @@ class NodeSnapshots:
                     snaps.unlink(PARTIAL, "partial discard")
                 snaps.create(PARTIAL, SnapshotMeta(m.seq, m.snap_term, m.size, m.crc,
                                                    m.config, m.extra), b"", "partial create")
+                snaps.dir_fsync("partial dir fsync")
+            elif snaps.size(PARTIAL) > 0:
+                sim.snap_stats["resumed"] += 1  # (after a restart, a new leader, a stall)
             core.snapshot_reply(frm, m, SNAP_OK, snaps.size(PARTIAL))
         elif pm is None or pm.ident != ident:
             core.snapshot_reply(frm, m, SNAP_BEGIN, 0)
@@ -287,6 +292,8 @@ class NodeSnapshots:
                 core.snapshot_reply(frm, m, SNAP_REJECTED, held)
                 return
             snaps.append(PARTIAL, m.data)
+            if (held + len(m.data)) // SYNC_EVERY > held // SYNC_EVERY:
+                snaps.fsync(PARTIAL, "partial fsync")  # what a restart resumes from
             core.snapshot_reply(frm, m, SNAP_OK, held + len(m.data))
         if snaps.size(PARTIAL) < m.size:
             return
