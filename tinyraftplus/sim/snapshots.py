@@ -140,7 +140,8 @@ class NodeSnapshots:
             sim.fail("snapshot restart",
                      f"node {node.id} cannot restart: its log starts at seq {first} but its "
                      f"newest good snapshot ends at seq {meta.seq} (entries {meta.seq + 1}.."
-                     f"{first - 1} are lost: the log was compacted past the snapshot)",
+                     f"{first - 1} are lost: the log was compacted past the newest snapshot that "
+                     "survived)",
                      [node.id])
         self._install_state(meta, data, "restored at restart")
         sim.snap_stats["restores"] += 1
