@@ -207,6 +207,12 @@ def _main(args: argparse.Namespace) -> int:
               f"{res.acked_writes} acknowledged writes, {res.elections} elections, "
               f"{res.crashes} crashes, {res.partitions} partitions, {res.messages} messages, "
               f"{res.virtual_time:.3f}s virtual; trace sha256 {res.trace_hash[:16]}")
+        sn = res.stats.get("snapshots", {})
+        if sn.get("seeds"):
+            print(f"  snapshots every {sim.snapshot_entries} entries (trailing "
+                  f"{sim.trailing_entries}): {sn.get('taken', 0)} taken, "
+                  f"{sn.get('installs', 0)} installed, {sn.get('restores', 0)} restarts from "
+                  f"a snapshot, {sn.get('compactions', 0)} compactions")
         return 0
     summary = run_seeds(args.seeds, config, jobs=args.jobs, app_factory=factory,
                         stop_after=args.stop_after, app=spec)
