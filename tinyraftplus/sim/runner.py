@@ -143,11 +143,14 @@ class Summary:
             + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")
             + f"; {sn['damaged']} damaged chunks or files caught by their CRC; "
             f"{sn['rot']} snapshot files rotted at rest",
-        ] + ([f"core bug work-arounds: the core read the term of a compacted entry "
-              f"{sn['core read a compacted term']} times (CORE_BUGS.md #2, answered by "
-              f"the simulated store); {sn['core bug #3 work-around']} installs had "
-              "configuration entries put back in the core's index (CORE_BUGS.md #3)"]
-             if sn.get("core read a compacted term") or sn.get("core bug #3 work-around")
+        ] + ([f"core bug work-arounds: {sn['core bug #1 work-around']} restarts named "
+              "a compacted configuration entry as -1 (CORE_BUGS.md #1); the core read the "
+              f"term of a compacted entry {sn['core read a compacted term']} times "
+              f"(CORE_BUGS.md #2, answered by the simulated store); "
+              f"{sn['core bug #3 work-around']} installs had configuration entries put "
+              "back in the core's index (CORE_BUGS.md #3)"]
+             if any(sn.get(k) for k in ("core bug #1 work-around", "core read a compacted "
+                                        "term", "core bug #3 work-around"))
              else [])
 
 
