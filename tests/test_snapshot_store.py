@@ -16,8 +16,8 @@ import tracemalloc
 import warnings
 from pathlib import Path
 
-import crc32c
 import crashsim
+import crc32c
 import msgpack
 import pytest
 import trio
@@ -467,8 +467,9 @@ async def test_64_mib_snapshot_in_bounded_memory(tmp_path):
 class Driver:
     """A workload of snapshots taken and received, marking what it tried and what finished."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keep: int = 2) -> None:
         self.root = root
+        self.keep = keep
         self.known: dict[str, bytes] = {}  # json(ident) -> data
 
     def _mark(self, k: str, m: SnapshotMeta, **kw) -> None:
@@ -491,7 +492,7 @@ class Driver:
         m = SnapshotMeta(seq, 2, len(data), crc32c.crc32c(data), CFG, b"r%d" % i)
         self.known[json.dumps(list(m.ident))] = data
         self._mark("try", m, partial=True)
-        s = opened(self.root)  # a fresh process: resumes what an earlier one held
+        s = opened(self.root, keep=self.keep)  # a fresh process: resumes what one held
         p = s.partial(m)
         off = p.offset
         while off < size and (stop_at is None or off < stop_at):
@@ -503,13 +504,13 @@ class Driver:
         self._mark("ack", m)
 
     async def run(self) -> None:
-        s = opened(self.root)
+        s = opened(self.root, keep=self.keep)
         await self.take(s, 1, 10, 9000)
         await self.take(s, 2, 20, 7000)
         await self.take(s, 3, 30, 11000)  # prunes seq 10
         await self.receive(4, 40, 10_000, stop_at=5000)  # a transfer interrupted...
         await self.receive(4, 40, 10_000)  # ...and resumed after a restart; prunes seq 20
-        w = opened(self.root).begin(50, 1, None)  # a write a crash interrupts
+        w = opened(self.root, keep=self.keep).begin(50, 1, None)  # a write a crash interrupts
         w.write(b"q" * 6000)
 
 
@@ -587,7 +588,7 @@ async def check_state(files: dict[str, bytes], scratch: Path, kn: Knowledge,
     return bad
 
 
-async def explore(check=None) -> crashsim.Result:
+async def explore(check=None, keep: int = 2) -> crashsim.Result:
     check = check or check_state
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     root = Path(tempfile.mkdtemp(prefix="tpsnap-crash-", dir=base))
@@ -596,7 +597,7 @@ async def explore(check=None) -> crashsim.Result:
         trace = root / "trace"
         work = root / "work"
         work.mkdir()
-        drv = Driver(work)
+        drv = Driver(work, keep)
         fileops.start_recording(str(trace))
         try:
             await drv.run()
@@ -635,8 +636,9 @@ async def explore(check=None) -> crashsim.Result:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_every_crash_state_keeps_new_or_previous():
-    res = await explore()
+@pytest.mark.parametrize("keep", [1, 2])
+async def test_every_crash_state_keeps_new_or_previous(keep):
+    res = await explore(keep=keep)
     assert res.violations == [], res.violations
     assert res.crash_points > 35 and res.states > 300, (res.crash_points, res.states)
 
