@@ -766,8 +766,11 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         """Feed committed entries to an ``async`` state machine, in order."""
         assert self._apply_fn is not None
         while True:
-            while self._apply_seq >= self._commit_seq or self._restoring or self._capturing:
-                if self._restoring or self._capturing:
+            while (self._apply_seq >= self._commit_seq or self._restoring or self._capturing
+                   or self._snap_due()):
+                if self._restoring or self._capturing or self._snap_due():
+                    # (a snapshot is due here: the driver captures it before the next batch)
+                    self._wake.set()
                     await trio.sleep(0.001)
                 else:
                     await self._commit_changed.wait()
