@@ -36,15 +36,23 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
-from .errors import InvalidArgumentError, SnapshotCorruptError, SnapshotError, SnapshotGoneError
+from .errors import (
+    InvalidArgumentError,
+    MemberStateLostError,
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotGoneError,
+)
 from .raft.membership import Config
 from .raft.messages import SNAP_BEGIN, SNAP_OK, SNAP_REJECTED, InstallSnapshot
 from .raft.snapshot import SnapshotBase, crc32c
+from .raft.state import decode_hard_state, encode_hard_state
 from .snapshot import SnapshotMeta, SnapshotStore
 
 if TYPE_CHECKING:
@@ -107,6 +115,7 @@ class NodeSnapshots:
     _cache_bytes: int
     _apply_changed: trio.Event
     _running: bool
+    _state: Any
 
     # set up by _snapshot_init
     _snap_fn: Any
@@ -193,6 +202,18 @@ class NodeSnapshots:
         base = base_of(good)
         lg = self.log
         s = good.seq
+        raw = self._state.load()
+        hs = decode_hard_state(raw, self._state.path) if raw is not None else None
+        if hs is not None and hs.has_log and lg.seq < 0:
+            # Not a reset a crash interrupted (that is recorded first, below): the log was
+            # deleted with the node's state kept, and entries after the snapshot that this
+            # member acknowledged are gone with it.
+            raise MemberStateLostError(
+                f"node {self.node_id!r}: its log ({getattr(lg, 'path', lg)}) is empty, but its "
+                f"state ({self._state.path}) says it held entries: it lost its log and is not "
+                "the member it was. Delete the state file and the snapshots too and restart "
+                "the node without bootstrap; it then recovers from the other members"
+            )
         if lg.first_seq - 1 > s:
             raise SnapshotCorruptError(
                 f"node {self.node_id!r}: its log starts after seq {lg.first_seq - 1} but its "
@@ -208,6 +229,8 @@ class NodeSnapshots:
             await self._restore_state(good)
             self._apply_seq = self._initial_apply_seq = s
         if not (s <= lg.seq and lg.term_at(s) == good.term):
+            if hs is not None and hs.has_log:
+                await self._state.save(encode_hard_state(replace(hs, has_log=False)))
             await lg.reset(s, good.term)
         self._snap_last = s
         self._applied_term = good.term
@@ -455,6 +478,11 @@ class NodeSnapshots:
             lg = self.log
             s = meta.seq
             if not (lg.first_seq - 1 <= s <= lg.seq and lg.term_at(s) == meta.term):
+                # Say first that the log is about to hold nothing of ours: a crash inside
+                # the reset must not look like a log deleted by hand (``_snapshot_open``).
+                hs = core.hard_state
+                if hs.has_log:
+                    await self._state.save(encode_hard_state(replace(hs, has_log=False)))
                 await lg.reset(s, meta.term)
                 self._cache.clear()
                 self._cache_bytes = 0

@@ -116,6 +116,7 @@ class SnapshotReplication:
     _snapshot_window: int
     _snapshot_timeout: int
     _recovery: Any
+    _has_log: bool
 
     # --- leader -------------------------------------------------------------------------
     def _send_snapshot(self, p: NodeId, pr: Progress) -> None:
@@ -277,6 +278,8 @@ class SnapshotReplication:
         that sent it (answered ``SNAP_DONE``); ``ident``: the answer's (crc, size)."""
         log = self._log
         log.restored(base.seq)
+        if log.storage.seq == base.seq and self._has_log:
+            self._has_log = False  # (the driver persisted this before it reset the log)
         self._log.config_index = [x for x in log.config_index if x[0] > base.seq]
         self._use_configs(base_stack(base, self._configs, log.first_seq))
         self._hs_changed = True
