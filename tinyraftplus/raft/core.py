@@ -141,7 +141,7 @@ class RaftConfig:
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
     snapshot_chunk: int = 1 << 20  # bytes of snapshot per InstallSnapshot
     snapshot_window: int = 4  # chunks sent ahead of the follower's acknowledgement
-    snapshot_timeout: int = 30  # heartbeat ticks without progress before a transfer reopens
+    snapshot_timeout: int = 10  # heartbeat ticks without progress before a transfer reopens
 
 
 KNOWN_BUGS = frozenset({

@@ -23,7 +23,7 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
 
 One transfer at a time per follower, started only for a follower heard from recently;
 replication to it waits, heartbeats go on. A transfer that makes no progress for
-``snapshot_timeout`` heartbeat ticks begins again (and resumes at the follower's offset); a
+``snapshot_timeout`` heartbeat ticks (an unanswered opening: 3) begins again (and resumes at the follower's offset); a
 follower no longer heard from is dropped until it is heard again. If the snapshot being
 sent is pruned from storage meanwhile, the leader starts over with the newest one.
 
@@ -234,8 +234,11 @@ class SnapshotReplication:
             pr.become_probe(pr.match + 1)
             return
         pr.snap_idle += 1
-        if pr.snap_idle >= self._snapshot_timeout:
-            self._snapshot_begin(p, pr)  # stalled: open again, it says where it is
+        # An unanswered opening is asked again soon (it carries no data); a stream that
+        # stalled after ``snapshot_timeout`` ticks (its answers were lost with a
+        # connection, or the follower restarted): open again, it says where it is.
+        if pr.snap_idle >= (3 if pr.snap_acked < 0 else self._snapshot_timeout):
+            self._snapshot_begin(p, pr)
 
     def snapshot_floor(self) -> int | None:
         """The lowest seq of a snapshot being sent to a follower: the driver must not
