@@ -23,9 +23,10 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
 
 One transfer at a time per follower, started only for a follower heard from recently;
 replication to it waits, heartbeats go on. A transfer that makes no progress for
-``snapshot_timeout`` heartbeat ticks (an unanswered opening: 3) begins again (and resumes at the follower's offset); a
-follower no longer heard from is dropped until it is heard again. If the snapshot being
-sent is pruned from storage meanwhile, the leader starts over with the newest one.
+``snapshot_timeout`` heartbeat ticks (an unanswered opening: 3) begins again, and resumes at
+the follower's offset; a follower no longer heard from is dropped until it is heard again.
+If the snapshot being sent is pruned from storage meanwhile, the leader starts over with the
+newest one.
 
 Safety needs nothing new: a snapshot only ever holds applied, hence committed, entries, which
 every leader's log holds too; a follower whose commit seq already covers a snapshot answers
