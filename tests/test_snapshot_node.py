@@ -272,3 +272,38 @@ async def test_log_deleted_beside_its_snapshot_is_refused(tmp_path, snapc) -> No
         node = c.make(victim)
         with pytest.raises(MemberStateLostError, match="lost its log"):
             await node.serve()
+
+
+async def test_boundary_reached_while_writing_waits_instead_of_skipping(tmp_path) -> None:
+    # Found by a review: a boundary passed while the previous snapshot was still being
+    # written was skipped, so replicas could hold snapshots at different seqs.
+    release = trio.Event()
+    sm = ListSM()
+
+    async def slow_snapshot() -> Any:
+        chunks = sm.snapshot()
+
+        async def gen() -> Any:
+            await release.wait()
+            for c in chunks:
+                yield c
+
+        return gen()
+
+    taken: list[int] = []
+    net_log = FsLog(str(tmp_path), "solo")
+    node = RaftNode(1, [1], lambda *a: None, net_log, **FAST, bootstrap=True, apply=sm.apply,
+                    snapshot=slow_snapshot, restore=sm.restore, snapshot_entries=10)
+    node.on("snapshot", lambda ev: taken.append(ev.seq))
+    async with node:
+        await node.wait_leader()
+        async with trio.open_nursery() as nursery:
+            for k in range(30):
+                nursery.start_soon(node.append, b"x%d" % k)
+            await trio.sleep(0.3)
+            assert node.apply_seq == 19  # waits at the second boundary for the first write
+            release.set()
+        with trio.fail_after(5):
+            while len(taken) < 3:
+                await trio.sleep(0.01)
+    assert taken == [9, 19, 29]

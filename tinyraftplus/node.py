@@ -595,8 +595,10 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                 while self._apply_seq < self._commit_seq and not self._restoring:
                     self._apply_inline()
                     if self._snap_due():
+                        if self._snap_busy:
+                            break  # the write in progress wakes the driver when done
                         await self._snap_capture()
-            if self._snap_due() and not self._apply_busy:
+            if self._snap_due() and not self._apply_busy and not self._snap_busy:
                 await self._snap_capture()
 
     async def _ticker_task(self) -> None:

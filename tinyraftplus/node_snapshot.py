@@ -15,11 +15,13 @@ The state machine protocol (both optional, each sync or ``async``):
 Policy. With ``snapshot_entries=N`` the node snapshots when its apply seq reaches a
 multiple of N (minus one: seqs N-1, 2N-1, ...): every replica of a deterministic state
 machine then writes byte-identical snapshots, so a transfer interrupted by a leader change
-resumes with the new leader. ``await node.snapshot()`` takes one now. Once a snapshot is
-durable the log is compacted through ``min(snapshot seq, apply seq - trailing_entries,
-the seq of a snapshot being sent to a follower)``; ``FsLog.compact`` drops whole segments,
-so up to one segment more stays. ``trailing_entries`` lets a slightly lagging follower catch
-up from the log instead of a snapshot.
+resumes with the new leader. If the previous snapshot is still being written when the next
+boundary is reached, applying waits there for it (which happens only when snapshots take
+longer to write than N entries take to apply). ``await node.snapshot()`` takes one now.
+Once a snapshot is durable the log is compacted through ``min(snapshot seq, apply seq -
+trailing_entries, the seq of a snapshot being sent to a follower)``; ``FsLog.compact``
+drops whole segments, so up to one segment more stays. ``trailing_entries`` lets a slightly
+lagging follower catch up from the log instead of a snapshot.
 
 Start. The newest snapshot whose CRC checks is restored (a damaged one is reported and the
 one before is tried), then the log after it is replayed; a log that does not hold the
@@ -259,7 +261,7 @@ class NodeSnapshots:
         """The seq at or after ``lo`` at which the next policy snapshot is due (the apply
         loop stops there), or None."""
         n = self._snap_every
-        if not n or self._snap_busy:
+        if not n or self._snap_store is None:
             return None
         return (lo // n + 1) * n - 1
 
@@ -270,7 +272,9 @@ class NodeSnapshots:
             return True
         n = self._snap_every
         a = self._apply_seq
-        return (bool(n) and not self._snap_busy and a > self._snap_tried and (a + 1) % n == 0
+        # (also while the previous snapshot is still being written: applying then waits
+        # at the boundary, so that every replica snapshots at every multiple)
+        return (bool(n) and a > self._snap_tried and (a + 1) % n == 0
                 and self._snap_store is not None)
 
     def _note_applied(self, ents: list[Any]) -> None:
@@ -354,6 +358,7 @@ class NodeSnapshots:
         self._snap_result = result
         self._snap_done.set()
         self._snap_done = trio.Event()
+        self._wake.set()  # applying may wait at the next boundary for this one
 
     async def _compact(self) -> None:
         core = self._core

@@ -275,7 +275,7 @@ class RaftCore(MemberIdentity, Reconfiguration, SnapshotReplication):
         else:
             if snapshot_base is not None:
                 configs = base_stack(snapshot_base, configs, first)
-            configs = configs.matching(self._log.term_at, self._log.last_seq)
+            configs = configs.matching(self._log.term_at, self._log.last_seq, first)
             configs = configs.committed_through(min(commit_seq, self._log.last_seq))
         if hard_state.configs is None and snapshot_base is not None:
             configs = base_stack(snapshot_base, configs, first)
