@@ -313,6 +313,12 @@ class RaftNode(MembershipAPI, NodeSnapshots):
             snapshot_chunk=snapshot_chunk,
         )
         self._snapshot_init(snapshot, restore, snapshot_entries, trailing_entries, snapshot_keep)
+        for name in ("compact", "reset", "first_seq") if snapshot is not None else ():
+            if not hasattr(log, name):
+                raise InvalidArgumentError(
+                    f"RaftNode(log={log!r}, snapshot=...): the log has no {name!r}, which "
+                    "snapshots need; pass an FsLog"
+                )
         self._rng = random.Random(seed)
         self._state_path = os.fspath(state_path) if state_path is not None else None
         self._initial_apply_seq = apply_seq
