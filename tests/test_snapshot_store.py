@@ -26,6 +26,7 @@ from tinyraftplus.errors import (
     ClosedError,
     InvalidArgumentError,
     LogError,
+    LogFullError,
     SnapshotCorruptError,
     SnapshotError,
     SnapshotGoneError,
@@ -301,6 +302,29 @@ async def test_cancelled_finish_leaves_nothing_behind(tmp_path):
     assert cs.cancelled_caught
     assert s.latest() == m
     assert os.listdir(tmp_path / "x.snap") == [snap_file(tmp_path, m).name]
+
+
+@pytest.mark.parametrize("where", ["write", "fdatasync", "rename"])
+async def test_failing_syscalls_abandon_the_snapshot(tmp_path, monkeypatch, where):
+    import errno
+
+    s = opened(tmp_path)
+    m = await take(s, 1, 1, b"kept")
+
+    def fail(*a, **kw):
+        raise OSError(errno.ENOSPC if where == "write" else errno.EIO, where)
+
+    monkeypatch.setattr(fileops, {"write": "write_all", "rename": "replace"}.get(where, where),
+                        fail)
+    w = s.begin(2, 1, None)
+    w.write(b"x" * 100)
+    with pytest.raises(LogFullError if where == "write" else SnapshotError, match=where) as ei:
+        await w.finish()
+    assert "the snapshot is abandoned" in str(ei.value)
+    monkeypatch.undo()
+    assert s.latest() == m
+    assert os.listdir(tmp_path / "x.snap") == [snap_file(tmp_path, m).name]
+    assert await take(s, 3, 1, b"next") == s.latest()  # the store goes on
 
 
 # --- partials -----------------------------------------------------------------------------
