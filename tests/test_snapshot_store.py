@@ -612,7 +612,8 @@ async def check_state(files: dict[str, bytes], scratch: Path, kn: Knowledge,
     return bad
 
 
-async def explore(check=None, keep: int = 2) -> crashsim.Result:
+async def explore(check=None, keep: int = 2,
+                  budget: crashsim.Budget | None = None) -> crashsim.Result:
     check = check or check_state
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     root = Path(tempfile.mkdtemp(prefix="tpsnap-crash-", dir=base))
@@ -632,7 +633,7 @@ async def explore(check=None, keep: int = 2) -> crashsim.Result:
         model = crashsim.Model(str(work / "x.snap"))
         kn = Knowledge()
         rng = __import__("random").Random(5)
-        budget = crashsim.Budget()
+        budget = budget or crashsim.Budget()
         seen: set[bytes] = set()
         res = crashsim.Result()
         version = 0
@@ -665,6 +666,14 @@ async def test_every_crash_state_keeps_new_or_previous(keep):
     res = await explore(keep=keep)
     assert res.violations == [], res.violations
     assert res.crash_points > 35 and res.states > 300, (res.crash_points, res.states)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [1, 2, 3])
+async def test_every_crash_state_wider(keep):
+    res = await explore(keep=keep, budget=crashsim.Budget(full=8, sample=40, tears=6,
+                                                          combos=400))
+    assert res.violations == [], res.violations
 
 
 async def test_crash_states_catch_a_missing_fdatasync(monkeypatch):
