@@ -53,7 +53,7 @@ from .errors import (
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
 from .node_membership import MembershipAPI
-from .node_snapshot import NodeSnapshots, _StoreSource
+from .node_snapshot import NodeSnapshots
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -442,6 +442,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                         await self.log.close()
                     except Exception:
                         log.exception("tinyraftplus: node %r could not close its log", self.node_id)
+            self._snapshot_close()
             self._core = None
             self._running = False
             self._stopped.set()
@@ -470,7 +471,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
             now=trio.current_time(),
             commit_seq=commit,
             join=self._join,
-            snapshots=_StoreSource(self._snap_store) if self._snap_store is not None else None,
+            snapshots=self._snapshot_source(),
             snapshot_base=base,
         )
         self._config_seq_seen = self._core.config_seq

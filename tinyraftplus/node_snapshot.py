@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,10 +50,9 @@ from .errors import (
     MemberStateLostError,
     SnapshotCorruptError,
     SnapshotError,
-    SnapshotGoneError,
 )
 from .raft.membership import Config
-from .raft.messages import SNAP_BEGIN, SNAP_OK, SNAP_REJECTED, InstallSnapshot
+from .raft.messages import SNAP_BEGIN, SNAP_CORRUPT, SNAP_OK, SNAP_REJECTED, InstallSnapshot
 from .raft.snapshot import SnapshotBase, crc32c
 from .raft.state import decode_hard_state, encode_hard_state
 from .snapshot import SnapshotMeta, SnapshotStore
@@ -64,19 +64,55 @@ log = logging.getLogger("tinyraftplus")
 
 
 class _StoreSource:
-    """The store as the core reads it (``raft.snapshot.SnapshotSource``)."""
+    """The store as the core reads it (``raft.snapshot.SnapshotSource``).
 
-    def __init__(self, store: SnapshotStore) -> None:
+    The file of a snapshot being sent stays open here (up to ``KEEP_OPEN`` of them), so
+    that newer snapshots pruning it do not cut the transfer: an unlinked file stays
+    readable through its descriptor, and the follower's offset stays good."""
+
+    KEEP_OPEN = 4
+
+    def __init__(self, store: SnapshotStore, on_damaged: Any = None) -> None:
         self.store = store
+        self.on_damaged = on_damaged
+        self.bad: set[tuple[int, int, int, int]] = set()
+        self._open: dict[tuple[int, int, int, int], tuple[int, int]] = {}  # ident -> fd, off
 
     def latest_snapshot(self) -> SnapshotMeta | None:
-        return self.store.latest()
+        latest = self.store.latest()
+        if latest is not None and latest.ident in self.bad:
+            return None  # set aside until a new one is taken
+        return latest
 
     def read_chunk(self, meta: SnapshotMeta, offset: int, n: int) -> bytes | None:
-        try:
-            return self.store.read_chunk(meta, offset, n)
-        except SnapshotGoneError:
-            return None
+        ident = meta.ident
+        got = self._open.pop(ident, None)
+        if got is None:
+            try:
+                fd, _, h = self.store._file(meta)
+            except SnapshotError:
+                return None
+            got = (fd, h.data_off)
+            while len(self._open) >= self.KEEP_OPEN:
+                old = next(iter(self._open))
+                os.close(self._open.pop(old)[0])
+        self._open[ident] = got  # most recently used last
+        want = max(0, min(n, meta.size - offset))
+        data = os.pread(got[0], want, got[1] + offset)
+        return data if len(data) == want else None
+
+    def damaged(self, meta: SnapshotMeta) -> None:
+        self.bad.add(meta.ident)
+        got = self._open.pop(meta.ident, None)
+        if got is not None:
+            os.close(got[0])
+        if self.on_damaged is not None:
+            self.on_damaged(meta)
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
 
 
 def _encode_extra(config_seq: int, config_term: int) -> bytes:
@@ -126,6 +162,7 @@ class NodeSnapshots:
     _snap_trailing: int
     _snap_keep: int
     _snap_store: SnapshotStore | None
+    _snap_source: _StoreSource | None
 
     def _snapshot_init(self, snapshot: Any, restore: Any, snapshot_entries: int | None,
                        trailing_entries: int, snapshot_keep: int) -> None:
@@ -182,6 +219,25 @@ class NodeSnapshots:
 
         parent, name = os.path.split(os.fspath(path).rstrip(os.sep))
         return SnapshotStore(parent, name, keep=self._snap_keep)
+
+    def _snapshot_source(self) -> _StoreSource | None:
+        if self._snap_store is None:
+            return None
+        self._snap_source = _StoreSource(self._snap_store, self._snap_damaged)
+        return self._snap_source
+
+    def _snapshot_close(self) -> None:
+        src = getattr(self, "_snap_source", None)
+        if src is not None:
+            src.close()
+            self._snap_source = None
+
+    def _snap_damaged(self, meta: SnapshotMeta) -> None:
+        """A follower found our snapshot's bytes wrong: take a new one (the damaged one is
+        no longer offered, and the next start skips it: its CRC is checked there)."""
+        self._snap_warn(f"snapshot {meta.seq} is damaged on this node's disk; taking a new one")
+        self._snap_requested = True
+        self._wake.set()
 
     async def _snapshot_open(self) -> SnapshotBase | None:
         """Open the store; restore the newest good snapshot; make the log start at or before
@@ -297,9 +353,10 @@ class NodeSnapshots:
                    else "nothing applied yet")
             ))
             return
+        src = getattr(self, "_snap_source", None)
         if seq <= self._snap_last:
             latest = self._snap_store.latest()
-            if latest is not None:
+            if latest is not None and (src is None or latest.ident not in src.bad):
                 self._snap_finish(latest)
                 return
         cfg = self._applied_config
@@ -347,6 +404,9 @@ class NodeSnapshots:
             result = e
         else:
             result = meta
+            src = getattr(self, "_snap_source", None)
+            if src is not None:
+                src.bad.discard(meta.ident)  # (a damaged one, taken again)
             self._snap_last = max(self._snap_last, seq)
             self.events.emit("snapshot", seq=seq, term=term, size=meta.size, installed=False)
             await self._compact()
@@ -452,6 +512,12 @@ class NodeSnapshots:
                                 "fetching it again")
                 self._partial = None
                 self._installing = False
+                core = self._core
+                if core is not None:  # every chunk passed: the leader's copy is damaged
+                    m = p.meta
+                    core.snapshot_reply(frm, InstallSnapshot(
+                        0, m.seq, m.term, m.size, m.crc, 0, b""), SNAP_CORRUPT, 0)
+                    self._wake.set()
                 return
             self._partial = None
             if meta.seq > self._apply_seq:

@@ -1067,7 +1067,9 @@ class RaftCore(MemberIdentity, Reconfiguration, SnapshotReplication):
             # Skip the follower's whole conflicting term: resume after our last entry of
             # that term if we have one, else at the first seq the follower has of it.
             s = log.last_at_or_below_term(pr.match, min(rejected, log.last_seq), m.conflict_term)
-            if s >= pr.match and s >= 0 and log.term_at(s) == m.conflict_term:
+            # (s below our compaction point: not found; the hint then leads to a snapshot)
+            if (s >= pr.match and s >= 0 and s >= log.first_seq - 1
+                    and log.term_at(s) == m.conflict_term):
                 nxt = s + 1
             else:
                 nxt = m.conflict_seq

@@ -45,6 +45,7 @@ from ..snapshot.meta import SnapshotMeta
 from .membership import Config, ConfigStack
 from .messages import (
     SNAP_BEGIN,
+    SNAP_CORRUPT,
     SNAP_DONE,
     SNAP_REJECTED,
     CoreMessage,
@@ -69,7 +70,8 @@ class SnapshotSource(Protocol):
 
     def read_chunk(self, meta: SnapshotMeta, offset: int, n: int) -> bytes | None:
         """``n`` bytes of ``meta``'s data from ``offset`` (synchronous, like
-        ``LogStorage.entries``); None once that snapshot no longer exists."""
+        ``LogStorage.entries``); None once that snapshot no longer exists. A source may
+        also offer ``damaged(meta)``: a follower found that snapshot's bytes wrong."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,19 @@ class SnapshotReplication:
             return  # about another transfer
         pr.snap_idle = 0
         off = m.offset
+        if m.status == SNAP_CORRUPT:
+            # Every chunk passed its check, the whole did not: our file is damaged.
+            pr.snap = None
+            pr.snap_acked = -1
+            pr.become_probe(pr.match + 1)
+            self._warnings.append(
+                f"node {frm!r} received snapshot {meta.seq} whole and found its CRC32C "
+                "wrong: this node's copy is damaged; it is set aside and a new one taken"
+            )
+            src = self._snapshots
+            if src is not None and hasattr(src, "damaged"):
+                src.damaged(meta)
+            return
         if m.status == SNAP_BEGIN or off > meta.size:
             self._snapshot_begin(frm, pr)
             return
@@ -284,7 +299,9 @@ class SnapshotReplication:
         log.restored(base.seq)
         if log.storage.seq == base.seq and self._has_log:
             self._has_log = False  # (the driver persisted this before it reset the log)
-        self._log.config_index = [x for x in log.config_index if x[0] > base.seq]
+        # Configuration entries storage still holds keep their index (a kept log).
+        first = log.first_seq
+        self._log.config_index = [x for x in log.config_index if x[0] >= first]
         self._use_configs(base_stack(base, self._configs, log.first_seq))
         self._hs_changed = True
         if base.seq > self._commit:
