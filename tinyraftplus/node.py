@@ -349,6 +349,9 @@ class RaftNode(MembershipAPI):
         self._nursery: trio.Nursery | None = None
         self._opened_log = False
         self.dropped_messages = 0
+        self.append_observer: Callable[[float], None] | None = None
+        """For metrics: called with the seconds each successful append took."""
+        self._heard: dict[Any, float] = {}  # peer -> when a message from it was last handled
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RaftNode:
@@ -549,13 +552,15 @@ class RaftNode(MembershipAPI):
         assert core is not None
         while True:
             await self._wake.wait()
-            core.tick(trio.current_time())
+            now = trio.current_time()
+            core.tick(now)
             if self._campaign_requested:
                 self._campaign_requested = False
                 core.campaign()
             inbox = self._inbox
             while inbox:
                 frm, msg = inbox.popleft()
+                self._heard[frm] = now
                 self._dispatch(core, frm, msg)
             if self._proposals:
                 self._propose_pending(core)
@@ -900,7 +905,7 @@ class RaftNode(MembershipAPI):
         after ``append_timeout`` (the entry may still commit later), ``LeadershipLostError``
         when the entry was proposed but lost, ``NodeStoppedError``."""
         item = _check_item(data, "append(data)")
-        res = await self._append((item,))
+        res = await (self._append if self.append_observer is None else self._timed)((item,))
         return AppendResult(res[0], data, res[1][0])
 
     async def append_batch(self, items: Sequence[bytes]) -> AppendResult:
@@ -911,8 +916,16 @@ class RaftNode(MembershipAPI):
         if not items:
             raise InvalidArgumentError("append_batch([]): nothing to append")
         batch = tuple(_check_item(it, f"append_batch(items[{i}])") for i, it in enumerate(items))
-        first, results = await self._append(batch)
+        first, results = await (
+            self._append if self.append_observer is None else self._timed)(batch)
         return AppendResult(first, list(items), results)
+
+    async def _timed(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
+        t0 = trio.current_time()
+        out = await self._append(items)
+        if self.append_observer is not None:
+            self.append_observer(trio.current_time() - t0)
+        return out
 
     async def _append(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
         self._check_running()

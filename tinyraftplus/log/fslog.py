@@ -44,7 +44,7 @@ import warnings
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -239,6 +239,8 @@ class FsLog:
         self._gather = False  # waiters were just woken: let them re-append before a submit
         self._failed: LogFailedError | None = None
         self._flusher: Flusher | None = None
+        self._on_sync: Callable[[float], None] | None = None
+        self._bytes_before = 0  # bytes_written of a flusher since stopped (closed log)
         self._excl = trio.Lock()
         self._blocked = False
         self._gate = trio.lowlevel.ParkingLot()
@@ -293,6 +295,7 @@ class FsLog:
         try:
             self._recover()
             self._flusher = Flusher(self._spin_us, self._poll_us)
+            self._flusher.on_sync = self._on_sync
         except BaseException:
             self._release_files()
             raise
@@ -480,6 +483,7 @@ class FsLog:
                 _owner.untrack(self)
                 if self._flusher is not None:
                     self._flusher.stop()
+                    self._bytes_before += self._flusher.bytes_written
                     self._flusher = None
                 self._release_files()
         if interrupted is not None:
@@ -548,6 +552,22 @@ class FsLog:
     @property
     def closed(self) -> bool:
         return self._state == "closed"
+
+    # --- for metrics (tinyraftplus.metrics): counted per write round, not per record ------
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of records (headers included) this object has written to its segments."""
+        f = self._flusher
+        return self._bytes_before + (f.bytes_written if f is not None else 0)
+
+    def on_sync(self, callback: Callable[[float], None] | None) -> None:
+        """Call ``callback(seconds)`` on the event loop after every successful durable
+        write round (one ``pwrite`` + ``fdatasync`` shared by the appenders of a group
+        commit): how long it took from submit until seen done. ``None`` removes it. Keep
+        it cheap (a histogram's ``observe``); it may be set before ``open()``."""
+        self._on_sync = callback
+        if self._flusher is not None:
+            self._flusher.on_sync = callback
 
     def _check_open(self) -> None:
         if self._state != "open":
