@@ -1,4 +1,5 @@
 """``python -m tinyraftplus.log verify|dump DIR NAME``: check or print a log, read-only.
+(``repair DIR NAME --truncate-at SEQ [--dry-run]`` cuts a damaged log: ``repair.py``.)
 
 ``verify`` scans every segment completely (headers, every record's CRC, seq continuity
 across segments) without taking the log's lock or changing anything, and exits 0 if the log
@@ -106,6 +107,11 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["repair"]:  # a command of its own (repair.py); the rest read only
+        from .repair import main as repair_main
+
+        return repair_main(args[1:])
     p = argparse.ArgumentParser(
         prog="python -m tinyraftplus.log", description=__doc__.split("\n")[0]
     )
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="directory holding the log (the FsLog dir argument)")
     p.add_argument("name", help="log name (the FsLog name argument)")
     p.add_argument("--width", type=int, default=40, help="payload preview bytes (dump)")
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     try:
         return run(a.dir, a.name, a.command == "dump", a.width)
     except BrokenPipeError:

@@ -357,7 +357,7 @@ class FsLog:
                     )
                     hdr = (seg.first_seq, 0)
                 else:
-                    raise corrupt(hdr, seg.path, 0, "damaged segment header")
+                    raise corrupt(hdr, seg.path, 0, "damaged segment header", seg.first_seq)
             if hdr[0] != seg.first_seq:
                 raise LogCorruptError(
                     f"{seg.path} says it starts at seq {hdr[0]}, its name says {seg.first_seq}",
@@ -415,6 +415,7 @@ class FsLog:
                 seg.path,
                 r.bad_off,
                 f"damaged record (valid records follow at byte offset {r.resync_off})",
+                seg.first_seq + r.n,
             )
         if r.commit_end != r.file_size:
             parts = []
