@@ -20,6 +20,7 @@ from .._native import lib
 from . import format as fmt
 from ._codes import reason
 from .segment import decode_seg_header, parse_entries, scan_fd
+from .tailcheck import classify_tail, torn_header_action
 
 
 def _preview(data: bytes, width: int) -> str:
@@ -47,13 +48,13 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
         with open(seg_path, "rb") as f:
             fd = f.fileno()
             hdr = decode_seg_header(os.pread(fd, fmt.SEG_HDR, 0))
-            if isinstance(hdr, int):
-                if is_tail and os.fstat(fd).st_size <= fmt.SEG_HDR and i > 0:
-                    print(
-                        f"note: {seg_path}: empty segment with a torn header (an interrupted"
-                        " roll); open removes it",
-                        file=out,
-                    )
+            if isinstance(hdr, int):  # the rules open follows too: tailcheck.py
+                action = torn_header_action(i, len(firsts), os.fstat(fd).st_size, first)
+                if action != "corrupt":
+                    what = ("an interrupted roll; open removes it" if action == "remove" else
+                            "a new log whose creation was interrupted; open writes it again")
+                    print(f"note: {seg_path}: empty segment with a torn header ({what})",
+                          file=out)
                     break
                 print(f"CORRUPT {seg_path} at byte offset 0: {reason(hdr)}", file=out)
                 return 1
@@ -89,7 +90,11 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
                     file=out,
                 )
                 return 1
-            if is_tail and r.commit_end != r.file_size:
+            cut = classify_tail(seg_path, fd, first, r) if is_tail else None
+            if cut is not None and cut.maybe_acknowledged:
+                print(f"WARNING: {cut.message(first + r.n_commit - 1)} (what open will do)",
+                      file=out)
+            elif cut is not None:
                 print(
                     f"note: {seg_path}: torn tail at byte offset {r.commit_end}"
                     f" ({r.file_size - r.commit_end} bytes, {r.n - r.n_commit} records of an"
