@@ -52,6 +52,9 @@ from .errors import (
     UsageError,
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
+from .idempotency import KeyTable
+from .idempotency import result_of as key_result
+from .idempotency import wrap as wrap_key
 from .node_membership import MembershipAPI
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
@@ -283,6 +286,9 @@ class RaftNode(MembershipAPI):
         # A sync apply runs inline in the driver (it would hold the one thread anyway); only
         # an async one gets a task of its own, so that its awaits do not stall replication.
         self._apply_async = apply is not None and _is_async_callable(apply)
+        self.keys = KeyTable()  # append keys applied (idempotency.py): snapshot it with the SM
+        if apply is not None:
+            self._apply_fn = self.keys.wrap_apply(apply, self._apply_async)
         self._read_fn = read
         self._apply_max = apply_max
         self.append_timeout = float(append_timeout)
@@ -897,16 +903,17 @@ class RaftNode(MembershipAPI):
         return w
 
     # ------------------------------------------------------------------ public API
-    async def append(self, data: bytes) -> AppendResult:
+    async def append(self, data: bytes, *, key: tuple[Any, int] | None = None) -> AppendResult:
         """Append one entry through the leader (forwarded if this node follows) and return
         once this node has applied it: ``AppendResult(seq, data, result)``.
 
         Raises ``InvalidArgumentError`` for non-bytes or empty data, ``RaftTimeoutError``
         after ``append_timeout`` (the entry may still commit later), ``LeadershipLostError``
-        when the entry was proposed but lost, ``NodeStoppedError``."""
-        item = _check_item(data, "append(data)")
+        when the entry was proposed but lost, ``NodeStoppedError``. With ``key=(client_id,
+        seq)`` a retry after any of these is applied at most once (``idempotency.py``)."""
+        item = _check_item(data, "append(data)", key)
         res = await (self._append if self.append_observer is None else self._timed)((item,))
-        return AppendResult(res[0], data, res[1][0])
+        return AppendResult(res[0], data, key_result(res[1][0]))
 
     async def append_batch(self, items: Sequence[bytes]) -> AppendResult:
         """Append several entries atomically and in order; returns the first seq and the list
@@ -1220,7 +1227,7 @@ def _log_needs_open(log: Any) -> bool:
     return getattr(log, "_state", "open") == "new"
 
 
-def _check_item(data: Any, where: str) -> bytes:
+def _check_item(data: Any, where: str, key: tuple[Any, int] | None = None) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -1230,7 +1237,7 @@ def _check_item(data: Any, where: str) -> bytes:
             f"{where}: empty payloads are reserved for the leader's no-op entry; "
             "send at least one byte"
         )
-    return data
+    return wrap_key(data, key)  # an envelope if keyed or if it looks like one (idempotency.py)
 
 
 __all__ = ["RaftNode", "AppendResult"]
