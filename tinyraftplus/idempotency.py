@@ -83,12 +83,20 @@ def wrap(data: bytes, key: tuple[Any, int] | None) -> bytes:
 
 
 def unwrap(buf: bytes) -> tuple[tuple[Any, int] | None, bytes]:
-    """(key or None, data) of a payload that starts with ``MAGIC``."""
-    u = msgpack.Unpacker(max_buffer_size=len(buf))
-    u.feed(buf[len(MAGIC):])
-    client, seq = u.unpack()
-    data = buf[len(MAGIC) + u.tell():]
-    return (None if client is None else (client, seq)), data
+    """(key or None, data) of a payload that starts with ``MAGIC``. One that does not decode
+    as an envelope (written before envelopes existed) is plain data: ``(None, buf)``."""
+    try:
+        u = msgpack.Unpacker(max_buffer_size=max(len(buf), 1024))
+        u.feed(buf[len(MAGIC):])
+        client, seq = u.unpack()
+        data = buf[len(MAGIC) + u.tell():]
+    except Exception:  # any decoding failure: not an envelope (the same on every replica)
+        return None, buf
+    if client is None:
+        return None, data
+    if not isinstance(client, (str, int)) or isinstance(client, bool) or type(seq) is not int:
+        return None, buf
+    return (client, seq), data
 
 
 def result_of(r: Any) -> Any:

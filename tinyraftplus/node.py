@@ -52,8 +52,10 @@ from .errors import (
     UsageError,
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
+from .idempotency import MAGIC as KEY_MAGIC
 from .idempotency import KeyTable
 from .idempotency import result_of as key_result
+from .idempotency import unwrap as unwrap_key
 from .idempotency import wrap as wrap_key
 from .node_membership import MembershipAPI
 from .raft import messages as m
@@ -1154,7 +1156,7 @@ class RaftNode(MembershipAPI):
     def head(self) -> bytes | None:
         """The last entry's payload (``None`` when empty or when it is a leader's no-op)."""
         h = self.log.head
-        return h or None
+        return (unwrap_key(h)[1] if h.startswith(KEY_MAGIC) else h) if h else None
 
     @property
     def commit_seq(self) -> int:
