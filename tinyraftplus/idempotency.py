@@ -54,10 +54,11 @@ class KeyExpiredError(RaftError):
 class _Expired:
     """The result of a refused (expired) key: the append raises ``KeyExpiredError``."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "window")
 
-    def __init__(self, key: tuple[Any, int]) -> None:
+    def __init__(self, key: tuple[Any, int], window: int) -> None:
         self.key = key
+        self.window = window
 
 
 def check_key(key: Any) -> tuple[Any, int]:
@@ -103,7 +104,7 @@ def result_of(r: Any) -> Any:
     """What an append returns for its entry's apply result ``r`` (raises for a refusal)."""
     if isinstance(r, _Expired):
         raise KeyExpiredError(
-            f"append key {r.key!r}: older than the last {DEFAULT_WINDOW} seqs kept for its "
+            f"append key {r.key!r}: older than the last {r.window} seqs kept for its "
             "client; it may have been applied before, so it was not applied again")
     return r
 
@@ -129,7 +130,7 @@ class KeyTable:
         if seq in results:
             return True, results[seq]
         if seq <= floor:
-            return True, _Expired(key)
+            return True, _Expired(key, self.window)
         return False, None
 
     def record(self, key: tuple[Any, int], result: Any) -> None:
