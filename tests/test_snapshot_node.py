@@ -307,3 +307,18 @@ async def test_boundary_reached_while_writing_waits_instead_of_skipping(tmp_path
             while len(taken) < 3:
                 await trio.sleep(0.01)
     assert taken == [9, 19, 29]
+
+
+async def test_idempotency_keys_survive_a_restart_from_snapshot(tmp_path, snapc) -> None:
+    async with snapc(tmp_path, n=1, snapshot_entries=0) as c:
+        node = c.nodes[1]
+        await c.leader()
+        first = await node.append(b"keyed", key=("client-a", 7))
+        await _write(node, 5)
+        await node.snapshot()
+        await c.stop(1)
+        node = await c.start(1)
+        await c.leader()
+        again = await node.append(b"keyed", key=("client-a", 7))
+        assert again.result == first.result
+        assert c.sms[1].items.count(b"keyed") == 1  # type: ignore[attr-defined]

@@ -52,6 +52,11 @@ from .errors import (
     UsageError,
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
+from .idempotency import MAGIC as KEY_MAGIC
+from .idempotency import KeyTable
+from .idempotency import result_of as key_result
+from .idempotency import unwrap as unwrap_key
+from .idempotency import wrap as wrap_key
 from .node_membership import MembershipAPI
 from .node_snapshot import NodeSnapshots
 from .raft import messages as m
@@ -296,6 +301,9 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         # A sync apply runs inline in the driver (it would hold the one thread anyway); only
         # an async one gets a task of its own, so that its awaits do not stall replication.
         self._apply_async = apply is not None and _is_async_callable(apply)
+        self.keys = KeyTable()  # append keys applied (idempotency.py): snapshot it with the SM
+        if apply is not None:
+            self._apply_fn = self.keys.wrap_apply(apply, self._apply_async)
         self._read_fn = read
         self._apply_max = apply_max
         self.append_timeout = float(append_timeout)
@@ -372,6 +380,9 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         self.dropped_messages = 0
         self._apply_busy = False
         self._snapshot_reset()
+        self.append_observer: Callable[[float], None] | None = None
+        """For metrics: called with the seconds each successful append took."""
+        self._heard: dict[Any, float] = {}  # peer -> when a message from it was last handled
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RaftNode:
@@ -576,13 +587,15 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         assert core is not None
         while True:
             await self._wake.wait()
-            core.tick(trio.current_time())
+            now = trio.current_time()
+            core.tick(now)
             if self._campaign_requested:
                 self._campaign_requested = False
                 core.campaign()
             inbox = self._inbox
             while inbox:
                 frm, msg = inbox.popleft()
+                self._heard[frm] = now
                 self._dispatch(core, frm, msg)
             if self._proposals:
                 self._propose_pending(core)
@@ -947,16 +960,17 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         return w
 
     # ------------------------------------------------------------------ public API
-    async def append(self, data: bytes) -> AppendResult:
+    async def append(self, data: bytes, *, key: tuple[Any, int] | None = None) -> AppendResult:
         """Append one entry through the leader (forwarded if this node follows) and return
         once this node has applied it: ``AppendResult(seq, data, result)``.
 
         Raises ``InvalidArgumentError`` for non-bytes or empty data, ``RaftTimeoutError``
         after ``append_timeout`` (the entry may still commit later), ``LeadershipLostError``
-        when the entry was proposed but lost, ``NodeStoppedError``."""
-        item = _check_item(data, "append(data)")
-        res = await self._append((item,))
-        return AppendResult(res[0], data, res[1][0])
+        when the entry was proposed but lost, ``NodeStoppedError``. With ``key=(client_id,
+        seq)`` a retry after any of these is applied at most once (``idempotency.py``)."""
+        item = _check_item(data, "append(data)", key)
+        res = await (self._append if self.append_observer is None else self._timed)((item,))
+        return AppendResult(res[0], data, key_result(res[1][0]))
 
     async def append_batch(self, items: Sequence[bytes]) -> AppendResult:
         """Append several entries atomically and in order; returns the first seq and the list
@@ -966,8 +980,16 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         if not items:
             raise InvalidArgumentError("append_batch([]): nothing to append")
         batch = tuple(_check_item(it, f"append_batch(items[{i}])") for i, it in enumerate(items))
-        first, results = await self._append(batch)
+        first, results = await (
+            self._append if self.append_observer is None else self._timed)(batch)
         return AppendResult(first, list(items), results)
+
+    async def _timed(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
+        t0 = trio.current_time()
+        out = await self._append(items)
+        if self.append_observer is not None:
+            self.append_observer(trio.current_time() - t0)
+        return out
 
     async def _append(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
         self._check_running()
@@ -1191,7 +1213,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
     def head(self) -> bytes | None:
         """The last entry's payload (``None`` when empty or when it is a leader's no-op)."""
         h = self.log.head
-        return h or None
+        return (unwrap_key(h)[1] if h.startswith(KEY_MAGIC) else h) if h else None
 
     @property
     def commit_seq(self) -> int:
@@ -1264,7 +1286,7 @@ def _log_needs_open(log: Any) -> bool:
     return getattr(log, "_state", "open") == "new"
 
 
-def _check_item(data: Any, where: str) -> bytes:
+def _check_item(data: Any, where: str, key: tuple[Any, int] | None = None) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -1274,7 +1296,7 @@ def _check_item(data: Any, where: str) -> bytes:
             f"{where}: empty payloads are reserved for the leader's no-op entry; "
             "send at least one byte"
         )
-    return data
+    return wrap_key(data, key)  # an envelope if keyed or if it looks like one (idempotency.py)
 
 
 __all__ = ["RaftNode", "AppendResult"]

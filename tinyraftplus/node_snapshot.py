@@ -115,8 +115,22 @@ class _StoreSource:
         self._open.clear()
 
 
-def _encode_extra(config_seq: int, config_term: int) -> bytes:
-    return msgpack.packb({"config_seq": config_seq, "config_term": config_term})
+def _encode_extra(config_seq: int, config_term: int, keys: bytes | None) -> bytes:
+    """The node's own replicated state in a snapshot: the configuration entry's seq and
+    term, and the idempotency key table (``idempotency.py``) as of the snapshot's seq."""
+    extra: dict[str, Any] = {"config_seq": config_seq, "config_term": config_term}
+    if keys is not None:
+        extra["keys"] = keys
+    return msgpack.packb(extra)
+
+
+def _keys_of(meta: SnapshotMeta) -> bytes | None:
+    try:
+        extra = msgpack.unpackb(meta.extra) if meta.extra else {}
+        keys = extra.get("keys")
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+        return None
+    return keys if isinstance(keys, bytes) else None
 
 
 def base_of(meta: SnapshotMeta) -> SnapshotBase:
@@ -285,6 +299,7 @@ class NodeSnapshots:
                     f"node {self.node_id!r} holds snapshot {s} but has no restore= to load it"
                 )
             await self._restore_state(good)
+            self._keys_load(good)
             self._apply_seq = self._initial_apply_seq = s
         if not (s <= lg.seq and lg.term_at(s) == good.term):
             if hs is not None and hs.has_log:
@@ -364,6 +379,7 @@ class NodeSnapshots:
             core = self._core
             assert core is not None
             cfg = core._configs.items[0]  # the configuration the node started with
+        keys = self._keys_dump()
         self._snap_busy = True
         self._capturing = True  # (an async apply waits: the capture sees one state)
         try:
@@ -377,15 +393,43 @@ class NodeSnapshots:
             return
         self._capturing = False
         assert self._nursery is not None
-        self._nursery.start_soon(self._snap_write, seq, self._applied_term, cfg, src)
+        self._nursery.start_soon(self._snap_write, seq, self._applied_term, cfg, src, keys)
+
+    def _keys_dump(self) -> bytes | None:
+        table = getattr(self, "keys", None)
+        if table is None or not table.clients:
+            return None
+        try:
+            return bytes(table.dump())
+        except (TypeError, ValueError, OverflowError) as e:
+            self._snap_warn(
+                f"the idempotency key table holds results msgpack cannot encode ({e}); the "
+                "snapshot keeps the keys with their results as None"
+            )
+            import copy
+
+            bare = copy.copy(table)
+            bare.clients = type(table.clients)(
+                (c, (f, dict.fromkeys(r))) for c, (f, r) in table.clients.items())
+            return bytes(bare.dump())
+
+    def _keys_load(self, meta: SnapshotMeta) -> None:
+        table = getattr(self, "keys", None)
+        if table is None:
+            return
+        raw = _keys_of(meta)
+        if raw is None:
+            table.clients.clear()
+        else:
+            table.load(raw)
 
     async def _snap_write(self, seq: int, term: int, cfg: tuple[int, int, Config],
-                          src: Any) -> None:
+                          src: Any, keys: bytes | None = None) -> None:
         store = self._snap_store
         assert store is not None
         result: SnapshotMeta | BaseException
         try:
-            w = store.begin(seq, term, cfg[2].encode(), _encode_extra(cfg[0], cfg[1]))
+            w = store.begin(seq, term, cfg[2].encode(), _encode_extra(cfg[0], cfg[1], keys))
             try:
                 if hasattr(src, "__aiter__"):
                     async for chunk in src:
@@ -524,6 +568,7 @@ class NodeSnapshots:
                 self._restoring = True
                 await self._wait_apply_idle()
                 await self._restore_state(meta)
+                self._keys_load(meta)
             self._install_ready = (frm, meta)
             self._wake.set()
         except BaseException:

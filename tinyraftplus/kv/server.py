@@ -189,6 +189,8 @@ class ServerConfig:
     node not among them; ``peer_listen`` is its own address)."""
     bootstrap: bool = False
     """A brand-new cluster: a node without state may vote at once (see ``RaftNode``)."""
+    metrics_listen: Address | None = None
+    """Where to serve Prometheus metrics (``--metrics-port``; :mod:`tinyraftplus.metrics`)."""
     admin: AdminPolicy | None = None
     """Who may send admin requests (``--admin-allow`` / ``"admin": true`` in ``--authz``);
     ``None``: every client the CA signed."""
@@ -241,10 +243,14 @@ class ServerInfo:
     node_id: Any
     peer_address: Address
     client_address: Address
+    metrics_address: Address | None = None
 
     def ready_line(self) -> str:
         (ph, pp), (ch, cp) = self.peer_address, self.client_address
-        return f"{READY_PREFIX} id={self.node_id} peer={ph}:{pp} client={ch}:{cp}"
+        line = f"{READY_PREFIX} id={self.node_id} peer={ph}:{pp} client={ch}:{cp}"
+        if self.metrics_address is not None:
+            line += f" metrics={self.metrics_address[0]}:{self.metrics_address[1]}"
+        return line
 
 
 class Server:
@@ -323,6 +329,14 @@ class Server:
                     info = ServerInfo(cfg.node_id, (listen[0], transport.port),
                                       (host, bound[1]))
                     async with trio.open_nursery() as nursery:
+                        if cfg.metrics_listen is not None:
+                            from ..metrics import NodeMetrics, serve_metrics
+
+                            metrics = NodeMetrics(node, transport=transport)
+                            maddr = await nursery.start(serve_metrics, metrics,
+                                                        *cfg.metrics_listen)
+                            info = ServerInfo(info.node_id, info.peer_address,
+                                              info.client_address, maddr)
                         for listener in listeners:
                             nursery.start_soon(self._accept_loop, listener, nursery)
                         logger.info("node %r: at most %d client connections (%d per source "
@@ -1042,6 +1056,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics over HTTP on this port of the --client-host "
+                        "address (0 picks one; see the ready line); needs "
+                        "pip install 'tinyraftplus[metrics]'")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a failure (default: one line saying what)")
@@ -1086,6 +1104,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         client_host = a.client_host or peers[node_id][0]
     else:
         client_host = a.client_host or (peer_listen[0] if peer_listen else "127.0.0.1")
+    metrics_listen = None
+    if a.metrics_port is not None:
+        from ..metrics import require_prometheus
+
+        if not 0 <= a.metrics_port <= 65535:
+            raise ConfigurationError(f"--metrics-port {a.metrics_port}: give a port, 0-65535")
+        require_prometheus("--metrics-port")  # one line naming the extra to install: exit 2
+        metrics_listen = (client_host, a.metrics_port)
     authz = None if a.authz is None else Authorization.from_file(a.authz)
     admin = None
     if a.admin_allow or a.admin_allow_file or authz is not None:
@@ -1105,7 +1131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight,
         max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
-        frame_timeout=a.frame_timeout,
+        frame_timeout=a.frame_timeout, metrics_listen=metrics_listen,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,
                            "backoff_max": max(0.2, min(2.0, et))},
     )
