@@ -25,9 +25,9 @@ payload that happens to start with ``MAGIC`` is wrapped in an envelope without a
 is never misread. (Logs written before this module by an application whose payloads began
 with these 5 bytes would be misread; none did in this project.)
 
-**Snapshots.** The table is state machine state: a snapshot taken at apply seq S must carry
-``table.dump()`` as of S, and installing it must ``table.load()`` it before entries after S
-are applied. A node restarted with ``apply_seq`` (a durable state machine) rebuilds the table
+**Snapshots.** The table is replicated state: the node's snapshots carry ``table.dump()``
+as of their seq (in the snapshot's extra state, ``node_snapshot.py``), and restoring or
+installing one loads it before entries after it are applied. A node restarted with ``apply_seq`` (a durable state machine) rebuilds the table
 only from the entries it replays; persist ``dump()`` with your state to keep older keys.
 """
 
