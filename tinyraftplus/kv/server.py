@@ -192,6 +192,12 @@ class ServerConfig:
     admin: AdminPolicy | None = None
     """Who may send admin requests (``--admin-allow`` / ``"admin": true`` in ``--authz``);
     ``None``: every client the CA signed."""
+    snapshot_entries: int = 10_000
+    """Snapshot the store after this many entries applied since the last snapshot, then
+    compact the log behind it (0: never; the log then grows with every write)."""
+    trailing_entries: int = 5_000
+    """Entries kept in the log behind a snapshot, so that a follower a little behind
+    catches up from the log rather than by a snapshot transfer."""
 
     def check(self) -> None:
         if self.join:
@@ -224,6 +230,10 @@ class ServerConfig:
                        ("--answer-budget", self.answer_budget)):
             if type(v) is not int or v < 1:
                 raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 1")
+        for opt, v in (("--snapshot-entries", self.snapshot_entries),
+                       ("--trailing-entries", self.trailing_entries)):
+            if type(v) is not int or v < 0:
+                raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 0")
         for opt, f in (("--answer-timeout", self.answer_timeout),
                        ("--client-idle-timeout", self.idle_timeout),
                        ("--frame-timeout", self.frame_timeout),
@@ -1039,6 +1049,16 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
                      help="a request frame must arrive whole within this long of its first "
                           "byte (default: 30)")
+    snap = p.add_argument_group("snapshots (the README's server section)")
+    snap.add_argument("--snapshot-entries", type=int, default=10_000, metavar="N",
+                      help="snapshot the store after N entries applied since the last "
+                           "snapshot and compact the log behind it, so a restart restores "
+                           "the snapshot and replays only the entries after it (0: never; "
+                           "default: 10000)")
+    snap.add_argument("--trailing-entries", type=int, default=5_000, metavar="M",
+                      help="entries kept in the log behind a snapshot: a follower at most "
+                           "this far behind catches up from the log, one further behind "
+                           "gets the snapshot (default: 5000)")
     p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
@@ -1106,6 +1126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
         frame_timeout=a.frame_timeout,
+        snapshot_entries=a.snapshot_entries, trailing_entries=a.trailing_entries,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,
                            "backoff_max": max(0.2, min(2.0, et))},
     )
