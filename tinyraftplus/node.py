@@ -53,6 +53,7 @@ from .errors import (
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
 from .node_membership import MembershipAPI
+from .node_snapshot import NodeSnapshots, _StoreSource
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -167,7 +168,7 @@ def _is_async_callable(fn: Any) -> bool:
     )
 
 
-class RaftNode(MembershipAPI):
+class RaftNode(MembershipAPI, NodeSnapshots):
     """One member of a Raft cluster.
 
     ``node_id`` must be in ``nodes``. ``send(to, msg)`` delivers a message to a peer; it may
@@ -191,6 +192,11 @@ class RaftNode(MembershipAPI):
         size; group (node id -> group name) and group_fn (``fn(frozenset(ids)) -> bool``):
         replication groups; priority: this node's leader priority (or priorities: id -> int for
         every node); pre_vote (True), check_quorum (True); seed: for the election-timeout rng.
+        Snapshots (``tinyraftplus.node_snapshot``): snapshot and restore: the state machine's
+        ``snapshot()`` and ``restore(meta, stream)``; snapshot_entries (10000 with them, else
+        0 = never): snapshot when the apply seq reaches a multiple of it; trailing_entries
+        (5000): entries kept behind a snapshot; snapshot_keep (2): snapshots kept;
+        snapshot_chunk (1 MiB): bytes per InstallSnapshot message.
 
     Starting without durable state (a new node, or one that lost its disk): by default the
     node *recovers* (``tinyraftplus.raft.recovery``): it asks every other member for its term
@@ -234,6 +240,12 @@ class RaftNode(MembershipAPI):
         send_queue_max: int = 1 << 12,
         bootstrap: bool = False,
         join: bool = False,
+        snapshot: Callable[[], Any] | None = None,
+        restore: Callable[[Any, Any], Any] | None = None,
+        snapshot_entries: int | None = None,
+        trailing_entries: int = 5000,
+        snapshot_keep: int = 2,
+        snapshot_chunk: int = 1 << 20,
     ) -> None:
         nodes = list(nodes)
         if len(set(nodes)) != len(nodes):
@@ -267,7 +279,8 @@ class RaftNode(MembershipAPI):
                 f"RaftNode(ping_timeout={ping_timeout}, election_timeout={election_timeout}): "
                 "heartbeats must come more often than elections time out"
             )
-        counts = (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight))
+        counts = (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight),
+                  ("snapshot_chunk", snapshot_chunk))
         for name, iv in counts:
             if not (isinstance(iv, int) and iv >= 1):
                 raise InvalidArgumentError(f"RaftNode({name}={iv!r}): a positive int")
@@ -297,7 +310,9 @@ class RaftNode(MembershipAPI):
             pre_vote=pre_vote,
             check_quorum=check_quorum,
             priorities=priorities,
+            snapshot_chunk=snapshot_chunk,
         )
+        self._snapshot_init(snapshot, restore, snapshot_entries, trailing_entries, snapshot_keep)
         self._rng = random.Random(seed)
         self._state_path = os.fspath(state_path) if state_path is not None else None
         self._initial_apply_seq = apply_seq
@@ -349,6 +364,8 @@ class RaftNode(MembershipAPI):
         self._nursery: trio.Nursery | None = None
         self._opened_log = False
         self.dropped_messages = 0
+        self._apply_busy = False
+        self._snapshot_reset()
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RaftNode:
@@ -431,6 +448,7 @@ class RaftNode(MembershipAPI):
 
         path = self._state_path or self._default_state_path()
         self._state = StateFile(path)
+        base = await self._snapshot_open()
         hs = await self._load_hard_state(path)
         # A durable state machine may be ahead of nothing we know; commit starts where it is.
         commit = min(self._apply_seq, self.log.seq)
@@ -446,6 +464,8 @@ class RaftNode(MembershipAPI):
             now=trio.current_time(),
             commit_seq=commit,
             join=self._join,
+            snapshots=_StoreSource(self._snap_store) if self._snap_store is not None else None,
+            snapshot_base=base,
         )
         self._config_seq_seen = self._core.config_seq
 
@@ -567,8 +587,17 @@ class RaftNode(MembershipAPI):
                     core.read_index(rid)
             while core.has_ready():
                 await self._handle_ready(core, core.ready())
-            if not self._apply_async and self._apply_seq < self._commit_seq:
-                self._apply_inline()
+            if self._install_ready is not None:
+                await self._snap_install(core)
+                while core.has_ready():
+                    await self._handle_ready(core, core.ready())
+            if not self._apply_async:
+                while self._apply_seq < self._commit_seq and not self._restoring:
+                    self._apply_inline()
+                    if self._snap_due():
+                        await self._snap_capture()
+            if self._snap_due() and not self._apply_busy:
+                await self._snap_capture()
 
     async def _ticker_task(self) -> None:
         """Wake the driver when the core has timed work (elections, heartbeats). It wakes
@@ -653,6 +682,8 @@ class RaftNode(MembershipAPI):
         core.advance(rd)
         for to, msg in rd.messages_after_persist:
             self._send(to, msg)
+        for frm, piece in rd.snapshot_in:
+            self._snap_piece(core, frm, piece)
         for warning in rd.warnings:
             self._warn(warning)
         if core.config_seq != self._config_seq_seen:
@@ -735,20 +766,28 @@ class RaftNode(MembershipAPI):
         """Feed committed entries to an ``async`` state machine, in order."""
         assert self._apply_fn is not None
         while True:
-            while self._apply_seq >= self._commit_seq:
-                await self._commit_changed.wait()
+            while self._apply_seq >= self._commit_seq or self._restoring or self._capturing:
+                if self._restoring or self._capturing:
+                    await trio.sleep(0.001)
+                else:
+                    await self._commit_changed.wait()
             ents, bufs, lo = self._next_chunk()
+            self._apply_busy = True
             try:
                 results = await self._apply_fn(bufs, lo)
             except Exception as e:
                 self._apply_failed(lo, e)
                 raise
+            finally:
+                self._apply_busy = False
             self._applied(ents, results)
+            if self._snap_due():
+                self._wake.set()  # the driver captures it (between two batches)
 
     def _apply_inline(self) -> None:
         """Feed committed entries to a sync state machine (or none), in order."""
         fn = self._apply_fn
-        while self._apply_seq < self._commit_seq:
+        while self._apply_seq < self._commit_seq and not self._snap_due():
             ents, bufs, lo = self._next_chunk()
             results: Any = None
             if fn is not None:
@@ -769,6 +808,9 @@ class RaftNode(MembershipAPI):
     def _next_chunk(self) -> tuple[list[Entry], list[bytes | None], int]:
         lo = self._apply_seq + 1
         hi = min(self._commit_seq, lo + self._apply_max - 1)
+        stop = self._snap_boundary(lo)
+        if stop is not None and stop < hi:
+            hi = stop  # the snapshot is taken right there
         ents = self._take_entries(lo, hi)
         # The no-op (b"") and configuration entries reach the state machine as None.
         return ents, [None if e.kind or not e.data else e.data for e in ents], lo
@@ -787,6 +829,7 @@ class RaftNode(MembershipAPI):
             self.events.emit("error", message=str(err), exc=err)
             raise err
         self._finish_applied(ents, results)
+        self._note_applied(ents)
         self._apply_seq = ents[-1].seq
         self._apply_changed.set()
         self._apply_changed = trio.Event()
@@ -1013,6 +1056,8 @@ class RaftNode(MembershipAPI):
             with trio.fail_after(self.read_timeout):
                 index = await self.read_index()
                 await self.wait_apply(index)
+                while self._restoring:  # the state machine is being replaced
+                    await self._apply_changed.wait()
         except trio.TooSlowError:
             raise RaftTimeoutError(
                 f"read on node {self.node_id!r} not confirmed within {self.read_timeout}s"

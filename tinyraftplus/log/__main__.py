@@ -5,7 +5,8 @@ across segments) without taking the log's lock or changing anything, and exits 0
 is sound, 1 if it is damaged (naming the file and byte offset), 2 on usage errors. A torn
 tail (what a crash mid-write leaves, and what the next open cuts back) is reported but is
 not damage. ``dump`` prints seq, term, length and a payload preview for every record, then
-verifies like ``verify``.
+verifies like ``verify``. ``snapshots DIR NAME [--verify]`` lists the log's snapshots
+(``tinyraftplus.snapshot.cli``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["snapshots"]:
+        from ..snapshot.cli import main as snapshots_main
+
+        return snapshots_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m tinyraftplus.log", description=__doc__.split("\n")[0]
     )

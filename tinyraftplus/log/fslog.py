@@ -1238,6 +1238,55 @@ class FsLog:
         finally:
             self._exclusive_end()
 
+    @_ki_protected
+    async def reset(self, seq: int, term: int) -> None:
+        """Drop every record; the log then holds nothing and continues at ``seq + 1``, with
+        ``term_at(seq) == term`` (a follower that installed a snapshot ending at ``(seq,
+        term)`` its log did not hold). Crash-safe in the only way the caller needs: a crash
+        part-way leaves a prefix of the old log (oldest segments kept) or the new empty one,
+        never a mix; the caller's snapshot, durable before, tells it to reset again."""
+        self._check_writable()
+        for name, v in (("seq", seq), ("term", term)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < (-1 if name == "seq" else 0):
+                raise InvalidArgumentError(f"reset takes an int {name}, got {v!r}")
+        await self._exclusive_begin()
+        try:
+            with trio.CancelScope(shield=True):
+                await self._reshape_begin()
+                try:
+                    gone = self._segs
+                    fresh = Segment(self.path, seq + 1, term)
+                    fresh.offs = array("Q")
+                    self._segs = [fresh]
+                    self._firsts = [seq + 1]
+                    self._first_seq = seq + 1
+                    self._terms = TermIndex(seq, term)
+                    self._seq = seq
+                    self._next_seq = seq + 1
+                    self._last_framed_term = term
+                    self._head = None
+                    await trio.to_thread.run_sync(self._reset_sync, gone, fresh)
+                except OSError as e:
+                    self._failed = LogFailedError(
+                        f"resetting {self.path} to start after seq {seq} failed half-way "
+                        f"({e}); the log refuses further writes: reopen it to continue"
+                    )
+                    raise self._failed from e
+                finally:
+                    self._reshape_end()
+        finally:
+            self._exclusive_end()
+
+    def _reset_sync(self, gone: list[Segment], fresh: Segment) -> None:
+        # Newest first: a crash part-way leaves a shorter prefix, still a valid log.
+        for seg in reversed(gone):
+            seg.close_fd()
+            with contextlib.suppress(FileNotFoundError):
+                fileops.unlink(seg.idx_path)
+            fileops.unlink(seg.path)
+        fsync_dir(self.path)
+        fresh.create_file()
+
     def _compact_sync(self, gone: list[Segment]) -> None:
         # Oldest first: a crash part-way leaves a shorter prefix gone, still contiguous.
         for seg in gone:
