@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from tinyraftplus.errors import LogCorruptError
+from tinyraftplus.errors import SnapshotCorruptError
 from tinyraftplus.kv.store import (
     SNAPSHOT_MAGIC,
     KVStore,
@@ -221,7 +221,7 @@ def test_truncated_stream_raises_and_leaves_the_store_as_it_was(ents, good):
         with pytest.raises(SnapshotFormatError) as e:
             kv.restore(meta(seq), io.BytesIO(data[:cut]))
         assert "KV snapshot" in str(e.value) and "left as it was" in str(e.value)
-        assert isinstance(e.value, LogCorruptError) and e.value.offset is not None
+        assert isinstance(e.value, SnapshotCorruptError) and e.value.offset is not None
         assert state(kv) == before, f"a stream cut at {cut} changed the store"
     kv.restore(meta(seq), io.BytesIO(data))  # and the whole one is fine
     assert kv.applied_seq == seq

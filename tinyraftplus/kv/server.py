@@ -193,8 +193,9 @@ class ServerConfig:
     """Who may send admin requests (``--admin-allow`` / ``"admin": true`` in ``--authz``);
     ``None``: every client the CA signed."""
     snapshot_entries: int = 10_000
-    """Snapshot the store after this many entries applied since the last snapshot, then
-    compact the log behind it (0: never; the log then grows with every write)."""
+    """Snapshot the store each time the apply seq reaches a multiple of this (so about every
+    this many entries), then compact the log behind it (0: never; the log then grows with
+    every write, and a restart replays all of it)."""
     trailing_entries: int = 5_000
     """Entries kept in the log behind a snapshot, so that a follower a little behind
     catches up from the log rather than by a snapshot transfer."""
@@ -282,6 +283,14 @@ class Server:
         self._prune_pending = False
         """Peers may have to be dropped once the configuration in force commits."""
         self._refusal_log = RateLimitedLog(logger)
+        self.snapshot_seq = -1
+        """Seq of the newest snapshot this node took, received or restored (-1: none)."""
+        self.snapshots_taken = 0
+        self.snapshots_installed = 0
+        self.start_seq = -1
+        """The apply seq the node started from: the seq of the snapshot restored at start
+        (-1: none, the whole log is replayed)."""
+        self._node_started = False
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started(ServerInfo)`` once listening. Raises
@@ -310,13 +319,19 @@ class Server:
                     election_timeout=cfg.election_timeout, ping_timeout=cfg.ping_timeout,
                     append_timeout=cfg.append_timeout, read_timeout=cfg.read_timeout,
                     bootstrap=cfg.bootstrap, join=cfg.join,
+                    snapshot=self.store.snapshot, restore=self._restore,
+                    snapshot_entries=cfg.snapshot_entries,
+                    trailing_entries=cfg.trailing_entries,
                 )
                 transport.set_handler(node.receive)
                 self.node = node
                 node.on("change", self._on_change)
                 node.on("config", self._on_config)
                 node.on(("commit", "change"), self._on_commit_or_change)
+                node.on("snapshot", self._on_snapshot)
+                self._node_started = False
                 async with node:
+                    self._node_started = True
                     # A restarted node knows its configuration from its state: follow it
                     # now (members added or removed since --peers was written).
                     self._sync_peers(node.configuration)
@@ -380,6 +395,27 @@ class Server:
         logger.info("node %r: SIGHUP: reloaded the TLS certificate, key and CA from %s",
                     self.config.node_id, ", ".join(f for f in tls.files if f))
         return True
+
+    def _restore(self, meta: Any, stream: Any) -> None:
+        """The node's ``restore``: the store's, timed and noted (at start, in a worker
+        thread; for a snapshot from the leader, likewise)."""
+        started = time.monotonic()
+        self.store.restore(meta, stream)
+        self.snapshot_seq = max(self.snapshot_seq, meta.seq)
+        if not self._node_started:
+            self.start_seq = meta.seq
+        logger.info("node %r: store restored from snapshot %d (%d keys, %d bytes) in %.2fs",
+                    self.config.node_id, meta.seq, len(self.store.data), meta.size,
+                    time.monotonic() - started)
+
+    def _on_snapshot(self, ev: Any) -> None:
+        self.snapshot_seq = max(self.snapshot_seq, ev.seq)
+        if ev.installed:
+            self.snapshots_installed += 1
+        else:
+            self.snapshots_taken += 1
+            logger.info("node %r: snapshot %d taken (%d bytes)", self.config.node_id, ev.seq,
+                        ev.size or 0)
 
     def _on_change(self, ev: Any) -> None:
         logger.info("node %r: %s, leader %r, term %s", self.config.node_id,
@@ -575,6 +611,10 @@ class Server:
             "seq": node.seq,
             "commit_seq": node.commit_seq,
             "apply_seq": node.apply_seq,
+            "snapshot_seq": self.snapshot_seq,
+            "snapshots_taken": self.snapshots_taken,
+            "snapshots_installed": self.snapshots_installed,
+            "start_seq": self.start_seq,
             "keys": len(self.store.data),
             "duplicates": self.store.duplicates,
             "sessions": len(self.store._sessions),
@@ -1051,10 +1091,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "byte (default: 30)")
     snap = p.add_argument_group("snapshots (the README's server section)")
     snap.add_argument("--snapshot-entries", type=int, default=10_000, metavar="N",
-                      help="snapshot the store after N entries applied since the last "
-                           "snapshot and compact the log behind it, so a restart restores "
-                           "the snapshot and replays only the entries after it (0: never; "
-                           "default: 10000)")
+                      help="snapshot the store every N entries applied and compact the log "
+                           "behind it, so that a restart restores the snapshot and replays "
+                           "only the entries after it (0: never; default: 10000)")
     snap.add_argument("--trailing-entries", type=int, default=5_000, metavar="M",
                       help="entries kept in the log behind a snapshot: a follower at most "
                            "this far behind catches up from the log, one further behind "

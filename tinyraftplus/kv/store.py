@@ -91,7 +91,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from ..errors import InvalidArgumentError, LogCorruptError
+from ..errors import InvalidArgumentError, SnapshotCorruptError
 
 OPS = ("put", "append", "delete")
 MAX_KEY = 4096
@@ -124,10 +124,11 @@ _READ_SIZE = 256 * 1024  # bytes restore reads at once
 _MAX_OBJECT = 8 << 20  # largest msgpack object restore accepts (a data array is <= ~1.3 MiB)
 
 
-class SnapshotFormatError(LogCorruptError):
+class SnapshotFormatError(SnapshotCorruptError):
     """The stream given to :meth:`KVStore.restore` is not a whole key-value snapshot this
     code reads: truncated, damaged, of another version, or not a KV snapshot at all.
-    ``offset`` is where in the stream the problem was found. The store is left as it was."""
+    ``offset`` is where in the snapshot's data the problem was found, ``path`` the file (when
+    the stream has a name). The store is left as it was."""
 
 
 def encode_write(client_id: int, seq: int, ack: int, op: str, key: bytes,
@@ -282,7 +283,7 @@ class KVStore:
         every count and total checked: a truncated, damaged or foreign stream raises
         :class:`SnapshotFormatError` and leaves the store exactly as it was (old and new state
         are both in memory for the duration). ``OSError`` from ``stream.read`` propagates."""
-        st = _deserialize(stream)
+        st = _deserialize(stream, getattr(stream, "name", None))
         if meta is not None and getattr(meta, "seq", st.applied_seq) != st.applied_seq:
             raise SnapshotFormatError(
                 f"KV snapshot: the data holds the state after seq {st.applied_seq} but its "
@@ -501,13 +502,16 @@ def _is_count(v: Any, lo: int = 0) -> bool:
     return type(v) is int and lo <= v <= MAX_CLIENT_ID
 
 
-def _deserialize(stream: BinaryIO) -> _Restored:
+def _deserialize(stream: BinaryIO, path: Any) -> _Restored:
     """Read a whole snapshot (format: the module docstring); raises ``SnapshotFormatError``."""
+    where_file = f" {path}" if isinstance(path, str) else ""
+
     def bad(what: str, offset: int) -> SnapshotFormatError:
         return SnapshotFormatError(
-            f"KV snapshot, byte {offset}: {what}; the store was left as it was. The snapshot "
-            f"is damaged, truncated or was not written by KVStore.snapshot: restore another "
-            f"one, or let the node fetch one from the leader", offset=offset)
+            f"KV snapshot{where_file}, data byte {offset}: {what}; the store was left as it "
+            f"was. The snapshot is damaged, truncated or was not written by KVStore.snapshot: "
+            f"restore another one, or let the node fetch one from the leader",
+            path=path if isinstance(path, str) else None, offset=offset)
 
     prefix = stream.read(_PREFIX.size)
     while 0 < len(prefix) < _PREFIX.size:  # a file object may return short reads
