@@ -196,6 +196,8 @@ class ServerConfig:
     """Snapshot the store each time the apply seq reaches a multiple of this (so about every
     this many entries), then compact the log behind it (0: never; the log then grows with
     every write, and a restart replays all of it)."""
+    segment_size: int = 64 << 20
+    """Bytes per log segment file; compaction behind a snapshot drops whole segments."""
     trailing_entries: int = 5_000
     """Entries kept in the log behind a snapshot, so that a follower a little behind
     catches up from the log rather than by a snapshot transfer."""
@@ -235,6 +237,9 @@ class ServerConfig:
                        ("--trailing-entries", self.trailing_entries)):
             if type(v) is not int or v < 0:
                 raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 0")
+        if type(self.segment_size) is not int or self.segment_size < 4096:
+            raise ConfigurationError(f"--segment-size {self.segment_size!r}: give a number of "
+                                     f"bytes >= 4096")
         for opt, f in (("--answer-timeout", self.answer_timeout),
                        ("--client-idle-timeout", self.idle_timeout),
                        ("--frame-timeout", self.frame_timeout),
@@ -297,7 +302,7 @@ class Server:
         ``LogLockedError`` if another process holds the data directory."""
         cfg = self.config
         os.makedirs(cfg.data_dir, exist_ok=True)
-        log = FsLog(cfg.data_dir, "raft", fsync=cfg.fsync)
+        log = FsLog(cfg.data_dir, "raft", fsync=cfg.fsync, segment_size=cfg.segment_size)
         try:
             await log.open()
         except LogLockedError as e:
@@ -1098,6 +1103,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="entries kept in the log behind a snapshot: a follower at most "
                            "this far behind catches up from the log, one further behind "
                            "gets the snapshot (default: 5000)")
+    snap.add_argument("--segment-size", type=int, default=64 << 20, metavar="BYTES",
+                      help="bytes per log segment file; compaction drops whole segments, so "
+                           "up to one more segment than --trailing-entries stays (default: "
+                           "67108864)")
     p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
@@ -1166,6 +1175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
         frame_timeout=a.frame_timeout,
         snapshot_entries=a.snapshot_entries, trailing_entries=a.trailing_entries,
+        segment_size=a.segment_size,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,
                            "backoff_max": max(0.2, min(2.0, et))},
     )
