@@ -238,9 +238,65 @@ async def test_restart_cost_follows_the_entries_after_the_snapshot(tmp_path):
         for v in costs.values():
             assert v[-1][2]["first_seq"] == 0 and v[-1][2]["last_seq"] >= n
         assert costs["plain"][-1][2]["start_seq"] == -1
-        assert replayed["snap"] <= 5 * every  # (a snapshot may be skipped while one is written)
+        assert replayed["snap"] < every + 10
         assert replayed["plain"] >= n
         assert cpu["plain"] > 1.5 * cpu["snap"], cpu
     finally:
         snap.kill_all()
         plain.kill_all()
+
+
+@pytest.mark.slow
+async def test_issue_scale_million_keys_follower_down_a_minute(tmp_path):
+    """The issue's scale: 1M keys over mutual TLS with fsync, a snapshot every 10,000
+    entries; a follower is SIGKILLed for a minute of writes, comes back and is caught up by
+    a snapshot transfer; then every node is restarted (one at a time, so each time is its
+    own) and is ready in under 2 s."""
+    et = 0.5
+    cl = ProcCluster(tmp_path, election_timeout=et, extra=[
+        "--snapshot-entries", "10000", "--segment-size", str(4 << 20)])
+    acked: dict[bytes, bytes] = {}
+    total = 1_000_000
+    try:
+        with trio.fail_after(1200):
+            await cl.start_all()
+            async with cl.client(timeout=30.0) as c:
+                lead, _ = await cl.leader(c)
+                await write_keys(c, "a", 200_000, acked, concurrency=256)
+                victim = next(i for i in cl.ids if i != lead)
+                st = await wait_applied(c, cl, victim, (await c.status(cl.client_addr[lead]))
+                                        ["commit_seq"])
+                victim_last = st["last_seq"]
+                cl.kill(victim)
+                down_at = time.monotonic()
+                n = 0
+                while time.monotonic() - down_at < 60 or len(acked) < total:
+                    await write_keys(c, f"b{n}-", 20_000, acked, concurrency=256)
+                    n += 1
+                print(f"{len(acked)} keys acknowledged, follower down "
+                      f"{time.monotonic() - down_at:.0f}s")
+                lst = await c.status(cl.client_addr[lead])
+                assert lst["first_seq"] > victim_last + 1, (lst["first_seq"], victim_last)
+                await cl.start(victim)
+                await cl.wait_caught_up(c, timeout=300)
+                vst = await c.status(cl.client_addr[victim])
+                assert vst["snapshots_installed"] >= 1, vst
+                assert vst["keys"] >= len(acked) >= total
+                await check_readable(cl, victim, acked, concurrency=256)
+
+            for i in cl.ids:
+                cl.kill(i)
+            ready: dict[Any, float] = {}
+            for i in cl.ids:
+                t0 = time.monotonic()
+                await cl.start(i)
+                ready[i] = time.monotonic() - t0
+            print("ready after restart:", {i: f"{t:.2f}s" for i, t in ready.items()})
+            async with cl.client(timeout=30.0) as c:
+                await cl.leader(c)
+                st = await cl.wait_caught_up(c, timeout=120)
+                for i in cl.ids:
+                    assert st[i]["start_seq"] >= total, (i, st[i])
+            assert max(ready.values()) < 2.0, ready
+    finally:
+        cl.kill_all()
