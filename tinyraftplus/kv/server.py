@@ -15,6 +15,11 @@ to the peers, a :class:`~tinyraftplus.node.RaftNode` applying commands to a
 :mod:`tinyraftplus.kv.client`). The log is opened first and by the server itself, so that a
 data directory another process holds is refused (exit status 3) before anything listens.
 
+**Snapshots.** The node snapshots the store every ``--snapshot-entries`` entries
+(:meth:`KVStore.snapshot`, in ``DATA/raft.snap/``) and compacts the log behind it, keeping
+``--trailing-entries``; a restart restores the newest snapshot and replays only the log after
+it, and a follower that fell behind the compaction is sent the snapshot.
+
 **Any node serves any request.** Writes go through ``node.append_batch`` (the node forwards
 to the leader when it follows); gets through ``node.read`` (linearizable, ReadIndex). The
 writes that arrive in one read from a connection become one ``append_batch``: the whole

@@ -202,7 +202,8 @@ class _Session:
 
 
 class KVStore:
-    """The state machine: ``RaftNode(..., apply=kv.apply, read=kv.read)``.
+    """The state machine: ``RaftNode(..., apply=kv.apply, read=kv.read,
+    snapshot=kv.snapshot, restore=kv.restore)``.
 
     ``read(("get", key))`` returns the value or ``None``; ``read(("len",))`` the number of
     keys; ``read(("sessions",))`` the number of client sessions.
