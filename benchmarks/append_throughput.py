@@ -42,6 +42,7 @@ SECTIONS = [
     "benchmarks.bench_raft",
     "benchmarks.bench_tcp",
     "benchmarks.bench_snapshot_writes",
+    "benchmarks.bench_restart",
     "benchmarks.bench_peer",  # last: it compares against figures measured above
 ]
 

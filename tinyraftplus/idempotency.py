@@ -27,8 +27,9 @@ with these 5 bytes would be misread; none did in this project.)
 
 **Snapshots.** The table is replicated state: the node's snapshots carry ``table.dump()``
 as of their seq (in the snapshot's extra state, ``node_snapshot.py``), and restoring or
-installing one loads it before entries after it are applied. A node restarted with ``apply_seq`` (a durable state machine) rebuilds the table
-only from the entries it replays; persist ``dump()`` with your state to keep older keys.
+installing one loads it before entries after it are applied. A node restarted with
+``apply_seq`` (a durable state machine) rebuilds the table only from the entries it
+replays; persist ``dump()`` with your state to keep older keys.
 """
 
 from __future__ import annotations
