@@ -346,3 +346,75 @@ def test_restart_from_snapshot_keeps_configuration_and_commit() -> None:
     for i in c.ids:
         c.run_until(lambda i=i: _caught_up(c, i, new))
     assert c.cores[leader].commit_seq >= 14
+
+
+def test_restart_with_the_configuration_entry_compacted_away() -> None:
+    # Found by the simulator: a restart from a snapshot whose configuration entry was
+    # compacted away asked the log for that entry's term.
+    from tinyraftplus.raft.core import RaftCore
+    from tinyraftplus.raft.membership import Config
+
+    c = SnapCluster([1, 2, 3])
+    leader = c.wait_leader()
+    _write(c, 3)
+    core = c.cores[leader]
+    core.propose_config(core.configuration.voters, frozenset())  # a configuration entry
+    c.stabilize()
+    cseq = core.config_seq
+    cterm = core.term_at(cseq)
+    _write(c, 10)
+    meta = c.take_snapshot(leader)
+    log = c.logs[leader]
+    assert log.first_seq > cseq >= 0 and c.hard[leader].configs is not None
+    base = SnapshotBase(meta.seq, meta.term, Config.decode(meta.config), cseq, cterm)
+    c.crash(leader)
+    again = RaftCore(leader, c.ids, log, c.hard[leader], config=c.config,
+                     snapshots=c.sources[leader], snapshot_base=base)
+    assert again.config_seq == cseq
+    assert again.configuration.voters == frozenset(c.ids)
+
+
+def test_conflict_hint_below_the_leaders_compaction_point() -> None:
+    # Found by the simulator: a follower's conflict hint pointing below the leader's
+    # compacted prefix made the leader ask its log for a term it no longer holds.
+    c = SnapCluster([1, 2, 3])
+    a = c.wait_leader()
+    _write(c, 3)
+    k = c.logs[a].seq
+    c.partition([a], [i for i in c.ids if i != a])
+    for n in range(30):
+        c.cores[a].propose([b"lost%d" % n])
+        c.handle(a)
+    c.advance(2.0)
+    b = c.wait_leader()
+    _write(c, 40)
+    others = [i for i in c.ids if i != a]
+    c.run_until(lambda: all(c.applied[i] == c.applied[b] for i in others))
+    for i in others:
+        c.take_snapshot(i, trailing=c.logs[i].seq - (k + 10))
+        c.crash(i)
+    for i in others:
+        c.start(i)
+    lead = c.wait_leader()
+    c.heal()
+    c.run_until(lambda: c.applied[a] == c.applied[lead])
+    assert not any(e.data.startswith(b"lost") for e in c.applied[a])
+
+
+def test_install_keeps_the_config_index_of_a_kept_log() -> None:
+    # Found by the simulator: installing a snapshot over a log that is kept forgot which of
+    # its entries are configurations (storage keeps no entry kinds).
+    from tinyraftplus.entry import ConfigEntry
+    from tinyraftplus.raft.core import RaftCore
+    from tinyraftplus.raft.membership import Config, ConfigStack
+    from tinyraftplus.raft.memory import MemoryLog
+    from tinyraftplus.raft.state import HardState
+
+    cfg = Config(frozenset({1, 2, 3}))
+    log = MemoryLog([Entry(0, 1, b""), Entry(1, 1, b"a"), Entry(2, 1, cfg.encode()),
+                     Entry(3, 1, b"b"), Entry(4, 1, b"c")])
+    hs = HardState(term=1, configs=ConfigStack(((2, 1, cfg),)), config_index=((2, 1),))
+    core = RaftCore(2, [1, 2, 3], log, hs)
+    assert type(core.read_entries(2, 2, 1 << 20)[0]) is ConfigEntry
+    core.snapshot_installed(SnapshotBase(3, 1, cfg, 2, 1), None)
+    assert type(core.read_entries(2, 2, 1 << 20)[0]) is ConfigEntry

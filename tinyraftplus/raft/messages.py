@@ -184,12 +184,14 @@ SNAP_OK = 0  # the follower holds ``offset`` bytes of the snapshot: send on from
 SNAP_REJECTED = 1  # a chunk was not taken (out of order or damaged): resend from ``offset``
 SNAP_DONE = 2  # installed (or already covered): the follower's log matches through ``seq``
 SNAP_BEGIN = 3  # the follower holds nothing of this snapshot: open the transfer again
+SNAP_CORRUPT = 4  # every chunk checked, the whole did not: the leader's copy is damaged
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotResponse:
     """Follower to leader, about the snapshot ``(seq, snap_term, crc)``: ``status`` is one of
-    ``SNAP_OK``, ``SNAP_REJECTED``, ``SNAP_DONE``, ``SNAP_BEGIN``; ``offset`` is how many
+    ``SNAP_OK``, ``SNAP_REJECTED``, ``SNAP_DONE``, ``SNAP_BEGIN``, ``SNAP_CORRUPT``; ``offset``
+    is how many
     bytes of it the follower holds."""
 
     term: int
@@ -237,7 +239,7 @@ __all__ = [
     "NodeId", "Entry", "RequestVote", "VoteResponse", "AppendEntries", "AppendResponse",
     "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Recover", "RecoverResponse",
     "InstallSnapshot", "SnapshotResponse", "SNAP_OK", "SNAP_REJECTED", "SNAP_DONE",
-    "SNAP_BEGIN", "Propose",
+    "SNAP_BEGIN", "SNAP_CORRUPT", "Propose",
     "ProposeResponse",
     "CoreMessage", "Message", "CORE_MESSAGE_TYPES", "MESSAGE_TYPES",
 ]

@@ -23,9 +23,10 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
 
 One transfer at a time per follower, started only for a follower heard from recently;
 replication to it waits, heartbeats go on. A transfer that makes no progress for
-``snapshot_timeout`` heartbeat ticks begins again (and resumes at the follower's offset); a
-follower no longer heard from is dropped until it is heard again. If the snapshot being
-sent is pruned from storage meanwhile, the leader starts over with the newest one.
+``snapshot_timeout`` heartbeat ticks (an unanswered opening: 3) begins again, and resumes at
+the follower's offset; a follower no longer heard from is dropped until it is heard again.
+If the snapshot being sent is pruned from storage meanwhile, the leader starts over with the
+newest one.
 
 Safety needs nothing new: a snapshot only ever holds applied, hence committed, entries, which
 every leader's log holds too; a follower whose commit seq already covers a snapshot answers
@@ -44,6 +45,7 @@ from ..snapshot.meta import SnapshotMeta
 from .membership import Config, ConfigStack
 from .messages import (
     SNAP_BEGIN,
+    SNAP_CORRUPT,
     SNAP_DONE,
     SNAP_REJECTED,
     CoreMessage,
@@ -68,7 +70,8 @@ class SnapshotSource(Protocol):
 
     def read_chunk(self, meta: SnapshotMeta, offset: int, n: int) -> bytes | None:
         """``n`` bytes of ``meta``'s data from ``offset`` (synchronous, like
-        ``LogStorage.entries``); None once that snapshot no longer exists."""
+        ``LogStorage.entries``); None once that snapshot no longer exists. A source may
+        also offer ``damaged(meta)``: a follower found that snapshot's bytes wrong."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class SnapshotReplication:
     _snapshot_window: int
     _snapshot_timeout: int
     _recovery: Any
+    _has_log: bool
 
     # --- leader -------------------------------------------------------------------------
     def _send_snapshot(self, p: NodeId, pr: Progress) -> None:
@@ -204,6 +208,19 @@ class SnapshotReplication:
             return  # about another transfer
         pr.snap_idle = 0
         off = m.offset
+        if m.status == SNAP_CORRUPT:
+            # Every chunk passed its check, the whole did not: our file is damaged.
+            pr.snap = None
+            pr.snap_acked = -1
+            pr.become_probe(pr.match + 1)
+            self._warnings.append(
+                f"node {frm!r} received snapshot {meta.seq} whole and found its CRC32C "
+                "wrong: this node's copy is damaged; it is set aside and a new one taken"
+            )
+            src = self._snapshots
+            if src is not None and hasattr(src, "damaged"):
+                src.damaged(meta)
+            return
         if m.status == SNAP_BEGIN or off > meta.size:
             self._snapshot_begin(frm, pr)
             return
@@ -233,8 +250,11 @@ class SnapshotReplication:
             pr.become_probe(pr.match + 1)
             return
         pr.snap_idle += 1
-        if pr.snap_idle >= self._snapshot_timeout:
-            self._snapshot_begin(p, pr)  # stalled: open again, it says where it is
+        # An unanswered opening is asked again soon (it carries no data); a stream that
+        # stalled after ``snapshot_timeout`` ticks (its answers were lost with a
+        # connection, or the follower restarted): open again, it says where it is.
+        if pr.snap_idle >= (3 if pr.snap_acked < 0 else self._snapshot_timeout):
+            self._snapshot_begin(p, pr)
 
     def snapshot_floor(self) -> int | None:
         """The lowest seq of a snapshot being sent to a follower: the driver must not
@@ -277,7 +297,11 @@ class SnapshotReplication:
         that sent it (answered ``SNAP_DONE``); ``ident``: the answer's (crc, size)."""
         log = self._log
         log.restored(base.seq)
-        self._log.config_index = [x for x in log.config_index if x[0] > base.seq]
+        if log.storage.seq == base.seq and self._has_log:
+            self._has_log = False  # (the driver persisted this before it reset the log)
+        # Configuration entries storage still holds keep their index (a kept log).
+        first = log.first_seq
+        self._log.config_index = [x for x in log.config_index if x[0] >= first]
         self._use_configs(base_stack(base, self._configs, log.first_seq))
         self._hs_changed = True
         if base.seq > self._commit:

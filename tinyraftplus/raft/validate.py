@@ -133,7 +133,7 @@ def check_message(msg: Any, *, max_entries: int = 65536, max_bytes: int = 64 << 
         _int("snap_term", msg.snap_term, 0)
         _int("crc", msg.crc, 0, MAX_CRC)
         _int("offset", msg.offset, 0)
-        _int("status", msg.status, 0, 3)
+        _int("status", msg.status, 0, 4)
     elif t is m.Propose:
         _int("req_id", msg.req_id, 0)
         if type(msg.items) is not tuple or not msg.items:

@@ -397,7 +397,7 @@ def _v_snapshot_response(obj: list, lim: WireLimits) -> None:
     _int(obj, 4, 0)  # snap_term
     _int(obj, 5, 0, MAX_CRC)  # crc
     _int(obj, 6, 0)  # offset
-    _int(obj, 7, 0, 3)  # status
+    _int(obj, 7, 0, 4)  # status
     _int(obj, 8, 0)  # inc
 
 
