@@ -265,10 +265,8 @@ def test_slow_snapshots_2000_seeds():
     assert s.snap["installs"] > 1000
 
 
-# --- core bugs found on the way (CORE_BUGS.md) ----------------------------------------------
+# --- core bugs found on the way (CORE_BUGS.md; fixed on main): regression tests ---------------
 
-@pytest.mark.xfail(strict=True, reason="CORE_BUGS.md #1: RaftCore.__init__ asks the log for "
-                   "the term of a compacted configuration entry")
 def test_core_bug_1_restart_with_compacted_config_entry():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_snapshot_core import SnapCluster, _write
@@ -296,8 +294,6 @@ def test_core_bug_1_restart_with_compacted_config_entry():
     assert core.configuration.voters == frozenset(c.ids)
 
 
-@pytest.mark.xfail(strict=True, reason="CORE_BUGS.md #2: the leader asks for the term of a "
-                   "compacted entry when a follower's conflict hint points below its log")
 def test_core_bug_2_conflict_hint_below_compaction():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_snapshot_core import SnapCluster, _write
@@ -339,8 +335,6 @@ def test_settled_nodes_must_hold_the_same_state():
     assert ei.value.invariant == "state agreement" and 2 in ei.value.nodes
 
 
-@pytest.mark.xfail(strict=True, reason="CORE_BUGS.md #3: snapshot_installed drops the index "
-                   "of configuration entries the kept log still holds")
 def test_core_bug_3_install_keeps_config_index_of_the_kept_log():
     from tinyraftplus.entry import ConfigEntry
     from tinyraftplus.raft.core import RaftCore

@@ -1168,12 +1168,7 @@ class Simulation:
         )
 
     def _snap_counts(self) -> Counter[str]:
-        """``snap_stats`` plus the core's reads of compacted terms (CORE_BUGS.md #2)."""
-        out = Counter(self.snap_stats)
-        below = sum(n.store.below_base_reads for n in self.nodes.values())
-        if below:
-            out["core read a compacted term"] = below
-        return out
+        return Counter(self.snap_stats)
 
     def _check_storm(self) -> None:
         if self.net.sent > self.config.max_messages:

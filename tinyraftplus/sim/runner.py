@@ -142,16 +142,9 @@ class Summary:
             f"snapshot faults:    {sum(v for _, v in crashes)} crashes during snapshot steps"
             + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")
             + f"; {sn['damaged']} damaged chunks or files caught by their CRC; "
-            f"{sn['rot']} snapshot files rotted at rest",
-        ] + ([f"core bug work-arounds: {sn['core bug #1 work-around']} restarts named "
-              "a compacted configuration entry as -1 (CORE_BUGS.md #1); the core read the "
-              f"term of a compacted entry {sn['core read a compacted term']} times "
-              f"(CORE_BUGS.md #2, answered by the simulated store); "
-              f"{sn['core bug #3 work-around']} installs had configuration entries put "
-              "back in the core's index (CORE_BUGS.md #3)"]
-             if any(sn.get(k) for k in ("core bug #1 work-around", "core read a compacted "
-                                        "term", "core bug #3 work-around"))
-             else [])
+            f"{sn['rot']} snapshot files rotted at rest; {sn['set aside']} leader copies "
+            "set aside after a follower's SNAP_CORRUPT",
+        ]
 
 
 AppFactory = Callable[[], SimApp]

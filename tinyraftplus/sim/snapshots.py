@@ -42,7 +42,7 @@ import msgpack
 
 from ..entry import Entry
 from ..raft.membership import Config
-from ..raft.messages import SNAP_BEGIN, SNAP_OK, SNAP_REJECTED, InstallSnapshot
+from ..raft.messages import SNAP_BEGIN, SNAP_CORRUPT, SNAP_OK, SNAP_REJECTED, InstallSnapshot
 from ..raft.snapshot import SnapshotBase, crc32c
 from ..snapshot.meta import SnapshotMeta
 from .snapfiles import PARTIAL, final_name, good
@@ -94,6 +94,8 @@ class NodeSnapshots:
         self.every = node.sim.snapshot_entries
         self.unchecked = "restore_unchecked" in node.sim.config.bugs
         self.job: _Job | None = None
+        self.bad: set[tuple[int, int, int, int]] = set()  # idents a follower found damaged
+        self.requested = False  # a new snapshot is wanted once the one being written is
         self.last = -1  # seq of the newest snapshot taken or installed
         # the configuration in force at the applied seq: (seq, term, Config) of its entry
         self.config: tuple[int, int, Config] = (-1, 0, Config(frozenset(node.sim.voter_ids)))
@@ -101,7 +103,20 @@ class NodeSnapshots:
     # --- SnapshotSource (the core reads these) ------------------------------------------
     def latest_snapshot(self) -> SnapshotMeta | None:
         finals = self.store.snaps.finals()
-        return finals[0][0] if finals else None
+        if not finals or finals[0][0].ident in self.bad:
+            return None  # set aside until a new one is taken
+        return finals[0][0]
+
+    def damaged(self, meta: SnapshotMeta) -> None:
+        """A follower found this snapshot's bytes wrong (``SNAP_CORRUPT``): no longer
+        offered; a new one is taken now (as the real driver does)."""
+        self.bad.add(meta.ident)
+        self.sim.snap_stats["set aside"] += 1
+        self.sim.trace("snap-set-aside", self.node.id, meta.seq)
+        if self.job is None:
+            self._take_now()
+        else:
+            self.requested = True
 
     def read_chunk(self, meta: SnapshotMeta, offset: int, n: int) -> bytes | None:
         data = self.store.snaps.read(final_name(meta))
@@ -147,14 +162,7 @@ class NodeSnapshots:
         sim.snap_stats["restores"] += 1
         sim.trace("snap-restore", node.id, meta.seq, meta.term, f"log {store.first_seq}.."
                   f"{store.seq}")
-        base = base_of(meta)
-        if base.config_seq < store.first_seq - 1:
-            # Work-around for CORE_BUGS.md #1 (the core asks the log for the term of a
-            # compacted configuration entry): name it as one no entry holds.
-            base = SnapshotBase(base.seq, base.term, base.config, -1, 0)
-            if store.durable_hard_state().configs is not None:
-                sim.snap_stats["core bug #1 work-around"] += 1  # (where it would raise)
-        return base
+        return base_of(meta)
 
     def _install_state(self, meta: SnapshotMeta, data: bytes, how: str) -> None:
         """State machine and log to snapshot ``meta`` (the bytes are what the driver
@@ -182,14 +190,22 @@ class NodeSnapshots:
         n = self.every
         if not n or (e.seq + 1) % n or e.seq <= self.last:
             return
+        self._capture(e.seq, e.term)
+
+    def _take_now(self) -> None:
+        node = self.node
+        if node.applied >= 0 and node.sm is not None:
+            self._capture(node.applied, self.store.term_at(node.applied))
+
+    def _capture(self, seq: int, term: int) -> None:
         node, sim = self.node, self.sim
         assert node.sm is not None
         data = node.sm.snapshot()  # type: ignore[attr-defined]
         cseq, cterm, cfg = self.config
-        meta = SnapshotMeta(e.seq, e.term, len(data), crc32c(data), cfg.encode(),
+        meta = SnapshotMeta(seq, term, len(data), crc32c(data), cfg.encode(),
                             _meta_extra(cseq, cterm))
-        self.last = e.seq
-        sim.inv.on_snapshot(node.id, e.seq, meta.crc, "took")
+        self.last = max(self.last, seq)
+        sim.inv.on_snapshot(node.id, seq, meta.crc, "took")
         if self.job is not None:
             sim.snap_stats["skipped"] += 1  # the previous one is still being written
             return
@@ -199,7 +215,7 @@ class NodeSnapshots:
         if not sim.stopping and r.random() < sim.profile.snap_crash:
             crash_at = r.randrange(6)
         self.job = job = _Job(meta, data, node.crash_gen, crash_at)
-        sim.trace("snap-take", node.id, e.seq, e.term, len(data))
+        sim.trace("snap-take", node.id, seq, term, len(data))
         sim.queue.after(r.uniform(0.0, 0.004), self._job_step, job)
 
     def _job_step(self, job: _Job) -> None:
@@ -221,6 +237,10 @@ class NodeSnapshots:
             sim.queue.after(sim.snap_rng.uniform(0.0, 0.004), self._job_step, job)
         else:
             self.job = None
+            self.bad.discard(job.meta.ident)  # (a damaged one, taken again)
+            if self.requested:
+                self.requested = False
+                self._take_now()
             if node.core is not None:
                 node.process()  # the core may now send this snapshot to someone
 
@@ -304,11 +324,13 @@ class NodeSnapshots:
         data = snaps.read(PARTIAL)
         assert meta is not None and data is not None
         if not self.unchecked and not good(meta, data):
-            # (a partial damaged by a crash: its unsynced bytes reached the disk as garbage)
+            # (in the simulator: a partial damaged by a crash, its unsynced bytes reached
+            # the disk as garbage; every chunk passed, so the real driver blames the
+            # leader's copy: SNAP_CORRUPT, and the leader takes a new snapshot)
             sim.snap_stats["damaged"] += 1
-            sim.trace("snap-partial-damaged", node.id, m.seq, "discarded, starting over")
+            sim.trace("snap-partial-damaged", node.id, m.seq, "discarded, SNAP_CORRUPT")
             snaps.unlink(PARTIAL, "partial discard")
-            core.snapshot_reply(frm, m, SNAP_BEGIN, 0)
+            core.snapshot_reply(frm, m, SNAP_CORRUPT, 0)
             return
         r = sim.snap_rng
         armed = False
@@ -327,15 +349,7 @@ class NodeSnapshots:
         sim.snap_stats["installs"] += 1
         sim.trace("snap-install", node.id, meta.seq, meta.term, "from", frm,
                   f"log {store.first_seq}..{store.seq}")
-        index = list(core._log.config_index)
         core.snapshot_installed(base_of(meta), frm, (meta.crc, meta.size))
-        # Work-around for CORE_BUGS.md #3 (the core forgets configuration entries the kept
-        # log still holds, which then read back as plain entries): put them back.
-        lost = [x for x in index if x not in core._log.config_index
-                and store.first_seq <= x[0] <= store.seq and store.term_at(x[0]) == x[1]]
-        if lost:
-            core._log.config_index = sorted(core._log.config_index + lost)
-            sim.snap_stats["core bug #3 work-around"] += 1
         node.after_install(meta.seq)
 
     # --- faults ----------------------------------------------------------------------------------

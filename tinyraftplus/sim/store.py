@@ -56,13 +56,6 @@ __all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
 
 STORE_BUGS = frozenset({"forget_vote", "skip_fsync", "trust_wiped"})
 
-# Work-around for CORE_BUGS.md #2 (the leader asks for the term of an entry below its log's
-# base when a follower's conflict hint points there): answer with the committed term there
-# (entries behind a snapshot are committed) instead of raising, and count it
-# (``SimStore.below_base_reads``, shown in the runner's summary). False: raise, as a
-# ``LogStorage`` may; the simulator then reports the core's exception.
-ANSWER_BELOW_BASE = True
-
 
 class SimCrash(Exception):
     """Raised by a storage step at which an armed crash fires; the driver kills the node."""
@@ -187,7 +180,6 @@ class SimStore:
         # seq -> the committed term there (the simulator's canonical committed log): what a
         # snapshot that includes seq holds (``durable_term_at``).
         self.committed_term: Callable[[int], int | None] | None = None
-        self.below_base_reads = 0  # see ANSWER_BELOW_BASE
 
     # --- LogStorage -----------------------------------------------------------------------
     @property
@@ -206,11 +198,6 @@ class SimStore:
             return 0
         t = self._log.term_at(seq)
         if t is None:
-            if ANSWER_BELOW_BASE and 0 <= seq < self._log.base and self.committed_term:
-                ct = self.committed_term(seq)
-                if ct is not None:
-                    self.below_base_reads += 1
-                    return ct
             raise InvalidArgumentError(
                 f"SimStore(node {self.node_id}): term_at({seq}) outside the log "
                 f"({self._range()})"
