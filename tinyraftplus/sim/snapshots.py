@@ -12,12 +12,14 @@ place a crash can land (``snapfiles.py`` models what survives):
 * **Serving** (``latest_snapshot`` / ``read_chunk``): the core's ``SnapshotSource``.
 * **Receiving** (``on_piece``): pieces of an ``InstallSnapshot`` go to a partial file,
   fsynced every ``SYNC_EVERY`` bytes, that survives restarts as far as it reached the disk
-  (what follows the last fsync may be lost or garbage); the begin message is answered with its
-  length (so the transfer resumes there); each chunk's CRC is checked; once whole, the
-  snapshot's CRC is checked (a partial damaged by a crash fails it: discarded, the leader
-  starts over), then: fsync, rename, directory fsync, restore the state machine, make the
-  log start after the snapshot (kept only if it holds the snapshot's last entry), tell the
-  core (``snapshot_installed``).
+  (what follows the last fsync may be lost or garbage); the begin message is answered with
+  its length (so the transfer resumes there); each chunk's CRC is checked; once whole, the
+  snapshot's CRC is checked (a partial damaged by a crash fails it: discarded and answered
+  ``SNAP_CORRUPT``, as the real driver does: every chunk passed, so it blames the leader's
+  copy, which the leader sets aside (``damaged``) before taking a new snapshot), then:
+  fsync, rename, directory fsync, restore the state machine, make the log start after the
+  snapshot (kept only if it holds the snapshot's last entry), tell the core
+  (``snapshot_installed``).
 * **Restarting** (``restore_at_start``): the newest snapshot whose CRC is good (damaged ones
   are removed, never restored), then the log after it; a log that starts after the
   snapshot's seq + 1 means entries were lost: reported as a violation.
