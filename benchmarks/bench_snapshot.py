@@ -212,7 +212,7 @@ async def raw_tls_copy(store: Any, meta: Any, client_tls: Any, server_tls: Any,
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         async def serve(tcp: trio.SocketStream) -> None:
-            s = trio.SSLStream(tcp, server_tls.server, server_side=True)
+            s = trio.SSLStream(tcp, server_tls.server_context, server_side=True)
             got = 0
             off = 0
             while got < meta.size:
@@ -228,7 +228,7 @@ async def raw_tls_copy(store: Any, meta: Any, client_tls: Any, server_tls: Any,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, serve, listeners)
             tcp = await trio.open_tcp_stream("127.0.0.1", port)
-            c = trio.SSLStream(tcp, client_tls.client, server_hostname=node_dns_name(3))
+            c = trio.SSLStream(tcp, client_tls.client_context, server_hostname=node_dns_name(3))
             await c.do_handshake()
             t0 = time.perf_counter()
             with store.open_data(meta) as f:

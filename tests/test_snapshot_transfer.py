@@ -27,6 +27,7 @@ from tinyraftplus import FsLog, RaftNode
 from tinyraftplus.errors import TinyRaftError
 from tinyraftplus.raft.messages import InstallSnapshot
 from tinyraftplus.raft.snapshot import crc32c
+from tinyraftplus.snapshot.store import partial_name
 from tinyraftplus.transport.tcp import TcpTransport
 from tinyraftplus.transport.tls import TlsConfig, new_context, node_dns_name
 
@@ -376,6 +377,7 @@ async def test_transfer_cut_by_dropped_connection_resumes_at_offset(tmp_path, ca
                            what="reconnect")
             await finish_and_compare(c, f, leader.node_id)
             assert connects >= 1
+            assert c.ts[f].stats(leader.node_id).connects >= 2  # it did connect anew
             check_resumed(c, f, meta, before, boundary)
             nursery.cancel_scope.cancel()
 
@@ -409,18 +411,17 @@ async def test_transfer_cut_by_follower_crash_resumes_from_partial_file(tmp_path
             c.tap.isolate(f, c.ids)
             await c.crash(f)
             snapdir = os.path.join(str(tmp_path), f"node{f}.snap")
-            parts = [n for n in os.listdir(snapdir) if n.endswith(".part")] or \
-                [n for n in os.listdir(snapdir)]
-            assert len(parts) == 1, os.listdir(snapdir)
-            size = os.path.getsize(os.path.join(snapdir, parts[0]))
-            assert boundary <= size < boundary + 4096, (size, boundary)  # data + a header
+            part = partial_name(meta)
+            assert os.listdir(snapdir) == [part]  # the partial survived, nothing else there
+            size = os.path.getsize(os.path.join(snapdir, part))
+            assert boundary < size < boundary + 4096, (size, boundary)  # header + data held
             before = len(c.tap.received[f])
             gate.closed = False
             c.tap.cut.clear()
             await c.start(f)
             await finish_and_compare(c, f, leader.node_id)
             check_resumed(c, f, meta, before, boundary)
-            assert not [n for n in os.listdir(snapdir) if n == parts[0]]
+            assert part not in os.listdir(snapdir)  # completed: renamed into place
             nursery.cancel_scope.cancel()
 
 
