@@ -286,7 +286,7 @@ async def write_snapshotted(c: TlsCluster, leader: RaftNode, nodes: list[int]) -
             and not c.nodes[i]._snap_busy for i in nodes), what=f"snapshot {due}")
 
 
-async def lagging_follower(c: TlsCluster, stop_at_half: bool = True) -> tuple[RaftNode, int, Any]:
+async def lagging_follower(c: TlsCluster) -> tuple[RaftNode, int, Any]:
     """A cluster whose leader compacted past a follower that was down: returns the leader,
     the follower's id (not started yet) and the snapshot meta it must receive."""
     for i in c.ids:
