@@ -521,3 +521,43 @@ async def test_transfer_survives_newer_snapshots_taken_meanwhile(tmp_path, ca) -
             print("installed", c.sms[f].restored, "resent", c.tap.got_bytes(f) - meta.size)
             check_resumed(c, f, meta, before, boundary)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason="a leader whose snapshot file is damaged on disk "
+                   "streams it again and again: the follower's CRC check fails every time "
+                   "and nobody tells the leader; see SNAP_BUGS.md 3")
+async def test_leader_with_a_damaged_snapshot_file_does_not_stream_it_forever(
+        tmp_path, ca) -> None:
+    """Bit rot in the leader's snapshot file after it was written: every chunk's CRC is
+    computed from what is read, so the follower only sees it at the whole-file check,
+    refuses it (right) and asks again. The leader must learn that its snapshot is bad
+    (the follower's refusal, or its own check) and send a good one (take a new one); here
+    it streams the same damaged bytes forever and the follower never catches up."""
+    from tinyraftplus.snapshot.store import final_name
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            c = TlsCluster(tmp_path, ca, nursery, [1, 2, 3])
+            leader, f, meta = await lagging_follower(c)
+            path = os.path.join(str(tmp_path), f"node{leader.node_id}.snap",
+                                final_name(meta.seq, meta.term))
+            with open(path, "r+b") as fh:  # one bit of the data, after the header
+                fh.seek(-1000, os.SEEK_END)
+                b = fh.read(1)
+                fh.seek(-1000, os.SEEK_END)
+                fh.write(bytes([b[0] ^ 1]))
+            refused: list[str] = []
+            c.tap.cut.clear()
+            node = await c.start(f)
+            node.on("warn", lambda ev: refused.append(ev.message)
+                    if "failed its check" in ev.message else None)
+            with trio.move_on_after(8):
+                while node.snapshots_installed == 0:
+                    await trio.sleep(0.05)
+            sent = c.tap.got_bytes(f) / meta.size
+            assert node.snapshots_installed == 1, (
+                f"not caught up after 8 s: the damaged snapshot was sent {sent:.1f} times "
+                f"and refused {len(refused)} times")
+            await c.converge(timeout=15)
+            assert c.sms[f].items == c.sms[leader.node_id].items
+            nursery.cancel_scope.cancel()
