@@ -19,8 +19,10 @@ Also usable as a child process (``tests/test_snapshot_memory.py``)::
 
 streams a snapshot of MIB MiB of generated data leader -> follower (snapshot -> file ->
 InstallSnapshot -> partial file -> restore, which reads the stream in 1 MiB pieces and
-checks a running CRC) and prints ``INSTALLED <seconds>``, ``CRC ok`` and the peak RSS
-(``PEAK_RSS_BYTES``). ``python -m benchmarks.bench_snapshot`` alone prints the figure.
+checks a running CRC) and prints ``INSTALLED <seconds> <installs>``, ``CRC ok``,
+``SAME_LEADER True`` (no election during the stream) and the peak RSS
+(``PEAK_RSS_BYTES``). ``python -m benchmarks.bench_snapshot [--quick]`` alone prints the
+figure.
 """
 
 from __future__ import annotations
@@ -183,9 +185,13 @@ async def install_once(root: Path, size: int, *, chunk: int = 1 << 20,
         assert leader.log.first_seq > 1, "the leader's log was not compacted"
         assert meta.size == size
         blocked.clear()
+        term = leader.term
         await nursery.start(run_node, 3)
         with trio.fail_after(max(60.0, size / 5e6)):
             await installed.wait()
+        # heartbeats went on beside the stream: nobody started an election
+        out["same_leader"] = (leader.state == "leader" and leader.term == term
+                              and all(n.leader == leader.node_id for n in nodes.values()))
         out["seconds"] = installed_at[0] - first_chunk[0]
         out["installed"] = nodes[3].snapshots_installed
         sm3 = sms[3]
@@ -283,6 +289,7 @@ def _memory_main(mib: int) -> None:
         got = trio.run(install_once, Path(tmp), mib << 20)
     print(f"INSTALLED {got['seconds']:.3f} {got['installed']}", flush=True)
     print("CRC ok" if got["crc_ok"] else f"CRC BAD {got['restored']}", flush=True)
+    print(f"SAME_LEADER {got['same_leader']}", flush=True)
     print_peak_rss()
 
 

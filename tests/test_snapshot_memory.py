@@ -3,7 +3,8 @@ whose snapshot is generated data (1 MiB pieces, never held whole), leader -> its
 file -> InstallSnapshot chunks over TCP + mutual TLS -> the follower's partial file -> a
 restore that reads the stream in 1 MiB pieces and checks a running CRC. Runs in a child
 process (``benchmarks.bench_snapshot memory``) whose peak RSS (VmHWM) must stay under
-200 MB: 128 MiB by default, the full 1 GiB with ``-m slow``."""
+200 MB: 128 MiB by default, the full 1 GiB with ``-m slow``. The leader must stay leader in
+its term meanwhile (heartbeats are not starved by the stream)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def _stream(mib: int) -> tuple[int, str]:
     m = re.search(r"^INSTALLED (\S+) (\d+)$", out, re.M)
     assert m and m.group(2) == "1", out  # installed exactly once, by InstallSnapshot
     assert re.search(r"^CRC ok$", out, re.M), out  # every byte restored, in order
+    # heartbeats flowed beside the stream: the leader and its term never changed
+    assert re.search(r"^SAME_LEADER True$", out, re.M), out
     return rss, out
 
 
