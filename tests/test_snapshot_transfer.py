@@ -89,9 +89,14 @@ class Tap:
         self.cut: set[tuple[Any, Any]] = set()
         self.received: dict[Any, list[tuple[int, int, bool]]] = defaultdict(list)
         """node -> (offset, length, chunk CRC good) of every InstallSnapshot piece it got."""
+        self.sent: dict[Any, list[tuple[int, int]]] = defaultdict(list)
+        """node -> (offset, length) of every InstallSnapshot piece a node sent it (handed
+        to its transport, before any filter)."""
 
     def sender(self, me: Any, send: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         def tapped(to: Any, msg: Any) -> None:
+            if isinstance(msg, InstallSnapshot) and msg.data:
+                self.sent[to].append((msg.offset, len(msg.data)))
             if (me, to) in self.cut:
                 return
             for f in list(self.filters):
@@ -335,19 +340,30 @@ async def cut_at_half(c: TlsCluster, leader: RaftNode, f: int, meta: Any) -> Gat
     return gate
 
 
-def check_resumed(c: TlsCluster, f: int, meta: Any, before: int, boundary: int) -> int:
-    """The follower got the whole snapshot, the part after the cut started at its offset;
-    returns the bytes it received twice."""
+def mark(c: TlsCluster, f: int) -> tuple[int, int]:
+    """Where the counts of snapshot pieces received by and sent to ``f`` stand now."""
+    return len(c.tap.received[f]), len(c.tap.sent[f])
+
+
+def check_resumed(c: TlsCluster, f: int, meta: Any, at: tuple[int, int],
+                  boundary: int) -> int:
+    """The follower got the whole snapshot, the part after the cut (``at``, a ``mark``)
+    started at its offset; less than 2 chunks were received twice, and the nodes sent it
+    less than 2 chunks more than the part it was missing. Returns the bytes received twice."""
     got = c.tap.got_bytes(f)
     resent = got - meta.size
-    after = c.tap.received[f][before:]
+    sent_after = sum(n for _, n in c.tap.sent[f][at[1]:])
+    after = c.tap.received[f][at[0]:]
     assert after, "nothing was sent after the interruption"
     assert min(o for o, _, _ in after) >= boundary - CHUNK, (
         f"the transfer went back to offset {min(o for o, _, _ in after)}, the follower held "
         f"{boundary}")
-    assert resent < 2 * CHUNK, f"{resent} bytes sent again (chunk {CHUNK})"
+    assert resent < 2 * CHUNK, f"{resent} bytes received again (chunk {CHUNK})"
+    assert sent_after - (meta.size - boundary) < 2 * CHUNK, (
+        f"{sent_after} bytes sent after the cut, {meta.size - boundary} were missing")
     print(f"snapshot {meta.size} bytes, cut at {boundary}, resumed at "
-          f"{min(o for o, _, _ in after)}, {resent} bytes sent again")
+          f"{min(o for o, _, _ in after)}, {resent} bytes received again, {sent_after} "
+          f"sent after the cut for {meta.size - boundary} missing")
     return resent
 
 
@@ -367,7 +383,7 @@ async def test_transfer_cut_by_dropped_connection_resumes_at_offset(tmp_path, ca
             leader, f, meta = await lagging_follower(c)
             gate = await cut_at_half(c, leader, f, meta)
             boundary = c.tap.held(f)
-            before = len(c.tap.received[f])
+            at = mark(c, f)
             # Drop the TCP connection between them (whatever was queued on it is lost).
             lt = c.ts[leader.node_id]
             connects = lt.stats(f).connects
@@ -380,7 +396,7 @@ async def test_transfer_cut_by_dropped_connection_resumes_at_offset(tmp_path, ca
             await finish_and_compare(c, f, leader.node_id)
             assert connects >= 1
             assert c.ts[f].stats(leader.node_id).connects >= 2  # it did connect anew
-            check_resumed(c, f, meta, before, boundary)
+            check_resumed(c, f, meta, at, boundary)
             nursery.cancel_scope.cancel()
 
 
@@ -393,12 +409,12 @@ async def test_transfer_cut_by_leader_crash_resumes_with_new_leader(tmp_path, ca
             assert c.latest(third).ident == meta.ident  # the new leader holds the same one
             await cut_at_half(c, leader, f, meta)
             boundary = c.tap.held(f)
-            before = len(c.tap.received[f])
+            at = mark(c, f)
             await c.crash(leader.node_id)
             new = await c.leader(among=[f, third], timeout=15)
             assert new.node_id == third
             await finish_and_compare(c, f, third)
-            check_resumed(c, f, meta, before, boundary)
+            check_resumed(c, f, meta, at, boundary)
             assert c.latest(f).ident == meta.ident
             nursery.cancel_scope.cancel()
 
@@ -417,12 +433,12 @@ async def test_transfer_cut_by_follower_crash_resumes_from_partial_file(tmp_path
             assert os.listdir(snapdir) == [part]  # the partial survived, nothing else there
             size = os.path.getsize(os.path.join(snapdir, part))
             assert boundary < size < boundary + 4096, (size, boundary)  # header + data held
-            before = len(c.tap.received[f])
+            at = mark(c, f)
             gate.closed = False
             c.tap.cut.clear()
             await c.start(f)
             await finish_and_compare(c, f, leader.node_id)
-            check_resumed(c, f, meta, before, boundary)
+            check_resumed(c, f, meta, at, boundary)
             assert part not in os.listdir(snapdir)  # completed: renamed into place
             nursery.cancel_scope.cancel()
 
@@ -511,7 +527,7 @@ async def test_transfer_survives_newer_snapshots_taken_meanwhile(tmp_path, ca) -
             leader, f, meta = await lagging_follower(c)
             gate = await cut_at_half(c, leader, f, meta)
             boundary = c.tap.held(f)
-            before = len(c.tap.received[f])
+            at = mark(c, f)
             others = [i for i in c.ids if i != f]
             await write_snapshotted(c, leader, others, ((250, 350, 299), (350, 450, 399)))
             gate.closed = False
@@ -519,7 +535,7 @@ async def test_transfer_survives_newer_snapshots_taken_meanwhile(tmp_path, ca) -
             await c.converge(timeout=15)
             assert len(c.sms[f].items) == 450
             print("installed", c.sms[f].restored, "resent", c.tap.got_bytes(f) - meta.size)
-            check_resumed(c, f, meta, before, boundary)
+            check_resumed(c, f, meta, at, boundary)
             nursery.cancel_scope.cancel()
 
 
