@@ -38,3 +38,14 @@ def test_128_mib_snapshot_streams_with_bounded_memory() -> None:
 def test_1_gib_snapshot_streams_with_peak_rss_under_200_mb() -> None:
     rss, out = _stream(1024)
     assert rss < LIMIT, f"peak RSS {rss / 1e6:.0f} MB streaming 1 GiB\n{out}"
+
+
+async def test_bench_snapshot_install_and_raw_copy_run(tmp_path) -> None:
+    """``raft.snapshot.install``'s pieces on 4 MiB: the install checks out, the raw TLS
+    copy of the same file runs, both are timed."""
+    from benchmarks.bench_snapshot import install_once
+
+    got = await install_once(tmp_path, 4 << 20, chunk=256 << 10, baseline=True)
+    assert got["installed"] == 1 and got["crc_ok"] and got["same_leader"], got
+    assert got["seconds"] > 0 and got["raw_seconds"] > 0
+    assert not (tmp_path / "raw-copy.bin").exists()
