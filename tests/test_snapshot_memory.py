@@ -31,7 +31,9 @@ def _stream(mib: int) -> tuple[int, str]:
 
 def test_128_mib_snapshot_streams_with_bounded_memory() -> None:
     rss, out = _stream(128)
-    assert rss < LIMIT, f"peak RSS {rss / 1e6:.0f} MB streaming 128 MiB\n{out}"
+    # Less than the snapshot itself (about 65 MB measured): one whole copy held anywhere
+    # (leader, transport, follower, restore) would add 134 MB and fail this.
+    assert rss < min(LIMIT, 128 << 20), f"peak RSS {rss / 1e6:.0f} MB streaming 128 MiB\n{out}"
 
 
 @pytest.mark.slow
