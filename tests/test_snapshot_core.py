@@ -346,3 +346,29 @@ def test_restart_from_snapshot_keeps_configuration_and_commit() -> None:
     for i in c.ids:
         c.run_until(lambda i=i: _caught_up(c, i, new))
     assert c.cores[leader].commit_seq >= 14
+
+
+def test_restart_with_the_configuration_entry_compacted_away() -> None:
+    # Found by the simulator: a restart from a snapshot whose configuration entry was
+    # compacted away asked the log for that entry's term.
+    from tinyraftplus.raft.core import RaftCore
+    from tinyraftplus.raft.membership import Config
+
+    c = SnapCluster([1, 2, 3])
+    leader = c.wait_leader()
+    _write(c, 3)
+    core = c.cores[leader]
+    core.propose_config(core.configuration.voters, frozenset())  # a configuration entry
+    c.stabilize()
+    cseq = core.config_seq
+    cterm = core.term_at(cseq)
+    _write(c, 10)
+    meta = c.take_snapshot(leader)
+    log = c.logs[leader]
+    assert log.first_seq > cseq >= 0 and c.hard[leader].configs is not None
+    base = SnapshotBase(meta.seq, meta.term, Config.decode(meta.config), cseq, cterm)
+    c.crash(leader)
+    again = RaftCore(leader, c.ids, log, c.hard[leader], config=c.config,
+                     snapshots=c.sources[leader], snapshot_base=base)
+    assert again.config_seq == cseq
+    assert again.configuration.voters == frozenset(c.ids)

@@ -26,6 +26,7 @@ from tinyraftplus.errors import (
     ClosedError,
     InvalidArgumentError,
     LogError,
+    LogFullError,
     SnapshotCorruptError,
     SnapshotError,
     SnapshotGoneError,
@@ -301,6 +302,29 @@ async def test_cancelled_finish_leaves_nothing_behind(tmp_path):
     assert cs.cancelled_caught
     assert s.latest() == m
     assert os.listdir(tmp_path / "x.snap") == [snap_file(tmp_path, m).name]
+
+
+@pytest.mark.parametrize("where", ["write", "fdatasync", "rename"])
+async def test_failing_syscalls_abandon_the_snapshot(tmp_path, monkeypatch, where):
+    import errno
+
+    s = opened(tmp_path)
+    m = await take(s, 1, 1, b"kept")
+
+    def fail(*a, **kw):
+        raise OSError(errno.ENOSPC if where == "write" else errno.EIO, where)
+
+    monkeypatch.setattr(fileops, {"write": "write_all", "rename": "replace"}.get(where, where),
+                        fail)
+    w = s.begin(2, 1, None)
+    w.write(b"x" * 100)
+    with pytest.raises(LogFullError if where == "write" else SnapshotError, match=where) as ei:
+        await w.finish()
+    assert "the snapshot is abandoned" in str(ei.value)
+    monkeypatch.undo()
+    assert s.latest() == m
+    assert os.listdir(tmp_path / "x.snap") == [snap_file(tmp_path, m).name]
+    assert await take(s, 3, 1, b"next") == s.latest()  # the store goes on
 
 
 # --- partials -----------------------------------------------------------------------------
@@ -588,7 +612,8 @@ async def check_state(files: dict[str, bytes], scratch: Path, kn: Knowledge,
     return bad
 
 
-async def explore(check=None, keep: int = 2) -> crashsim.Result:
+async def explore(check=None, keep: int = 2,
+                  budget: crashsim.Budget | None = None) -> crashsim.Result:
     check = check or check_state
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     root = Path(tempfile.mkdtemp(prefix="tpsnap-crash-", dir=base))
@@ -608,7 +633,7 @@ async def explore(check=None, keep: int = 2) -> crashsim.Result:
         model = crashsim.Model(str(work / "x.snap"))
         kn = Knowledge()
         rng = __import__("random").Random(5)
-        budget = crashsim.Budget()
+        budget = budget or crashsim.Budget()
         seen: set[bytes] = set()
         res = crashsim.Result()
         version = 0
@@ -641,6 +666,14 @@ async def test_every_crash_state_keeps_new_or_previous(keep):
     res = await explore(keep=keep)
     assert res.violations == [], res.violations
     assert res.crash_points > 35 and res.states > 300, (res.crash_points, res.states)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [1, 2, 3])
+async def test_every_crash_state_wider(keep):
+    res = await explore(keep=keep, budget=crashsim.Budget(full=8, sample=40, tears=6,
+                                                          combos=400))
+    assert res.violations == [], res.violations
 
 
 async def test_crash_states_catch_a_missing_fdatasync(monkeypatch):

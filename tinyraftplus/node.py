@@ -313,6 +313,12 @@ class RaftNode(MembershipAPI, NodeSnapshots):
             snapshot_chunk=snapshot_chunk,
         )
         self._snapshot_init(snapshot, restore, snapshot_entries, trailing_entries, snapshot_keep)
+        for name in ("compact", "reset", "first_seq") if snapshot is not None else ():
+            if not hasattr(log, name):
+                raise InvalidArgumentError(
+                    f"RaftNode(log={log!r}, snapshot=...): the log has no {name!r}, which "
+                    "snapshots need; pass an FsLog"
+                )
         self._rng = random.Random(seed)
         self._state_path = os.fspath(state_path) if state_path is not None else None
         self._initial_apply_seq = apply_seq
@@ -595,8 +601,10 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                 while self._apply_seq < self._commit_seq and not self._restoring:
                     self._apply_inline()
                     if self._snap_due():
+                        if self._snap_busy:
+                            break  # the write in progress wakes the driver when done
                         await self._snap_capture()
-            if self._snap_due() and not self._apply_busy:
+            if self._snap_due() and not self._apply_busy and not self._snap_busy:
                 await self._snap_capture()
 
     async def _ticker_task(self) -> None:
@@ -766,8 +774,11 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         """Feed committed entries to an ``async`` state machine, in order."""
         assert self._apply_fn is not None
         while True:
-            while self._apply_seq >= self._commit_seq or self._restoring or self._capturing:
-                if self._restoring or self._capturing:
+            while (self._apply_seq >= self._commit_seq or self._restoring or self._capturing
+                   or self._snap_due()):
+                if self._restoring or self._capturing or self._snap_due():
+                    # (a snapshot is due here: the driver captures it before the next batch)
+                    self._wake.set()
                     await trio.sleep(0.001)
                 else:
                     await self._commit_changed.wait()

@@ -15,11 +15,13 @@ The state machine protocol (both optional, each sync or ``async``):
 Policy. With ``snapshot_entries=N`` the node snapshots when its apply seq reaches a
 multiple of N (minus one: seqs N-1, 2N-1, ...): every replica of a deterministic state
 machine then writes byte-identical snapshots, so a transfer interrupted by a leader change
-resumes with the new leader. ``await node.snapshot()`` takes one now. Once a snapshot is
-durable the log is compacted through ``min(snapshot seq, apply seq - trailing_entries,
-the seq of a snapshot being sent to a follower)``; ``FsLog.compact`` drops whole segments,
-so up to one segment more stays. ``trailing_entries`` lets a slightly lagging follower catch
-up from the log instead of a snapshot.
+resumes with the new leader. If the previous snapshot is still being written when the next
+boundary is reached, applying waits there for it (which happens only when snapshots take
+longer to write than N entries take to apply). ``await node.snapshot()`` takes one now.
+Once a snapshot is durable the log is compacted through ``min(snapshot seq, apply seq -
+trailing_entries, the seq of a snapshot being sent to a follower)``; ``FsLog.compact``
+drops whole segments, so up to one segment more stays. ``trailing_entries`` lets a slightly
+lagging follower catch up from the log instead of a snapshot.
 
 Start. The newest snapshot whose CRC checks is restored (a damaged one is reported and the
 one before is tried), then the log after it is replayed; a log that does not hold the
@@ -36,15 +38,23 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
-from .errors import InvalidArgumentError, SnapshotCorruptError, SnapshotError, SnapshotGoneError
+from .errors import (
+    InvalidArgumentError,
+    MemberStateLostError,
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotGoneError,
+)
 from .raft.membership import Config
 from .raft.messages import SNAP_BEGIN, SNAP_OK, SNAP_REJECTED, InstallSnapshot
 from .raft.snapshot import SnapshotBase, crc32c
+from .raft.state import decode_hard_state, encode_hard_state
 from .snapshot import SnapshotMeta, SnapshotStore
 
 if TYPE_CHECKING:
@@ -107,6 +117,7 @@ class NodeSnapshots:
     _cache_bytes: int
     _apply_changed: trio.Event
     _running: bool
+    _state: Any
 
     # set up by _snapshot_init
     _snap_fn: Any
@@ -193,6 +204,18 @@ class NodeSnapshots:
         base = base_of(good)
         lg = self.log
         s = good.seq
+        raw = self._state.load()
+        hs = decode_hard_state(raw, self._state.path) if raw is not None else None
+        if hs is not None and hs.has_log and lg.seq < 0:
+            # Not a reset a crash interrupted (that is recorded first, below): the log was
+            # deleted with the node's state kept, and entries after the snapshot that this
+            # member acknowledged are gone with it.
+            raise MemberStateLostError(
+                f"node {self.node_id!r}: its log ({getattr(lg, 'path', lg)}) is empty, but its "
+                f"state ({self._state.path}) says it held entries: it lost its log and is not "
+                "the member it was. Delete the state file and the snapshots too and restart "
+                "the node without bootstrap; it then recovers from the other members"
+            )
         if lg.first_seq - 1 > s:
             raise SnapshotCorruptError(
                 f"node {self.node_id!r}: its log starts after seq {lg.first_seq - 1} but its "
@@ -208,6 +231,8 @@ class NodeSnapshots:
             await self._restore_state(good)
             self._apply_seq = self._initial_apply_seq = s
         if not (s <= lg.seq and lg.term_at(s) == good.term):
+            if hs is not None and hs.has_log:
+                await self._state.save(encode_hard_state(replace(hs, has_log=False)))
             await lg.reset(s, good.term)
         self._snap_last = s
         self._applied_term = good.term
@@ -236,7 +261,7 @@ class NodeSnapshots:
         """The seq at or after ``lo`` at which the next policy snapshot is due (the apply
         loop stops there), or None."""
         n = self._snap_every
-        if not n or self._snap_busy:
+        if not n or self._snap_store is None:
             return None
         return (lo // n + 1) * n - 1
 
@@ -247,7 +272,9 @@ class NodeSnapshots:
             return True
         n = self._snap_every
         a = self._apply_seq
-        return (bool(n) and not self._snap_busy and a > self._snap_tried and (a + 1) % n == 0
+        # (also while the previous snapshot is still being written: applying then waits
+        # at the boundary, so that every replica snapshots at every multiple)
+        return (bool(n) and a > self._snap_tried and (a + 1) % n == 0
                 and self._snap_store is not None)
 
     def _note_applied(self, ents: list[Any]) -> None:
@@ -331,6 +358,7 @@ class NodeSnapshots:
         self._snap_result = result
         self._snap_done.set()
         self._snap_done = trio.Event()
+        self._wake.set()  # applying may wait at the next boundary for this one
 
     async def _compact(self) -> None:
         core = self._core
@@ -455,6 +483,11 @@ class NodeSnapshots:
             lg = self.log
             s = meta.seq
             if not (lg.first_seq - 1 <= s <= lg.seq and lg.term_at(s) == meta.term):
+                # Say first that the log is about to hold nothing of ours: a crash inside
+                # the reset must not look like a log deleted by hand (``_snapshot_open``).
+                hs = core.hard_state
+                if hs.has_log:
+                    await self._state.save(encode_hard_state(replace(hs, has_log=False)))
                 await lg.reset(s, meta.term)
                 self._cache.clear()
                 self._cache_bytes = 0

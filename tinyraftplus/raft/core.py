@@ -141,7 +141,7 @@ class RaftConfig:
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
     snapshot_chunk: int = 1 << 20  # bytes of snapshot per InstallSnapshot
     snapshot_window: int = 4  # chunks sent ahead of the follower's acknowledgement
-    snapshot_timeout: int = 30  # heartbeat ticks without progress before a transfer reopens
+    snapshot_timeout: int = 10  # heartbeat ticks without progress before a transfer reopens
 
 
 KNOWN_BUGS = frozenset({
@@ -275,7 +275,7 @@ class RaftCore(MemberIdentity, Reconfiguration, SnapshotReplication):
         else:
             if snapshot_base is not None:
                 configs = base_stack(snapshot_base, configs, first)
-            configs = configs.matching(self._log.term_at, self._log.last_seq)
+            configs = configs.matching(self._log.term_at, self._log.last_seq, first)
             configs = configs.committed_through(min(commit_seq, self._log.last_seq))
         if hard_state.configs is None and snapshot_base is not None:
             configs = base_stack(snapshot_base, configs, first)

@@ -23,9 +23,10 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
 
 One transfer at a time per follower, started only for a follower heard from recently;
 replication to it waits, heartbeats go on. A transfer that makes no progress for
-``snapshot_timeout`` heartbeat ticks begins again (and resumes at the follower's offset); a
-follower no longer heard from is dropped until it is heard again. If the snapshot being
-sent is pruned from storage meanwhile, the leader starts over with the newest one.
+``snapshot_timeout`` heartbeat ticks (an unanswered opening: 3) begins again, and resumes at
+the follower's offset; a follower no longer heard from is dropped until it is heard again.
+If the snapshot being sent is pruned from storage meanwhile, the leader starts over with the
+newest one.
 
 Safety needs nothing new: a snapshot only ever holds applied, hence committed, entries, which
 every leader's log holds too; a follower whose commit seq already covers a snapshot answers
@@ -116,6 +117,7 @@ class SnapshotReplication:
     _snapshot_window: int
     _snapshot_timeout: int
     _recovery: Any
+    _has_log: bool
 
     # --- leader -------------------------------------------------------------------------
     def _send_snapshot(self, p: NodeId, pr: Progress) -> None:
@@ -233,8 +235,11 @@ class SnapshotReplication:
             pr.become_probe(pr.match + 1)
             return
         pr.snap_idle += 1
-        if pr.snap_idle >= self._snapshot_timeout:
-            self._snapshot_begin(p, pr)  # stalled: open again, it says where it is
+        # An unanswered opening is asked again soon (it carries no data); a stream that
+        # stalled after ``snapshot_timeout`` ticks (its answers were lost with a
+        # connection, or the follower restarted): open again, it says where it is.
+        if pr.snap_idle >= (3 if pr.snap_acked < 0 else self._snapshot_timeout):
+            self._snapshot_begin(p, pr)
 
     def snapshot_floor(self) -> int | None:
         """The lowest seq of a snapshot being sent to a follower: the driver must not
@@ -277,6 +282,8 @@ class SnapshotReplication:
         that sent it (answered ``SNAP_DONE``); ``ident``: the answer's (crc, size)."""
         log = self._log
         log.restored(base.seq)
+        if log.storage.seq == base.seq and self._has_log:
+            self._has_log = False  # (the driver persisted this before it reset the log)
         self._log.config_index = [x for x in log.config_index if x[0] > base.seq]
         self._use_configs(base_stack(base, self._configs, log.first_seq))
         self._hs_changed = True

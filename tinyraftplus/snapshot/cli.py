@@ -17,7 +17,7 @@ import sys
 from typing import TextIO
 
 from ..errors import SnapshotCorruptError, TinyRaftError
-from .store import check_data, parse_partial_name, read_header, scan
+from .store import CRC, PREAMBLE, check_data, parse_partial_name, read_header, scan
 
 
 def _config(raw: bytes | None) -> str:
@@ -85,16 +85,12 @@ def run(dir: str, name: str, verify: bool, out: TextIO | None = None,
 
 
 def _header_len(path: str) -> int:
+    """Bytes before the data of a (partial) snapshot file, from its preamble."""
     try:
         with open(path, "rb") as f:
-            return read_header_len(f.read(12))
+            pre = f.read(PREAMBLE.size)
     except OSError:
         return 0
-
-
-def read_header_len(pre: bytes) -> int:
-    from .store import CRC, PREAMBLE
-
     if len(pre) < PREAMBLE.size:
         return len(pre)
     return PREAMBLE.size + PREAMBLE.unpack(pre)[2] + CRC.size

@@ -744,33 +744,34 @@ class SnapshotWriter:
         fsync), then prune to ``keep``. Returns its meta."""
         if self._state != "open":
             raise ClosedError(f"snapshot writer {self.path} is {self._state}")
-        if self._buf:
-            self._pwrite(self._buf)
-            self._buf = bytearray()
         p = self._proto
         meta = SnapshotMeta(p.seq, p.term, self._size, self._crc, p.config, p.extra)
         head = encode_header(meta)
         assert len(head) == self._data_off
-        fd = self._fd
+        fd, tail, tail_off = self._fd, bytes(self._buf), self._data_off + self._written
         assert fd is not None
-        try:
-            fileops.write_all(fd, head, 0)
-        except OSError as e:
-            raise self._fail("writing the header", e) from e
         self._state = "finishing"
         self._fd = None
+        self._buf = bytearray()
         ran = False
 
-        def install() -> None:
+        def install() -> None:  # in a worker thread: the last piece, the header, then sync
             nonlocal ran
             ran = True
+            try:
+                if tail:
+                    fileops.write_all(fd, tail, tail_off)
+                fileops.write_all(fd, head, 0)
+            except BaseException:
+                os.close(fd)
+                raise
             self._store._install(self.path, meta, self._data_off, fd)
 
         try:
             await trio.to_thread.run_sync(install)
         except OSError as e:
             self._state = "open"
-            raise self._fail("fdatasync, rename or directory fsync", e) from e
+            raise self._fail("writing, fdatasync, rename or directory fsync", e) from e
         except BaseException:  # cancelled before the thread took the file: abandon it
             self._state = "open"
             if not ran:
