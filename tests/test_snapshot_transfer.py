@@ -284,8 +284,8 @@ async def write_snapshotted(c: TlsCluster, leader: RaftNode, nodes: list[int],
                                 (10, 150, 99), (150, 250, 199))) -> None:
     """Write payloads in steps (lo, hi, due): payload k lands at about seq k + 2, so each
     step ends past one snapshot boundary (99, 199, ...); wait for that snapshot on ``nodes``
-    before the next step: a boundary crossed while a snapshot is still being written is
-    skipped (SNAP_BUGS.md 1), which would leave replicas unaligned."""
+    before the next step (before 37b601e a boundary crossed while a snapshot was still
+    being written was skipped, SNAP_BUGS.md 1, which left replicas unaligned)."""
     for lo, hi, due in steps:
         await write(leader, lo, hi)
         await wait_for(lambda: all(
