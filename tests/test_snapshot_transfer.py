@@ -567,12 +567,12 @@ async def test_leader_with_a_damaged_snapshot_file_does_not_stream_it_forever(
             node = await c.start(f)
             node.on("warn", lambda ev: refused.append(ev.message)
                     if "failed its check" in ev.message else None)
-            with trio.move_on_after(8):
+            with trio.move_on_after(5):
                 while node.snapshots_installed == 0:
                     await trio.sleep(0.05)
             sent = c.tap.got_bytes(f) / meta.size
             assert node.snapshots_installed == 1, (
-                f"not caught up after 8 s: the damaged snapshot was sent {sent:.1f} times "
+                f"not caught up after 5 s: the damaged snapshot was sent {sent:.1f} times "
                 f"and refused {len(refused)} times")
             await c.converge(timeout=15)
             assert c.sms[f].items == c.sms[leader.node_id].items
