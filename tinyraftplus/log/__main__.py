@@ -9,8 +9,8 @@ judges by the rules ``open`` follows: ``tailcheck.py``; damage in a sealed segme
 ``open`` does not scan, is 1 because reading it would fail). A
 torn tail (what a crash mid-write leaves, and what the next open cuts back) is reported but
 is not damage; a whole last record that fails its check is a WARNING (open cuts it too, but
-it may have been acknowledged). ``dump`` prints seq, term, length and a payload preview for every record, then
-verifies like ``verify``.
+it may have been acknowledged). ``dump`` prints seq, term, length and a payload preview
+for every record, then verifies like ``verify``.
 """
 
 from __future__ import annotations
