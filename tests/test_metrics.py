@@ -10,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# The `test` extra installs it: a missing one fails here rather than skipping silently.
+import prometheus_client.parser as prom_parser
 import trio
 from test_multiprocess import free_ports
 
 from tinyraftplus import FsLog
 from tinyraftplus.kv.client import Client
 from tinyraftplus.kv.server import Server, ServerConfig
-
-prom_parser = pytest.importorskip("prometheus_client.parser")  # the `metrics` extra
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = dict(keepalive=0.1, idle_timeout=1.0, backoff_min=0.02, backoff_max=0.2)

@@ -322,3 +322,8 @@ async def test_idempotency_keys_survive_a_restart_from_snapshot(tmp_path, snapc)
         again = await node.append(b"keyed", key=("client-a", 7))
         assert again.result == first.result
         assert c.sms[1].items.count(b"keyed") == 1  # type: ignore[attr-defined]
+
+
+def test_snapshot_chunk_must_fit_a_frame(tmp_path) -> None:
+    with pytest.raises(InvalidArgumentError, match="snapshot_chunk"):
+        RaftNode(1, [1], lambda *a: None, FsLog(str(tmp_path), "x"), snapshot_chunk=64 << 20)

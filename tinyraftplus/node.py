@@ -289,6 +289,11 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         for name, iv in counts:
             if not (isinstance(iv, int) and iv >= 1):
                 raise InvalidArgumentError(f"RaftNode({name}={iv!r}): a positive int")
+        if snapshot_chunk > 8 << 20:
+            raise InvalidArgumentError(
+                f"RaftNode(snapshot_chunk={snapshot_chunk}): at most 8 MiB, so that a chunk "
+                "fits the transports' frames (16 MiB by default) with room to spare"
+            )
         if priority is not None:
             priorities = {**(priorities or {}), node_id: priority}
 

@@ -3,11 +3,15 @@
 
 ``verify`` scans every segment completely (headers, every record's CRC, seq continuity
 across segments) without taking the log's lock or changing anything, and exits 0 if the log
-is sound, 1 if it is damaged (naming the file and byte offset), 2 on usage errors. A torn
-tail (what a crash mid-write leaves, and what the next open cuts back) is reported but is
-not damage. ``dump`` prints seq, term, length and a payload preview for every record, then
-verifies like ``verify``. ``snapshots DIR NAME [--verify]`` lists the log's snapshots
-(``tinyraftplus.snapshot.cli``).
+is sound, 1 if it is damaged (naming the file and byte offset), 2 on usage errors: 0
+means ``open`` opens it and every record it keeps reads back (what it finds at the end, it
+judges by the rules ``open`` follows: ``tailcheck.py``; damage in a sealed segment, which
+``open`` does not scan, is 1 because reading it would fail). A
+torn tail (what a crash mid-write leaves, and what the next open cuts back) is reported but
+is not damage; a whole last record that fails its check is a WARNING (open cuts it too, but
+it may have been acknowledged). ``dump`` prints seq, term, length and a payload preview
+for every record, then verifies like ``verify``.
+``snapshots DIR NAME [--verify]`` lists the log's snapshots (``tinyraftplus.snapshot.cli``).
 """
 
 from __future__ import annotations

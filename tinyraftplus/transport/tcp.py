@@ -894,6 +894,11 @@ class TcpTransport:
                 logger.info("node %r: node %r is back (%d messages dropped while it was "
                             "away)", self.node_id, peer.id,
                             peer.stats.dropped - peer.dropped_at_down)
+            if peer.down_reported:
+                # Drops while it was away were reported (reminders, "is back"); the queue
+                # still full from then is no news of a slow peer for a moment.
+                peer.dropped_since_warn = 0
+                peer.last_drop_warn = time.monotonic()
             peer.down_reported = False
             expires = math.inf
             if isinstance(conn.stream, trio.SSLStream):
