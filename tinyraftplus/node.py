@@ -71,6 +71,7 @@ log = logging.getLogger("tinyraftplus")
 # Memory that grows with payload size is bounded in bytes, not only in counts.
 _RESULT_MEMORY = 1 << 14  # applied results kept for forwarded appends whose answer is late...
 _RESULT_MEMORY_BYTES = 16 << 20  # ... and at most about this many bytes of them
+_APPLY_SLICE = 0.02  # seconds of inline applying before the driver lets other tasks run
 _CACHE_MAX_BYTES = 64 << 20  # persisted-but-unapplied entries kept in memory for the applier
 _SEND_QUEUE_BYTES = 64 << 20  # payload queued per peer for an async send
 _PROPOSALS_REMEMBERED = 1 << 12  # forwarded appends answered, to drop duplicated Proposes
@@ -623,6 +624,12 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                         if self._snap_busy:
                             break  # the write in progress wakes the driver when done
                         await self._snap_capture()
+                    elif self._apply_seq < self._commit_seq:
+                        # More to apply: first let the other tasks (transport, clients) run,
+                        # then go round once (messages, ticks), and on.
+                        self._wake.set()
+                        await trio.lowlevel.checkpoint()
+                        break
             if self._snap_due() and not self._apply_busy and not self._snap_busy:
                 await self._snap_capture()
 
@@ -815,9 +822,13 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                 self._wake.set()  # the driver captures it (between two batches)
 
     def _apply_inline(self) -> None:
-        """Feed committed entries to a sync state machine (or none), in order."""
+        """Feed committed entries to a sync state machine (or none), in order, for at most
+        about ``_APPLY_SLICE`` seconds: a long replay (a restart, a follower catching up)
+        then lets the driver answer its peers and clients between slices."""
         fn = self._apply_fn
-        while self._apply_seq < self._commit_seq and not self._snap_due():
+        until = time.perf_counter() + _APPLY_SLICE
+        while (self._apply_seq < self._commit_seq and not self._snap_due()
+               and time.perf_counter() < until):
             ents, bufs, lo = self._next_chunk()
             results: Any = None
             if fn is not None:

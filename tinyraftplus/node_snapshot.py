@@ -567,7 +567,14 @@ class NodeSnapshots:
             if meta.seq > self._apply_seq:
                 self._restoring = True
                 await self._wait_apply_idle()
-                await self._restore_state(meta)
+                try:
+                    await self._restore_state(meta)
+                except Exception as e:
+                    # The state machine cannot take the cluster's state: the node cannot
+                    # go on applying (as when ``apply`` raises), so it stops, and says why.
+                    self.events.emit("error", message=f"restore(snapshot {meta.seq}) raised "
+                                     f"{e!r}; the node stops", exc=e)
+                    raise
                 self._keys_load(meta)
             self._install_ready = (frm, meta)
             self._wake.set()
