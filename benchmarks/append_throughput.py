@@ -41,6 +41,9 @@ SECTIONS = [
     "benchmarks.bench_log",
     "benchmarks.bench_raft",
     "benchmarks.bench_tcp",
+    "benchmarks.bench_snapshot_writes",
+    "benchmarks.bench_restart",
+    "benchmarks.bench_snapshot",
     "benchmarks.bench_peer",  # last: it compares against figures measured above
 ]
 

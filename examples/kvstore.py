@@ -10,15 +10,20 @@ is ``tinyraftplus.kv.KVStore``; the nodes' logs go to files beside their data.
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import trio
+try:
+    import trio
 
-from tinyraftplus.kv.client import Client
+    from tinyraftplus.kv.client import Client
+except KeyboardInterrupt:  # Ctrl-C while Python still loads: nothing started yet
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
 
 READY = re.compile(r"ready id=(\d+) peer=\S+ client=(\S+)")
 
@@ -38,12 +43,21 @@ def start_cluster(data: str, procs: dict[int, subprocess.Popen]) -> list[str]:
     stopped on every way out, Ctrl-C included); their logs go to DATA/nodeN.log."""
     peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in zip((1, 2, 3), free_ports(3), strict=True))
     addrs = []
-    for i in (1, 2, 3):
-        with open(f"{data}/node{i}.log", "w") as log:
-            procs[i] = subprocess.Popen(
-                [sys.executable, "-m", "tinyraftplus.kv", "--id", str(i), "--peers", peers,
-                 "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext"],
-                stdout=subprocess.PIPE, stderr=log, text=True)
+    # A Ctrl-C inside Popen could leave a process started but not yet in `procs`: hold it
+    # until all three are recorded (a few milliseconds), then act on it.
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        for i in (1, 2, 3):
+            with open(f"{data}/node{i}.log", "w") as log:
+                procs[i] = subprocess.Popen(
+                    [sys.executable, "-m", "tinyraftplus.kv", "--id", str(i), "--peers", peers,
+                     "--client-port", "0", "--data", f"{data}/node{i}", "--plaintext"],
+                    stdout=subprocess.PIPE, stderr=log, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
     for i in (1, 2, 3):
         line = procs[i].stdout.readline()  # the server's one line: "... ready ..."
         m = READY.search(line)

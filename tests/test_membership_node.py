@@ -61,8 +61,18 @@ class Nodes:
             {i: self.nodes[i].status().as_dict() for i in ids if self.nodes[i].running}))
 
 
-async def _writer(c: Nodes, acked: list[int], stop: trio.Event) -> None:
-    """Appends through whichever node leads, retrying through elections, until ``stop``."""
+async def _writer(c: Nodes, acked: list[int], stop: trio.Event,
+                  done: trio.Event | None = None) -> None:
+    """Appends through whichever node leads, retrying through elections, until ``stop``;
+    sets ``done`` once it no longer touches any node."""
+    try:
+        await _write_until(c, acked, stop)
+    finally:
+        if done is not None:
+            done.set()
+
+
+async def _write_until(c: Nodes, acked: list[int], stop: trio.Event) -> None:
     k = 0
     while not stop.is_set():
         k += 1
@@ -89,7 +99,8 @@ async def test_grow_5_to_7_and_shrink_back_while_writing(tmp_path):
             for i in five:
                 await c.start(i, five, bootstrap=True)
             stop = trio.Event()
-            nursery.start_soon(_writer, c, acked, stop)
+            done = trio.Event()
+            nursery.start_soon(_writer, c, acked, stop, done)
             await trio.sleep(0.3)
             for i in (6, 7):
                 await c.start(i, five, join=True)
@@ -107,6 +118,8 @@ async def test_grow_5_to_7_and_shrink_back_while_writing(tmp_path):
             assert cfg.voters == frozenset({1, 2, 3, 6, 7})
             await trio.sleep(0.3)
             stop.set()
+            with trio.fail_after(30):
+                await done.wait()  # (an append in flight finishes before nodes stop)
             members = [1, 2, 3, 6, 7]
             await c.converge(members)
             assert len(acked) > 20

@@ -159,7 +159,7 @@ async def test_grow_3_to_5_and_back_with_the_admin_tool_sigkill_mid_change(tmp_p
                 assert leaders[0]["voters"] == [3, 4, 5] and leaders[0]["learners"] == []
                 assert set(leaders[0]["followers"]) == {3, 4, 5} - {leaders[0]["id"]}
                 for f in leaders[0]["followers"].values():
-                    assert set(f) == {"match", "next", "state", "inflight"}
+                    assert set(f) == {"match", "next", "state", "inflight", "last_heard"}
                 await cl.wait_caught_up(c)
             await check_all_nodes(cl, [w])
             print(f"{len(w.acked)} acknowledged writes, {w.failed} failed; "

@@ -141,3 +141,38 @@ async def test_term_keeps_its_value_after_stop(tmp_path):
         assert again.term > term  # a new election
         later = again.term
     assert again.term == later
+
+
+async def test_a_long_replay_does_not_block_the_event_loop(tmp_path):
+    """A restarted node replays its log through a sync ``apply`` in slices: other tasks
+    (the transport, clients' status requests) run between them."""
+    import time as _time
+
+    from tinyraftplus import FsLog, RaftNode
+
+    async def fill() -> None:
+        node = RaftNode(1, [1], lambda *a: None, FsLog(str(tmp_path), "r"), bootstrap=True,
+                        election_timeout=0.3, ping_timeout=0.05)
+        async with node:
+            await node.wait_leader()
+            for _ in range(30):
+                await node.append_batch([b"x"] * 100)
+
+    await fill()
+
+    def slow_apply(bufs, seq):
+        _time.sleep(0.0005 * len(bufs))  # about 1.5 s for the whole log
+        return None
+
+    node = RaftNode(1, [1], lambda *a: None, FsLog(str(tmp_path), "r"), apply=slow_apply,
+                    apply_max=16, election_timeout=0.3, ping_timeout=0.05)
+    gaps: list[float] = []
+    async with node:
+        last = _time.perf_counter()
+        while node.apply_seq < 3000:
+            await trio.sleep(0.005)
+            now = _time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    assert len(gaps) > 10
+    assert max(gaps) < 0.25, f"the event loop was blocked for {max(gaps):.2f} s"

@@ -29,7 +29,7 @@ def test_wheel_tag_and_license_are_declared():
     assert project["requires-python"] == ">=3.10"
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "the tinyraftplus authors" in text
-    assert {"test", "dev", "bench"} <= set(project["optional-dependencies"])
+    assert {"test", "dev", "bench", "metrics"} <= set(project["optional-dependencies"])
 
 
 def test_ci_runs_ruff_and_mypy_and_fails_with_them():

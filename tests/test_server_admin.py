@@ -70,7 +70,7 @@ async def test_status_admin_on_the_leader_and_policy(tmp_path, ca, nursery):
                     assert k in s
             assert set(st[lead]["followers"]) == {1, 2, 3} - {lead}
             assert set(next(iter(st[lead]["followers"].values()))) == {
-                "match", "next", "state", "inflight"}
+                "match", "next", "state", "inflight", "last_heard"}
             # This client's certificate (client.tinyraftplus) may not administer.
             with pytest.raises(ForbiddenError, match="admin"):
                 await c.promote(2)

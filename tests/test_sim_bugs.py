@@ -56,6 +56,14 @@ CASES = [
     ("trust_wiped", SimConfig(), 60, {"acknowledged write durability", "leader completeness",
                                       "state machine safety", "election safety",
                                       "log matching", "linearizability", "liveness"}),
+    # Snapshots (sim/snapshots.py): the log compacted without bounding it by the snapshot's
+    # seq (a restart finds entries missing between the snapshot and the log, or a quorum
+    # lost an acknowledged write); a snapshot restored without checking its CRCs (a file
+    # damaged at rest, a partial damaged by a crash, a chunk damaged in flight).
+    ("compact_past_snapshot", SimConfig(snapshot_entries=5), 40,
+     {"snapshot restart", "acknowledged write durability", "liveness"}),
+    ("restore_unchecked", SimConfig(snapshot_entries=5), 40,
+     {"snapshot agreement", "linearizability", "exception"}),
 ]
 
 
@@ -73,6 +81,18 @@ def test_deliberate_bug_is_caught_within_bounded_seeds(bug, config, bound, expec
     out = subprocess.run([sys.executable, "-m", "tinyraftplus.sim", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and first.short in out.stdout, out.stdout[-2000:]
+
+
+def test_restore_unchecked_is_caught_through_install_snapshot_alone():
+    """No damage at rest, no torn writes: only chunks damaged in flight, which a driver
+    that skips the chunk and snapshot CRCs installs."""
+    cfg = SimConfig(snapshot_entries=5, bugs=frozenset({"restore_unchecked"}),
+                    overrides=(("snap_rot", 0.0), ("snap_corrupt", 0.05), ("torn", False)))
+    s = run_seeds(range(120), cfg, jobs=2, stop_after=1)  # (found at seed 21 today)
+    assert s.violations >= 1, s.text(cfg)
+    first = min(s.failures, key=lambda o: o.seed)
+    print(f"\nrestore_unchecked (in flight): caught at seed {first.seed} {first.short}")
+    assert first.invariant == "snapshot agreement" and "(received)" in first.short
 
 
 def test_the_churn_hunt_without_bugs_finds_nothing():

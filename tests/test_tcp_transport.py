@@ -353,7 +353,7 @@ async def test_dead_peer_never_blocks_send_and_drops_oldest(ca):
                 assert trio.current_time() - before < 0.5  # never waited on the network
                 st = t1.stats(2)
                 assert st.dropped == 990 and st.queued == 10
-                # The warning names the peer and is rate limited (one per second per peer).
+                # The warning names the peer and is rate limited (one a minute per peer).
                 drops = warns.matching("send queue to node 2 is full")
                 assert len(drops) == 1
                 big = append_entries(64, 1000)
@@ -638,11 +638,16 @@ async def test_a_failing_peer_is_reported_per_new_reason_and_on_recovery(caplog)
     s.close()
     with trio.fail_after(20):
         async with AsyncExitStack() as stack:
-            await start(stack, 1, {2: ("127.0.0.1", port)}, plaintext=True, warn=warns)
+            t0 = trio.current_time()
+            await start(stack, 1, {2: ("127.0.0.1", port)}, plaintext=True, warn=warns,
+                        startup_grace=0.5)
             await warns.wait_for("cannot connect")
+            # Not before the start-up grace: a peer not started yet is expected at first.
+            assert trio.current_time() - t0 >= 0.5
             await trio.sleep(0.5)  # many more refused dials: the same reason, not news
             refused = warns.matching("cannot connect")
             assert len(refused) == 1
+            assert "attempts since start" in str(refused[0])
             assert "ConnectionRefusedError" in str(refused[0])
             assert "ExceptionGroup" not in str(refused[0])
 

@@ -553,7 +553,7 @@ def test_bad_propose_items(items, why):
         (msgpack.packb([str(V), 5, 2, 0]), "version"),
         (msgpack.packb([[V], 5, 2, 0]), "version"),
         (msgpack.packb([V, 99, 2, 0]), "unknown message tag"),
-        (msgpack.packb([V, 12, 2, 0]), "unknown message tag"),  # first tag after Recover*
+        (msgpack.packb([V, 14, 2, 0]), "unknown message tag"),  # first tag after the snapshots
         (msgpack.packb([V, 0, 2, 0]), "unknown message tag"),
         (msgpack.packb([V, True, 2, 0]), "unknown message tag"),  # True == 1 in Python
         (msgpack.packb([V, 10.0, 2, 0]), "unknown message tag"),  # 10.0 == 10 in Python

@@ -76,6 +76,25 @@ class LogFailedError(LogError):
     """
 
 
+class SnapshotError(LogError):
+    """A snapshot could not be written, read or received (``tinyraftplus.snapshot``)."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A snapshot file's header or data does not match its CRC32C, size or name: names the
+    file and what is wrong. A damaged snapshot is never restored; take or fetch another."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class SnapshotGoneError(SnapshotError):
+    """The snapshot asked for is no longer stored (pruned by a newer one, replaced, or a
+    partial transfer discarded): fetch the store's ``latest()`` and start over from it."""
+
+
 # --- consensus -----------------------------------------------------------------------------
 
 
@@ -145,6 +164,9 @@ __all__ = [
     "LogCorruptError",
     "LogFullError",
     "LogFailedError",
+    "SnapshotError",
+    "SnapshotCorruptError",
+    "SnapshotGoneError",
     "RaftError",
     "NotLeaderError",
     "NoLeaderError",

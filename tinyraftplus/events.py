@@ -21,8 +21,8 @@ from .errors import InvalidArgumentError
 
 log = logging.getLogger("tinyraftplus")
 
-EventKind = Literal["change", "commit", "apply", "warn", "error", "config"]
-EVENT_KINDS: tuple[str, ...] = ("change", "commit", "apply", "warn", "error", "config")
+EventKind = Literal["change", "commit", "apply", "warn", "error", "config", "snapshot"]
+EVENT_KINDS: tuple[str, ...] = ("change", "commit", "apply", "warn", "error", "config", "snapshot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,8 @@ class NodeEvent:
     dropped: int = 0
     config: Any = None
     description: str | None = None
+    size: int | None = None  # snapshot: bytes of state-machine data
+    installed: bool | None = None  # snapshot: received from a leader (else taken here)
 
 
 class Subscription:

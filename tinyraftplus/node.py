@@ -52,7 +52,13 @@ from .errors import (
     UsageError,
 )
 from .events import EventHub, Listener, NodeEvent, Subscription
+from .idempotency import MAGIC as KEY_MAGIC
+from .idempotency import KeyTable
+from .idempotency import result_of as key_result
+from .idempotency import unwrap as unwrap_key
+from .idempotency import wrap as wrap_key
 from .node_membership import MembershipAPI
+from .node_snapshot import NodeSnapshots
 from .raft import messages as m
 from .raft.core import Quorum, RaftConfig, RaftCore, Ready, Role
 from .raft.messages import NodeId
@@ -65,6 +71,7 @@ log = logging.getLogger("tinyraftplus")
 # Memory that grows with payload size is bounded in bytes, not only in counts.
 _RESULT_MEMORY = 1 << 14  # applied results kept for forwarded appends whose answer is late...
 _RESULT_MEMORY_BYTES = 16 << 20  # ... and at most about this many bytes of them
+_APPLY_SLICE = 0.02  # seconds of inline applying before the driver lets other tasks run
 _CACHE_MAX_BYTES = 64 << 20  # persisted-but-unapplied entries kept in memory for the applier
 _SEND_QUEUE_BYTES = 64 << 20  # payload queued per peer for an async send
 _PROPOSALS_REMEMBERED = 1 << 12  # forwarded appends answered, to drop duplicated Proposes
@@ -167,7 +174,7 @@ def _is_async_callable(fn: Any) -> bool:
     )
 
 
-class RaftNode(MembershipAPI):
+class RaftNode(MembershipAPI, NodeSnapshots):
     """One member of a Raft cluster.
 
     ``node_id`` must be in ``nodes``. ``send(to, msg)`` delivers a message to a peer; it may
@@ -191,6 +198,11 @@ class RaftNode(MembershipAPI):
         size; group (node id -> group name) and group_fn (``fn(frozenset(ids)) -> bool``):
         replication groups; priority: this node's leader priority (or priorities: id -> int for
         every node); pre_vote (True), check_quorum (True); seed: for the election-timeout rng.
+        Snapshots (``tinyraftplus.node_snapshot``): snapshot and restore: the state machine's
+        ``snapshot()`` and ``restore(meta, stream)``; snapshot_entries (10000 with them, else
+        0 = never): snapshot when the apply seq reaches a multiple of it; trailing_entries
+        (5000): entries kept behind a snapshot; snapshot_keep (2): snapshots kept;
+        snapshot_chunk (1 MiB): bytes per InstallSnapshot message.
 
     Starting without durable state (a new node, or one that lost its disk): by default the
     node *recovers* (``tinyraftplus.raft.recovery``): it asks every other member for its term
@@ -234,6 +246,12 @@ class RaftNode(MembershipAPI):
         send_queue_max: int = 1 << 12,
         bootstrap: bool = False,
         join: bool = False,
+        snapshot: Callable[[], Any] | None = None,
+        restore: Callable[[Any, Any], Any] | None = None,
+        snapshot_entries: int | None = None,
+        trailing_entries: int = 5000,
+        snapshot_keep: int = 2,
+        snapshot_chunk: int = 1 << 20,
     ) -> None:
         nodes = list(nodes)
         if len(set(nodes)) != len(nodes):
@@ -267,10 +285,16 @@ class RaftNode(MembershipAPI):
                 f"RaftNode(ping_timeout={ping_timeout}, election_timeout={election_timeout}): "
                 "heartbeats must come more often than elections time out"
             )
-        counts = (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight))
+        counts = (("rpc_max", rpc_max), ("apply_max", apply_max), ("max_inflight", max_inflight),
+                  ("snapshot_chunk", snapshot_chunk))
         for name, iv in counts:
             if not (isinstance(iv, int) and iv >= 1):
                 raise InvalidArgumentError(f"RaftNode({name}={iv!r}): a positive int")
+        if snapshot_chunk > 8 << 20:
+            raise InvalidArgumentError(
+                f"RaftNode(snapshot_chunk={snapshot_chunk}): at most 8 MiB, so that a chunk "
+                "fits the transports' frames (16 MiB by default) with room to spare"
+            )
         if priority is not None:
             priorities = {**(priorities or {}), node_id: priority}
 
@@ -283,6 +307,9 @@ class RaftNode(MembershipAPI):
         # A sync apply runs inline in the driver (it would hold the one thread anyway); only
         # an async one gets a task of its own, so that its awaits do not stall replication.
         self._apply_async = apply is not None and _is_async_callable(apply)
+        self.keys = KeyTable()  # append keys applied (idempotency.py): snapshot it with the SM
+        if apply is not None:
+            self._apply_fn = self.keys.wrap_apply(apply, self._apply_async)
         self._read_fn = read
         self._apply_max = apply_max
         self.append_timeout = float(append_timeout)
@@ -297,7 +324,15 @@ class RaftNode(MembershipAPI):
             pre_vote=pre_vote,
             check_quorum=check_quorum,
             priorities=priorities,
+            snapshot_chunk=snapshot_chunk,
         )
+        self._snapshot_init(snapshot, restore, snapshot_entries, trailing_entries, snapshot_keep)
+        for name in ("compact", "reset", "first_seq") if snapshot is not None else ():
+            if not hasattr(log, name):
+                raise InvalidArgumentError(
+                    f"RaftNode(log={log!r}, snapshot=...): the log has no {name!r}, which "
+                    "snapshots need; pass an FsLog"
+                )
         self._rng = random.Random(seed)
         self._state_path = os.fspath(state_path) if state_path is not None else None
         self._initial_apply_seq = apply_seq
@@ -349,6 +384,11 @@ class RaftNode(MembershipAPI):
         self._nursery: trio.Nursery | None = None
         self._opened_log = False
         self.dropped_messages = 0
+        self._apply_busy = False
+        self._snapshot_reset()
+        self.append_observer: Callable[[float], None] | None = None
+        """For metrics: called with the seconds each successful append took."""
+        self._heard: dict[Any, float] = {}  # peer -> when a message from it was last handled
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> RaftNode:
@@ -419,6 +459,7 @@ class RaftNode(MembershipAPI):
                         await self.log.close()
                     except Exception:
                         log.exception("tinyraftplus: node %r could not close its log", self.node_id)
+            self._snapshot_close()
             self._core = None
             self._running = False
             self._stopped.set()
@@ -431,6 +472,7 @@ class RaftNode(MembershipAPI):
 
         path = self._state_path or self._default_state_path()
         self._state = StateFile(path)
+        base = await self._snapshot_open()
         hs = await self._load_hard_state(path)
         # A durable state machine may be ahead of nothing we know; commit starts where it is.
         commit = min(self._apply_seq, self.log.seq)
@@ -446,6 +488,8 @@ class RaftNode(MembershipAPI):
             now=trio.current_time(),
             commit_seq=commit,
             join=self._join,
+            snapshots=self._snapshot_source(),
+            snapshot_base=base,
         )
         self._config_seq_seen = self._core.config_seq
 
@@ -549,13 +593,15 @@ class RaftNode(MembershipAPI):
         assert core is not None
         while True:
             await self._wake.wait()
-            core.tick(trio.current_time())
+            now = trio.current_time()
+            core.tick(now)
             if self._campaign_requested:
                 self._campaign_requested = False
                 core.campaign()
             inbox = self._inbox
             while inbox:
                 frm, msg = inbox.popleft()
+                self._heard[frm] = now
                 self._dispatch(core, frm, msg)
             if self._proposals:
                 self._propose_pending(core)
@@ -567,8 +613,25 @@ class RaftNode(MembershipAPI):
                     core.read_index(rid)
             while core.has_ready():
                 await self._handle_ready(core, core.ready())
-            if not self._apply_async and self._apply_seq < self._commit_seq:
-                self._apply_inline()
+            if self._install_ready is not None:
+                await self._snap_install(core)
+                while core.has_ready():
+                    await self._handle_ready(core, core.ready())
+            if not self._apply_async:
+                while self._apply_seq < self._commit_seq and not self._restoring:
+                    self._apply_inline()
+                    if self._snap_due():
+                        if self._snap_busy:
+                            break  # the write in progress wakes the driver when done
+                        await self._snap_capture()
+                    elif self._apply_seq < self._commit_seq:
+                        # More to apply: first let the other tasks (transport, clients) run,
+                        # then go round once (messages, ticks), and on.
+                        self._wake.set()
+                        await trio.lowlevel.checkpoint()
+                        break
+            if self._snap_due() and not self._apply_busy and not self._snap_busy:
+                await self._snap_capture()
 
     async def _ticker_task(self) -> None:
         """Wake the driver when the core has timed work (elections, heartbeats). It wakes
@@ -653,6 +716,8 @@ class RaftNode(MembershipAPI):
         core.advance(rd)
         for to, msg in rd.messages_after_persist:
             self._send(to, msg)
+        for frm, piece in rd.snapshot_in:
+            self._snap_piece(core, frm, piece)
         for warning in rd.warnings:
             self._warn(warning)
         if core.config_seq != self._config_seq_seen:
@@ -735,20 +800,35 @@ class RaftNode(MembershipAPI):
         """Feed committed entries to an ``async`` state machine, in order."""
         assert self._apply_fn is not None
         while True:
-            while self._apply_seq >= self._commit_seq:
-                await self._commit_changed.wait()
+            while (self._apply_seq >= self._commit_seq or self._restoring or self._capturing
+                   or self._snap_due()):
+                if self._restoring or self._capturing or self._snap_due():
+                    # (a snapshot is due here: the driver captures it before the next batch)
+                    self._wake.set()
+                    await trio.sleep(0.001)
+                else:
+                    await self._commit_changed.wait()
             ents, bufs, lo = self._next_chunk()
+            self._apply_busy = True
             try:
                 results = await self._apply_fn(bufs, lo)
             except Exception as e:
                 self._apply_failed(lo, e)
                 raise
+            finally:
+                self._apply_busy = False
             self._applied(ents, results)
+            if self._snap_due():
+                self._wake.set()  # the driver captures it (between two batches)
 
     def _apply_inline(self) -> None:
-        """Feed committed entries to a sync state machine (or none), in order."""
+        """Feed committed entries to a sync state machine (or none), in order, for at most
+        about ``_APPLY_SLICE`` seconds: a long replay (a restart, a follower catching up)
+        then lets the driver answer its peers and clients between slices."""
         fn = self._apply_fn
-        while self._apply_seq < self._commit_seq:
+        until = time.perf_counter() + _APPLY_SLICE
+        while (self._apply_seq < self._commit_seq and not self._snap_due()
+               and time.perf_counter() < until):
             ents, bufs, lo = self._next_chunk()
             results: Any = None
             if fn is not None:
@@ -769,6 +849,9 @@ class RaftNode(MembershipAPI):
     def _next_chunk(self) -> tuple[list[Entry], list[bytes | None], int]:
         lo = self._apply_seq + 1
         hi = min(self._commit_seq, lo + self._apply_max - 1)
+        stop = self._snap_boundary(lo)
+        if stop is not None and stop < hi:
+            hi = stop  # the snapshot is taken right there
         ents = self._take_entries(lo, hi)
         # The no-op (b"") and configuration entries reach the state machine as None.
         return ents, [None if e.kind or not e.data else e.data for e in ents], lo
@@ -787,6 +870,7 @@ class RaftNode(MembershipAPI):
             self.events.emit("error", message=str(err), exc=err)
             raise err
         self._finish_applied(ents, results)
+        self._note_applied(ents)
         self._apply_seq = ents[-1].seq
         self._apply_changed.set()
         self._apply_changed = trio.Event()
@@ -892,16 +976,17 @@ class RaftNode(MembershipAPI):
         return w
 
     # ------------------------------------------------------------------ public API
-    async def append(self, data: bytes) -> AppendResult:
+    async def append(self, data: bytes, *, key: tuple[Any, int] | None = None) -> AppendResult:
         """Append one entry through the leader (forwarded if this node follows) and return
         once this node has applied it: ``AppendResult(seq, data, result)``.
 
         Raises ``InvalidArgumentError`` for non-bytes or empty data, ``RaftTimeoutError``
         after ``append_timeout`` (the entry may still commit later), ``LeadershipLostError``
-        when the entry was proposed but lost, ``NodeStoppedError``."""
-        item = _check_item(data, "append(data)")
-        res = await self._append((item,))
-        return AppendResult(res[0], data, res[1][0])
+        when the entry was proposed but lost, ``NodeStoppedError``. With ``key=(client_id,
+        seq)`` a retry after any of these is applied at most once (``idempotency.py``)."""
+        item = _check_item(data, "append(data)", key)
+        res = await (self._append if self.append_observer is None else self._timed)((item,))
+        return AppendResult(res[0], data, key_result(res[1][0]))
 
     async def append_batch(self, items: Sequence[bytes]) -> AppendResult:
         """Append several entries atomically and in order; returns the first seq and the list
@@ -911,8 +996,16 @@ class RaftNode(MembershipAPI):
         if not items:
             raise InvalidArgumentError("append_batch([]): nothing to append")
         batch = tuple(_check_item(it, f"append_batch(items[{i}])") for i, it in enumerate(items))
-        first, results = await self._append(batch)
+        first, results = await (
+            self._append if self.append_observer is None else self._timed)(batch)
         return AppendResult(first, list(items), results)
+
+    async def _timed(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
+        t0 = trio.current_time()
+        out = await self._append(items)
+        if self.append_observer is not None:
+            self.append_observer(trio.current_time() - t0)
+        return out
 
     async def _append(self, items: tuple[bytes, ...]) -> tuple[int, list[Any]]:
         self._check_running()
@@ -1013,6 +1106,8 @@ class RaftNode(MembershipAPI):
             with trio.fail_after(self.read_timeout):
                 index = await self.read_index()
                 await self.wait_apply(index)
+                while self._restoring:  # the state machine is being replaced
+                    await self._apply_changed.wait()
         except trio.TooSlowError:
             raise RaftTimeoutError(
                 f"read on node {self.node_id!r} not confirmed within {self.read_timeout}s"
@@ -1134,7 +1229,7 @@ class RaftNode(MembershipAPI):
     def head(self) -> bytes | None:
         """The last entry's payload (``None`` when empty or when it is a leader's no-op)."""
         h = self.log.head
-        return h or None
+        return (unwrap_key(h)[1] if h.startswith(KEY_MAGIC) else h) if h else None
 
     @property
     def commit_seq(self) -> int:
@@ -1207,7 +1302,7 @@ def _log_needs_open(log: Any) -> bool:
     return getattr(log, "_state", "open") == "new"
 
 
-def _check_item(data: Any, where: str) -> bytes:
+def _check_item(data: Any, where: str, key: tuple[Any, int] | None = None) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -1217,7 +1312,7 @@ def _check_item(data: Any, where: str) -> bytes:
             f"{where}: empty payloads are reserved for the leader's no-op entry; "
             "send at least one byte"
         )
-    return data
+    return wrap_key(data, key)  # an envelope if keyed or if it looks like one (idempotency.py)
 
 
 __all__ = ["RaftNode", "AppendResult"]

@@ -50,6 +50,8 @@ class FollowerStatus:
     next: int
     state: str  # "probe", "replicate" or "lost"
     inflight: int
+    last_heard: float | None = None
+    """Seconds since this node last handled a message from it (``None``: never)."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,13 @@ class MembershipAPI:
         cfg = core.configuration
         followers: dict[Any, FollowerStatus] = {}
         if core.role is Role.LEADER:
+            heard: dict[Any, float] = getattr(self, "_heard", {})
+            now = trio.current_time()
             for p, pr in core.progress.items():
                 state = "lost" if pr.lost else ("probe" if pr.probe else "replicate")
-                followers[p] = FollowerStatus(pr.match, pr.next, state, len(pr.inflight))
+                t = heard.get(p)
+                age = None if t is None else round(now - t, 3)
+                followers[p] = FollowerStatus(pr.match, pr.next, state, len(pr.inflight), age)
 
         def ids(s: Iterable[Any]) -> tuple[Any, ...]:
             return tuple(sorted(s, key=repr))

@@ -15,6 +15,11 @@ to the peers, a :class:`~tinyraftplus.node.RaftNode` applying commands to a
 :mod:`tinyraftplus.kv.client`). The log is opened first and by the server itself, so that a
 data directory another process holds is refused (exit status 3) before anything listens.
 
+**Snapshots.** The node snapshots the store every ``--snapshot-entries`` entries
+(:meth:`KVStore.snapshot`, in ``DATA/raft.snap/``) and compacts the log behind it, keeping
+``--trailing-entries``; a restart restores the newest snapshot and replays only the log after
+it, and a follower that fell behind the compaction is sent the snapshot.
+
 **Any node serves any request.** Writes go through ``node.append_batch`` (the node forwards
 to the leader when it follows); gets through ``node.read`` (linearizable, ReadIndex). The
 writes that arrive in one read from a connection become one ``append_batch``: the whole
@@ -190,9 +195,20 @@ class ServerConfig:
     node not among them; ``peer_listen`` is its own address)."""
     bootstrap: bool = False
     """A brand-new cluster: a node without state may vote at once (see ``RaftNode``)."""
+    metrics_listen: Address | None = None
+    """Where to serve Prometheus metrics (``--metrics-port``; :mod:`tinyraftplus.metrics`)."""
     admin: AdminPolicy | None = None
     """Who may send admin requests (``--admin-allow`` / ``"admin": true`` in ``--authz``);
     ``None``: every client the CA signed."""
+    snapshot_entries: int = 10_000
+    """Snapshot the store each time the apply seq reaches a multiple of this (so about every
+    this many entries), then compact the log behind it (0: never; the log then grows with
+    every write, and a restart replays all of it)."""
+    segment_size: int = 64 << 20
+    """Bytes per log segment file; compaction behind a snapshot drops whole segments."""
+    trailing_entries: int = 5_000
+    """Entries kept in the log behind a snapshot, so that a follower a little behind
+    catches up from the log rather than by a snapshot transfer."""
 
     def check(self) -> None:
         if self.join:
@@ -225,6 +241,13 @@ class ServerConfig:
                        ("--answer-budget", self.answer_budget)):
             if type(v) is not int or v < 1:
                 raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 1")
+        for opt, v in (("--snapshot-entries", self.snapshot_entries),
+                       ("--trailing-entries", self.trailing_entries)):
+            if type(v) is not int or v < 0:
+                raise ConfigurationError(f"{opt} {v!r}: give a whole number >= 0")
+        if type(self.segment_size) is not int or self.segment_size < 4096:
+            raise ConfigurationError(f"--segment-size {self.segment_size!r}: give a number of "
+                                     f"bytes >= 4096")
         for opt, f in (("--answer-timeout", self.answer_timeout),
                        ("--client-idle-timeout", self.idle_timeout),
                        ("--frame-timeout", self.frame_timeout),
@@ -242,10 +265,14 @@ class ServerInfo:
     node_id: Any
     peer_address: Address
     client_address: Address
+    metrics_address: Address | None = None
 
     def ready_line(self) -> str:
         (ph, pp), (ch, cp) = self.peer_address, self.client_address
-        return f"{READY_PREFIX} id={self.node_id} peer={ph}:{pp} client={ch}:{cp}"
+        line = f"{READY_PREFIX} id={self.node_id} peer={ph}:{pp} client={ch}:{cp}"
+        if self.metrics_address is not None:
+            line += f" metrics={self.metrics_address[0]}:{self.metrics_address[1]}"
+        return line
 
 
 class Server:
@@ -273,6 +300,14 @@ class Server:
         self._prune_pending = False
         """Peers may have to be dropped once the configuration in force commits."""
         self._refusal_log = RateLimitedLog(logger)
+        self.snapshot_seq = -1
+        """Seq of the newest snapshot this node took, received or restored (-1: none)."""
+        self.snapshots_taken = 0
+        self.snapshots_installed = 0
+        self.start_seq = -1
+        """The apply seq the node started from: the seq of the snapshot restored at start
+        (-1: none, the whole log is replayed)."""
+        self._node_started = False
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started(ServerInfo)`` once listening. Raises
@@ -283,7 +318,8 @@ class Server:
         # cores, and a poll spends the CPU another node needs for the same put: one put in
         # flight over TLS, 3 processes on 2 cores, it cost ~0.6 ms of CPU per put for no
         # gain in puts/s (issue 13). The flusher thread's own short spin stays.
-        log = FsLog(cfg.data_dir, "raft", fsync=cfg.fsync, poll_us=0)
+        log = FsLog(cfg.data_dir, "raft", fsync=cfg.fsync, segment_size=cfg.segment_size,
+                    poll_us=0)
         try:
             await log.open()
         except LogLockedError as e:
@@ -305,13 +341,19 @@ class Server:
                     election_timeout=cfg.election_timeout, ping_timeout=cfg.ping_timeout,
                     append_timeout=cfg.append_timeout, read_timeout=cfg.read_timeout,
                     bootstrap=cfg.bootstrap, join=cfg.join,
+                    snapshot=self.store.snapshot, restore=self._restore,
+                    snapshot_entries=cfg.snapshot_entries,
+                    trailing_entries=cfg.trailing_entries,
                 )
                 transport.set_handler(node.receive)
                 self.node = node
                 node.on("change", self._on_change)
                 node.on("config", self._on_config)
                 node.on(("commit", "change"), self._on_commit_or_change)
+                node.on("snapshot", self._on_snapshot)
+                self._node_started = False
                 async with node:
+                    self._node_started = True
                     # A restarted node knows its configuration from its state: follow it
                     # now (members added or removed since --peers was written).
                     self._sync_peers(node.configuration)
@@ -328,6 +370,14 @@ class Server:
                     info = ServerInfo(cfg.node_id, (listen[0], transport.port),
                                       (host, bound[1]))
                     async with trio.open_nursery() as nursery:
+                        if cfg.metrics_listen is not None:
+                            from ..metrics import NodeMetrics, serve_metrics
+
+                            metrics = NodeMetrics(node, transport=transport)
+                            maddr = await nursery.start(serve_metrics, metrics,
+                                                        *cfg.metrics_listen)
+                            info = ServerInfo(info.node_id, info.peer_address,
+                                              info.client_address, maddr)
                         for listener in listeners:
                             nursery.start_soon(self._accept_loop, listener, nursery)
                         logger.info("node %r: at most %d client connections (%d per source "
@@ -375,6 +425,27 @@ class Server:
         logger.info("node %r: SIGHUP: reloaded the TLS certificate, key and CA from %s",
                     self.config.node_id, ", ".join(f for f in tls.files if f))
         return True
+
+    def _restore(self, meta: Any, stream: Any) -> None:
+        """The node's ``restore``: the store's, timed and noted (at start, in a worker
+        thread; for a snapshot from the leader, likewise)."""
+        started = time.monotonic()
+        self.store.restore(meta, stream)
+        self.snapshot_seq = max(self.snapshot_seq, meta.seq)
+        if not self._node_started:
+            self.start_seq = meta.seq
+        logger.info("node %r: store restored from snapshot %d (%d keys, %d bytes) in %.2fs",
+                    self.config.node_id, meta.seq, len(self.store.data), meta.size,
+                    time.monotonic() - started)
+
+    def _on_snapshot(self, ev: Any) -> None:
+        self.snapshot_seq = max(self.snapshot_seq, ev.seq)
+        if ev.installed:
+            self.snapshots_installed += 1
+        else:
+            self.snapshots_taken += 1
+            logger.info("node %r: snapshot %d taken (%d bytes)", self.config.node_id, ev.seq,
+                        ev.size or 0)
 
     def _on_change(self, ev: Any) -> None:
         logger.info("node %r: %s, leader %r, term %s", self.config.node_id,
@@ -570,6 +641,10 @@ class Server:
             "seq": node.seq,
             "commit_seq": node.commit_seq,
             "apply_seq": node.apply_seq,
+            "snapshot_seq": self.snapshot_seq,
+            "snapshots_taken": self.snapshots_taken,
+            "snapshots_installed": self.snapshots_installed,
+            "start_seq": self.start_seq,
             "keys": len(self.store.data),
             "duplicates": self.store.duplicates,
             "sessions": len(self.store._sessions),
@@ -1044,9 +1119,26 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
                      help="a request frame must arrive whole within this long of its first "
                           "byte (default: 30)")
+    snap = p.add_argument_group("snapshots (the README's server section)")
+    snap.add_argument("--snapshot-entries", type=int, default=10_000, metavar="N",
+                      help="snapshot the store every N entries applied and compact the log "
+                           "behind it, so that a restart restores the snapshot and replays "
+                           "only the entries after it (0: never; default: 10000)")
+    snap.add_argument("--trailing-entries", type=int, default=5_000, metavar="M",
+                      help="entries kept in the log behind a snapshot: a follower at most "
+                           "this far behind catches up from the log, one further behind "
+                           "gets the snapshot (default: 5000)")
+    snap.add_argument("--segment-size", type=int, default=64 << 20, metavar="BYTES",
+                      help="bytes per log segment file; compaction drops whole segments, so "
+                           "up to one more segment than --trailing-entries stays (default: "
+                           "67108864)")
     p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
                    help="peer connection presumed dead after this long without data "
                         "(default: 4 x election timeout, at least 1 s)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics over HTTP on this port of the --client-host "
+                        "address (0 picks one; see the ready line); needs "
+                        "pip install 'tinyraftplus[metrics]'")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a failure (default: one line saying what)")
@@ -1091,6 +1183,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         client_host = a.client_host or peers[node_id][0]
     else:
         client_host = a.client_host or (peer_listen[0] if peer_listen else "127.0.0.1")
+    metrics_listen = None
+    if a.metrics_port is not None:
+        from ..metrics import require_prometheus
+
+        if not 0 <= a.metrics_port <= 65535:
+            raise ConfigurationError(f"--metrics-port {a.metrics_port}: give a port, 0-65535")
+        require_prometheus("--metrics-port")  # one line naming the extra to install: exit 2
+        metrics_listen = (client_host, a.metrics_port)
     authz = None if a.authz is None else Authorization.from_file(a.authz)
     admin = None
     if a.admin_allow or a.admin_allow_file or authz is not None:
@@ -1110,7 +1210,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         fd_reserve=a.fd_reserve, max_inflight=a.max_inflight,
         max_inflight_total=a.max_inflight_total, answer_budget=a.answer_budget,
         answer_timeout=a.answer_timeout, idle_timeout=a.client_idle_timeout,
-        frame_timeout=a.frame_timeout,
+        frame_timeout=a.frame_timeout, metrics_listen=metrics_listen,
+        snapshot_entries=a.snapshot_entries, trailing_entries=a.trailing_entries,
+        segment_size=a.segment_size,
         transport_options={"keepalive": keepalive, "idle_timeout": idle,
                            "backoff_max": max(0.2, min(2.0, et))},
     )

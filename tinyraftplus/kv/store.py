@@ -44,18 +44,54 @@ was applied at (the key's revision), ``append`` the value's new length, ``delete
 key existed. A malformed command in the log (written by hand through the library) gives
 ``("err", "bad_command", ...)`` on every node alike.
 
-The store lives in memory and is rebuilt from the log when a node starts (``apply_seq=-1``);
-there are no snapshots, so the log grows with every write.
+The store lives in memory. A node rebuilds it from its newest snapshot plus the log after
+it (``RaftNode(snapshot=store.snapshot, restore=store.restore)``), or from the whole log when
+there is no snapshot.
+
+**Snapshots** (:meth:`KVStore.snapshot`, :meth:`KVStore.restore`). ``snapshot()`` *captures*
+the state in O(n) pointer copies (the map's ``dict.copy()``, each session's keys and results
+as lists; keys, values and results are immutable, so nothing deeper is copied) and returns a
+generator that serializes the captured view in chunks of about ``SNAPSHOT_CHUNK`` bytes while
+applying goes on; the serialized form never exists whole in memory. ``restore`` reads the
+stream in pieces (``msgpack.Unpacker`` over the file object, at most a few MiB buffered).
+Everything ``apply`` changes travels: the map, every session (owner, floor, results in their
+order), the bounds and quota the register commands set, the counters, the applied seq.
+
+Format, version 1 (little-endian)::
+
+    magic   8 bytes  b"TPKVSNAP"
+    version u32      1
+    then msgpack objects, one after the other:
+    header  [applied_seq, n_keys, n_sessions, max_sessions, max_results_total,
+             quota_bytes, duplicates, expired]
+    data    arrays [k1, v1, k2, v2, ...] (bin), the map in insertion order, each array up
+            to 4096 pairs or about 256 KiB, until n_keys pairs were read
+    per session, in least-recently-used-first order:
+            [session_id, owner, floor, n_results], then arrays
+            [rseq1, result1, rseq2, result2, ...] of up to 512 results, in their order
+            (a result is an array: ["ok", value] or ["err", code, message])
+    trailer [n_keys, n_sessions, data_bytes]
+    nothing after it
+
+The bytes depend only on the entries applied: a dict's insertion order and the sessions'
+LRU order are fixed by the command sequence, and the batch boundaries by the data, so two
+replicas that applied the same entries write byte-identical snapshots (a transfer resumes
+across a leader change only if the new leader's snapshot has the same CRC), and a store
+restored from a snapshot keeps those orders, so its later snapshots match too.
 """
 
 from __future__ import annotations
 
+import itertools
+import struct
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import msgpack
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, SnapshotCorruptError
 
 OPS = ("put", "append", "delete")
 MAX_KEY = 4096
@@ -73,6 +109,26 @@ DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_MAX_RESULTS = 4096
 DEFAULT_MAX_RESULTS_TOTAL = 1 << 20
 """Results kept over all sessions (each costs about 200 bytes: ~200 MiB in all)."""
+
+
+SNAPSHOT_MAGIC = b"TPKVSNAP"
+SNAPSHOT_VERSION = 1
+_PREFIX = struct.Struct("<8sI")
+SNAPSHOT_CHUNK = 256 * 1024
+"""About how many bytes each chunk of :meth:`KVStore.snapshot`'s stream holds."""
+_BATCH_PAIRS = 4096  # key/value pairs per data array at most
+_BATCH_BYTES = 256 * 1024  # bytes of keys and values per data array, about
+_GROUP = 256  # pairs taken from the map at once (then split if they are large)
+_RESULTS_BATCH = 512  # results per array
+_READ_SIZE = 256 * 1024  # bytes restore reads at once
+_MAX_OBJECT = 8 << 20  # largest msgpack object restore accepts (a data array is <= ~1.3 MiB)
+
+
+class SnapshotFormatError(SnapshotCorruptError):
+    """The stream given to :meth:`KVStore.restore` is not a whole key-value snapshot this
+    code reads: truncated, damaged, of another version, or not a KV snapshot at all.
+    ``offset`` is where in the snapshot's data the problem was found, ``path`` the file (when
+    the stream has a name). The store is left as it was."""
 
 
 def encode_write(client_id: int, seq: int, ack: int, op: str, key: bytes,
@@ -146,7 +202,8 @@ class _Session:
 
 
 class KVStore:
-    """The state machine: ``RaftNode(..., apply=kv.apply, read=kv.read)``.
+    """The state machine: ``RaftNode(..., apply=kv.apply, read=kv.read,
+    snapshot=kv.snapshot, restore=kv.restore)``.
 
     ``read(("get", key))`` returns the value or ``None``; ``read(("len",))`` the number of
     keys; ``read(("sessions",))`` the number of client sessions.
@@ -196,6 +253,53 @@ class KVStore:
             if cmd[0] == "sessions":
                 return len(self._sessions)
         raise InvalidArgumentError(f"KVStore.read: unknown query {cmd!r}")
+
+    # --- snapshots (RaftNode's snapshot= and restore=) -----------------------------------
+
+    def snapshot(self) -> Iterator[bytearray]:
+        """Capture the state now and return a generator of the snapshot's bytes (chunks of
+        about ``SNAPSHOT_CHUNK``; format in the module docstring).
+
+        The capture is O(n) pointer copies and no serialization (about 50 ms for a million
+        keys); applying may go on while the generator runs, and never changes what it
+        yields. Call it between applies (RaftNode does, right after applying through the
+        snapshot's seq)."""
+        data = self.data.copy()
+        sessions = [(sid, s.owner, s.floor, list(s.results), list(s.results.values()))
+                    for sid, s in self._sessions.items()]
+        header = [self.applied_seq, len(data), len(sessions), self._max_sessions,
+                  self._max_results_total, self.quota_bytes, self.duplicates, self.expired]
+        trailer = [len(data), len(sessions), self.data_bytes]
+        return _serialize(header, data, sessions, trailer)
+
+    def restore(self, meta: Any, stream: BinaryIO) -> None:
+        """Replace the whole state with the snapshot read from ``stream`` (a binary file
+        object; ``read(n)`` returns ``b""`` at its end), made by :meth:`snapshot` after
+        applying through ``meta.seq`` (``meta`` a ``SnapshotMeta``, or ``None`` to trust the
+        snapshot's own seq).
+
+        The stream is read in pieces of ``256 KiB`` (msgpack objects of at most 8 MiB are
+        buffered), so memory holds the new state, not its serialized form. The new state is
+        built beside the old one and swapped in only once the stream was read to its end and
+        every count and total checked: a truncated, damaged or foreign stream raises
+        :class:`SnapshotFormatError` and leaves the store exactly as it was (old and new state
+        are both in memory for the duration). ``OSError`` from ``stream.read`` propagates."""
+        st = _deserialize(stream, getattr(stream, "name", None))
+        if meta is not None and getattr(meta, "seq", st.applied_seq) != st.applied_seq:
+            raise SnapshotFormatError(
+                f"KV snapshot: the data holds the state after seq {st.applied_seq} but its "
+                f"metadata says seq {meta.seq}: data and metadata belong to different "
+                f"snapshots; the store was left as it was")
+        self.data = st.data
+        self._sessions = st.sessions
+        self._results_total = st.results_total
+        self.data_bytes = st.data_bytes
+        self._max_sessions = st.max_sessions
+        self._max_results_total = st.max_results_total
+        self.quota_bytes = st.quota_bytes
+        self.duplicates = st.duplicates
+        self.expired = st.expired
+        self.applied_seq = st.applied_seq
 
     # --- applying ------------------------------------------------------------------------
 
@@ -310,5 +414,204 @@ class KVStore:
         return ("ok", seq if op == "put" else len(new))
 
 
-__all__ = ["KVStore", "encode_write", "encode_register", "check_write", "check_key",
+def _data_batches(data: dict[bytes, bytes]) -> Iterator[list[bytes]]:
+    """The map as flat ``[k1, v1, k2, v2, ...]`` lists in insertion order, each of at most
+    ``_BATCH_PAIRS`` pairs and about ``_BATCH_BYTES`` (a single larger pair goes alone). The
+    boundaries depend only on the data, so the bytes are the same on every replica."""
+    items = iter(data.items())
+    batch: list[bytes] = []
+    size = 0
+    while True:
+        group = list(itertools.islice(items, _GROUP))
+        if not group:
+            break
+        flat = list(itertools.chain.from_iterable(group))
+        gsize = sum(map(len, flat))
+        if gsize <= _BATCH_BYTES:  # the common case: small pairs, taken 256 at a time
+            if batch and (size + gsize > _BATCH_BYTES or len(batch) + len(flat)
+                          > 2 * _BATCH_PAIRS):
+                yield batch
+                batch, size = [], 0
+            batch += flat
+            size += gsize
+            continue
+        for k, v in group:  # large values: pair by pair
+            n = len(k) + len(v)
+            if batch and (size + n > _BATCH_BYTES or len(batch) >= 2 * _BATCH_PAIRS):
+                yield batch
+                batch, size = [], 0
+            batch += (k, v)
+            size += n
+    if batch:
+        yield batch
+
+
+def _serialize(header: list[int], data: dict[bytes, bytes],
+               sessions: list[tuple[int, str, int, list[int], list[Result]]],
+               trailer: list[int]) -> Iterator[bytearray]:
+    pack = msgpack.Packer(use_bin_type=True).pack
+    buf = bytearray(_PREFIX.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION))
+    buf += pack(header)
+    for batch in _data_batches(data):
+        buf += pack(batch)
+        if len(buf) >= SNAPSHOT_CHUNK:
+            yield buf
+            buf = bytearray()
+    for sid, owner, floor, rseqs, results in sessions:
+        buf += pack([sid, owner, floor, len(rseqs)])
+        for i in range(0, len(rseqs), _RESULTS_BATCH):
+            buf += pack(list(itertools.chain.from_iterable(
+                zip(rseqs[i:i + _RESULTS_BATCH], results[i:i + _RESULTS_BATCH],
+                    strict=True))))
+        if len(buf) >= SNAPSHOT_CHUNK:
+            yield buf
+            buf = bytearray()
+    buf += pack(trailer)
+    yield buf
+
+
+class _CountingReader:
+    """``read`` that counts what it handed out (to tell trailing bytes after the end)."""
+
+    __slots__ = ("stream", "count")
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.stream.read(n)
+        self.count += len(b)
+        return b
+
+
+@dataclass
+class _Restored:
+    applied_seq: int
+    data: dict[bytes, bytes]
+    data_bytes: int
+    sessions: OrderedDict[int, _Session]
+    results_total: int
+    max_sessions: int
+    max_results_total: int
+    quota_bytes: int
+    duplicates: int
+    expired: int
+
+
+def _is_count(v: Any, lo: int = 0) -> bool:
+    return type(v) is int and lo <= v <= MAX_CLIENT_ID
+
+
+def _deserialize(stream: BinaryIO, path: Any) -> _Restored:
+    """Read a whole snapshot (format: the module docstring); raises ``SnapshotFormatError``."""
+    where_file = f" {path}" if isinstance(path, str) else ""
+
+    def bad(what: str, offset: int) -> SnapshotFormatError:
+        return SnapshotFormatError(
+            f"KV snapshot{where_file}, data byte {offset}: {what}; the store was left as it "
+            f"was. The snapshot is damaged, truncated or was not written by KVStore.snapshot: "
+            f"restore another one, or let the node fetch one from the leader",
+            path=path if isinstance(path, str) else None, offset=offset)
+
+    prefix = stream.read(_PREFIX.size)
+    while 0 < len(prefix) < _PREFIX.size:  # a file object may return short reads
+        more = stream.read(_PREFIX.size - len(prefix))
+        if not more:
+            break
+        prefix += more
+    if len(prefix) < _PREFIX.size or prefix[:8] != SNAPSHOT_MAGIC:
+        raise bad(f"it does not start with {SNAPSHOT_MAGIC!r} (it starts with "
+                  f"{bytes(prefix[:8])!r}): not a key-value store snapshot", 0)
+    (version,) = struct.unpack_from("<I", prefix, 8)
+    if version != SNAPSHOT_VERSION:
+        raise bad(f"format version {version}, this code reads version {SNAPSHOT_VERSION} "
+                  f"(a snapshot from a newer tinyraftplus: upgrade this node)", 8)
+    reader = _CountingReader(stream)
+    u = msgpack.Unpacker(reader, read_size=_READ_SIZE, max_buffer_size=_MAX_OBJECT,
+                         raw=False, use_list=False, max_map_len=0, max_ext_len=0,
+                         max_bin_len=MAX_VALUE, max_str_len=1 << 16,
+                         max_array_len=2 * _BATCH_PAIRS)
+
+    def nxt(what: str) -> Any:
+        try:
+            return u.unpack()
+        except msgpack.OutOfData:
+            raise bad(f"the stream ends in or before {what} (truncated)",
+                      _PREFIX.size + reader.count) from None
+        except (ValueError, msgpack.UnpackException) as e:
+            raise bad(f"not valid msgpack in {what} ({type(e).__name__}: {e})",
+                      _PREFIX.size + u.tell()) from None
+
+    def where() -> int:
+        return _PREFIX.size + u.tell()
+
+    h = nxt("the header")
+    if (type(h) is not tuple or len(h) != 8 or type(h[0]) is not int or h[0] < -1
+            or not all(_is_count(v) for v in h[1:])):
+        raise bad(f"the header is not [applied_seq, n_keys, n_sessions, max_sessions, "
+                  f"max_results_total, quota_bytes, duplicates, expired]: {h!r:.200}", where())
+    applied_seq, n_keys, n_sessions, max_sessions, max_total, quota, duplicates, expired = h
+
+    data: dict[bytes, bytes] = {}
+    pairs = nbytes = 0
+    while pairs < n_keys:
+        b = nxt(f"the map (after {pairs} of {n_keys} keys)")
+        if (type(b) is not tuple or not b or len(b) % 2 or len(b) // 2 > n_keys - pairs
+                or set(map(type, b)) != {bytes}):
+            raise bad(f"expected an array of key/value pairs (bin) holding at most the "
+                      f"{n_keys - pairs} keys still due, got {type(b).__name__}", where())
+        it = iter(b)
+        data.update(zip(it, it, strict=True))
+        pairs += len(b) // 2
+        nbytes += sum(map(len, b))
+    if len(data) != n_keys:
+        raise bad(f"{n_keys - len(data)} keys appear twice in the map", where())
+
+    sessions: OrderedDict[int, _Session] = OrderedDict()
+    results_total = 0
+    for i in range(n_sessions):
+        rec = nxt(f"session {i} of {n_sessions}")
+        if (type(rec) is not tuple or len(rec) != 4 or not _is_count(rec[0])
+                or type(rec[1]) is not str or not _is_count(rec[2], 1)
+                or not _is_count(rec[3])):
+            raise bad(f"session {i}: expected [id, owner, floor, n_results], got "
+                      f"{rec!r:.200}", where())
+        sid, owner, floor, n = rec
+        if sid in sessions:
+            raise bad(f"session {sid} appears twice", where())
+        sess = sessions[sid] = _Session(owner)
+        sess.floor = floor
+        res = sess.results
+        got = 0
+        while got < n:
+            b = nxt(f"the results of session {sid}")
+            if type(b) is not tuple or not b or len(b) % 2 or len(b) // 2 > n - got:
+                raise bad(f"session {sid}: expected an array of at most {n - got} "
+                          f"(seq, result) pairs", where())
+            it = iter(b)
+            for rseq, r in zip(it, it, strict=True):
+                if (not _is_count(rseq, 1) or type(r) is not tuple or not r
+                        or r[0] not in ("ok", "err")):
+                    raise bad(f"session {sid}: {rseq!r:.50} -> {r!r:.100} is not a request "
+                              f"seq and its result", where())
+                res[rseq] = r
+            got += len(b) // 2
+        if len(res) != n:
+            raise bad(f"session {sid}: a request seq appears twice", where())
+        results_total += n
+
+    t = nxt("the trailer")
+    if t != (n_keys, n_sessions, nbytes):
+        raise bad(f"the trailer {t!r:.100} does not match what was read (keys, sessions, "
+                  f"bytes of keys and values: {(n_keys, n_sessions, nbytes)})", where())
+    end = where()
+    if reader.count > u.tell() or stream.read(1):
+        raise bad("bytes follow the trailer (the end of the snapshot)", end)
+    return _Restored(applied_seq, data, nbytes, sessions, results_total, max_sessions,
+                     max_total, quota, duplicates, expired)
+
+
+__all__ = ["KVStore", "SnapshotFormatError", "SNAPSHOT_MAGIC", "SNAPSHOT_VERSION",
+           "SNAPSHOT_CHUNK", "encode_write", "encode_register", "check_write", "check_key",
            "check_owner", "OPS", "MAX_KEY", "MAX_VALUE"]

@@ -1,11 +1,17 @@
 """``python -m tinyraftplus.log verify|dump DIR NAME``: check or print a log, read-only.
+(``repair DIR NAME --truncate-at SEQ [--dry-run]`` cuts a damaged log: ``repair.py``.)
 
 ``verify`` scans every segment completely (headers, every record's CRC, seq continuity
 across segments) without taking the log's lock or changing anything, and exits 0 if the log
-is sound, 1 if it is damaged (naming the file and byte offset), 2 on usage errors. A torn
-tail (what a crash mid-write leaves, and what the next open cuts back) is reported but is
-not damage. ``dump`` prints seq, term, length and a payload preview for every record, then
-verifies like ``verify``.
+is sound, 1 if it is damaged (naming the file and byte offset), 2 on usage errors: 0
+means ``open`` opens it and every record it keeps reads back (what it finds at the end, it
+judges by the rules ``open`` follows: ``tailcheck.py``; damage in a sealed segment, which
+``open`` does not scan, is 1 because reading it would fail). A
+torn tail (what a crash mid-write leaves, and what the next open cuts back) is reported but
+is not damage; a whole last record that fails its check is a WARNING (open cuts it too, but
+it may have been acknowledged). ``dump`` prints seq, term, length and a payload preview
+for every record, then verifies like ``verify``.
+``snapshots DIR NAME [--verify]`` lists the log's snapshots (``tinyraftplus.snapshot.cli``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from .._native import lib
 from . import format as fmt
 from ._codes import reason
 from .segment import decode_seg_header, parse_entries, scan_fd
+from .tailcheck import classify_tail, torn_header_action
 
 
 def _preview(data: bytes, width: int) -> str:
@@ -46,13 +53,13 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
         with open(seg_path, "rb") as f:
             fd = f.fileno()
             hdr = decode_seg_header(os.pread(fd, fmt.SEG_HDR, 0))
-            if isinstance(hdr, int):
-                if is_tail and os.fstat(fd).st_size <= fmt.SEG_HDR and i > 0:
-                    print(
-                        f"note: {seg_path}: empty segment with a torn header (an interrupted"
-                        " roll); open removes it",
-                        file=out,
-                    )
+            if isinstance(hdr, int):  # the rules open follows too: tailcheck.py
+                action = torn_header_action(i, len(firsts), os.fstat(fd).st_size, first)
+                if action != "corrupt":
+                    what = ("an interrupted roll; open removes it" if action == "remove" else
+                            "a new log whose creation was interrupted; open writes it again")
+                    print(f"note: {seg_path}: empty segment with a torn header ({what})",
+                          file=out)
                     break
                 print(f"CORRUPT {seg_path} at byte offset 0: {reason(hdr)}", file=out)
                 return 1
@@ -88,7 +95,11 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
                     file=out,
                 )
                 return 1
-            if is_tail and r.commit_end != r.file_size:
+            cut = classify_tail(seg_path, fd, first, r) if is_tail else None
+            if cut is not None and cut.maybe_acknowledged:
+                print(f"WARNING: {cut.message(first + r.n_commit - 1)} (what open will do)",
+                      file=out)
+            elif cut is not None:
                 print(
                     f"note: {seg_path}: torn tail at byte offset {r.commit_end}"
                     f" ({r.file_size - r.commit_end} bytes, {r.n - r.n_commit} records of an"
@@ -106,6 +117,15 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["snapshots"]:
+        from ..snapshot.cli import main as snapshots_main
+
+        return snapshots_main(args[1:])
+    if args[:1] == ["repair"]:  # a command of its own (repair.py); the rest read only
+        from .repair import main as repair_main
+
+        return repair_main(args[1:])
     p = argparse.ArgumentParser(
         prog="python -m tinyraftplus.log", description=__doc__.split("\n")[0]
     )
@@ -113,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="directory holding the log (the FsLog dir argument)")
     p.add_argument("name", help="log name (the FsLog name argument)")
     p.add_argument("--width", type=int, default=40, help="payload preview bytes (dump)")
-    a = p.parse_args(argv)
+    a = p.parse_args(args)
     try:
         return run(a.dir, a.name, a.command == "dump", a.width)
     except BrokenPipeError:

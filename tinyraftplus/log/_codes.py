@@ -28,10 +28,24 @@ def reason(code: int) -> str:
     return f"error code {code}"
 
 
-def corrupt(code: int, path: str, offset: int, what: str = "damaged record") -> LogCorruptError:
+def repair_hint(segment_path: str, seq: int | None) -> str:
+    """The command that cuts the log holding ``segment_path`` at ``seq`` (removing it and
+    everything after; ``tinyraftplus/log/repair.py``)."""
+    log_dir = os.path.dirname(os.path.abspath(segment_path))
+    where = f"{os.path.dirname(log_dir)} {os.path.basename(log_dir)}"
+    at = "SEQ" if seq is None else str(seq)
+    return f"python -m tinyraftplus.log repair {where} --truncate-at {at}"
+
+
+def corrupt(code: int, path: str, offset: int, what: str = "damaged record",
+            seq: int | None = None) -> LogCorruptError:
+    """``seq``: the damaged record's seq, if known (the repair command is then exact)."""
+    which = "" if seq is None else f" (seq {seq})"
     return LogCorruptError(
-        f"{what} in {path} at byte offset {offset}: {reason(code)}; the log will not return "
-        f"these bytes; {VERIFY_HINT}, restore the log from a replica or truncate before it",
+        f"{what}{which} in {path} at byte offset {offset}: {reason(code)}; the log will not "
+        f"return these bytes; {VERIFY_HINT}; keep the records before it with "
+        f"`{repair_hint(path, seq)}` (--dry-run first says what would be lost), or restore "
+        "the log from a replica",
         path=path,
         offset=offset,
     )

@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -107,14 +108,27 @@ class Flusher:
         self._keep: object = None
         self._inline: tuple[int, int] | None = None
         self._started = 0.0
+        self._length = 0
+        self._sync = False
+        # For metrics (tinyraftplus.metrics); per write round, never per record.
+        self.bytes_written = 0
+        """Bytes of the writes that succeeded."""
+        self.on_sync: Callable[[float], None] | None = None
+        """Called with the seconds each successful durable write (``pwrite`` +
+        ``fdatasync`` on the thread) took from submit to seen done: what its appenders
+        waited for, hand-off included. Reuses the timestamps taken for the poll anyway."""
 
     def submit(self, fd: int, buf: object, length: int, off: int, sync: bool) -> None:
         """Start a write; ``buf`` (a cffi buffer) must stay alive until ``wait`` returns."""
         if not sync and length <= INLINE_MAX:
             rc = lib.tp_write(fd, buf, length, off, 0, self._op)
             self._inline = (rc, self._op[0])
+            if rc == 0:
+                self.bytes_written += length
             return
         self._keep = buf
+        self._length = length
+        self._sync = sync
         rc = lib.tp_flusher_submit(self._f, fd, buf, length, off, 1 if sync else 0)
         if rc:
             raise RuntimeError(f"flusher busy ({rc}): a write was submitted twice")
@@ -157,7 +171,12 @@ class Flusher:
             rc = lib.tp_flusher_collect(self._f, self._op)
             if rc != -errno.EAGAIN:
                 self._keep = None
-                self._poll.observe(time.perf_counter() - self._started)
+                elapsed = time.perf_counter() - self._started
+                self._poll.observe(elapsed)
+                if rc == 0:
+                    self.bytes_written += self._length
+                    if self._sync and self.on_sync is not None:
+                        self.on_sync(elapsed)
                 return rc, self._op[0]
 
     def stop(self) -> None:

@@ -40,11 +40,10 @@ import contextlib
 import errno
 import fcntl
 import os
-import warnings
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -70,6 +69,13 @@ from ._codes import corrupt, write_error
 from .fileops import fsync_dir
 from .flusher import Flusher
 from .segment import Records, Segment, entries_of, parse_entries, scan_fd
+from .tailcheck import (
+    LogRecoveryWarning,  # noqa: F401  (re-exported: it was defined here)
+    classify_tail,
+    report_tail_cut,
+    torn_header_action,
+    warn_caller,
+)
 from .terms import TermIndex
 
 _HDR_BA = bytearray(fmt.REC_HDR)
@@ -83,10 +89,6 @@ _ki_protected = trio.lowlevel.enable_ki_protection
 _TEST_BUGS: set[str] = set()
 _BECOME_FLUSHER = object()
 _READ_STEP = 1 << 20  # bytes per pread when iterating
-
-
-class LogRecoveryWarning(UserWarning):
-    """Open found a torn or incomplete tail (a crash mid-write) and cut it back."""
 
 
 def _nbytes(data: object) -> int:
@@ -239,6 +241,9 @@ class FsLog:
         self._gather = False  # waiters were just woken: let them re-append before a submit
         self._failed: LogFailedError | None = None
         self._flusher: Flusher | None = None
+        self._on_sync: Callable[[float], None] | None = None
+        self._notes: list[str] = []  # recovery warnings, issued once open() is back
+        self._bytes_before = 0  # bytes_written of a flusher since stopped (closed log)
         self._excl = trio.Lock()
         self._blocked = False
         self._gate = trio.lowlevel.ParkingLot()
@@ -271,7 +276,15 @@ class FsLog:
             raise InvalidArgumentError(
                 f"log directory {self._parent!r} does not exist; create it first"
             )
-        await trio.to_thread.run_sync(self._open_sync)
+        self._notes = []
+        try:
+            await trio.to_thread.run_sync(self._open_sync)
+        finally:
+            # Recovery ran on a worker thread; its warnings are issued here, on the caller's
+            # thread, attributed to the caller's line (not to Trio's or outcome's).
+            for note in self._notes:
+                warn_caller(note)
+            self._notes = []
         self._state = "open"
 
     def _open_sync(self) -> None:
@@ -293,6 +306,7 @@ class FsLog:
         try:
             self._recover()
             self._flusher = Flusher(self._spin_us, self._poll_us)
+            self._flusher.on_sync = self._on_sync
         except BaseException:
             self._release_files()
             raise
@@ -337,24 +351,26 @@ class FsLog:
             fileops.unlink(tail.path)
             fsync_dir(self.path)
             self._segs.pop()
-            warnings.warn(
-                f"removed {tail.path}: a segment created by a roll that a crash interrupted",
-                LogRecoveryWarning,
-                stacklevel=4,
+            self._notes.append(
+                f"removed {tail.path}: a segment created by a roll that a crash interrupted"
             )
         for i, seg in enumerate(self._segs):
             hdr = seg.read_header()
             if isinstance(hdr, int):
-                if len(self._segs) == 1 and os.fstat(seg.open_fd()).st_size <= fmt.SEG_HDR:
+                size = os.fstat(seg.open_fd()).st_size
+                # The same rule as `verify` (tailcheck.torn_header_action): only a new log's
+                # lone segment, holding no record, is written again.
+                if torn_header_action(i, len(self._segs), size, seg.first_seq) == "rewrite":
                     seg.close_fd()
                     fileops.unlink(seg.path)
                     seg.create_file()
-                    warnings.warn(
-                        f"rewrote the torn header of {seg.path}", LogRecoveryWarning, stacklevel=4
+                    self._notes.append(
+                        f"rewrote the torn header of {seg.path} (a new log whose creation a "
+                        "crash interrupted: it held no record)"
                     )
                     hdr = (seg.first_seq, 0)
                 else:
-                    raise corrupt(hdr, seg.path, 0, "damaged segment header")
+                    raise corrupt(hdr, seg.path, 0, "damaged segment header", seg.first_seq)
             if hdr[0] != seg.first_seq:
                 raise LogCorruptError(
                     f"{seg.path} says it starts at seq {hdr[0]}, its name says {seg.first_seq}",
@@ -412,28 +428,13 @@ class FsLog:
                 seg.path,
                 r.bad_off,
                 f"damaged record (valid records follow at byte offset {r.resync_off})",
+                seg.first_seq + r.n,
             )
-        if r.commit_end != r.file_size:
-            parts = []
-            if r.status == lib.TP_SCAN_TORN:
-                torn = f"torn record at byte offset {r.bad_off}"
-                if r.resync_off != 2**64 - 1:
-                    torn += (
-                        f" (valid records of the same unacknowledged write round follow at "
-                        f"byte offset {r.resync_off}: a later page of it reached the disk, an "
-                        "earlier one did not)"
-                    )
-                parts.append(torn)
-            if r.n_commit < r.n:
-                parts.append(f"incomplete batch of {r.n - r.n_commit} records")
-            why = " and ".join(parts)
-            warnings.warn(
-                f"{seg.path}: {why}, left by a crash mid-write; cutting the log back to "
-                f"byte offset {r.commit_end} (last complete record: seq "
-                f"{seg.first_seq + r.n_commit - 1})",
-                LogRecoveryWarning,
-                stacklevel=5,
-            )
+        cut = classify_tail(seg.path, fd, seg.first_seq, r)
+        if cut is not None:
+            # Said loudly (ERROR log, "may have been acknowledged") when the bytes look like
+            # damage to a whole record rather than an unfinished write: tailcheck.py.
+            self._notes.append(report_tail_cut(cut, seg.first_seq + r.n_commit - 1))
             fileops.ftruncate(fd, r.commit_end)
         # Durable before anything is appended: a new round says everything before it is
         # durable, and the bytes found here may be only in the page cache (a process
@@ -480,6 +481,7 @@ class FsLog:
                 _owner.untrack(self)
                 if self._flusher is not None:
                     self._flusher.stop()
+                    self._bytes_before += self._flusher.bytes_written
                     self._flusher = None
                 self._release_files()
         if interrupted is not None:
@@ -548,6 +550,22 @@ class FsLog:
     @property
     def closed(self) -> bool:
         return self._state == "closed"
+
+    # --- for metrics (tinyraftplus.metrics): counted per write round, not per record ------
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of records (headers included) this object has written to its segments."""
+        f = self._flusher
+        return self._bytes_before + (f.bytes_written if f is not None else 0)
+
+    def on_sync(self, callback: Callable[[float], None] | None) -> None:
+        """Call ``callback(seconds)`` on the event loop after every successful durable
+        write round (one ``pwrite`` + ``fdatasync`` shared by the appenders of a group
+        commit): how long it took from submit until seen done. ``None`` removes it. Keep
+        it cheap (a histogram's ``observe``); it may be set before ``open()``."""
+        self._on_sync = callback
+        if self._flusher is not None:
+            self._flusher.on_sync = callback
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -1237,6 +1255,55 @@ class FsLog:
                         self._reshape_end()
         finally:
             self._exclusive_end()
+
+    @_ki_protected
+    async def reset(self, seq: int, term: int) -> None:
+        """Drop every record; the log then holds nothing and continues at ``seq + 1``, with
+        ``term_at(seq) == term`` (a follower that installed a snapshot ending at ``(seq,
+        term)`` its log did not hold). Crash-safe in the only way the caller needs: a crash
+        part-way leaves a prefix of the old log (oldest segments kept) or the new empty one,
+        never a mix; the caller's snapshot, durable before, tells it to reset again."""
+        self._check_writable()
+        for name, v in (("seq", seq), ("term", term)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < (-1 if name == "seq" else 0):
+                raise InvalidArgumentError(f"reset takes an int {name}, got {v!r}")
+        await self._exclusive_begin()
+        try:
+            with trio.CancelScope(shield=True):
+                await self._reshape_begin()
+                try:
+                    gone = self._segs
+                    fresh = Segment(self.path, seq + 1, term)
+                    fresh.offs = array("Q")
+                    self._segs = [fresh]
+                    self._firsts = [seq + 1]
+                    self._first_seq = seq + 1
+                    self._terms = TermIndex(seq, term)
+                    self._seq = seq
+                    self._next_seq = seq + 1
+                    self._last_framed_term = term
+                    self._head = None
+                    await trio.to_thread.run_sync(self._reset_sync, gone, fresh)
+                except OSError as e:
+                    self._failed = LogFailedError(
+                        f"resetting {self.path} to start after seq {seq} failed half-way "
+                        f"({e}); the log refuses further writes: reopen it to continue"
+                    )
+                    raise self._failed from e
+                finally:
+                    self._reshape_end()
+        finally:
+            self._exclusive_end()
+
+    def _reset_sync(self, gone: list[Segment], fresh: Segment) -> None:
+        # Newest first: a crash part-way leaves a shorter prefix, still a valid log.
+        for seg in reversed(gone):
+            seg.close_fd()
+            with contextlib.suppress(FileNotFoundError):
+                fileops.unlink(seg.idx_path)
+            fileops.unlink(seg.path)
+        fsync_dir(self.path)
+        fresh.create_file()
 
     def _compact_sync(self, gone: list[Segment]) -> None:
         # Oldest first: a crash part-way leaves a shorter prefix gone, still contiguous.

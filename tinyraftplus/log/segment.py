@@ -277,6 +277,7 @@ class Segment:
                 off,
                 f"sealed segment holds {r.n} valid records of {self.count} expected;"
                 " damaged record",
+                self.first_seq + r.n,
             )
         self.offs = r.offs
         self.end = r.end
@@ -358,7 +359,8 @@ def parse_records(data: bytes, file_off: int, first: int, n: int, path: str) -> 
         bad,
     )
     if got < 0:
-        raise corrupt(got, path, bad[0])
+        parsed = next((i for i, v in enumerate(starts) if v == 0), n)  # error path only
+        raise corrupt(got, path, bad[0], seq=first + parsed)
     if got != n:
         raise LogCorruptError(
             f"{path} ends at byte offset {file_off + len(data)} inside record {first + got}"

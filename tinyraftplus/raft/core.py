@@ -61,12 +61,14 @@ from .messages import (
     AppendEntries,
     AppendResponse,
     CoreMessage,
+    InstallSnapshot,
     NodeId,
     ReadIndex,
     ReadIndexResponse,
     Recover,
     RecoverResponse,
     RequestVote,
+    SnapshotResponse,
     TimeoutNow,
     VoteResponse,
 )
@@ -75,6 +77,7 @@ from .quorum import Quorum
 from .raftlog import RaftLog
 from .reconfig import Reconfiguration
 from .recovery import MemberIdentity
+from .snapshot import SnapshotBase, SnapshotReplication, SnapshotSource, base_stack
 from .state import LEARN_TERM, HardState, Recovery
 from .storage import LogStorage
 
@@ -115,6 +118,9 @@ class Ready:
     messages_after_persist: list[tuple[NodeId, CoreMessage]] = field(default_factory=list)
     commit_seq: int = -1
     read_states: list[ReadState] = field(default_factory=list)
+    # Pieces of a snapshot from the leader for the driver to store (``snapshot.py``); the
+    # driver answers each with ``snapshot_reply`` and, once whole, ``snapshot_installed``.
+    snapshot_in: list[tuple[NodeId, InstallSnapshot]] = field(default_factory=list)
     # Things an operator should hear about (a peer that lost its data, ...): the driver
     # reports each as a warning event.
     warnings: list[str] = field(default_factory=list)
@@ -133,6 +139,9 @@ class RaftConfig:
     pre_vote: bool = True
     check_quorum: bool = True
     priorities: dict[NodeId, int] | None = None  # node id -> priority (higher preferred)
+    snapshot_chunk: int = 1 << 20  # bytes of snapshot per InstallSnapshot
+    snapshot_window: int = 4  # chunks sent ahead of the follower's acknowledgement
+    snapshot_timeout: int = 10  # heartbeat ticks without progress before a transfer reopens
 
 
 KNOWN_BUGS = frozenset({
@@ -169,6 +178,9 @@ def _check_config(cfg: RaftConfig) -> None:
     positive("rpc_max", cfg.rpc_max, int)
     positive("rpc_max_bytes", cfg.rpc_max_bytes, int)
     positive("max_inflight", cfg.max_inflight, int)
+    positive("snapshot_chunk", cfg.snapshot_chunk, int)
+    positive("snapshot_window", cfg.snapshot_window, int)
+    positive("snapshot_timeout", cfg.snapshot_timeout, int)
     if cfg.heartbeat_interval >= cfg.election_timeout:
         raise InvalidArgumentError(
             f"RaftConfig: heartbeat_interval={cfg.heartbeat_interval} must be below "
@@ -176,7 +188,7 @@ def _check_config(cfg: RaftConfig) -> None:
         )
 
 
-class RaftCore(MemberIdentity, Reconfiguration):
+class RaftCore(MemberIdentity, Reconfiguration, SnapshotReplication):
     """One node's Raft state machine. See the module docstring for the driving protocol.
 
     ``bugs`` is a TEST-ONLY hook: a set of deliberate faults the simulator switches on to
@@ -203,6 +215,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
         commit_seq: int = -1,
         bugs: Collection[str] = (),
         join: bool = False,
+        snapshots: SnapshotSource | None = None,
+        snapshot_base: SnapshotBase | None = None,
     ) -> None:
         ids = tuple(nodes)
         if node_id not in ids and not join:
@@ -235,9 +249,18 @@ class RaftCore(MemberIdentity, Reconfiguration):
         self._now = float(now)
         self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
         last = self._log.last_seq
+        first = self._log.first_seq
         self._log.config_index = [
-            (s, t) for s, t in hard_state.config_index if s <= last and log.term_at(s) == t
+            (s, t) for s, t in hard_state.config_index
+            if first <= s <= last and log.term_at(s) == t
         ]
+        self._snapshots = snapshots
+        self._snapshot_in: list[tuple[NodeId, InstallSnapshot]] = []
+        self._snapshot_chunk = cfg.snapshot_chunk
+        self._snapshot_window = cfg.snapshot_window
+        self._snapshot_timeout = cfg.snapshot_timeout
+        if snapshot_base is not None:
+            commit_seq = max(commit_seq, snapshot_base.seq)
 
         # membership (reconfig.py): the configurations that may still be in force, the
         # latest of which is; without any in the hard state, the one given by ``nodes``
@@ -250,8 +273,12 @@ class RaftCore(MemberIdentity, Reconfiguration):
                           groups=quorum.groups or {})
             configs = ConfigStack(((-1, 0, boot),))
         else:
-            configs = configs.matching(self._log.term_at, self._log.last_seq)
+            if snapshot_base is not None:
+                configs = base_stack(snapshot_base, configs, first)
+            configs = configs.matching(self._log.term_at, self._log.last_seq, first)
             configs = configs.committed_through(min(commit_seq, self._log.last_seq))
+        if hard_state.configs is None and snapshot_base is not None:
+            configs = base_stack(snapshot_base, configs, first)
         self._configs = configs
         self._config = configs.latest[2]
         self._quorum: JointQuorum = quorum_of(self._config, self._rule)
@@ -329,6 +356,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
             ReadIndexResponse: self._on_read_index_response,
             Recover: self._on_recover,
             RecoverResponse: self._on_recover_response,
+            InstallSnapshot: self._on_install_snapshot,
+            SnapshotResponse: self._on_snapshot_response,
         }
         if self._voters == () and self._is_voter:
             self._election_deadline = self._now  # alone: elect itself at the first tick
@@ -587,6 +616,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
             or self._msgs_after
             or self._read_states
             or self._warnings
+            or self._snapshot_in
             or self._hs_changed
             or self._log.has_unstable()
             or self._commit > self._emitted_commit
@@ -629,6 +659,8 @@ class RaftCore(MemberIdentity, Reconfiguration):
             rd.warnings, self._warnings = self._warnings, []
         if self._read_states:
             rd.read_states, self._read_states = self._read_states, []
+        if self._snapshot_in:
+            rd.snapshot_in, self._snapshot_in = self._snapshot_in, []
         self._emitted_commit = self._commit
         self._unadvanced = rd
         return rd
@@ -854,18 +886,25 @@ class RaftCore(MemberIdentity, Reconfiguration):
                 (frm, AppendResponse(term, False, m.prev_seq, read_id=m.read_id, inc=self._inc))
             )
             return
-        if m.term > term:
-            self._become_follower(m.term, frm)
+        if self._accept_leader(frm, m.term):
+            self._accept_append(frm, m)
+
+    def _accept_leader(self, frm: NodeId, term: int) -> bool:
+        """A message from the leader of ``term`` (>= ours): follow it. False if this node
+        leads that term itself (two leaders in one term cannot happen; do not make it
+        worse)."""
+        if term > self._term:
+            self._become_follower(term, frm)
         elif self._role is not Role.FOLLOWER:
             if self._role is Role.LEADER:
-                return  # two leaders in one term cannot happen; do not make it worse
+                return False
             self._become_follower(term, frm)
         else:
             if self._leader != frm:
                 self._leader = frm
             self._reset_election_timer()
         self._last_leader_contact = self._now
-        self._accept_append(frm, m)
+        return True
 
     def _accept_append(self, frm: NodeId, m: AppendEntries) -> None:
         log = self._log
@@ -874,6 +913,21 @@ class RaftCore(MemberIdentity, Reconfiguration):
         n = len(entries)
         if prev < -1 or (n and (entries[0].seq != prev + 1 or entries[-1].seq != prev + n)):
             return  # not a contiguous run after prev: malformed, drop
+        base = log.first_seq - 1
+        if prev < base:
+            # Entries up to ``base`` are in our snapshot: committed, so they match any
+            # leader's. Start after them.
+            k = min(base - prev, n)
+            entries = entries[k:]
+            n -= k
+            if not n and prev + k < base:
+                # Nothing past the snapshot: say how far it goes (a heartbeat at prev = -1
+                # to a follower that installed a snapshot lands here).
+                self._msgs_after.append((frm, AppendResponse(
+                    self._term, True, self._heartbeat_match(m), read_id=m.read_id, inc=self._inc,
+                )))
+                return
+            prev = base
         last = log.last_seq
         if prev > last:
             self._msgs_after.append((frm, AppendResponse(
@@ -927,6 +981,13 @@ class RaftCore(MemberIdentity, Reconfiguration):
             (frm, AppendResponse(self._term, True, last_new, read_id=m.read_id, inc=self._inc))
         )
 
+    def _heartbeat_match(self, m: AppendEntries) -> int:
+        """How far our log surely matches the leader's, for an append that ends inside our
+        snapshot: through our commit seq (committed entries match every leader's), or our
+        whole log if it ends in the leader's term (only the leader wrote those)."""
+        log = self._log
+        return log.last_seq if log.last_term == m.term else min(self._commit, log.last_seq)
+
     # --- replication: leader side -----------------------------------------------------
     def _on_append_response(self, frm: NodeId, m: AppendResponse) -> None:
         if m.term > self._term:
@@ -953,6 +1014,12 @@ class RaftCore(MemberIdentity, Reconfiguration):
                 self._read_acks[frm] = m.read_id
                 self._release_reads()
         log = self._log
+        if pr.snap is not None:
+            # A snapshot is on its way: heartbeats' answers only tell how far it matches.
+            if m.success and pr.match < m.match_seq <= log.last_seq:
+                pr.match = m.match_seq
+                self._maybe_commit()
+            return
         if m.success:
             ms = m.match_seq
             if ms > log.last_seq:
@@ -1000,7 +1067,9 @@ class RaftCore(MemberIdentity, Reconfiguration):
             # Skip the follower's whole conflicting term: resume after our last entry of
             # that term if we have one, else at the first seq the follower has of it.
             s = log.last_at_or_below_term(pr.match, min(rejected, log.last_seq), m.conflict_term)
-            if s >= pr.match and s >= 0 and log.term_at(s) == m.conflict_term:
+            # (s below our compaction point: not found; the hint then leads to a snapshot)
+            if (s >= pr.match and s >= 0 and s >= log.first_seq - 1
+                    and log.term_at(s) == m.conflict_term):
                 nxt = s + 1
             else:
                 nxt = m.conflict_seq
@@ -1040,6 +1109,9 @@ class RaftCore(MemberIdentity, Reconfiguration):
         term = self._term
         if pr.lost:
             return
+        if pr.snap is not None or pr.next < log.first_seq:
+            self._send_snapshot(p, pr)
+            return
         if pr.probe:
             if pr.probe_sent:
                 return
@@ -1060,6 +1132,10 @@ class RaftCore(MemberIdentity, Reconfiguration):
         max_inflight = cfg.max_inflight
         while len(infl) < max_inflight and pr.next <= last:
             nxt = pr.next
+            if nxt < log.first_seq:  # compacted under a slow follower
+                pr.become_probe(nxt)
+                self._send_snapshot(p, pr)
+                return
             ents = log.slice(nxt, min(last, nxt + cfg.rpc_max - 1), cfg.rpc_max_bytes)
             if not infl:
                 pr.last_progress = self._now  # the stall clock starts with the first batch
@@ -1074,7 +1150,7 @@ class RaftCore(MemberIdentity, Reconfiguration):
         # rejection (and a fallback to probing) just because batches are still in flight;
         # if it is rejected all the same, the follower lost data (``_on_append_response``).
         # A lost member gets prev = -1: it keeps following, and nothing it says counts.
-        match = pr.match if not pr.lost else -1
+        match = self._heartbeat_prev(pr)
         self._msgs.append((p, AppendEntries(
             self._term, match, self._log.term_at(match), (), self._commit, read_id, self._inc
         )))
@@ -1086,7 +1162,20 @@ class RaftCore(MemberIdentity, Reconfiguration):
         # the follower holds this term's entries). Probe again from what it has. Ticks are
         # counted, not timed: heartbeat times are sums of floats.
         rnd = self._read_round - 1  # the last read round sent: acknowledging it again is true
+        first = self._log.first_seq
         for p, pr in self._prs.items():
+            if pr.snap is not None:
+                self._snapshot_tick(p, pr)
+                if pr.snap is not None:
+                    self._heartbeat(p, pr, rnd)
+                    continue
+            if pr.next < first and not pr.lost:
+                # Needs a snapshot: start one if it was heard from lately, and in any case
+                # a heartbeat, so that it is heard from.
+                self._send_snapshot(p, pr)
+                if pr.snap is None or pr.snap_acked < 0:
+                    self._heartbeat(p, pr, rnd)
+                continue
             if pr.probe and not pr.lost:
                 if pr.probe_sent:
                     # No answer to the last probe yet: ask again without entries, so a dead

@@ -239,11 +239,13 @@ class ConfigStack:
                 i = j
         return self if i == 0 else ConfigStack(items[i:])
 
-    def matching(self, term_at: Callable[[int], int], last_seq: int) -> ConfigStack:
+    def matching(self, term_at: Callable[[int], int], last_seq: int,
+                 first_seq: int = 0) -> ConfigStack:
         """After a restart: keep only configurations whose entry is still in the log (a
-        crash may have lost an entry whose configuration the hard state already named)."""
-        kept = tuple(x for x in self.items
-                     if x[0] < 0 or (x[0] <= last_seq and term_at(x[0]) == x[1]))
+        crash may have lost an entry whose configuration the hard state already named).
+        Entries before ``first_seq`` were compacted into a snapshot: committed, so kept."""
+        kept = tuple(x for x in self.items if x[0] < max(first_seq, 0)
+                     or (x[0] <= last_seq and term_at(x[0]) == x[1]) or x[0] < 0)
         return ConfigStack(kept or self.items[:1])
 
     def encode(self) -> list[Any]:

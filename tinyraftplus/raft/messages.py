@@ -5,7 +5,7 @@ mutual TLS, has authenticated it), and hands ``(from_id, message)`` to ``RaftNod
 
 Two families:
 
-* Core messages (``RequestVote`` ... ``RecoverResponse``) are stepped into ``RaftCore``.
+* Core messages (``RequestVote`` ... ``SnapshotResponse``) are stepped into ``RaftCore``.
   Every one carries the sender's ``term`` and, last, ``inc``: the *incarnation* of the
   sender's durable state (its data identity, created when the member's state was first
   written; see ``tinyraftplus.raft.recovery``). A receiver ignores messages from an older
@@ -157,6 +157,53 @@ class RecoverResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """Leader to a follower that needs entries the leader compacted away: one piece of the
+    snapshot ``(seq, snap_term, size, crc)`` (``tinyraftplus.raft.snapshot``).
+
+    ``begin`` opens (or resumes) a transfer: it carries no data, but the snapshot's
+    configuration and extra state, and the follower answers how many bytes of that very
+    snapshot it already holds. Other messages carry ``data`` at ``offset`` with its CRC32C
+    (``chunk_crc``), so a damaged chunk is refused and sent again."""
+
+    term: int
+    seq: int
+    snap_term: int
+    size: int
+    crc: int
+    offset: int
+    data: bytes
+    chunk_crc: int = 0
+    begin: bool = False
+    config: bytes | None = None
+    extra: bytes = b""
+    inc: int = 0
+
+
+SNAP_OK = 0  # the follower holds ``offset`` bytes of the snapshot: send on from there
+SNAP_REJECTED = 1  # a chunk was not taken (out of order or damaged): resend from ``offset``
+SNAP_DONE = 2  # installed (or already covered): the follower's log matches through ``seq``
+SNAP_BEGIN = 3  # the follower holds nothing of this snapshot: open the transfer again
+SNAP_CORRUPT = 4  # every chunk checked, the whole did not: the leader's copy is damaged
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotResponse:
+    """Follower to leader, about the snapshot ``(seq, snap_term, crc)``: ``status`` is one of
+    ``SNAP_OK``, ``SNAP_REJECTED``, ``SNAP_DONE``, ``SNAP_BEGIN``, ``SNAP_CORRUPT``; ``offset``
+    is how many
+    bytes of it the follower holds."""
+
+    term: int
+    seq: int
+    snap_term: int
+    crc: int
+    offset: int
+    status: int = SNAP_OK
+    inc: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Propose:
     """Follower's driver to the leader's driver: append ``items`` on behalf of a client."""
 
@@ -178,19 +225,21 @@ class ProposeResponse:
 
 CoreMessage = Union[  # noqa: UP007
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
-    ReadIndexResponse, Recover, RecoverResponse,
+    ReadIndexResponse, Recover, RecoverResponse, InstallSnapshot, SnapshotResponse,
 ]
 Message = Union[CoreMessage, Propose, ProposeResponse]  # noqa: UP007
 
 CORE_MESSAGE_TYPES = (
     RequestVote, VoteResponse, AppendEntries, AppendResponse, TimeoutNow, ReadIndex,
-    ReadIndexResponse, Recover, RecoverResponse,
+    ReadIndexResponse, Recover, RecoverResponse, InstallSnapshot, SnapshotResponse,
 )
 MESSAGE_TYPES = CORE_MESSAGE_TYPES + (Propose, ProposeResponse)
 
 __all__ = [
     "NodeId", "Entry", "RequestVote", "VoteResponse", "AppendEntries", "AppendResponse",
-    "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Recover", "RecoverResponse", "Propose",
+    "TimeoutNow", "ReadIndex", "ReadIndexResponse", "Recover", "RecoverResponse",
+    "InstallSnapshot", "SnapshotResponse", "SNAP_OK", "SNAP_REJECTED", "SNAP_DONE",
+    "SNAP_BEGIN", "SNAP_CORRUPT", "Propose",
     "ProposeResponse",
     "CoreMessage", "Message", "CORE_MESSAGE_TYPES", "MESSAGE_TYPES",
 ]

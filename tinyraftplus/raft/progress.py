@@ -14,11 +14,16 @@ Two states, as in etcd's raft:
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..snapshot.meta import SnapshotMeta
 
 
 class Progress:
     __slots__ = ("match", "next", "probe", "probe_sent", "inflight", "last_progress", "lost",
-                 "hb_floor", "idle_beats")
+                 "hb_floor", "idle_beats", "snap", "snap_sent", "snap_acked", "snap_idle",
+                 "snap_rewound")
 
     def __init__(self, next_seq: int, now: float) -> None:
         self.match = -1  # highest seq known to be durable on the follower and matching us
@@ -35,6 +40,13 @@ class Progress:
         # Only a heartbeat numbered at least this (sent to the current incarnation) tells
         # of lost data when it is rejected.
         self.hb_floor = 0
+        # snapshot state (``snapshot.py``): the snapshot being sent instead of entries the
+        # leader no longer has; replication waits until it is installed.
+        self.snap: SnapshotMeta | None = None
+        self.snap_sent = 0  # bytes sent
+        self.snap_acked = -1  # bytes the follower said it holds; -1: the opening unanswered
+        self.snap_idle = 0  # heartbeat ticks without an answer
+        self.snap_rewound = False  # went back after a refused chunk; ignore older refusals
 
     def forget(self, next_seq: int, now: float, hb_floor: int) -> None:
         """The follower is a new incarnation: nothing it acknowledged before counts, and
@@ -42,6 +54,7 @@ class Progress:
         self.match = -1
         self.lost = False
         self.hb_floor = hb_floor
+        self.snap = None
         self.last_progress = now
         self.become_probe(next_seq)
 
@@ -61,6 +74,8 @@ class Progress:
 
     def __repr__(self) -> str:
         state = "probe" if self.probe else f"replicate inflight={len(self.inflight)}"
+        if self.snap is not None:
+            state = f"snapshot {self.snap.seq} sent={self.snap_sent} acked={self.snap_acked}"
         if self.lost:
             state += " LOST"
         return f"Progress(match={self.match}, next={self.next}, {state})"

@@ -149,6 +149,26 @@ class RaftLog:
             del self.mem[:drop]
             self.mem_start += drop
 
+    def restored(self, seq: int) -> None:
+        """Storage now starts after a snapshot whose last seq is ``seq`` (and keeps what
+        it held beyond only if it matched the snapshot). Call with nothing unstable."""
+        st = self.storage
+        self.pending_truncate = None
+        if st.seq <= seq:
+            self.mem = []
+            self.mem_start = seq + 1
+            self.stable = self.emitted = seq
+            return
+        # Kept: the tail in memory still follows storage; drop what precedes storage.
+        first = st.first_seq
+        if self.mem_start < first:
+            del self.mem[:first - self.mem_start]
+            self.mem_start = first
+        if self.mem_start > st.seq + 1 or (self.mem and self.mem_start + len(self.mem) <= st.seq):
+            self.mem = []
+            self.mem_start = st.seq + 1
+        self.stable = self.emitted = max(self.stable, min(self.last_seq, st.seq))
+
     # --- hint searches ----------------------------------------------------------------
     def first_of_term(self, seq: int, floor: int) -> int:
         """The first seq in ``[floor, seq]`` whose term equals the term at ``seq``."""

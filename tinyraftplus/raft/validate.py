@@ -17,6 +17,8 @@ MAX_SEQ = (1 << 63) - 1
 _CORE = frozenset(m.CORE_MESSAGE_TYPES)
 MAX_VOTERS = 1024
 MAX_ID_LEN = 256
+MAX_CRC = (1 << 32) - 1
+MAX_META = 1 << 20  # bytes of an encoded configuration
 
 
 def _int(name: str, v: Any, lo: int, hi: int = MAX_SEQ) -> None:
@@ -106,6 +108,32 @@ def check_message(msg: Any, *, max_entries: int = 65536, max_bytes: int = 64 << 
             raise ProtocolError(f"RecoverResponse.voters must be a tuple of at most {MAX_VOTERS}")
         for v in msg.voters:
             check_node_id("RecoverResponse.voters", v)
+    elif t is m.InstallSnapshot:
+        _int("term", msg.term, 1)
+        _int("seq", msg.seq, 0)
+        _int("snap_term", msg.snap_term, 0, msg.term)
+        _int("size", msg.size, 0)
+        _int("crc", msg.crc, 0, MAX_CRC)
+        _int("offset", msg.offset, 0, msg.size)
+        _int("chunk_crc", msg.chunk_crc, 0, MAX_CRC)
+        _bool("begin", msg.begin)
+        if type(msg.data) is not bytes or len(msg.data) > max_bytes:
+            raise ProtocolError(f"InstallSnapshot.data must be bytes of at most {max_bytes}")
+        if msg.offset + len(msg.data) > msg.size:
+            raise ProtocolError("InstallSnapshot.data runs past the snapshot's size")
+        if msg.config is not None and (type(msg.config) is not bytes
+                                       or len(msg.config) > MAX_META):
+            raise ProtocolError(f"InstallSnapshot.config must be None or bytes of at most "
+                                f"{MAX_META}")
+        if type(msg.extra) is not bytes or len(msg.extra) > max_bytes:
+            raise ProtocolError(f"InstallSnapshot.extra must be bytes of at most {max_bytes}")
+    elif t is m.SnapshotResponse:
+        _int("term", msg.term, 0)
+        _int("seq", msg.seq, 0)
+        _int("snap_term", msg.snap_term, 0)
+        _int("crc", msg.crc, 0, MAX_CRC)
+        _int("offset", msg.offset, 0)
+        _int("status", msg.status, 0, 4)
     elif t is m.Propose:
         _int("req_id", msg.req_id, 0)
         if type(msg.items) is not tuple or not msg.items:

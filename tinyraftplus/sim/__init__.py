@@ -8,13 +8,18 @@ synced. Clients run put / get / append against a key-value store (or your own st
 through any node, retrying on timeouts and missing leaders. While it runs it checks election
 safety, log matching, leader completeness, state machine safety, commit monotonicity and the
 durability of acknowledged writes; at the end it checks the client history is linearizable.
-A seed fixes everything: the same seed replays the same trace.
+With snapshots on (``SimConfig.snapshot_entries``, drawn from the seed by default) nodes
+snapshot their state machines, compact their logs, restart from snapshots and catch up by
+InstallSnapshot, with crashes at every snapshot storage step and damaged snapshot bytes (at
+rest and in flight); every node's snapshot at a seq must hold the same state
+(``sim/snapshots.py``). A seed fixes everything: the same seed replays the same trace.
 
 Command line::
 
     python -m tinyraftplus.sim --seeds 0:10000 --jobs 2      # summary of 10,000 seeds
     python -m tinyraftplus.sim --seed 42 --steps 300 --trace  # replay one, print its trace
     python -m tinyraftplus.sim --seeds 0:500 --preset churn --bug commit_old_term
+    python -m tinyraftplus.sim --seeds 0:2000 --jobs 2 --snapshot-entries 5  # snapshots on
 
 From Python::
 
@@ -86,7 +91,15 @@ from .app import (
     Workload,
     kv_app,
 )
-from .cluster import ALL_BUGS, CORE_BUGS, SimConfig, SimResult, Simulation, run_seed
+from .cluster import (
+    ALL_BUGS,
+    CORE_BUGS,
+    SNAPSHOT_BUGS,
+    SimConfig,
+    SimResult,
+    Simulation,
+    run_seed,
+)
 from .invariants import SafetyViolation
 from .linearizable import CheckResult, History, KVModel, Model, Operation, check
 from .network import EventQueue, NetworkFaults, SimNetwork
@@ -96,6 +109,7 @@ from .store import SimCrash, SimStore
 __all__ = [
     "ALL_BUGS",
     "CORE_BUGS",
+    "SNAPSHOT_BUGS",
     "CheckResult",
     "EventQueue",
     "History",

@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"concurrent clients (default {SimConfig.clients})")
     p.add_argument("--keys", type=_int_at_least(1), default=SimConfig.keys,
                    help=f"keys the default key-value workload uses (default {SimConfig.keys})")
+    p.add_argument("--snapshot-entries", type=_int_at_least(0), default=None, metavar="N",
+                   help="each node snapshots its state machine every N applied entries and "
+                   "compacts its log behind it (0: off; default: drawn from the seed, off in "
+                   "some seeds and 4 to 25 in the others)")
     p.add_argument("--no-faults", action="store_true", help="no drops, partitions or crashes")
     p.add_argument("--bug", action="append", default=[], choices=sorted(ALL_BUGS),
                    help="switch on a deliberate bug (repeatable)")
@@ -147,6 +151,8 @@ def _config(args: argparse.Namespace) -> SimConfig:
         kw[name] = value
     if args.nodes is not None:
         kw["nodes"] = args.nodes
+    if args.snapshot_entries is not None:
+        kw["snapshot_entries"] = args.snapshot_entries
     if args.election_timeout is not None:
         kw["election_timeout"] = args.election_timeout
     return SimConfig.churn(**kw) if args.preset == "churn" else SimConfig(**kw)
@@ -201,6 +207,12 @@ def _main(args: argparse.Namespace) -> int:
               f"{res.acked_writes} acknowledged writes, {res.elections} elections, "
               f"{res.crashes} crashes, {res.partitions} partitions, {res.messages} messages, "
               f"{res.virtual_time:.3f}s virtual; trace sha256 {res.trace_hash[:16]}")
+        sn = res.stats.get("snapshots", {})
+        if sn.get("seeds"):
+            print(f"  snapshots every {sim.snapshot_entries} entries (trailing "
+                  f"{sim.trailing_entries}): {sn.get('taken', 0)} taken, "
+                  f"{sn.get('installs', 0)} installed, {sn.get('restores', 0)} restarts from "
+                  f"a snapshot, {sn.get('compactions', 0)} compactions")
         return 0
     summary = run_seeds(args.seeds, config, jobs=args.jobs, app_factory=factory,
                         stop_after=args.stop_after, app=spec)

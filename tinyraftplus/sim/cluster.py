@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,18 +38,23 @@ from ..errors import ConfigurationError, InvalidArgumentError, MembershipError, 
 from ..raft.core import RaftConfig, RaftCore, Role
 from ..raft.membership import Config, QuorumRule, quorum_of
 from ..raft.messages import Propose, ProposeResponse
-from .app import OpSpec, SessionStateMachine, SimApp, kv_app
+from ..raft.snapshot import crc32c
+from .app import OpSpec, SessionStateMachine, SimApp, kv_app, supports_snapshots
 from .invariants import Invariants, SafetyViolation
 from .linearizable import History, check
 from .network import PARTITION_KINDS, EventQueue, NetworkFaults, SimNetwork
+from .snapfiles import SNAPSHOT_STEPS
+from .snapshots import SNAPSHOT_BUGS, NodeSnapshots, base_of
 from .store import STORE_BUGS, SimCrash, SimStore
 
-__all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS"]
+__all__ = ["SimConfig", "SimResult", "Simulation", "run_seed", "CORE_BUGS", "ALL_BUGS",
+           "SNAPSHOT_BUGS"]
 
 CORE_BUGS = frozenset({"count_vote_twice", "commit_old_term", "skip_append_term_check",
                        "config_on_commit", "skip_own_term_rule"})
-# (store bugs, including "trust_wiped", are in store.py)
-ALL_BUGS = CORE_BUGS | STORE_BUGS
+# (store bugs, including "trust_wiped", are in store.py; the snapshot driver's in
+# snapshots.py)
+ALL_BUGS = CORE_BUGS | STORE_BUGS | SNAPSHOT_BUGS
 
 _INF = float("inf")
 
@@ -85,6 +91,13 @@ class SimConfig:
     require_liveness: bool = True  # a cluster that cannot settle once healed is a failure
     max_messages: int = 200_000  # more than this in one seed is a message storm: a failure
     trace_tail: int = 60  # events shown around a failure
+    # Snapshots (``snapshots.py``): every node snapshots its state machine after each
+    # multiple of this many applied entries and compacts its log behind it. None: drawn from
+    # the seed (off in some seeds, 4 to 25 in the others); 0: off.
+    snapshot_entries: int | None = None
+    trailing_entries: int | None = None  # kept behind a snapshot; None: drawn from the seed
+    snapshot_chunk: int = 256  # bytes per InstallSnapshot chunk (small: several per transfer)
+    snapshot_timeout: int = 10  # heartbeat ticks without progress before a transfer reopens
 
     def __post_init__(self) -> None:
         unknown = set(self.bugs) - ALL_BUGS
@@ -102,6 +115,16 @@ class SimConfig:
             )
         if self.steps < 0:
             raise InvalidArgumentError(f"SimConfig: steps must be >= 0, got {self.steps}")
+        for name in ("snapshot_entries", "trailing_entries"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise InvalidArgumentError(
+                    f"SimConfig: {name} must be a whole number >= 0 (0: off) or None "
+                    f"(drawn from the seed), got {v!r}")
+        for name in ("snapshot_chunk", "snapshot_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise InvalidArgumentError(f"SimConfig: {name} must be >= 1, got {v!r}")
 
     @classmethod
     def churn(cls, **kw: Any) -> SimConfig:
@@ -140,6 +163,8 @@ class SimConfig:
             parts.append(f"--clients {self.clients}")
         if self.keys != SimConfig.keys:
             parts.append(f"--keys {self.keys}")
+        if self.snapshot_entries is not None:
+            parts.append(f"--snapshot-entries {self.snapshot_entries}")
         if not self.faults:
             parts.append("--no-faults")
         if self.election_timeout is not None and not churn:
@@ -200,11 +225,17 @@ class _Profile:
     wipe_p: float = 0.0  # per step: a node crashes and loses its disk (one at a time)
     member_p: float = 0.0  # per step: the leader is asked for a membership change or transfer
     spares: int = 0  # nodes beyond the first configuration's voters, started as joiners
+    # snapshots (when on): a crash at a random step of a snapshot being written or
+    # installed (per snapshot); a bit flipped in a stopped node's newest snapshot file (per
+    # crash); an InstallSnapshot chunk damaged in flight (per chunk)
+    snap_crash: float = 0.0
+    snap_rot: float = 0.0
+    snap_corrupt: float = 0.0
 
     @property
     def net(self) -> NetworkFaults:
         return NetworkFaults(self.drop, self.duplicate, 0.0005, self.delay_max,
-                             self.long_delay, 0.25)
+                             self.long_delay, 0.25, self.snap_corrupt)
 
 
 def _profile(rng: random.Random, faults: bool) -> _Profile:
@@ -263,7 +294,12 @@ class SimNode:
         self.offset = offset
         self.store = SimStore(node_id, bugs=sim.config.bugs & STORE_BUGS,
                               rng=random.Random(f"{sim.seed}:store:{node_id}"),
-                              torn=sim.profile.torn)
+                              torn=sim.profile.torn,
+                              snap_rng=random.Random(f"{sim.seed}:snapfiles:{node_id}"))
+        committed = sim.inv.committed
+        self.store.committed_term = lambda seq: (
+            committed[seq][0] if 0 <= seq < len(committed) else None)
+        self.snaps: NodeSnapshots | None = None
         self.core: RaftCore | None = None
         self.sm: SessionStateMachine | None = None
         self.up = False
@@ -295,13 +331,15 @@ class SimNode:
         # Started without state, a node is given the cluster as an operator would: the first
         # voters at the first start, the current configuration's after a wipe.
         voters = sorted(sim.current_config().voters if wiped else sim.voter_ids)
+        self.sm = SessionStateMachine(sim.app.state_machine())
+        self.applied = -1
+        self.snaps = snaps = NodeSnapshots(self)
+        base = snaps.restore_at_start()  # the newest good snapshot, then the log after it
         self.core = RaftCore(
             self.id, voters, self.store, hs, config=sim.raft_config, rng=rng,
             now=self.local_now(), commit_seq=-1, bugs=sim.config.bugs & CORE_BUGS,
-            join=self.id not in voters,
+            join=self.id not in voters, snapshots=snaps, snapshot_base=base,
         )
-        self.sm = SessionStateMachine(sim.app.state_machine())
-        self.applied = -1
         self.led_term = -1
         self.checked_commit = -1
         self.checked_config = None
@@ -314,10 +352,21 @@ class SimNode:
     def crash(self, why: str, restart_in: float | None = None) -> None:
         if not self.up:
             return
+        step = self.store.crash_step
+        if step in SNAPSHOT_STEPS:
+            self.sim.snap_stats["crash " + step] += 1
+        elif self.snaps is not None and self.snaps.job is not None:
+            self.sim.snap_stats["crash while writing a snapshot"] += 1
         kept = self.store.crash()
+        sim = self.sim
+        if sim.snapshot_entries and sim.profile.snap_rot and self.snaps is not None and (
+                sim.snap_rng.random() < sim.profile.snap_rot) and self.snaps.rot():
+            sim.snap_stats["rot"] += 1
+            kept += ", a bit of its newest snapshot flipped at rest"
         self.up = False
         self.core = None
         self.sm = None
+        self.snaps = None
         self.write_waiters = {}
         self.read_waiters = []
         self.reads = {}
@@ -325,7 +374,6 @@ class SimNode:
         self.tick_gen += 1
         self.tick_at = _INF
         self.crash_gen += 1
-        sim = self.sim
         sim.crashes += 1
         sim.trace("crash", self.id, why, kept, self.store.durable_seq)
         sim.check_acked_durable(f"after node {self.id} crashed")
@@ -370,6 +418,14 @@ class SimNode:
             core.advance(rd)
             for to, msg in rd.messages_after_persist:
                 send(me, to, msg)
+            if rd.snapshot_in:
+                assert self.snaps is not None
+                try:
+                    for frm, piece in rd.snapshot_in:
+                        self.snaps.on_piece(frm, piece)
+                except SimCrash as crash:
+                    self.crash(str(crash))
+                    return
             if me in sim.lost and not core.recovering:
                 sim.lost.discard(me)
                 sim.trace("recovered", me, core.term, store.seq)
@@ -391,7 +447,8 @@ class SimNode:
                 sim.fail("commit report",
                          f"node {me}'s Ready says commit_seq {rd.commit_seq} but the core's "
                          f"commit_seq is {commit}", [me])
-            sim.inv.on_commit(me, commit, core.term, store.seq, store.chain_at, store.term_at)
+            sim.inv.on_commit(me, commit, core.term, store.seq, store.chain_at, store.term_at,
+                              store.first_seq - 1)
             if rd.commit_seq > self.applied:
                 self._apply(rd.commit_seq)
             for rs in rd.read_states:
@@ -410,6 +467,8 @@ class SimNode:
             e = core.read_entries(seq, seq, 1 << 30)[0]  # typed: a ConfigEntry is one
             result = sm.apply(b"" if e.kind else e.data, seq)  # a configuration: as a no-op
             self.applied = seq
+            if self.snaps is not None:
+                self.snaps.on_applied(e)
             self.results[seq] = result
             sim.commits += 1
             waiters = self.write_waiters.pop(seq, None)
@@ -420,6 +479,20 @@ class SimNode:
                         att.done(result)
                     else:
                         att.error(f"entry at seq {seq} was replaced (term {e.term}, not {term})")
+        self._release_reads()
+
+    def after_install(self, seq: int) -> None:
+        """A snapshot through ``seq`` was installed: writes waiting for a seq it covers can
+        no longer learn their entry's term (compacted): their clients retry (sessions make
+        that safe); reads it covers can be served."""
+        for s in [s for s in self.write_waiters if s <= seq]:
+            for _term, att in self.write_waiters.pop(s):
+                att.error(f"entry at seq {s} is behind an installed snapshot")
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        sm = self.sm
+        assert sm is not None
         if self.read_waiters:
             still = []
             for index, att, query in self.read_waiters:
@@ -493,7 +566,7 @@ class SimNode:
     # --- client entry points --------------------------------------------------------------
     def _wait_write(self, seq: int, term: int, att: _Attempt) -> None:
         if seq <= self.applied:
-            e = self.store.entry(seq) if seq <= self.store.seq else None
+            e = self.store.entry(seq)  # (None if compacted: the client retries)
             if e is not None and e.term == term:
                 att.seq, att.term = seq, term
                 att.done(self.results.get(seq))
@@ -662,6 +735,31 @@ class Simulation:
             self.profile = replace(self.profile, wipe_p=wipe,
                                    member_p=mr.choice([0.0, 0.01, 0.03, 0.06]),
                                    spares=mr.choice([0, 1, 2]))
+        # Snapshots: settings and faults drawn from a generator of their own too.
+        sr = random.Random(f"{seed}:snapshots")
+        can_snap = supports_snapshots(self.app.state_machine())
+        every = config.snapshot_entries
+        if every is None:
+            every = sr.choice([0, 0, 4, 10, 25]) if can_snap else 0
+        elif every and not can_snap:
+            raise InvalidArgumentError(
+                f"SimConfig.snapshot_entries={every}: the state machine under test has no "
+                "snapshot() and restore(data) (see tinyraftplus.sim.app.StateMachine); give "
+                "it both, or run with snapshot_entries=0")
+        trailing = config.trailing_entries
+        if trailing is None:
+            trailing = sr.choice([0, every // 2, 2 * every])
+        self.snapshot_entries: int = every
+        self.trailing_entries: int = trailing
+        if every and config.faults:
+            self.profile = replace(self.profile, snap_crash=sr.choice([0.0, 0.1, 0.3]),
+                                   snap_rot=sr.choice([0.0, 0.1, 0.3]),
+                                   snap_corrupt=sr.choice([0.0, 0.01, 0.05]))
+        self.snap_rng = random.Random(f"{seed}:snapjobs")
+        # taken, skipped, installs, compactions, restores, damaged, "crash <step>"
+        self.snap_stats: Counter[str] = Counter()
+        if every:
+            self.snap_stats["seeds"] = 1
         if config.overrides:
             self.profile = replace(self.profile, **dict(config.overrides))
         p = self.profile
@@ -675,6 +773,8 @@ class Simulation:
             max_inflight=p.max_inflight,
             pre_vote=p.pre_vote,
             check_quorum=p.check_quorum,
+            snapshot_chunk=config.snapshot_chunk,
+            snapshot_timeout=config.snapshot_timeout,
         )
         # The first configuration's voters, then spare nodes that start as joiners (learners
         # of nobody's configuration until a membership change adds them).
@@ -749,11 +849,10 @@ class Simulation:
             store = n.store
             last = store.durable_seq
             key = (store.durable_term_at(last) or 0, last) if last >= 0 else (0, -1)
-            stack = store.durable_hard_state().configs
             if n.up and n.core is not None:
                 cfg = n.core.configuration
             else:
-                cfg = stack.latest[2] if stack is not None else Config(frozenset(self.voter_ids))
+                cfg = self.durable_config(n)[1]
             info[n.id] = (cfg, key)
         quorums: dict[int, Any] = {}
         for seq, term, what in self.inv.acked:
@@ -776,6 +875,24 @@ class Simulation:
                         f"{holders} hold it durably: node {y} could be elected without it by "
                         f"{sorted(voters)} ({cfg.describe()})", holders)
                     return
+
+    def durable_config(self, node: SimNode) -> tuple[int, Config]:
+        """The configuration a node that is down would restart with, and the seq of its
+        entry: its newest good durable snapshot's (the one in force at the snapshot's seq)
+        unless its durable hard state names a later one, else the hard state's, else the
+        first voters'. (The hard state's stack stays None until a change is persisted.)"""
+        store = node.store
+        stack = store.durable_hard_state().configs
+        snap = store.snaps.durable_newest()
+        if snap is not None and snap.config is not None:
+            later = [x for x in stack.items if x[0] > snap.seq] if stack is not None else []
+            if later:
+                return later[-1][0], later[-1][2]
+            b = base_of(snap)
+            return b.config_seq, b.config
+        if stack is not None:
+            return stack.latest[0], stack.latest[2]
+        return -1, Config(frozenset(self.voter_ids))
 
     def check_commit_quorum(self, node: SimNode) -> None:
         """A leader commits only what a quorum of the configuration in force holds
@@ -885,8 +1002,9 @@ class Simulation:
                     cands.append((core.term, core.config_seq, core.configuration))
             else:
                 hs = n.store.durable_hard_state()
-                if hs.configs is not None:
-                    cands.append((hs.term, hs.configs.latest[0], hs.configs.latest[2]))
+                if hs.configs is not None or n.store.snaps.durable_newest() is not None:
+                    cseq, cfg = self.durable_config(n)
+                    cands.append((hs.term, cseq, cfg))
         if cands:
             return max(cands, key=lambda x: (x[0], x[1]))[2]
         return Config(frozenset(self.voter_ids))
@@ -1046,7 +1164,11 @@ class Simulation:
             commits=self.commits, checks=self.inv.checks,
             virtual_time=queue.now,
             trace_hash=self.trace_hash() if self._record else "",
+            stats={"snapshots": dict(self._snap_counts())},
         )
+
+    def _snap_counts(self) -> Counter[str]:
+        return Counter(self.snap_stats)
 
     def _check_storm(self) -> None:
         if self.net.sent > self.config.max_messages:
@@ -1098,15 +1220,35 @@ class Simulation:
                 c.spec = None
         self.check_acked_durable("after settling")
         if self._converged():
+            self._check_state_agreement()
             members = self.current_config().members
             for seq, term, what in self.inv.acked:
                 for i, node in self.nodes.items():
                     if i not in members:
                         continue
-                    if seq > node.store.seq or node.store.entry(seq).term != term:
+                    if node.store.covered_term(seq) != term:
                         self.fail("acknowledged write durability",
                                   f"{what} was acknowledged at seq {seq} term {term} but "
                                   f"node {i}'s settled log does not hold it", [i])
+
+    def _check_state_agreement(self) -> None:
+        """Settled, every member applied the same log: their state machines must hold the
+        same state (compared through their snapshots, when they can take one)."""
+        states: dict[int, list[Any]] = {}
+        for i, node in self.nodes.items():
+            if node.sm is None or i not in self.current_config().members:
+                continue
+            if not supports_snapshots(node.sm.inner):
+                return
+            states.setdefault(crc32c(node.sm.snapshot()), []).append(i)
+        self.inv.checks += 1
+        if len(states) > 1:
+            groups = "; ".join(f"nodes {sorted(v)}" for v in states.values())
+            self.fail("state agreement",
+                      f"the settled nodes applied the same log through seq "
+                      f"{max(n.applied for n in self.nodes.values())} but their state "
+                      f"machines differ: {groups} hold different states",
+                      sorted(i for v in states.values() for i in v))
 
     def _converged(self) -> bool:
         lead = self.leader()
@@ -1144,5 +1286,6 @@ def run_seed(seed: int, config: SimConfig | None = None, app: SimApp | None = No
                          partitions=sim.partitions, wipes=sim.wipes,
                          member_changes=sim.member_changes,
                          messages=sim.net.sent, checks=sim.inv.checks,
-                         virtual_time=sim.queue.now)
+                         virtual_time=sim.queue.now,
+                         stats={"snapshots": dict(sim._snap_counts())})
 

@@ -51,6 +51,7 @@ class SafetyViolation(TinyRaftError):
 
 
 Fail = Callable[[str, str, Sequence[Any]], None]
+LeaderLog = tuple[int, int, list[int]]  # base, chain hash at base, chain hashes after it
 
 
 class Invariants:
@@ -60,7 +61,7 @@ class Invariants:
         self._fail = fail
         self.leaders: dict[int, Any] = {}
         # term -> (leader, chain hashes of its log when it won)
-        self.leader_logs: dict[int, tuple[Any, list[int]]] = {}
+        self.leader_logs: dict[int, tuple[Any, LeaderLog]] = {}
         # (seq, term) -> (chain hash, first writer)
         self.chains: dict[tuple[int, int], tuple[int, Any]] = {}
         # canonical committed log: per seq (term, chain hash, commit term, first node)
@@ -68,10 +69,17 @@ class Invariants:
         self.commit_of: dict[Any, int] = {n: -1 for n in nodes}
         # acknowledged writes: (seq, term, description)
         self.acked: list[tuple[int, int, str]] = []
+        # seq -> (digest of the state machine's snapshot there, first node, how it got it)
+        self.snapshots: dict[int, tuple[int, Any, str]] = {}
         self.checks = 0
 
     # --- election safety + leader completeness ------------------------------------------
-    def on_leader(self, node: Any, term: int, chain: list[int]) -> None:
+    def on_leader(self, node: Any, term: int, chain: LeaderLog | list[int]) -> None:
+        """``chain``: the new leader's log as ``(base, chain hash at base, chain hashes of
+        base + 1 ..)``; entries up to ``base`` are in its snapshot (``base == -1``: none).
+        A plain list is the chain hashes of a log from seq 0."""
+        if isinstance(chain, list):
+            chain = (-1, 0, chain)
         self.checks += 1
         other = self.leaders.get(term)
         if other is None:
@@ -84,17 +92,31 @@ class Invariants:
         else:
             return  # already checked when it won
         self.leader_logs[term] = (node, chain)
+        base = chain[0]
         for seq, (_t, h, cterm, first) in enumerate(self.committed):
-            if cterm < term:
+            if cterm < term and (seq >= base or seq == 0):
                 self._check_has(node, term, chain, seq, h, cterm, first)
 
-    def _check_has(self, leader: Any, term: int, chain: list[int], seq: int, h: int,
+    def _check_has(self, leader: Any, term: int, chain: LeaderLog, seq: int, h: int,
                    cterm: int, first: Any) -> None:
-        if seq >= len(chain) or chain[seq] != h:
-            have = "nothing" if seq >= len(chain) else "a different entry"
+        base, base_chain, hashes = chain
+        have: int | None
+        if seq < base:
+            # In its snapshot: it holds the committed prefix iff its chain hash at the base
+            # (which covers the prefix) is the committed one there.
+            if base >= len(self.committed):
+                return  # checked when base is committed
+            seq, h, have = base, self.committed[base][1], base_chain
+        elif seq == base:
+            have = base_chain
+        else:
+            i = seq - base - 1
+            have = hashes[i] if i < len(hashes) else None
+        if have != h:
+            what = "nothing" if have is None else "a different entry"
             self._fail(
                 "leader completeness",
-                f"node {leader} won term {term} but has {have} at seq {seq}, which was "
+                f"node {leader} won term {term} but has {what} at seq {seq}, which was "
                 f"committed in term {cterm} (first reported by node {first})",
                 [leader, first],
             )
@@ -118,7 +140,10 @@ class Invariants:
         self.commit_of[node] = -1
 
     def on_commit(self, node: Any, commit: int, term: int, last_seq: int,
-                  chain_at: Callable[[int], int], term_at: Callable[[int], int]) -> None:
+                  chain_at: Callable[[int], int], term_at: Callable[[int], int],
+                  base: int = -1) -> None:
+        """``base``: the node's log holds entries after it only (the rest is in its
+        snapshot, and the chain hash at ``base`` covers all of it)."""
         prev = self.commit_of[node]
         if commit < prev:
             self._fail("commit monotonicity",
@@ -134,7 +159,7 @@ class Invariants:
         self.checks += 1
         self.commit_of[node] = commit
         committed = self.committed
-        for seq in range(prev + 1, commit + 1):
+        for seq in range(max(prev + 1, base, 0), commit + 1):
             h = chain_at(seq)
             if seq < len(committed):
                 t0, h0, _c, first = committed[seq]
@@ -152,6 +177,22 @@ class Invariants:
                 for lterm, (leader, chain) in self.leader_logs.items():
                     if lterm > term:
                         self._check_has(leader, lterm, chain, seq, h, term, node)
+
+    # --- snapshots ------------------------------------------------------------------------
+    def on_snapshot(self, node: Any, seq: int, digest: int, how: str) -> None:
+        """Every snapshot at ``seq`` (taken, received, restored) holds the same state: the
+        state machine's after applying the committed log through ``seq``."""
+        self.checks += 1
+        seen = self.snapshots.get(seq)
+        if seen is None:
+            self.snapshots[seq] = (digest, node, how)
+        elif seen[0] != digest:
+            self._fail(
+                "snapshot agreement",
+                f"node {node}'s snapshot at seq {seq} ({how}) holds another state than the "
+                f"one node {seen[1]} {seen[2]} at that seq",
+                [seen[1], node],
+            )
 
     # --- durability of acknowledged writes ----------------------------------------------
     def on_ack(self, seq: int, term: int, what: str) -> None:

@@ -6,7 +6,8 @@ scheduled and a run is a pure function of the seed.
 
 :class:`SimNetwork` carries messages between nodes through that queue. Every message may be
 dropped, duplicated, and is delayed by a random amount (sometimes a long one, which reorders
-it behind later messages). Partitions are a set of cut directed links; a message is lost if
+it behind later messages); an ``InstallSnapshot`` chunk may arrive damaged (a bit flipped:
+its chunk CRC must catch it). Partitions are a set of cut directed links; a message is lost if
 its link is cut when it is sent or when it would arrive (a partition also eats what is in
 flight on the wire). The shapes a partition can take:
 
@@ -23,10 +24,11 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import InvalidArgumentError
+from ..raft.messages import InstallSnapshot
 
 __all__ = ["EventQueue", "NetworkFaults", "SimNetwork", "PARTITION_KINDS"]
 
@@ -78,6 +80,7 @@ class NetworkFaults:
     delay_max: float = 0.010
     long_delay: float = 0.03  # probability of a long delay (reorders the message)
     long_delay_max: float = 0.200
+    snap_corrupt: float = 0.0  # probability an InstallSnapshot chunk arrives with a bit flipped
 
     @staticmethod
     def none() -> NetworkFaults:
@@ -103,6 +106,7 @@ class SimNetwork:
         self.sent = 0
         self.dropped = 0
         self.duplicated = 0
+        self.corrupted = 0
 
     # --- messages ---------------------------------------------------------------------------
     def send(self, src: Any, dst: Any, msg: Any) -> None:
@@ -113,6 +117,13 @@ class SimNetwork:
                 self.filter is not None and not self.filter(src, dst, msg)):
             self.dropped += 1
             return
+        if f.snap_corrupt and type(msg) is InstallSnapshot and msg.data and (
+                rng.random() < f.snap_corrupt):
+            data = bytearray(msg.data)
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+            msg = replace(msg, data=bytes(data))  # its chunk_crc no longer matches
+            self.corrupted += 1
         copies = 2 if rng.random() < f.duplicate else 1
         if copies == 2:
             self.duplicated += 1

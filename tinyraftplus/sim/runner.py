@@ -23,7 +23,7 @@ import shlex
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +61,7 @@ class SeedOutcome:
     member_changes: int = 0
     short: str = ""
     report: str = ""
+    snap: tuple[tuple[str, int], ...] = ()  # snapshot counters (``Simulation.snap_stats``)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Summary:
     seconds: float = 0.0
     jobs: int = 1
     failures: list[SeedOutcome] = field(default_factory=list)
+    snap: Counter[str] = field(default_factory=Counter)  # snapshot counters, summed
     config: SimConfig | None = None  # what the seeds ran with (for the replay commands)
     app: str | None = None  # ``module:factory`` of the app under test; None: the KV store
     app_unnamed: bool = False  # an app factory ran that has no importable name
@@ -95,6 +97,7 @@ class Summary:
         self.wipes += o.wipes
         self.member_changes += o.member_changes
         self.checks += o.checks
+        self.snap.update(dict(o.snap))
         if not o.ok:
             self.failures.append(o)
 
@@ -111,6 +114,7 @@ class Summary:
             f"disks wiped:        {self.wipes}",
             f"membership changes: {self.member_changes} (and leadership transfers)",
             f"messages sent:      {self.messages}",
+            *self._snap_lines(),
             f"violations:         {self.violations}",
             f"time:               {self.seconds:.1f} s on {self.jobs} process(es) "
             f"({1000 * self.seconds / max(1, self.seeds):.1f} ms per seed wall)",
@@ -123,6 +127,24 @@ class Summary:
         if self.violations > 20:
             lines.append(f"  ... and {self.violations - 20} more")
         return "\n".join(lines)
+
+
+    def _snap_lines(self) -> list[str]:
+        sn = self.snap
+        if not sn.get("seeds"):
+            return ["snapshots:          off"]
+        crashes = sorted((k[6:], v) for k, v in sn.items() if k.startswith("crash "))
+        return [
+            f"snapshots:          {sn['taken']} taken in {sn['seeds']} seeds with snapshots "
+            f"on, {sn['installs']} installed by InstallSnapshot ({sn['resumed']} transfers "
+            f"resumed from the follower's offset), {sn['restores']} restarts "
+            f"from a snapshot, {sn['compactions']} log compactions",
+            f"snapshot faults:    {sum(v for _, v in crashes)} crashes during snapshot steps"
+            + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")
+            + f"; {sn['damaged']} damaged chunks or files caught by their CRC; "
+            f"{sn['rot']} snapshot files rotted at rest; {sn['set aside']} leader copies "
+            "set aside after a follower's SNAP_CORRUPT",
+        ]
 
 
 AppFactory = Callable[[], SimApp]
@@ -218,6 +240,7 @@ def app_spec(factory: AppFactory | None) -> str | None:
 # ``--config FIELD=VALUE``.
 _OWN_OPTIONS = frozenset({
     "steps", "nodes", "clients", "keys", "faults", "bugs", "election_timeout", "overrides",
+    "snapshot_entries",
 })
 CONFIG_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SimConfig) if f.name not in _OWN_OPTIONS
@@ -294,9 +317,11 @@ def _one(seed: int, config: SimConfig, app_factory: AppFactory | None,
             seed, False, len(sim.history), sim.net.sent, sim.elections, sim.crashes,
             sim.partitions, sim.inv.checks, invariant=v.invariant, short=v.short,
             report=report, wipes=sim.wipes, member_changes=sim.member_changes,
+            snap=tuple(sim._snap_counts().items()),
         )
     return SeedOutcome(seed, True, r.ops, r.messages, r.elections, r.crashes, r.partitions,
-                       r.checks, wipes=r.wipes, member_changes=r.member_changes)
+                       r.checks, wipes=r.wipes, member_changes=r.member_changes,
+                       snap=tuple(sim._snap_counts().items()))
 
 
 def _work(args: tuple[list[int], SimConfig, AppFactory | None, bool, str | None]

@@ -17,9 +17,17 @@ What a real disk does, and what this store therefore does:
   log), so a node can die after its vote is durable but before its entries are, after a
   truncate but before the append that should have followed it, and so on.
 
+Snapshots: the log can be compacted (``compact``: drop a prefix behind a snapshot) or reset
+(``reset``: hold nothing, continue after a snapshot's last entry); both are log writes like
+the others (durable at the next sync, or maybe at a torn crash). The snapshot files live in
+``snaps`` (:class:`~tinyraftplus.sim.snapfiles.SnapshotDir`, whose steps are storage steps of
+this store too). ``durable_term_at`` counts a seq as held when the newest good durable
+snapshot includes it.
+
 The store also keeps, per entry, a chain hash (the hash of the previous entry's chain hash,
 this entry's term and its payload). Two logs that hold the same chain hash at a seq hold the
 same prefix, which is how the simulator checks Raft's Log Matching property in O(1) per entry.
+A compacted log keeps the chain hash of its base entry, so the checks go on from there.
 
 ``bugs`` holds deliberate, test-only faults: ``"forget_vote"`` hands back the persisted term
 without the vote on restart, as a node would that forgot to persist or fsync its vote;
@@ -35,13 +43,14 @@ none either, and restarts recovering, under a new incarnation (``restart_hard_st
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from ..entry import Entry
 from ..errors import InvalidArgumentError
 from ..raft.recovery import new_incarnation
 from ..raft.state import HardState, Recovery
+from .snapfiles import SnapshotDir
 
 __all__ = ["SimCrash", "SimStore", "STORE_BUGS"]
 
@@ -57,28 +66,72 @@ def _chain(prev: int, entry: Entry) -> int:
 
 
 class _LogImage:
-    """One image of the log file: entries by seq (no compaction: entry ``i`` has seq ``i``)
-    and the chain hash of each."""
+    """One image of the log file: the entries after ``base`` (``base == -1``: from seq 0;
+    a compaction or a reset after a snapshot moves it) and the chain hash of each, plus the
+    term and chain hash of the entry at ``base`` itself (which a snapshot holds)."""
 
-    __slots__ = ("entries", "chain")
+    __slots__ = ("entries", "chain", "base", "base_term", "base_chain")
 
-    def __init__(self, entries: list[Entry] | None = None, chain: list[int] | None = None):
+    def __init__(self, entries: list[Entry] | None = None, chain: list[int] | None = None,
+                 base: int = -1, base_term: int = 0, base_chain: int = 0):
         self.entries: list[Entry] = entries if entries is not None else []
         self.chain: list[int] = chain if chain is not None else []
+        self.base = base
+        self.base_term = base_term
+        self.base_chain = base_chain
+
+    @property
+    def last(self) -> int:
+        return self.base + len(self.entries)
 
     def copy(self) -> _LogImage:
-        return _LogImage(list(self.entries), list(self.chain))
+        return _LogImage(list(self.entries), list(self.chain), self.base, self.base_term,
+                         self.base_chain)
+
+    def term_at(self, seq: int) -> int | None:
+        if seq == self.base:
+            return self.base_term if seq >= 0 else 0
+        i = seq - self.base - 1
+        if 0 <= i < len(self.entries):
+            return self.entries[i].term
+        return None
+
+    def chain_at(self, seq: int) -> int | None:
+        if seq == self.base:
+            return self.base_chain
+        i = seq - self.base - 1
+        if 0 <= i < len(self.chain):
+            return self.chain[i]
+        return None
 
     def truncate_after(self, seq: int) -> None:
-        del self.entries[seq + 1:]
-        del self.chain[seq + 1:]
+        k = max(0, seq - self.base)
+        del self.entries[k:]
+        del self.chain[k:]
 
     def append(self, entries: list[Entry]) -> None:
-        prev = self.chain[-1] if self.chain else 0
+        prev = self.chain[-1] if self.chain else self.base_chain
         for e in entries:
             prev = _chain(prev, e)
             self.entries.append(e)
             self.chain.append(prev)
+
+    def compact(self, seq: int) -> None:
+        """Drop entries ``<= seq`` (at most all of them)."""
+        seq = min(seq, self.last)
+        k = seq - self.base
+        if k <= 0:
+            return
+        self.base_term = self.entries[k - 1].term
+        self.base_chain = self.chain[k - 1]
+        del self.entries[:k]
+        del self.chain[:k]
+        self.base = seq
+
+    def reset(self, seq: int, term: int, chain: int) -> None:
+        self.entries = []
+        self.chain = []
+        self.base, self.base_term, self.base_chain = seq, term, chain
 
 
 class SimStore:
@@ -93,7 +146,8 @@ class SimStore:
     """
 
     def __init__(self, node_id: object, *, bugs: Collection[str] = (),
-                 rng: random.Random | None = None, torn: bool = True) -> None:
+                 rng: random.Random | None = None, torn: bool = True,
+                 snap_rng: random.Random | None = None) -> None:
         unknown = set(bugs) - STORE_BUGS
         if unknown:
             raise InvalidArgumentError(
@@ -116,39 +170,52 @@ class SimStore:
         self._identities = 0
         self.wipes = 0
         self._crash_in: int | None = None
+        self.crash_step: str | None = None  # the step an armed crash fired before
         self.steps = 0  # storage steps performed, for traces
         self.syncs = 0
+        # Snapshot files beside the log (``snapfiles.py``); their steps are storage steps.
+        self.snaps = SnapshotDir(
+            self._storage_step,
+            snap_rng if snap_rng is not None else random.Random(f"snapfiles:{node_id}"), torn)
+        # seq -> the committed term there (the simulator's canonical committed log): what a
+        # snapshot that includes seq holds (``durable_term_at``).
+        self.committed_term: Callable[[int], int | None] | None = None
 
     # --- LogStorage -----------------------------------------------------------------------
     @property
     def seq(self) -> int:
-        return len(self._log.entries) - 1
+        return self._log.last
 
     @property
     def first_seq(self) -> int:
-        return 0
+        return self._log.base + 1
+
+    def _range(self) -> str:
+        return f"{self.first_seq}..{self.seq}"
 
     def term_at(self, seq: int) -> int:
         if seq == -1:
             return 0
-        if not 0 <= seq < len(self._log.entries):
+        t = self._log.term_at(seq)
+        if t is None:
             raise InvalidArgumentError(
                 f"SimStore(node {self.node_id}): term_at({seq}) outside the log "
-                f"(0..{self.seq})"
+                f"({self._range()})"
             )
-        return self._log.entries[seq].term
+        return t
 
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         if lo > hi:
             return []
-        if lo < 0 or hi > self.seq:
+        if lo < self.first_seq or hi > self.seq:
             raise InvalidArgumentError(
                 f"SimStore(node {self.node_id}): entries({lo}, {hi}) outside the log "
-                f"(0..{self.seq})"
+                f"({self._range()})"
             )
         out: list[Entry] = []
         size = 0
-        for e in self._log.entries[lo:hi + 1]:
+        b = self._log.base + 1
+        for e in self._log.entries[lo - b:hi + 1 - b]:
             if out and size + len(e.data) > max_bytes:
                 break
             out.append(e)
@@ -160,24 +227,51 @@ class SimStore:
     def hard_state(self) -> HardState:
         return self._hard
 
-    def entry(self, seq: int) -> Entry:
-        return self._log.entries[seq]
+    def entry(self, seq: int) -> Entry | None:
+        """The entry at ``seq`` in the current image, None if compacted away (or beyond)."""
+        i = seq - self._log.base - 1
+        return self._log.entries[i] if 0 <= i < len(self._log.entries) else None
 
     def chain_at(self, seq: int) -> int:
-        """Chain hash of the current image at ``seq`` (0 for ``-1``)."""
-        return 0 if seq < 0 else self._log.chain[seq]
+        """Chain hash of the current image at ``seq`` (0 for ``-1``), from the log's base
+        (the entry a snapshot ends at) on."""
+        if seq < 0:
+            return 0
+        h = self._log.chain_at(seq)
+        if h is None:
+            raise InvalidArgumentError(
+                f"SimStore(node {self.node_id}): chain_at({seq}) outside the log "
+                f"({self._log.base}..{self.seq})"
+            )
+        return h
 
-    def chain_snapshot(self) -> list[int]:
-        return list(self._log.chain)
+    def chain_snapshot(self) -> tuple[int, int, list[int]]:
+        """``(base, chain hash at base, chain hashes of base + 1 ..)`` of the current image."""
+        return self._log.base, self._log.base_chain, list(self._log.chain)
 
     @property
     def durable_seq(self) -> int:
-        return len(self._durable_log.entries) - 1
+        return self._durable_log.last
 
     def durable_term_at(self, seq: int) -> int | None:
-        """Term of the durable entry at ``seq``, ``None`` if the durable log is shorter."""
-        if 0 <= seq < len(self._durable_log.entries):
-            return self._durable_log.entries[seq].term
+        """Term of what the node holds durably at ``seq``: the durable log's entry, or, for
+        a seq its newest good durable snapshot includes (and no durable log entry does),
+        the committed term there (``committed_term``, set by the simulator: a snapshot only
+        holds committed entries). ``None`` if a crash now would leave the node without it."""
+        t = self._durable_log.term_at(seq)
+        if t is not None and seq >= 0:
+            return t
+        if 0 <= seq <= self.snaps.durable_cover() and self.committed_term is not None:
+            return self.committed_term(seq)
+        return None
+
+    def covered_term(self, seq: int) -> int | None:
+        """As ``durable_term_at`` for the current image (what the node holds now)."""
+        t = self._log.term_at(seq)
+        if t is not None and seq >= 0:
+            return t
+        if 0 <= seq <= self.snaps.current_cover() and self.committed_term is not None:
+            return self.committed_term(seq)
         return None
 
     def durable_hard_state(self) -> HardState:
@@ -190,6 +284,9 @@ class SimStore:
             raise InvalidArgumentError(f"arm_crash: after_steps must be >= 0, got {after_steps}")
         self._crash_in = after_steps
 
+    def disarm(self) -> None:
+        self._crash_in = None
+
     @property
     def crash_armed(self) -> bool:
         return self._crash_in is not None
@@ -198,6 +295,7 @@ class SimStore:
         if self._crash_in is not None:
             if self._crash_in == 0:
                 self._crash_in = None
+                self.crash_step = what
                 raise SimCrash(f"node {self.node_id} crashed before storage step '{what}'")
             self._crash_in -= 1
         self.steps += 1
@@ -217,8 +315,11 @@ class SimStore:
 
     def truncate_after(self, seq: int) -> None:
         self._storage_step("truncate")
-        if seq < -1:
-            raise InvalidArgumentError(f"SimStore: truncate_after({seq}): seq must be >= -1")
+        if seq < self._log.base:
+            raise InvalidArgumentError(
+                f"SimStore(node {self.node_id}): truncate_after({seq}): entries up to "
+                f"{self._log.base} were compacted behind a snapshot"
+            )
         if seq < self.seq:
             self._log.truncate_after(seq)
             self._pending_log.append(("t", seq))
@@ -238,6 +339,21 @@ class SimStore:
         self._log.append(batch)
         self._pending_log.append(("a", batch))
 
+    def compact(self, seq: int) -> None:
+        """Drop entries ``<= seq`` (whole segment files in a real log: unlinks, durable at
+        the next sync or, maybe, at a crash)."""
+        self._storage_step("compact")
+        if seq > self._log.base:
+            self._log.compact(seq)
+            self._pending_log.append(("c", seq))
+
+    def reset(self, seq: int, term: int, chain: int) -> None:
+        """Hold nothing; the log continues after ``(seq, term)`` (after a snapshot install
+        whose last entry the log did not hold). ``chain``: the chain hash at ``seq``."""
+        self._storage_step("log reset")
+        self._log.reset(seq, term, chain)
+        self._pending_log.append(("r", (seq, term, chain)))
+
     def sync_log(self) -> None:
         self._storage_step("sync log")
         if "skip_fsync" in self.bugs:
@@ -251,6 +367,10 @@ class SimStore:
         kind, arg = op
         if kind == "t":
             self._durable_log.truncate_after(arg)  # type: ignore[arg-type]
+        elif kind == "c":
+            self._durable_log.compact(arg)  # type: ignore[arg-type]
+        elif kind == "r":
+            self._durable_log.reset(*arg)  # type: ignore[misc]
         else:
             batch: list[Entry] = arg  # type: ignore[assignment]
             self._durable_log.append(batch if limit is None else batch[:limit])
@@ -260,6 +380,7 @@ class SimStore:
         """Lose everything unsynced (maybe keeping a random prefix of it, see ``torn``);
         returns a short description of what survived, for the trace."""
         self._crash_in = None
+        self.crash_step = None
         kept = "nothing unsynced kept"
         if self._torn and (self._pending_log or self._hard_dirty):
             rng = self._rng
@@ -280,7 +401,8 @@ class SimStore:
         self._hard_dirty = False
         self._log = self._durable_log.copy()
         self._hard = self._durable_hard
-        return kept
+        snap = self.snaps.crash()
+        return kept + (f", {snap}" if snap else "")
 
     @property
     def has_state(self) -> bool:
@@ -291,6 +413,7 @@ class SimStore:
         self._log = _LogImage()
         self._durable_log = _LogImage()
         self._pending_log.clear()
+        self.snaps.wipe()
         self._hard = self._durable_hard = HardState()
         self._hard_dirty = False
         self._has_state = False

@@ -19,7 +19,8 @@ The id a handler receives is therefore the authenticated one. In plaintext (only
 
 **Sending never blocks.** ``send(to, msg)`` encodes at once (so a bad message raises in the
 caller) and appends the frame to that peer's bounded queue; when the queue is full the oldest
-frame is dropped, counted and warned about (at most once a second per peer). Raft tolerates
+frame is dropped, counted and warned about (at most once a minute per peer, with a count; not
+separately while the peer is reported unreachable). Raft tolerates
 lost messages; it does not tolerate a leader stuck behind one slow follower. Each live
 connection has a writer task that drains the queue in batches of up to 1 MiB per
 ``send_all``.
@@ -43,6 +44,13 @@ for strangers only: a connection from a host named in the peer address map is ad
 whenever its own address has room, so a crowd of silent connections from elsewhere cannot
 keep a restarted node from its peers. Refusals are counted (``refused``) and logged at most
 once every ``REFUSAL_LOG_INTERVAL`` seconds with the number not logged.
+
+**A healthy cluster is quiet.** Expected events are INFO: connections made, a peer that
+closes its connection cleanly (a stop or a restart), a peer not started yet during the first
+``startup_grace`` seconds. A peer that fails is a WARNING when it starts failing (a dial that
+fails, or, on the side it dials, no reconnection within ``reconnect_grace`` of a close), for
+each new reason, then every ``DIAL_REMIND_INTERVAL`` with the attempts and drops counted,
+and its return is INFO.
 """
 
 from __future__ import annotations
@@ -108,9 +116,18 @@ HELLO_MAX_FRAME = 4096
 """Largest frame an acceptor reads before the dialer has proved who it is."""
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
-DROP_WARN_INTERVAL = 1.0
+DROP_WARN_INTERVAL = 60.0
+"""Dropped messages to one peer are reported at most this often (with a count)."""
 DIAL_REMIND_INTERVAL = 60.0
 """A peer that stays unreachable is reported again this often (with the attempt count)."""
+STARTUP_GRACE = 5.0
+"""A peer not reached since this transport started is not news while it refuses
+connections for this long (the nodes of a cluster start one after the other): INFO until
+then, a WARNING after."""
+RECONNECT_GRACE = 2.0
+"""A peer that closed its connection cleanly (it stopped, or restarts) is reported only if
+it has not connected again after this long (on the side that does not dial it; the dialing
+side reports its failed dials)."""
 REFUSAL_LOG_INTERVAL = 10.0
 """Refused inbound connections are logged at most this often (with a count)."""
 CLOSE_TIMEOUT = 0.5
@@ -152,7 +169,8 @@ class _Peer:
     __slots__ = (
         "id", "addr", "we_dial", "queue", "queued_bytes", "wakeup", "addr_known", "up",
         "scope", "stats", "last_drop_warn", "dropped_since_warn", "dial_failures",
-        "dial_reason", "dial_warned_at", "dial_scope",
+        "dial_reason", "dial_warned_at", "dial_scope", "ever_up", "down_reported",
+        "dropped_at_down",
     )
 
     def __init__(self, node_id: NodeId, addr: Address | None, we_dial: bool) -> None:
@@ -176,6 +194,11 @@ class _Peer:
         self.dial_warned_at = -math.inf
         self.dial_scope: trio.CancelScope | None = None
         """The dial loop's (``remove_peer`` cancels it)."""
+        self.ever_up = False
+        """Connected at least once since the transport started."""
+        self.down_reported = False
+        """A WARNING said it is unreachable; its return is then logged (INFO)."""
+        self.dropped_at_down = 0
 
     def take(self) -> tuple[bytes, int]:
         """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
@@ -194,6 +217,15 @@ class _Peer:
             size += len(f)
         self.queued_bytes -= size
         return b"".join(parts), len(parts)
+
+
+class _ConnectError(TransportError):
+    """A dial found nothing listening (refused, unreachable, timed out): the peer is down or
+    not started yet, as opposed to a handshake that failed."""
+
+
+class _PeerClosed(TransportError):
+    """The peer closed the connection cleanly (end of stream): it stopped or restarts."""
 
 
 class _Conn:
@@ -288,6 +320,8 @@ class TcpTransport:
         max_pending: int = 64,
         max_pending_per_source: int = 8,
         rng: random.Random | None = None,
+        startup_grace: float = STARTUP_GRACE,
+        reconnect_grace: float = RECONNECT_GRACE,
     ) -> None:
         try:
             check_node_id(node_id, "node_id", limits)
@@ -339,6 +373,9 @@ class TcpTransport:
         self._idle_timeout = idle_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
+        self._startup_grace = startup_grace
+        self._reconnect_grace = reconnect_grace
+        self._started_at = time.monotonic()
         if type(max_pending) is not int or type(max_pending_per_source) is not int or \
                 max_pending < 1 or max_pending_per_source < 1:
             raise InvalidArgumentError(
@@ -532,6 +569,7 @@ class TcpTransport:
         if self._started:
             raise UsageError(f"node {self.node_id!r}: TcpTransport.serve() runs only once")
         self._started = True
+        self._started_at = time.monotonic()
         host, port = self._listen
         try:
             listeners = await trio.open_tcp_listeners(port, host=host)
@@ -574,8 +612,9 @@ class TcpTransport:
             raise InvalidArgumentError(f"node {self.node_id!r}: {peer_id!r} is not a peer")
         return peer
 
-    def _warn(self, exc: TinyRaftError) -> None:
-        logger.warning("%s", exc)
+    def _warn(self, exc: TinyRaftError, level: int = logging.WARNING) -> None:
+        """Log ``exc`` (at ``level``: expected events at INFO) and hand it to ``warn``."""
+        logger.log(level, "%s", exc)
         if self._warn_cb is not None:
             try:
                 self._warn_cb(exc)
@@ -589,7 +628,10 @@ class TcpTransport:
             peer.stats.dropped += 1
             peer.dropped_since_warn += 1
         now = time.monotonic()
+        if peer.down_reported and now - peer.dial_warned_at < DIAL_REMIND_INTERVAL:
+            return  # known down: the next reminder says how many were dropped
         if now - peer.last_drop_warn >= DROP_WARN_INTERVAL:
+            peer.dial_warned_at = now
             self._warn(TransportError(
                 f"node {self.node_id!r}: send queue to node {peer.id!r} is full "
                 f"({self._queue_size} messages / {self._queue_bytes} bytes); dropped the "
@@ -617,19 +659,32 @@ class TcpTransport:
                 # News: the first failure, a reason that changed (a certificate refused where
                 # the connection used to be refused, say), and every DIAL_REMIND_INTERVAL
                 # while the peer stays down (with a count); the rest is DEBUG.
+                # A peer not reached since start that is not listening yet is expected
+                # while the cluster starts: INFO for STARTUP_GRACE, then news.
                 reason = _reason_key(e)
                 now = time.monotonic()
+                starting = (not peer.ever_up and isinstance(e, _ConnectError)
+                            and now - self._started_at < self._startup_grace)
                 if peer.dial_failures == 1 or reason != peer.dial_reason:
                     peer.dial_reason = reason
+                    if starting:
+                        logger.info("%s (not started yet?)", e)
+                    else:
+                        self._report_down(peer, e, now)
+                elif not peer.down_reported and not starting:
+                    self._report_down(peer, type(e)(
+                        f"{e} ({peer.dial_failures} attempts since "
+                        f"{'start' if not peer.ever_up else 'it went away'})"), now)
+                elif peer.down_reported and now - peer.dial_warned_at >= DIAL_REMIND_INTERVAL:
                     peer.dial_warned_at = now
-                    self._warn(e)
-                elif now - peer.dial_warned_at >= DIAL_REMIND_INTERVAL:
-                    peer.dial_warned_at = now
-                    self._warn(type(e)(f"{e} (still failing: {peer.dial_failures} attempts)"))
+                    self._warn(type(e)(
+                        f"{e} (still failing: {peer.dial_failures} attempts; "
+                        f"{peer.stats.dropped - peer.dropped_at_down} messages dropped "
+                        "meanwhile)"))
                 else:
                     logger.debug("%s", e)
             else:
-                if peer.dial_failures:
+                if peer.dial_failures and peer.down_reported:
                     logger.info("node %r: node %r reachable again after %d failed attempts",
                                 self.node_id, peer.id, peer.dial_failures)
                 peer.dial_failures = 0
@@ -650,7 +705,7 @@ class TcpTransport:
             with trio.fail_after(self._connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as e:
-            raise TransportError(f"{prefix}: cannot connect ({_describe(e)})") from None
+            raise _ConnectError(f"{prefix}: cannot connect ({_describe(e)})") from None
         stream: trio.abc.Stream = tcp
         try:
             with trio.fail_after(self._handshake_timeout):
@@ -834,7 +889,18 @@ class TcpTransport:
                 old.cancel()  # the dialer reconnected: its previous connection is dead
             peer.stats.connects += 1
             peer.up.set()
+            peer.ever_up = True
             logger.info("node %r: connected to %s", self.node_id, conn.where)
+            if peer.down_reported and not peer.we_dial:
+                logger.info("node %r: node %r is back (%d messages dropped while it was "
+                            "away)", self.node_id, peer.id,
+                            peer.stats.dropped - peer.dropped_at_down)
+            if peer.down_reported:
+                # Drops while it was away were reported (reminders, "is back"); the queue
+                # still full from then is no news of a slow peer for a moment.
+                peer.dropped_since_warn = 0
+                peer.last_drop_warn = time.monotonic()
+            peer.down_reported = False
             expires = math.inf
             if isinstance(conn.stream, trio.SSLStream):
                 at = cert_expiry(conn.stream.getpeercert())
@@ -857,9 +923,29 @@ class TcpTransport:
         if conn.reason is not None:
             if conn.bad:
                 peer.stats.bad_connections += 1
+            clean = isinstance(conn.reason, _PeerClosed)
             self._warn(type(conn.reason)(
                 f"node {self.node_id!r}: closed the connection with {conn.where}: {conn.reason}"
-            ))
+            ), logging.INFO if clean else logging.WARNING)
+            if clean and not peer.we_dial:
+                await self._report_if_not_back(peer, conn.where)
+
+    async def _report_if_not_back(self, peer: _Peer, where: str) -> None:
+        """The peer closed cleanly (a stop or a restart): news only if it stays away.
+        (The dialing side learns it from its dials; this is the side it dials.)"""
+        await trio.sleep(self._reconnect_grace)
+        if self._peers.get(peer.id) is peer and not peer.up.is_set() and not self._closed:
+            self._report_down(peer, TransportError(
+                f"node {self.node_id!r}: node {peer.id!r} ({where}) closed its connection "
+                f"and has not connected again for {self._reconnect_grace:g} s: down?"),
+                time.monotonic())
+
+    def _report_down(self, peer: _Peer, exc: TinyRaftError, now: float) -> None:
+        if not peer.down_reported:
+            peer.dropped_at_down = peer.stats.dropped
+        peer.down_reported = True
+        peer.dial_warned_at = now
+        self._warn(exc)
 
     async def _writer(self, peer: _Peer, conn: _Conn) -> None:
         stream = conn.stream
@@ -904,7 +990,7 @@ class TcpTransport:
                     ))
                     return
                 if not data:
-                    conn.fail(TransportError("closed by the peer"))
+                    conn.fail(_PeerClosed("closed by the peer"))
                     return
                 for payload in decoder.feed(data):
                     self._deliver(peer, decode(payload, limits))

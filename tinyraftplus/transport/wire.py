@@ -52,6 +52,7 @@ from ..errors import InvalidArgumentError, ProtocolError
 from ..raft.messages import (
     AppendEntries,
     AppendResponse,
+    InstallSnapshot,
     Message,
     NodeId,
     Propose,
@@ -61,13 +62,18 @@ from ..raft.messages import (
     Recover,
     RecoverResponse,
     RequestVote,
+    SnapshotResponse,
     TimeoutNow,
     VoteResponse,
 )
 
 PROTOCOL_VERSION = 2
 """2: every Raft message carries its sender's incarnation (``inc``, last); ``Recover`` and
-``RecoverResponse`` are new."""
+``RecoverResponse`` are new. ``InstallSnapshot`` and ``SnapshotResponse`` came later with new
+tags: a peer that does not know them refuses them as unknown, which a transfer survives
+(it is retried), so the version did not change."""
+MAX_CRC = (1 << 32) - 1
+MAX_CONFIG_BYTES = 1 << 20
 
 MAX_U63 = (1 << 63) - 1
 MAX_VOTERS = 1024
@@ -133,6 +139,8 @@ TAG_PROPOSE = 8
 TAG_PROPOSE_RESPONSE = 9
 TAG_RECOVER = 10
 TAG_RECOVER_RESPONSE = 11
+TAG_INSTALL_SNAPSHOT = 12
+TAG_SNAPSHOT_RESPONSE = 13
 TAG_HELLO = 16
 TAG_PING = 17
 
@@ -148,6 +156,8 @@ _NAMES = {
     TAG_PROPOSE_RESPONSE: "ProposeResponse",
     TAG_RECOVER: "Recover",
     TAG_RECOVER_RESPONSE: "RecoverResponse",
+    TAG_INSTALL_SNAPSHOT: "InstallSnapshot",
+    TAG_SNAPSHOT_RESPONSE: "SnapshotResponse",
     TAG_HELLO: "Hello",
     TAG_PING: "Ping",
 }
@@ -350,6 +360,47 @@ def _v_recover_response(obj: list, lim: WireLimits) -> None:
     _int(obj, 6, 0)
 
 
+def _v_install_snapshot(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 12)
+    _int(obj, 2, 1)  # term
+    _int(obj, 3, 0)  # seq
+    _int(obj, 4, 0, obj[2])  # snap_term <= term
+    _int(obj, 5, 0)  # size
+    _int(obj, 6, 0, MAX_CRC)  # crc
+    _int(obj, 7, 0, obj[5])  # offset <= size
+    data = obj[8]
+    if type(data) is not bytes or len(data) > lim.max_bytes or obj[7] + len(data) > obj[5]:
+        raise ProtocolError(
+            f"InstallSnapshot.data must be bytes of at most {lim.max_bytes} that end within "
+            f"the snapshot's size, got {_show(data)}"
+        )
+    _int(obj, 9, 0, MAX_CRC)  # chunk_crc
+    _bool(obj, 10)  # begin
+    cfg = obj[11]
+    if cfg is not None and (type(cfg) is not bytes or len(cfg) > MAX_CONFIG_BYTES):
+        raise ProtocolError(
+            f"InstallSnapshot.config must be None or bytes of at most {MAX_CONFIG_BYTES}, "
+            f"got {_show(cfg)}"
+        )
+    extra = obj[12]
+    if type(extra) is not bytes or len(extra) > lim.max_bytes:
+        raise ProtocolError(
+            f"InstallSnapshot.extra must be bytes of at most {lim.max_bytes}, got {_show(extra)}"
+        )
+    _int(obj, 13, 0)  # inc
+
+
+def _v_snapshot_response(obj: list, lim: WireLimits) -> None:
+    _arity(obj, 7)
+    _int(obj, 2, 0)  # term
+    _int(obj, 3, 0)  # seq
+    _int(obj, 4, 0)  # snap_term
+    _int(obj, 5, 0, MAX_CRC)  # crc
+    _int(obj, 6, 0)  # offset
+    _int(obj, 7, 0, 4)  # status
+    _int(obj, 8, 0)  # inc
+
+
 def _v_propose(obj: list, lim: WireLimits) -> None:
     _arity(obj, 2)
     _int(obj, 2, 0)
@@ -465,6 +516,11 @@ _FIELDS: dict[int, tuple[str, ...]] = {
     TAG_READ_INDEX_RESPONSE: ("term", "read_id", "index", "inc"),
     TAG_RECOVER: ("term", "inc"),
     TAG_RECOVER_RESPONSE: ("term", "last_seq", "last_term", "voters", "inc"),
+    TAG_INSTALL_SNAPSHOT: (
+        "term", "seq", "snap_term", "size", "crc", "offset", "data", "chunk_crc", "begin",
+        "config", "extra", "inc",
+    ),
+    TAG_SNAPSHOT_RESPONSE: ("term", "seq", "snap_term", "crc", "offset", "status", "inc"),
     TAG_PROPOSE: ("req_id", "items"),
     TAG_PROPOSE_RESPONSE: ("req_id", "first_seq", "term", "error", "leader"),
     TAG_HELLO: ("node_id", "to"),
@@ -483,6 +539,8 @@ _CLASSES: dict[int, type] = {
     TAG_PROPOSE_RESPONSE: ProposeResponse,
     TAG_RECOVER: Recover,
     TAG_RECOVER_RESPONSE: RecoverResponse,
+    TAG_INSTALL_SNAPSHOT: InstallSnapshot,
+    TAG_SNAPSHOT_RESPONSE: SnapshotResponse,
     TAG_HELLO: Hello,
     TAG_PING: Ping,
 }
@@ -499,6 +557,8 @@ _VALIDATORS: dict[int, Callable[[list, WireLimits], None]] = {
     TAG_PROPOSE_RESPONSE: _v_propose_response,
     TAG_RECOVER: _v_recover,
     TAG_RECOVER_RESPONSE: _v_recover_response,
+    TAG_INSTALL_SNAPSHOT: _v_install_snapshot,
+    TAG_SNAPSHOT_RESPONSE: _v_snapshot_response,
     TAG_HELLO: _v_hello,
     TAG_PING: _v_ping,
 }
