@@ -353,12 +353,18 @@ def test_hostile_msgpack_is_refused_in_time_independent_of_its_size():
     from tinyraftplus.kv.client import decode_request
     from tinyraftplus.transport.wire import decode
 
+    def took(fn, p) -> float:
+        t = time.perf_counter()
+        with pytest.raises(ProtocolError):
+            fn(p)
+        return time.perf_counter() - t
+
     for p in _hostile_payloads():
         for fn in (decode_request, decode):
-            t = time.perf_counter()
-            with pytest.raises(ProtocolError):
-                fn(p)
-            assert time.perf_counter() - t < 0.05, (fn.__name__, len(p))
+            # The best of three: a shared machine can stall any one call (seen: 92 ms for a
+            # 1 KB payload once); a decoder whose time grows with the payload stays slow.
+            best = min(took(fn, p) for _ in range(3))
+            assert best < 0.05, (fn.__name__, len(p), best)
 
 
 async def test_hostile_frames_do_not_stall_the_event_loop(tmp_path):
