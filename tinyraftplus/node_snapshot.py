@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
+from .entry import ConfigEntry
 from .errors import (
     InvalidArgumentError,
     MemberStateLostError,
+    NodeStoppedError,
     SnapshotCorruptError,
     SnapshotError,
 )
@@ -124,12 +126,19 @@ def _encode_extra(config_seq: int, config_term: int, keys: bytes | None) -> byte
     return msgpack.packb(extra)
 
 
-def _keys_of(meta: SnapshotMeta) -> bytes | None:
+def _decode_extra(meta: SnapshotMeta) -> dict[str, Any]:
+    """``_encode_extra``'s map; ``SnapshotCorruptError`` if it is not one."""
     try:
         extra = msgpack.unpackb(meta.extra) if meta.extra else {}
-        keys = extra.get("keys")
-    except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
-        return None
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise SnapshotCorruptError(f"snapshot {meta.seq}: bad extra state ({e})") from None
+    if not isinstance(extra, dict):
+        raise SnapshotCorruptError(f"snapshot {meta.seq}: bad extra state (not a map)")
+    return extra
+
+
+def _keys_of(meta: SnapshotMeta) -> bytes | None:
+    keys = _decode_extra(meta).get("keys")
     return keys if isinstance(keys, bytes) else None
 
 
@@ -137,10 +146,10 @@ def base_of(meta: SnapshotMeta) -> SnapshotBase:
     """The core's view of a snapshot: its last entry and its configuration."""
     if meta.config is None:
         raise SnapshotCorruptError(f"snapshot {meta.seq} carries no configuration")
+    extra = _decode_extra(meta)
     try:
-        extra = msgpack.unpackb(meta.extra) if meta.extra else {}
         cs, ct = int(extra.get("config_seq", -1)), int(extra.get("config_term", 0))
-    except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError) as e:
         raise SnapshotCorruptError(f"snapshot {meta.seq}: bad extra state ({e})") from None
     return SnapshotBase(meta.seq, meta.term, Config.decode(meta.config), cs, ct)
 
@@ -229,8 +238,6 @@ class NodeSnapshots:
         path = getattr(self.log, "path", None)
         if path is None:
             return None
-        import os
-
         parent, name = os.path.split(os.fspath(path).rstrip(os.sep))
         return SnapshotStore(parent, name, keep=self._snap_keep)
 
@@ -249,7 +256,7 @@ class NodeSnapshots:
     def _snap_damaged(self, meta: SnapshotMeta) -> None:
         """A follower found our snapshot's bytes wrong: take a new one (the damaged one is
         no longer offered, and the next start skips it: its CRC is checked there)."""
-        self._snap_warn(f"snapshot {meta.seq} is damaged on this node's disk; taking a new one")
+        self._warn(f"snapshot {meta.seq} is damaged on this node's disk; taking a new one")
         self._snap_requested = True
         self._wake.set()
 
@@ -265,7 +272,7 @@ class NodeSnapshots:
             try:
                 await store.averify(meta)
             except SnapshotCorruptError as e:
-                self._snap_warn(f"snapshot {meta.seq} is damaged and will not be used: {e}")
+                self._warn(f"snapshot {meta.seq} is damaged and will not be used: {e}")
                 continue
             good = meta
             break
@@ -350,9 +357,10 @@ class NodeSnapshots:
 
     def _note_applied(self, ents: list[Any]) -> None:
         """Track the configuration and term at the apply seq (for the snapshot's meta)."""
-        for e in ents:
-            if e.kind:
-                self._applied_config = (e.seq, e.term, Config.decode(e.data))
+        if ConfigEntry in set(map(type, ents)):  # (rare: the check runs in C)
+            for e in ents:
+                if e.kind:
+                    self._applied_config = (e.seq, e.term, Config.decode(e.data))
         self._applied_term = ents[-1].term
 
     async def _snap_capture(self) -> None:
@@ -402,7 +410,7 @@ class NodeSnapshots:
         try:
             return bytes(table.dump())
         except (TypeError, ValueError, OverflowError) as e:
-            self._snap_warn(
+            self._warn(
                 f"the idempotency key table holds results msgpack cannot encode ({e}); the "
                 "snapshot keeps the keys with their results as None"
             )
@@ -444,7 +452,7 @@ class NodeSnapshots:
                 w.abort()
                 raise
         except Exception as e:
-            self._snap_warn(f"snapshot at seq {seq} failed: {e!r}")
+            self._warn(f"snapshot at seq {seq} failed: {e!r}")
             result = e
         else:
             result = meta
@@ -476,14 +484,12 @@ class NodeSnapshots:
             try:
                 await self.log.compact(upto)
             except Exception as e:
-                self._snap_warn(f"compacting the log through seq {upto} failed: {e!r}")
+                self._warn(f"compacting the log through seq {upto} failed: {e!r}")
 
     async def snapshot(self) -> SnapshotMeta:
         """Take a snapshot of everything applied so far (or return the newest one if
         nothing was applied since), wait until it is durable and the log compacted."""
         if not self._running:
-            from .errors import NodeStoppedError
-
             raise NodeStoppedError(f"node {self.node_id!r} is not running")
         while self._snap_busy:
             await self._snap_done.wait()
@@ -497,15 +503,14 @@ class NodeSnapshots:
         assert r is not None
         return r
 
-    def _snap_warn(self, message: str) -> None:
-        log.warning("tinyraftplus node %r: %s", self.node_id, message)
-        self.events.emit("warn", message=message, exc=None)
+    def _warn(self, message: str, exc: BaseException | None = None) -> None:
+        raise NotImplementedError  # RaftNode's
 
     # ------------------------------------------------------------------ receiving
     def _snap_piece(self, core: RaftCore, frm: Any, m: InstallSnapshot) -> None:
         store = self._snap_store
         if store is None or (self._restore_fn is None and self._apply_fn is not None):
-            self._snap_warn(
+            self._warn(
                 f"leader {frm!r} sends a snapshot (seq {m.seq}) but this node cannot load one "
                 "(pass snapshot= and restore=, or use a log with a directory)"
             )
@@ -523,7 +528,7 @@ class NodeSnapshots:
                     base_of(meta)  # refuse one we could not install, before any byte
                     p = self._partial = store.partial(meta)
                 except (SnapshotError, InvalidArgumentError) as e:
-                    self._snap_warn(f"refused snapshot {m.seq} from {frm!r}: {e}")
+                    self._warn(f"refused snapshot {m.seq} from {frm!r}: {e}")
                     return
             core.snapshot_reply(frm, m, SNAP_OK, p.offset)
         elif p is None or p.meta.ident != ident:
@@ -536,7 +541,7 @@ class NodeSnapshots:
             try:
                 held = p.write_at(m.offset, m.data)
             except (OSError, SnapshotError) as e:
-                self._snap_warn(f"could not store a piece of snapshot {m.seq}: {e!r}")
+                self._warn(f"could not store a piece of snapshot {m.seq}: {e!r}")
                 self._partial = None
                 return
             core.snapshot_reply(frm, m, SNAP_OK, held)
@@ -552,7 +557,7 @@ class NodeSnapshots:
             try:
                 meta = await p.complete()
             except SnapshotCorruptError as e:
-                self._snap_warn(f"snapshot {p.meta.seq} from {frm!r} failed its check ({e}); "
+                self._warn(f"snapshot {p.meta.seq} from {frm!r} failed its check ({e}); "
                                 "fetching it again")
                 self._partial = None
                 self._installing = False
