@@ -98,7 +98,7 @@ from ..errors import (
 )
 from ..log import FsLog
 from ..node import RaftNode
-from ..transport.streamio import receive_some
+from ..transport.faststream import FastStream
 from ..transport.tcp import TcpTransport
 from ..transport.tls import TlsConfig, cert_expiry, check_own_certificate
 from ..transport.wire import FrameDecoder, show_value
@@ -576,12 +576,12 @@ class Server:
             where = f"client {h}:{p}"
         except OSError:
             where = "a client"
-        stream: trio.abc.Stream = tcp
-        if self.config.tls is not None:
+        tls = self.config.tls
+        stream = FastStream.from_trio(tcp, None if tls is None else tls.server_context,
+                                      server_side=True)
+        if tls is not None:
             try:
                 with trio.fail_after(self.config.handshake_timeout):
-                    stream = trio.SSLStream(tcp, self.config.tls.server_context,
-                                            server_side=True)
                     await stream.do_handshake()
             except (*_NET_ERRORS, trio.TooSlowError) as e:
                 self.bad_connections += 1
@@ -592,18 +592,14 @@ class Server:
                 if "WRONG_VERSION_NUMBER" in why or "HTTP_REQUEST" in why:
                     # Plaintext on a TLS port: say so in the client protocol, so that a
                     # plaintext client reports the cause, not "could not connect".
-                    with trio.move_on_after(1):
-                        try:
-                            await tcp.send_all(encode_response(0, "tls_required", (
-                                "this node's client port speaks TLS and this client sent "
-                                "plaintext: use tls=client_ssl_context(ca, cert, key)")))
-                        except _NET_ERRORS:
-                            pass
+                    stream.send_raw_now(encode_response(0, "tls_required", (
+                        "this node's client port speaks TLS and this client sent "
+                        "plaintext: use tls=client_ssl_context(ca, cert, key)")))
                 await trio.aclose_forcefully(stream)
                 return
         owner = ""
         expires = math.inf
-        if isinstance(stream, trio.SSLStream):
+        if stream.tls:
             cert = stream.getpeercert()
             owner = cert_identity(cert)
             at = cert_expiry(cert)
@@ -698,7 +694,7 @@ def _error_code(e: BaseException) -> str:
 class _ClientConnection:
     """Reads requests, runs them concurrently, writes answers in batches."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, where: str,
+    def __init__(self, server: Server, stream: FastStream, where: str,
                  owner: str = "") -> None:
         self.owner = owner
         """The client certificate's identity: sessions opened here belong to it."""
@@ -715,6 +711,8 @@ class _ClientConnection:
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.closed = False
+        self.writing = False
+        """The writer task is sending: answers queue behind it."""
 
     async def run(self) -> None:
         async with trio.open_nursery() as n:
@@ -767,14 +765,14 @@ class _ClientConnection:
                 # first byte (a deadline per frame: one byte every few seconds must not keep
                 # a connection and its buffer for ever).
                 with trio.move_on_at(frame_deadline) as waited:
-                    data = await receive_some(self.stream, RECEIVE_SIZE)
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 if waited.cancelled_caught:
                     raise ProtocolError(
                         f"a frame was not complete {cfg.frame_timeout}s after it began "
                         f"({decoder.buffered} bytes buffered)")
             else:
                 with trio.move_on_after(cfg.idle_timeout) as idle:
-                    data = await receive_some(self.stream, RECEIVE_SIZE)
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 if idle.cancelled_caught:
                     if self.inflight or self.out:
                         continue  # quiet, not idle: answers are still coming
@@ -788,7 +786,7 @@ class _ClientConnection:
                         f"an incomplete frame)")
                 return
             if decoder.offset == 0 and not decoder.buffered and data[:2] == b"\x16\x03" \
-                    and not isinstance(self.stream, trio.SSLStream):
+                    and not self.stream.tls:
                 # A TLS ClientHello on a plaintext port: answer in plaintext (the client's
                 # TLS stack reports "not TLS"), and say so here.
                 with trio.move_on_after(1):
@@ -873,6 +871,17 @@ class _ClientConnection:
             self.server.room.set()
 
     def _answer(self, rid: int, code: str, payload: Any) -> None:
+        if not self.out and not self.writing and not self.closed \
+                and not self.stream.out_pending:
+            # Nothing waiting and the writer idle: write the answer now rather than wake
+            # the writer for it (a task switch per answer). What the socket does not take
+            # at once stays in the stream, in order, and the writer finishes it.
+            try:
+                if not self.stream.try_send(encode_response(rid, code, payload)):
+                    self.wake.set()
+            except _NET_ERRORS:
+                self._close()
+            return
         size = _answer_size(payload)
         self.out.append((rid, code, payload, size))
         self.out_bytes += size
@@ -881,11 +890,22 @@ class _ClientConnection:
     async def _writer(self) -> None:
         timeout = self.server.config.answer_timeout
         out = self.out
+        stream = self.stream
         while True:
+            if stream.out_pending:
+                # A direct answer (``_answer``) left bytes the socket did not take.
+                self.writing = True
+                with trio.move_on_after(timeout) as waited:
+                    await stream.flush()
+                if waited.cancelled_caught:
+                    raise ProtocolError(f"it did not read its answers for {timeout}s")
+                self.writing = False
             if not out:
                 self.room.set()
                 self.wake = trio.Event()
                 await self.wake.wait()
+                if not out:
+                    continue
             # Encode at most WRITE_CHUNK bytes at a time: the copy made for the socket stays
             # small whatever is waiting.
             parts: list[bytes] = []
@@ -896,12 +916,14 @@ class _ClientConnection:
                 parts.append(b)
                 n += len(b)
                 taken += size
+            self.writing = True
             with trio.move_on_after(timeout) as waited:
-                await self.stream.send_all(b"".join(parts))
+                await stream.send_all(b"".join(parts))
             if waited.cancelled_caught:
                 raise ProtocolError(
                     f"it did not read its answers for {timeout}s ({self.out_bytes} bytes "
                     f"waiting)")
+            self.writing = False
             self.out_bytes -= taken
             self.room.set()
 

@@ -78,7 +78,7 @@ from ..errors import (
     UsageError,
 )
 from ..raft.messages import Message, NodeId
-from .streamio import receive_some
+from .faststream import FastStream
 from .tls import (
     TlsConfig,
     cert_dns_names,
@@ -170,7 +170,7 @@ class _Peer:
         "id", "addr", "we_dial", "queue", "queued_bytes", "wakeup", "addr_known", "up",
         "scope", "stats", "last_drop_warn", "dropped_since_warn", "dial_failures",
         "dial_reason", "dial_warned_at", "dial_scope", "ever_up", "down_reported",
-        "dropped_at_down",
+        "dropped_at_down", "conn",
     )
 
     def __init__(self, node_id: NodeId, addr: Address | None, we_dial: bool) -> None:
@@ -199,6 +199,9 @@ class _Peer:
         self.down_reported = False
         """A WARNING said it is unreachable; its return is then logged (INFO)."""
         self.dropped_at_down = 0
+        self.conn: _Conn | None = None
+        """The established connection, while there is one (``send`` writes to it directly
+        when nothing is queued)."""
 
     def take(self) -> tuple[bytes, int]:
         """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
@@ -232,11 +235,16 @@ class _Conn:
     """One established connection: its stream, the decoder holding any bytes read past the
     ``Hello``, and why it ended."""
 
-    __slots__ = ("stream", "decoder", "pending", "where", "reason", "bad", "nursery")
+    __slots__ = ("stream", "decoder", "pending", "where", "reason", "bad", "nursery",
+                 "writing", "last_rx")
 
-    def __init__(self, stream: trio.abc.Stream, decoder: FrameDecoder, pending: list[bytes],
+    def __init__(self, stream: FastStream, decoder: FrameDecoder, pending: list[bytes],
                  where: str) -> None:
         self.stream = stream
+        self.writing = False
+        """The writer task is sending: ``send`` queues rather than writing past it."""
+        self.last_rx = trio.current_time()
+        """When bytes last arrived (the watchdog's idle timeout counts from it)."""
         self.decoder = decoder
         self.pending = pending
         self.where = where
@@ -513,6 +521,20 @@ class TcpTransport:
             )
         data = frame(payload)
         q = peer.queue
+        conn = peer.conn
+        if conn is not None and not q and not conn.writing and conn.reason is None \
+                and not conn.stream.out_pending:
+            # Nothing queued and the writer idle: hand the frame to the kernel now, which
+            # saves a task switch per message. What the socket does not take at once stays
+            # in the stream, in order, and the writer finishes it.
+            try:
+                if not conn.stream.try_send(data):
+                    peer.wakeup.set()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                conn.fail(TransportError(f"write failed ({_describe(e)})"))
+                return
+            peer.stats.sent += 1
+            return
         q.append(data)
         peer.queued_bytes += len(data)
         if len(q) > self._queue_size or peer.queued_bytes > self._queue_bytes:
@@ -706,13 +728,12 @@ class TcpTransport:
                 tcp = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as e:
             raise _ConnectError(f"{prefix}: cannot connect ({_describe(e)})") from None
-        stream: trio.abc.Stream = tcp
+        stream = FastStream.from_trio(
+            tcp, None if self._tls is None else self._tls.client_context,
+            server_hostname=node_dns_name(peer.id))
         try:
             with trio.fail_after(self._handshake_timeout):
-                if self._tls is not None:
-                    stream = trio.SSLStream(tcp, self._tls.client_context,
-                                            server_hostname=node_dns_name(peer.id))
-                    await stream.do_handshake()
+                await stream.do_handshake()
                 await stream.send_all(encode_frame(Hello(self.node_id, peer.id)))
                 decoder = FrameDecoder(self._max_frame)
                 hello, pending = await self._read_hello(stream, decoder)
@@ -734,10 +755,10 @@ class TcpTransport:
             raise
         return _Conn(stream, decoder, pending, where)
 
-    async def _read_hello(self, stream: trio.abc.Stream,
+    async def _read_hello(self, stream: FastStream,
                           decoder: FrameDecoder) -> tuple[Hello, list[bytes]]:
         while True:
-            data = await receive_some(stream, RECEIVE_SIZE)
+            data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise TransportError("connection closed before the Hello")
             if self._tls is None and decoder.offset == 0 and data[:2] == b"\x16\x03":
@@ -820,13 +841,12 @@ class TcpTransport:
                                  where: str) -> tuple[_Peer, _Conn] | None:
         """The handshake of an admitted inbound connection: the peer and the connection, or
         ``None`` if it was refused (and closed)."""
-        stream: trio.abc.Stream = tcp
+        stream = FastStream.from_trio(
+            tcp, None if self._tls is None else self._tls.server_context, server_side=True)
         prefix = f"node {self.node_id!r}: refused a connection from {where}"
         try:
             with trio.fail_after(self._handshake_timeout):
-                if self._tls is not None:
-                    stream = trio.SSLStream(tcp, self._tls.server_context, server_side=True)
-                    await stream.do_handshake()
+                await stream.do_handshake()
                 # A well-behaved dialer sends only its Hello and waits for ours, so a
                 # stranger gets to make us buffer one small frame and no more.
                 decoder = FrameDecoder(HELLO_MAX_FRAME)
@@ -858,13 +878,13 @@ class TcpTransport:
         decoder.max_frame = self._max_frame
         return peer, _Conn(stream, decoder, pending, f"node {peer.id!r} from {where}")
 
-    def _check_inbound(self, hello: Hello, stream: trio.abc.Stream) -> _Peer:
+    def _check_inbound(self, hello: Hello, stream: FastStream) -> _Peer:
         claimed = hello.node_id
         peer = self._peers.get(claimed)
         if peer is None or not _same_id(peer.id, claimed):
             raise ProtocolError(f"it claims to be node {claimed!r}, which is not a peer")
         if self._tls is not None:
-            cert = stream.getpeercert()  # type: ignore[attr-defined]
+            cert = stream.getpeercert()
             if not cert_names_node(cert, claimed):
                 raise ProtocolError(
                     f"it claims to be node {claimed!r} but its certificate names "
@@ -902,7 +922,7 @@ class TcpTransport:
                 peer.last_drop_warn = time.monotonic()
             peer.down_reported = False
             expires = math.inf
-            if isinstance(conn.stream, trio.SSLStream):
+            if conn.stream.tls:
                 at = cert_expiry(conn.stream.getpeercert())
                 if at is not None:  # wall clock to trio clock
                     expires = trio.current_time() + (at - time.time())
@@ -912,10 +932,14 @@ class TcpTransport:
                         conn.nursery = nursery
                         nursery.start_soon(self._writer, peer, conn)
                         nursery.start_soon(self._reader, peer, conn)
+                        nursery.start_soon(self._watchdog, conn)
+                        peer.conn = conn
                 if expired.cancelled_caught and conn.reason is None:
                     conn.reason = TransportError(
                         "the peer's certificate expired: closed (a redial needs a valid one)")
             finally:
+                if peer.conn is conn:
+                    peer.conn = None
                 if peer.scope is scope:
                     peer.scope = None
                     peer.up = trio.Event()
@@ -951,6 +975,12 @@ class TcpTransport:
         stream = conn.stream
         try:
             while True:
+                if stream.out_pending:
+                    # A direct send (``send``) left bytes the socket did not take.
+                    conn.writing = True
+                    with trio.fail_after(self._idle_timeout):
+                        await stream.flush()
+                    conn.writing = False
                 if not peer.queue:
                     # The event is replaced before waiting, with no checkpoint between the
                     # emptiness check and here, so a send() cannot be missed.
@@ -959,10 +989,14 @@ class TcpTransport:
                         await wakeup.wait()
                 if peer.queue:
                     buf, n = peer.take()
+                elif stream.out_pending:
+                    continue
                 else:
                     buf, n = PING_FRAME, 0
+                conn.writing = True
                 with trio.fail_after(self._idle_timeout):
                     await stream.send_all(buf)
+                conn.writing = False
                 peer.stats.sent += n
         except trio.TooSlowError:
             conn.fail(TransportError(
@@ -981,14 +1015,8 @@ class TcpTransport:
                 self._deliver(peer, decode(payload, limits))
             conn.pending = []
             while True:
-                with trio.move_on_after(self._idle_timeout) as idle:
-                    data = await receive_some(stream, RECEIVE_SIZE)
-                if idle.cancelled_caught:
-                    conn.fail(TransportError(
-                        f"nothing received for {self._idle_timeout} s (keepalive every "
-                        f"{self._keepalive} s): presumed dead"
-                    ))
-                    return
+                data = await stream.receive_some(RECEIVE_SIZE)
+                conn.last_rx = trio.current_time()
                 if not data:
                     conn.fail(_PeerClosed("closed by the peer"))
                     return
@@ -1002,6 +1030,20 @@ class TcpTransport:
             logger.exception("node %r: unexpected error reading from %s", self.node_id,
                              conn.where)
             conn.fail(TransportError(f"internal error while reading ({_describe(e)})"))
+
+    async def _watchdog(self, conn: _Conn) -> None:
+        """Close a connection that received nothing for ``idle_timeout`` (the peer sends a
+        ``Ping`` every ``keepalive`` when it has nothing else). One sleeping task per
+        connection rather than a timeout around every read."""
+        while True:
+            deadline = conn.last_rx + self._idle_timeout
+            if trio.current_time() >= deadline:
+                conn.fail(TransportError(
+                    f"nothing received for {self._idle_timeout} s (keepalive every "
+                    f"{self._keepalive} s): presumed dead"
+                ))
+                return
+            await trio.sleep_until(deadline)
 
     def _deliver(self, peer: _Peer, msg: Any) -> None:
         t = type(msg)
@@ -1030,7 +1072,7 @@ class TcpTransport:
                     logger.exception("node %r: the warn callback raised", self.node_id)
 
 
-async def _close(stream: trio.abc.Stream) -> None:
+async def _close(stream: FastStream) -> None:
     """Close politely (TLS close_notify, so the peer logs a clean EOF rather than a
     truncation), even while being cancelled, but never wait long for it."""
     with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True) as cs:
