@@ -419,9 +419,12 @@ class _Conn:
             w.set("closed", self.error or "connection closed")
             return w
         self.pending[rid] = w
-        if not self.out and not self.writing and not self.stream.out_pending:
-            # The writer idle: write now, saving a task switch per request. What the
-            # socket does not take stays in the stream, in order; the writer finishes it.
+        if len(self.pending) == 1 and not self.out and not self.writing \
+                and self.stream.ready_for_direct_send():
+            # The only request in flight and the writer idle: write now, saving a task
+            # switch. With more in flight the writer sends them together (see the server's
+            # ``_answer``). What the socket does not take stays in the stream, in order;
+            # the writer finishes it.
             try:
                 if not self.stream.try_send(data):
                     self.wake.set()

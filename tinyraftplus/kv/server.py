@@ -871,11 +871,14 @@ class _ClientConnection:
             self.server.room.set()
 
     def _answer(self, rid: int, code: str, payload: Any) -> None:
-        if not self.out and not self.writing and not self.closed \
-                and not self.stream.out_pending:
-            # Nothing waiting and the writer idle: write the answer now rather than wake
-            # the writer for it (a task switch per answer). What the socket does not take
-            # at once stays in the stream, in order, and the writer finishes it.
+        if self.inflight <= 1 and not self.out and not self.writing and not self.closed \
+                and self.stream.ready_for_direct_send():
+            # The only request in flight, nothing waiting and the writer idle: write the
+            # answer now rather than wake the writer for it (a task switch per answer).
+            # With more in flight the writer sends their answers together: answering the
+            # first alone splits the client's next burst, and group commit with it (that
+            # cost 20-40% at 256 puts in flight). What the socket does not take at once
+            # stays in the stream, in order, and the writer finishes it.
             try:
                 if not self.stream.try_send(encode_response(rid, code, payload)):
                     self.wake.set()

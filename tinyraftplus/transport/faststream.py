@@ -36,7 +36,9 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from typing import Any
+import threading
+import time
+from typing import Any, cast
 
 import trio
 
@@ -44,9 +46,30 @@ _YIELD_EVERY = 16
 """Calls that completed without waiting before one yields to the scheduler anyway."""
 
 _RECV_MAX = 256 << 10
-"""Largest single ``recv`` of ciphertext."""
+"""Largest single ``recv``, and largest plaintext one ``receive_some`` returns."""
+
+_scratch = threading.local()
+
+
+def _buffers() -> tuple[bytearray, memoryview, bytearray, memoryview]:
+    """This thread's scratch buffers (ciphertext, plaintext): reads land in them and are
+    copied out before any await, so one pair per thread serves every stream. Reading into a
+    fresh 256 KiB ``bytes`` per call instead costs an ``mmap``, page faults and a ``munmap``
+    each time (measured: 20-30% more CPU per put at 256 puts in flight)."""
+    b = getattr(_scratch, "b", None)
+    if b is None:
+        c, p = bytearray(_RECV_MAX), bytearray(_RECV_MAX)
+        b = _scratch.b = (c, memoryview(c), p, memoryview(p))
+    return b
 
 _EAGAIN = (BlockingIOError, InterruptedError)
+
+BURST_GAP = 200e-6
+"""``ready_for_direct_send`` is false within this many seconds of the last send: a burst of
+small messages (answers to hundreds of requests woken in one scheduler round) is better
+left to the writer task, which sends them in one system call and one TLS record."""
+
+_clock = time.perf_counter
 
 
 class FastStream(trio.abc.Stream):
@@ -61,6 +84,7 @@ class FastStream(trio.abc.Stream):
         self._flushing = False
         self._flushed = trio.Event()
         self._fast = 0
+        self._last_send = 0.0
         self._handshaken = ssl_context is None
         self._eof = False
         self._obj: ssl.SSLObject | None = None
@@ -97,6 +121,18 @@ class FastStream(trio.abc.Stream):
 
     def setsockopt(self, level: int, option: int, value: int) -> None:
         self._live().setsockopt(level, option, value)
+
+    def ready_for_direct_send(self) -> bool:
+        """Nothing buffered, nobody flushing, and no send in the last ``BURST_GAP``: a
+        caller whose own queue is empty may ``try_send`` now instead of waking its writer.
+        (Trio gives no cheaper sign that more messages are coming in this round.)"""
+        if self._out or self._flushing:
+            return False
+        now = _clock()
+        if now - self._last_send < BURST_GAP:
+            return False
+        self._last_send = now
+        return True
 
     @property
     def out_pending(self) -> int:
@@ -137,15 +173,17 @@ class FastStream(trio.abc.Stream):
     # --- receive ----------------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         await trio.lowlevel.checkpoint_if_cancelled()
-        n = 65536 if max_bytes is None else max_bytes
+        n = 65536 if max_bytes is None else min(max_bytes, _RECV_MAX)
         if n < 1:
             raise ValueError("max_bytes must be >= 1")
         waited = False
         if self._obj is None:
             sock = self._live()
+            buf, view = _buffers()[:2]
             while True:
                 try:
-                    data = sock.recv(n)
+                    k = sock.recv_into(buf, n)
+                    data = bytes(view[:k])
                     break
                 except _EAGAIN:
                     waited = True
@@ -163,9 +201,10 @@ class FastStream(trio.abc.Stream):
         obj = self._obj
         assert obj is not None
         waited = False
+        plain, view = _buffers()[2:]
         while True:
             try:
-                first = obj.read(n)
+                total = cast(int, obj.read(n, plain))  # with a buffer: a count
             except ssl.SSLWantReadError:
                 self._push_tls_output()
                 if self._eof:
@@ -185,33 +224,31 @@ class FastStream(trio.abc.Stream):
             except ssl.SSLError as e:
                 raise trio.BrokenResourceError(f"TLS error: {e}") from e
             break
-        if not first:
+        if not total:
             return b"", waited
-        parts = [first]
-        total = len(first)
         # Every whole record already here, without waiting: one call, not one per 16 KiB.
         while total < n and (self._in_bio.pending or obj.pending()):
             try:
-                more = obj.read(n - total)
+                more = cast(int, obj.read(n - total, view[total:]))  # type: ignore[arg-type]
             except ssl.SSLError:  # a partial record, or an error the next call reports
                 break
             if not more:
                 break
-            parts.append(more)
-            total += len(more)
+            total += more
         self._push_tls_output()
-        return (first if len(parts) == 1 else b"".join(parts)), waited
+        return bytes(view[:total]), waited
 
     def _try_recv_into_bio(self) -> bool:
         """Feed what the socket has now; False if it has nothing yet (would block)."""
+        buf, view = _buffers()[:2]
         try:
-            data = self._live().recv(_RECV_MAX)
+            k = self._live().recv_into(buf)
         except _EAGAIN:
             return False
         except OSError as e:
             raise trio.BrokenResourceError(f"read failed: {e}") from e
-        if data:
-            self._in_bio.write(data)
+        if k:
+            self._in_bio.write(view[:k])
         else:
             self._in_bio.write_eof()
             self._eof = True
@@ -221,16 +258,17 @@ class FastStream(trio.abc.Stream):
         """Wait for ciphertext and feed it; False at EOF."""
         sock = self._live()
         while True:
+            buf, view = _buffers()[:2]  # after the wait: another stream used them meanwhile
             try:
-                data = sock.recv(_RECV_MAX)
+                k = sock.recv_into(buf)
                 break
             except _EAGAIN:
                 await trio.lowlevel.wait_readable(sock)
             except OSError as e:
                 raise trio.BrokenResourceError(f"read failed: {e}") from e
-        if not data:
+        if not k:
             return False
-        self._in_bio.write(data)
+        self._in_bio.write(view[:k])
         return True
 
     # --- send -------------------------------------------------------------------------
@@ -268,6 +306,7 @@ class FastStream(trio.abc.Stream):
         if self._obj is not None and not self._handshaken:
             await self.do_handshake()
         waited = False
+        self._last_send = _clock()
         if not self.try_send(data):
             waited = True
             await self.flush()

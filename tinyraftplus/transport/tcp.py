@@ -523,7 +523,7 @@ class TcpTransport:
         q = peer.queue
         conn = peer.conn
         if conn is not None and not q and not conn.writing and conn.reason is None \
-                and not conn.stream.out_pending:
+                and conn.stream.ready_for_direct_send():
             # Nothing queued and the writer idle: hand the frame to the kernel now, which
             # saves a task switch per message. What the socket does not take at once stays
             # in the stream, in order, and the writer finishes it.
