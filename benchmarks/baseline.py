@@ -38,6 +38,32 @@ def write_fdatasync_rate(directory: Path, record_size: int, duration: float) -> 
     return n / elapsed
 
 
+def parallel_write_fdatasync_rate(directory: Path, record_size: int, writers: int,
+                                  duration: float) -> float:
+    """Durable appends per second *per writer* with ``writers`` threads each running the
+    ``write_fdatasync_rate`` loop on its own file at once: each one's share of a disk that
+    several replicas on one machine write to (``os.write`` and ``os.fdatasync`` release
+    the GIL, so the threads overlap as processes would)."""
+    import threading
+
+    rates = [0.0] * writers
+
+    def one(i: int) -> None:
+        sub = directory / f"raw-parallel-{i}"
+        sub.mkdir(exist_ok=True)
+        try:
+            rates[i] = write_fdatasync_rate(sub, record_size, duration)
+        finally:
+            sub.rmdir()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates) / writers
+
+
 def batch_write_fdatasync_rate(
     directory: Path, record_size: int, batch: int, duration: float
 ) -> float:

@@ -73,7 +73,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -564,13 +564,23 @@ class Server:
                 nursery.start_soon(self._client_admitted, tcp, host)
 
     async def _client_admitted(self, tcp: trio.SocketStream, host: str) -> None:
+        released = False
+
+        def release() -> None:
+            # Before the socket closes, not after: a client that sees its connection end
+            # may open the next one at once, and must find the slot free.
+            nonlocal released
+            if not released:
+                released = True
+                self.limits.release(host)
+
         try:
-            await self._client(tcp)
+            await self._client(tcp, release)
         finally:
-            self.limits.release(host)
+            release()
             await trio.aclose_forcefully(tcp)
 
-    async def _client(self, tcp: trio.SocketStream) -> None:
+    async def _client(self, tcp: trio.SocketStream, release: Callable[[], None]) -> None:
         try:
             h, p = tcp.socket.getpeername()[:2]
             where = f"client {h}:{p}"
@@ -595,6 +605,7 @@ class Server:
                     stream.send_raw_now(encode_response(0, "tls_required", (
                         "this node's client port speaks TLS and this client sent "
                         "plaintext: use tls=client_ssl_context(ca, cert, key)")))
+                release()
                 await trio.aclose_forcefully(stream)
                 return
         owner = ""
@@ -616,6 +627,7 @@ class Server:
             logger.exception("node %r: internal error serving %s", self.config.node_id, where)
         finally:
             self.clients -= 1
+            release()
             await trio.aclose_forcefully(stream)
 
     def status(self) -> dict[str, Any]:

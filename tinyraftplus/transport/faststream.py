@@ -38,6 +38,9 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
+from itertools import islice
 from typing import Any, cast
 
 import trio
@@ -64,6 +67,14 @@ def _buffers() -> tuple[bytearray, memoryview, bytearray, memoryview]:
 
 _EAGAIN = (BlockingIOError, InterruptedError)
 
+Buffer = bytes | bytearray | memoryview
+
+_SEND_SLICE = 256 << 10
+"""A buffer larger than this is encrypted and handed to the socket in slices this size."""
+
+_IOV_MAX = 64
+"""Buffers gathered into one ``sendmsg``."""
+
 BURST_GAP = 200e-6
 """``ready_for_direct_send`` is false within this many seconds of the last send: a burst of
 small messages (answers to hundreds of requests woken in one scheduler round) is better
@@ -80,7 +91,8 @@ class FastStream(trio.abc.Stream):
                  server_side: bool = False, server_hostname: str | None = None) -> None:
         sock.setblocking(False)
         self._sock: socket.socket | None = sock
-        self._out = bytearray()  # bytes not yet taken by the socket, in order
+        self._out: deque[Buffer] = deque()  # buffers not yet taken by the socket, in order
+        self._out_len = 0
         self._flushing = False
         self._flushed = trio.Event()
         self._fast = 0
@@ -137,7 +149,7 @@ class FastStream(trio.abc.Stream):
     @property
     def out_pending(self) -> int:
         """Bytes accepted by ``try_send`` or a read's TLS housekeeping, not yet sent."""
-        return len(self._out)
+        return self._out_len
 
     def _live(self) -> socket.socket:
         if self._sock is None:
@@ -272,36 +284,41 @@ class FastStream(trio.abc.Stream):
         return True
 
     # --- send -------------------------------------------------------------------------
-    def try_send(self, data: bytes | bytearray | memoryview) -> bool:
-        """Send ``data`` without waiting: True if the socket took all of it (and every byte
-        before it). Otherwise the rest stays buffered, in order, and ``flush`` (or the next
-        ``send_all``) finishes it. Raises ``trio.BrokenResourceError`` if the connection
-        failed; never blocks."""
+    def try_send(self, data: Buffer | Sequence[Buffer]) -> bool:
+        """Send ``data`` (one buffer, or a sequence sent in order as if joined) without
+        waiting: True if the socket took all of it (and every byte before it). Otherwise
+        the rest stays buffered, in order, and ``flush`` (or the next ``send_all``)
+        finishes it. Raises ``trio.BrokenResourceError`` if the connection failed; never
+        blocks. Buffers are not copied while queued: do not change them afterwards."""
+        parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
         if self._obj is not None:
             if not self._handshaken:
                 raise trio.BrokenResourceError("send before the TLS handshake")
+            obj, bio = self._obj, self._out_bio
             try:
-                self._obj.write(data)
+                for part in parts:
+                    # Encrypt a large buffer in slices and hand each to the socket as it is
+                    # ready: no ciphertext copy of the whole, and the kernel starts early.
+                    n = len(part)
+                    if n <= _SEND_SLICE:
+                        obj.write(part)
+                        continue
+                    with memoryview(part) as view:
+                        for i in range(0, n, _SEND_SLICE):
+                            obj.write(view[i:i + _SEND_SLICE])
+                            self._queue(bio.read())
+                            self._send_now()
             except ssl.SSLError as e:
                 raise trio.BrokenResourceError(f"TLS error: {e}") from e
-            self._take_tls_output()
-        elif self._out or self._flushing:
-            self._out += data
+            if bio.pending:
+                self._queue(bio.read())
         else:
-            sock = self._live()
-            try:
-                sent = sock.send(data)
-            except _EAGAIN:
-                sent = 0
-            except OSError as e:
-                raise trio.BrokenResourceError(f"write failed: {e}") from e
-            if sent == len(data):
-                return True
-            self._out += memoryview(data)[sent:]
-            return False
+            for part in parts:
+                if len(part):
+                    self._queue(part)
         return self._send_now()
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: Buffer | Sequence[Buffer]) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._obj is not None and not self._handshaken:
             await self.do_handshake()
@@ -323,9 +340,13 @@ class FastStream(trio.abc.Stream):
             await self.flush()
         await trio.lowlevel.wait_writable(self._live())
 
+    def _queue(self, buf: Buffer) -> None:
+        self._out.append(buf)
+        self._out_len += len(buf)
+
     def _take_tls_output(self) -> None:
         if self._out_bio.pending:
-            self._out += self._out_bio.read()
+            self._queue(self._out_bio.read())
 
     def _push_tls_output(self) -> None:
         """After a read: send what it produced (tickets, key updates) if the socket takes
@@ -335,22 +356,39 @@ class FastStream(trio.abc.Stream):
             if not self._flushing:
                 self._send_now()
 
+    def _send_some(self, sock: socket.socket) -> None:
+        """One ``send``/``sendmsg`` from the head of ``_out``; raises what the socket does
+        (``BlockingIOError`` when it takes nothing)."""
+        out = self._out
+        if len(out) == 1:
+            sent = sock.send(out[0])
+        else:
+            sent = sock.sendmsg(list(islice(out, _IOV_MAX)))
+        self._out_len -= sent
+        while sent:
+            head = out[0]
+            if sent >= len(head):
+                sent -= len(head)
+                out.popleft()
+            else:
+                out[0] = memoryview(head)[sent:]
+                break
+
     def _send_now(self) -> bool:
         """Send from the head of ``_out`` without waiting; True when it is empty."""
-        out = self._out
-        if not out:
+        if not self._out:
             return True
         if self._flushing:
             return False
         sock = self._live()
         try:
-            sent = sock.send(out)
+            while self._out:
+                self._send_some(sock)
         except _EAGAIN:
             return False
         except OSError as e:
             raise trio.BrokenResourceError(f"write failed: {e}") from e
-        del out[:sent]
-        return not out
+        return True
 
     async def _flush_all(self) -> None:
         if not self._out:
@@ -359,16 +397,13 @@ class FastStream(trio.abc.Stream):
         self._flushed = trio.Event()
         try:
             sock = self._live()
-            out = self._out
-            while out:
+            while self._out:
                 try:
-                    sent = sock.send(out)
+                    self._send_some(sock)
                 except _EAGAIN:
                     await trio.lowlevel.wait_writable(sock)
-                    continue
                 except OSError as e:
                     raise trio.BrokenResourceError(f"write failed: {e}") from e
-                del out[:sent]
         finally:
             self._flushing = False
             self._flushed.set()

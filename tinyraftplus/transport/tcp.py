@@ -101,6 +101,7 @@ from .wire import (
     encode,
     encode_frame,
     frame,
+    frame_header,
 )
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -116,6 +117,17 @@ HELLO_MAX_FRAME = 4096
 """Largest frame an acceptor reads before the dialer has proved who it is."""
 RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
+BIG_FRAME = 64 << 10
+"""A payload larger than this is queued and sent beside its header, not joined to it."""
+
+_Queued = bytes | tuple[bytes, bytes]
+"""A framed message waiting: one buffer, or (header, payload) for a big one."""
+
+
+def _nbytes(item: _Queued) -> int:
+    if isinstance(item, bytes):
+        return len(item)
+    return len(item[0]) + len(item[1])
 DROP_WARN_INTERVAL = 60.0
 """Dropped messages to one peer are reported at most this often (with a count)."""
 DIAL_REMIND_INTERVAL = 60.0
@@ -177,7 +189,7 @@ class _Peer:
         self.id = node_id
         self.addr = addr
         self.we_dial = we_dial
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[_Queued] = deque()
         self.queued_bytes = 0
         self.wakeup = trio.Event()
         self.addr_known = trio.Event()
@@ -203,23 +215,28 @@ class _Peer:
         """The established connection, while there is one (``send`` writes to it directly
         when nothing is queued)."""
 
-    def take(self) -> tuple[bytes, int]:
-        """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one) as one buffer."""
+    def take(self) -> tuple[list[bytes], int]:
+        """Pop up to ``WRITE_BATCH_BYTES`` of frames (at least one): the buffers to send
+        (small frames joined, big payloads as they are) and how many frames they hold."""
         q = self.queue
-        if self.queued_bytes <= WRITE_BATCH_BYTES:
-            n = len(q)
-            buf = b"".join(q)
-            q.clear()
-            self.queued_bytes = 0
-            return buf, n
         parts: list[bytes] = []
-        size = 0
-        while q and (not parts or size + len(q[0]) <= WRITE_BATCH_BYTES):
-            f = q.popleft()
-            parts.append(f)
-            size += len(f)
+        small: list[bytes] = []
+        size = n = 0
+        while q and (not n or size + _nbytes(q[0]) <= WRITE_BATCH_BYTES):
+            item = q.popleft()
+            size += _nbytes(item)
+            n += 1
+            if isinstance(item, bytes):
+                small.append(item)
+            else:
+                if small:
+                    parts.append(b"".join(small))
+                    small = []
+                parts.extend(item)
+        if small:
+            parts.append(small[0] if len(small) == 1 else b"".join(small))
         self.queued_bytes -= size
-        return b"".join(parts), len(parts)
+        return parts, n
 
 
 class _ConnectError(TransportError):
@@ -519,7 +536,8 @@ class TcpTransport:
                 f"{type(msg).__name__} to node {to!r} encodes to {len(payload)} bytes, over "
                 f"max_frame={self._max_frame}; send fewer or smaller entries per message"
             )
-        data = frame(payload)
+        data: _Queued = frame(payload) if len(payload) <= BIG_FRAME else (
+            frame_header(payload), payload)
         q = peer.queue
         conn = peer.conn
         if conn is not None and not q and not conn.writing and conn.reason is None \
@@ -536,7 +554,7 @@ class TcpTransport:
             peer.stats.sent += 1
             return
         q.append(data)
-        peer.queued_bytes += len(data)
+        peer.queued_bytes += _nbytes(data)
         if len(q) > self._queue_size or peer.queued_bytes > self._queue_bytes:
             self._drop_oldest(peer)
         peer.wakeup.set()
@@ -646,7 +664,7 @@ class TcpTransport:
     def _drop_oldest(self, peer: _Peer) -> None:
         q = peer.queue
         while len(q) > 1 and (len(q) > self._queue_size or peer.queued_bytes > self._queue_bytes):
-            peer.queued_bytes -= len(q.popleft())
+            peer.queued_bytes -= _nbytes(q.popleft())
             peer.stats.dropped += 1
             peer.dropped_since_warn += 1
         now = time.monotonic()
@@ -987,6 +1005,7 @@ class TcpTransport:
                     wakeup = peer.wakeup = trio.Event()
                     with trio.move_on_after(self._keepalive):
                         await wakeup.wait()
+                buf: list[bytes] | bytes
                 if peer.queue:
                     buf, n = peer.take()
                 elif stream.out_pending:

@@ -721,6 +721,12 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload), crc32c(payload)) + payload
 
 
+def frame_header(payload: bytes) -> bytes:
+    """The header ``frame`` puts before ``payload``: send the two without joining them
+    (a large payload is then never copied just to be framed)."""
+    return HEADER.pack(len(payload), crc32c(payload))
+
+
 def encode_frame(msg: WireMessage, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
     """``frame(encode(msg))``: one message ready for the socket."""
     return frame(encode(msg, limits))
@@ -843,6 +849,7 @@ class FrameDecoder:
 
 
 __all__ = [
+    "frame_header",
     "PROTOCOL_VERSION", "DEFAULT_MAX_FRAME", "HEADER_SIZE", "Hello", "Ping", "WireMessage",
     "WireLimits", "DEFAULT_LIMITS", "encode", "decode", "frame", "encode_frame", "PING_FRAME",
     "FrameDecoder", "check_node_id",
