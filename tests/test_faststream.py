@@ -245,6 +245,29 @@ async def test_flush_sends_a_try_send_backlog(ctx: Contexts | None) -> None:
         assert got[0] == expected
 
 
+async def test_flush_from_two_tasks_waits_in_turn(ctx: Contexts | None) -> None:
+    """One task at a time sends the backlog; a second ``flush`` waits for it rather than
+    tripping over the same socket."""
+    async with connected(ctx) as (srv, cli):
+        expected = b"".join(fill(cli, seed=13))
+        done: list[int] = []
+
+        async def flush() -> None:
+            await cli.flush()
+            done.append(cli.out_pending)
+
+        got: list[bytes] = []
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flush)
+                nursery.start_soon(flush)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not done
+                got.append(await recv_exactly(srv, len(expected)))
+        assert done == [0, 0]
+        assert got[0] == expected
+
+
 # --- 4. TLS output produced by a read, while application data waits ----------------------
 
 async def _client_certificate_arrives(srv: FastStream) -> bool:
@@ -354,6 +377,31 @@ async def test_a_reader_that_always_finds_data_lets_other_tasks_run(
                 assert calls < LIMIT, f"{calls} reads found data ready; no other task ran"
                 assert await cli.receive_some(1) == b"x"
                 calls += 1
+
+
+async def test_a_cancel_that_lands_on_the_fairness_yield_loses_no_data(
+        ctx: Contexts | None) -> None:
+    """The yield comes after the read took its bytes: a cancellation delivered there must
+    not throw them away (the next call raises ``Cancelled`` instead)."""
+    data = pattern(4096, 12)
+    async with connected(ctx) as (srv, cli):
+        with trio.fail_after(5):
+            await srv.send_all(data)
+            await trio.testing.wait_all_tasks_blocked()
+            got = bytearray()
+            with trio.CancelScope() as cs:
+
+                async def cancel() -> None:  # runs only when the reader yields
+                    cs.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel)
+                    while True:
+                        got += await cli.receive_some(7)
+            assert cs.cancelled_caught
+            assert 0 < len(got) <= 7 * LIMIT
+            got += await recv_exactly(cli, len(data) - len(got))
+        assert got == data
 
 
 async def test_a_writer_that_never_waits_lets_other_tasks_run(ctx: Contexts | None) -> None:
