@@ -234,6 +234,25 @@ async def test_try_send_buffers_in_order_and_a_later_send_all_goes_after(
         assert head + got[0] == expected + tail
 
 
+async def test_try_send_during_another_tasks_flush_queues_behind_it(
+        ctx: Contexts | None) -> None:
+    big, small = pattern(2 * MiB, 14), pattern(1000, 15)
+    async with connected(ctx) as (srv, cli):
+        got: list[bytes] = []
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cli.send_all, big)
+                await trio.testing.wait_all_tasks_blocked()
+                assert cli.out_pending > 0  # the writer waits for the peer
+                # The peer reads a little (without yielding, so the writer has not run
+                # yet): the socket has room, and still the new bytes go behind the backlog.
+                got.append(await recv_exactly(srv, 65536))
+                assert cli.try_send(small) is False
+                got.append(await recv_exactly(srv, len(big) + len(small) - 65536))
+        assert cli.out_pending == 0
+        assert b"".join(got) == big + small
+
+
 async def test_flush_sends_a_try_send_backlog(ctx: Contexts | None) -> None:
     async with connected(ctx) as (srv, cli):
         chunks = fill(cli, seed=6)
