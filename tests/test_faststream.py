@@ -190,7 +190,7 @@ async def test_one_receive_returns_every_buffered_record_up_to_max_bytes(tls: Co
     data = pattern(16 * 16384, 3)  # one write: 16 records of 16 KiB
     more = pattern(4 * 16384, 4)
     async with connected(tls) as (srv, cli):
-        srv._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MiB)  # type: ignore[union-attr]
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MiB)
         with trio.fail_after(5):
             await srv.send_all(data)  # returned: every record is in the client's socket
             first = await cli.receive_some(MiB)
