@@ -103,6 +103,7 @@ class FastStream(trio.abc.Stream):
         if ssl_context is not None:
             self._in_bio = ssl.MemoryBIO()
             self._out_bio = ssl.MemoryBIO()
+            self._handshake_lock = trio.Lock()  # a first read and a first write may race
             self._obj = ssl_context.wrap_bio(self._in_bio, self._out_bio,
                                              server_side=server_side,
                                              server_hostname=server_hostname)
@@ -161,26 +162,30 @@ class FastStream(trio.abc.Stream):
         obj = self._obj
         if obj is None or self._handshaken:
             return
-        while True:
-            try:
-                obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._take_tls_output()
-                await self._flush_all()
-                if not await self._recv_into_bio():
-                    raise trio.BrokenResourceError(
-                        "the peer closed the connection during the TLS handshake") from None
-            except ssl.SSLError as e:  # as trio.SSLStream does: the cause says what failed
-                self._take_tls_output()  # the alert, for the peer's log
+        async with self._handshake_lock:
+            if self._handshaken:  # another task did it while we waited
+                return
+            while True:
                 try:
-                    self._send_now()
-                except trio.BrokenResourceError:
-                    pass
-                raise trio.BrokenResourceError(f"TLS handshake failed: {e}") from e
-        self._take_tls_output()
-        await self._flush_all()
-        self._handshaken = True
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._take_tls_output()
+                    await self._flush_all()
+                    if not await self._recv_into_bio():
+                        raise trio.BrokenResourceError(
+                            "the peer closed the connection during the TLS handshake"
+                        ) from None
+                except ssl.SSLError as e:  # as trio.SSLStream does: the cause says what failed
+                    self._take_tls_output()  # the alert, for the peer's log
+                    try:
+                        self._send_now()
+                    except trio.BrokenResourceError:
+                        pass
+                    raise trio.BrokenResourceError(f"TLS handshake failed: {e}") from e
+            self._take_tls_output()
+            await self._flush_all()
+            self._handshaken = True
 
     # --- receive ----------------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -188,6 +193,7 @@ class FastStream(trio.abc.Stream):
         n = 65536 if max_bytes is None else min(max_bytes, _RECV_MAX)
         if n < 1:
             raise ValueError("max_bytes must be >= 1")
+        self._live()  # closed here: not what the SSL object still holds, nor its EOF
         waited = False
         if self._obj is None:
             sock = self._live()
@@ -289,7 +295,9 @@ class FastStream(trio.abc.Stream):
         waiting: True if the socket took all of it (and every byte before it). Otherwise
         the rest stays buffered, in order, and ``flush`` (or the next ``send_all``)
         finishes it. Raises ``trio.BrokenResourceError`` if the connection failed; never
-        blocks. Buffers are not copied while queued: do not change them afterwards."""
+        blocks (``trio.ClosedResourceError`` once closed here). Buffers are not copied
+        while queued: do not change them afterwards."""
+        self._live()  # the SSL object would say "protocol is shutdown" after aclose
         parts = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
         if self._obj is not None:
             if not self._handshaken:
