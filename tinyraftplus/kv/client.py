@@ -324,6 +324,7 @@ def client_ssl_context(ca_file: str | os.PathLike[str], cert_file: str | os.Path
     client checks, after the handshake, that the server's certificate names a node."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # FastStream does not carry one out
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
