@@ -65,6 +65,7 @@ typedef struct tp_flusher tp_flusher;
 int tp_flusher_start(tp_flusher **out, int *efd_out, long spin_ns);
 int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
                       int sync);
+int tp_flusher_park(tp_flusher *f);
 int tp_flusher_collect(tp_flusher *f, int *failed_op);
 volatile int *tp_flusher_done_ptr(tp_flusher *f);
 void tp_flusher_stop(tp_flusher *f);

@@ -353,7 +353,12 @@ int tp_write(int fd, const void *buf, size_t len, uint64_t off, int sync, int *f
  * rounds, or the log is idle) spinning only burns a core that a loaded machine needs, and
  * on 2 busy cores it delays the very thread that would submit the next job. Hand-off out:
  * an eventfd the Trio thread waits on, and an atomic `done` word it can poll
- * (tp_flusher_done_ptr) to skip the epoll wake-up. */
+ * (tp_flusher_done_ptr) to skip the epoll wake-up. The eventfd is written only when the
+ * Trio side asked for it (tp_flusher_park sets `waiting`): a poller that saw `done` saves
+ * the write here and the read in collect. `waiting` and `done` are stored and then the
+ * other is loaded, both sequentially consistent, so at least one side sees the other's
+ * store: either the Trio side finds the job done and does not wait, or the thread finds it
+ * waiting and writes the eventfd. No wake-up can be lost. */
 struct tp_flusher {
     pthread_t thread;
     pthread_mutex_t mu;
@@ -362,6 +367,7 @@ struct tp_flusher {
     int stop;
     int sleeping;
     _Atomic int ready;
+    _Atomic int waiting; /* the Trio side waits on the eventfd (tp_flusher_park) */
     int done; /* read by Python through tp_flusher_done_ptr */
     long spin_ns;
     long gap_avg;  /* moving average of the time from a job's end to the next job */
@@ -419,10 +425,13 @@ static void *flusher_main(void *arg) {
         f->rc = rc;
         f->failed_op = op;
         atomic_store(&f->ready, 0);
-        __atomic_store_n(&f->done, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&f->done, 1, __ATOMIC_SEQ_CST);
+        int wake = atomic_load_explicit(&f->waiting, memory_order_seq_cst);
         pthread_mutex_unlock(&f->mu);
-        uint64_t one = 1;
-        while (write(f->efd, &one, sizeof one) < 0 && errno == EINTR) {
+        if (wake) {
+            uint64_t one = 1;
+            while (write(f->efd, &one, sizeof one) < 0 && errno == EINTR) {
+            }
         }
     }
     return NULL;
@@ -472,9 +481,17 @@ int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64
     return 0;
 }
 
+int tp_flusher_park(tp_flusher *f) {
+    atomic_store_explicit(&f->waiting, 1, memory_order_seq_cst);
+    return __atomic_load_n(&f->done, __ATOMIC_SEQ_CST) ? 1 : 0;
+}
+
 int tp_flusher_collect(tp_flusher *f, int *failed_op) {
-    uint64_t v;
-    while (read(f->efd, &v, sizeof v) < 0 && errno == EINTR) {
+    if (atomic_exchange(&f->waiting, 0)) {
+        /* Drain what the thread wrote (nonblocking: it may have seen `done` first). */
+        uint64_t v;
+        while (read(f->efd, &v, sizeof v) < 0 && errno == EINTR) {
+        }
     }
     pthread_mutex_lock(&f->mu);
     int rc = -EAGAIN;

@@ -134,7 +134,13 @@ typedef struct tp_flusher tp_flusher;
 int tp_flusher_start(tp_flusher **out, int *efd_out, long spin_ns);
 int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64_t off,
                       int sync);
-/* After the eventfd became readable: the job's result (0 / -errno), or -EAGAIN. */
+/* Before waiting on the eventfd: ask for it to be signalled. Returns 1 if the job is done
+ * already (then do not wait), 0 if the eventfd will be signalled when it is. The thread
+ * writes the eventfd only for a caller that asked: one that polled `done` and saw it set
+ * saves a write and a read per job. */
+int tp_flusher_park(tp_flusher *f);
+/* After the eventfd became readable (or `done` was seen set): the job's result (0 /
+ * -errno), or -EAGAIN. */
 int tp_flusher_collect(tp_flusher *f, int *failed_op);
 volatile int *tp_flusher_done_ptr(tp_flusher *f);
 void tp_flusher_stop(tp_flusher *f);

@@ -166,7 +166,7 @@ class Flusher:
                 finally:
                     Flusher._polling -= 1
         while True:
-            if not done[0]:
+            if not done[0] and not lib.tp_flusher_park(self._f):
                 await trio.lowlevel.wait_readable(self._efd)
             rc = lib.tp_flusher_collect(self._f, self._op)
             if rc != -errno.EAGAIN:
