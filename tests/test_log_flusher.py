@@ -107,3 +107,36 @@ async def test_a_wait_does_not_poll_while_another_does(tmp_path, monkeypatch):
         for i in range(10):
             await log.append(b"%d" % i)
         assert log.seq == 19
+
+
+async def test_no_lost_wakeup_between_park_and_done(tmp_path):
+    """The thread writes the eventfd only for a Trio side that parked (``tp_flusher_park``):
+    a store/load pair on each side, so either the parker sees the job done or the thread
+    sees the parker. Thousands of writes that finish about when the waiter parks (page
+    cache, no fdatasync; fdatasync on /dev/shm costs nothing) hit every interleaving; a
+    lost wake-up hangs one of them, and the deadline turns that into a failure."""
+    import os
+    from pathlib import Path
+
+    from tinyraftplus._native import ffi
+    from tinyraftplus.log.flusher import Flusher
+
+    shm = Path("/dev/shm")
+    for d in [tmp_path, *([shm] if shm.is_dir() else [])]:
+        path = d / f"lostwake-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            for spin_us, poll_us in ((0, 0), (200, 0), (0, 300), (200, 300)):
+                f = Flusher(spin_us, poll_us)
+                buf = ffi.from_buffer(b"x" * 512)
+                try:
+                    with trio.fail_after(60):
+                        for i in range(1500):
+                            # Big enough to be handed to the thread (sync or not).
+                            f.submit(fd, buf, 512, (i % 64) * 512, True)
+                            assert await f.wait() == (0, 0)
+                finally:
+                    f.stop()
+        finally:
+            os.close(fd)
+            os.unlink(path)
