@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -382,24 +382,35 @@ async def test_cancelled_receive_and_send_raise_even_when_they_could_complete(
             assert await srv.receive_some(100) == b"after"
 
 
+async def calls_until_another_task_runs(step: Callable[[], Awaitable[None]],
+                                        what: str) -> int:
+    """Call ``step`` until a task started beside it has run (at most ``LIMIT`` calls)."""
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
+    calls = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        while not ran:
+            assert calls < LIMIT, f"{calls} {what}; no other task ran"
+            await step()
+            calls += 1
+    return calls
+
+
 async def test_a_reader_that_always_finds_data_lets_other_tasks_run(
         ctx: Contexts | None) -> None:
     async with connected(ctx) as (srv, cli):
         await srv.send_all(b"x" * 4096)  # far more than the reads below take
         await trio.testing.wait_all_tasks_blocked()
-        ran = False
 
-        async def other() -> None:
-            nonlocal ran
-            ran = True
+        async def read() -> None:
+            assert await cli.receive_some(1) == b"x"
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            calls = 0
-            while not ran:
-                assert calls < LIMIT, f"{calls} reads found data ready; no other task ran"
-                assert await cli.receive_some(1) == b"x"
-                calls += 1
+        await calls_until_another_task_runs(read, "reads found data ready")
 
 
 async def test_a_cancel_that_lands_on_the_fairness_yield_loses_no_data(
@@ -429,19 +440,11 @@ async def test_a_cancel_that_lands_on_the_fairness_yield_loses_no_data(
 
 async def test_a_writer_that_never_waits_lets_other_tasks_run(ctx: Contexts | None) -> None:
     async with connected(ctx) as (srv, cli):
-        ran = False
 
-        async def other() -> None:
-            nonlocal ran
-            ran = True
+        async def write() -> None:
+            await cli.send_all(b"y")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            calls = 0
-            while not ran:
-                assert calls < LIMIT, f"{calls} sends went out at once; no other task ran"
-                await cli.send_all(b"y")
-                calls += 1
+        calls = await calls_until_another_task_runs(write, "sends went out at once")
         assert await recv_exactly(srv, calls) == b"y" * calls
 
 
