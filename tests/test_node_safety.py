@@ -4,6 +4,7 @@ a wiped follower flooding the network, and memory that grew with payload size.""
 
 from __future__ import annotations
 
+import pytest
 import trio
 from cluster import FAST, Counter, cluster
 
@@ -146,4 +147,19 @@ async def test_result_memory_is_bounded_in_bytes(tmp_path, monkeypatch):
     node = _unstarted(tmp_path)
     big = b"r" * (256 << 10)
     node._finish_applied([Entry(s, 1, b"x") for s in range(10)], [big] * 10)
-    assert node._recent_bytes <= 1 << 20 and len(node._recent_results) == 4
+    assert node._recent_bytes <= 1 << 20 and node._recent_count == 4
+    assert [seq for seq, _, _ in node._recent(0, 9)] == [6, 7, 8, 9]  # the newest kept
+
+
+async def test_late_answers_come_from_the_results_memory_across_chunks(tmp_path):
+    """Results are remembered per applied chunk: an answer that spans two chunks is put
+    together in order, and a term that does not match fails it."""
+    node = _unstarted(tmp_path)
+    node._finish_applied([Entry(s, 1, b"x") for s in range(0, 3)], [b"a0", b"a1", b"a2"])
+    node._finish_applied([Entry(s, 2, b"x") for s in range(3, 6)], [b"b3", b"b4", b"b5"])
+    node._apply_seq = 5
+    assert await node._register(3, 4, 2).wait() == [b"b3", b"b4"]
+    assert [r for _, _, r in node._recent(1, 4)] == [b"a1", b"a2", b"b3", b"b4"]
+    lost = node._register(2, 3, 2)  # seq 2 was written in term 1: not this append's
+    with pytest.raises(LeadershipLostError):
+        await lost.wait()

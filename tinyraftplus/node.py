@@ -371,7 +371,10 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         # Request ids go out in Propose and ReadIndex; starting from the clock keeps them
         # unique across restarts, so the leader's duplicate filter never confuses two.
         self._next_id = time.time_ns()
-        self._recent_results: deque[tuple[int, int, Any, int]] = deque()
+        # Applied results kept for late answers: one (entries, results, bytes) per applied
+        # chunk, not one tuple per entry (a per-entry loop here cost ~1 us an entry).
+        self._recent_results: deque[tuple[list[Entry], list[Any], int]] = deque()
+        self._recent_count = 0
         self._recent_bytes = 0
         self._proposed: dict[tuple[Any, int], tuple[int, int]] = {}
         self._cache: deque[Entry] = deque()
@@ -923,15 +926,41 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                         w.set(w.results)
 
     def _remember_results(self, ents: list[Entry], results: list[Any]) -> None:
+        size = sum(map(_result_size, results))
         recent = self._recent_results
-        size = self._recent_bytes
-        for e, r in zip(ents, results, strict=True):
-            n = len(r) if isinstance(r, (bytes, bytearray, str)) else 64
-            recent.append((e.seq, e.term, r, n))
-            size += n
-        while recent and (len(recent) > _RESULT_MEMORY or size > _RESULT_MEMORY_BYTES):
-            size -= recent.popleft()[3]
-        self._recent_bytes = size
+        recent.append((ents, list(results), size))
+        self._recent_count += len(ents)
+        self._recent_bytes += size
+        while recent and (self._recent_count > _RESULT_MEMORY
+                          or self._recent_bytes > _RESULT_MEMORY_BYTES):
+            old, old_results, old_size = recent[0]
+            if len(recent) > 1:  # whole chunks first
+                recent.popleft()
+                self._recent_count -= len(old)
+                self._recent_bytes -= old_size
+                continue
+            # The newest chunk alone is over a bound: forget its oldest entries.
+            k = 0
+            while k < len(old) and (self._recent_count - k > _RESULT_MEMORY
+                                    or old_size > _RESULT_MEMORY_BYTES):
+                old_size -= _result_size(old_results[k])
+                k += 1
+            recent.popleft()
+            if k < len(old):
+                recent.append((old[k:], old_results[k:], old_size))
+            self._recent_count -= k
+            self._recent_bytes = old_size if k < len(old) else 0
+            break
+
+    def _recent(self, first: int, last: int) -> list[tuple[int, int, Any]]:
+        """(seq, term, result) of the remembered entries in ``first..last``, in order."""
+        got: list[tuple[int, int, Any]] = []
+        for ents, results, _ in self._recent_results:
+            if ents[-1].seq < first or ents[0].seq > last:
+                continue
+            got.extend((e.seq, e.term, r) for e, r in zip(ents, results, strict=True)
+                       if first <= e.seq <= last)
+        return got
 
     def _add_waiter(self, w: _AppendWaiter) -> None:
         if w.first in self._waiters:
@@ -957,7 +986,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         w = _AppendWaiter(first, last, term)
         if first <= self._apply_seq:
             # Already applied (a forwarded append whose answer came late): use the memory.
-            got = [(s, t, r) for (s, t, r, _) in self._recent_results if first <= s <= last]
+            got = self._recent(first, last)
             whole = len(got) == last - first + 1 and last <= self._apply_seq
             if whole and all(t == term for _, t, _ in got):
                 w.set([r for _, _, r in got])
@@ -1300,6 +1329,11 @@ def _log_needs_open(log: Any) -> bool:
     if is_open is not None:
         return not is_open
     return getattr(log, "_state", "open") == "new"
+
+
+def _result_size(r: Any) -> int:
+    """Bytes an applied result is counted for in the results memory."""
+    return len(r) if isinstance(r, (bytes, bytearray, str)) else 64
 
 
 def _check_item(data: Any, where: str, key: tuple[Any, int] | None = None) -> bytes:
