@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -711,7 +712,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
             )
             if self._cache_bytes < _CACHE_MAX_BYTES:
                 self._cache.extend(ents)
-                self._cache_bytes += sum(len(e.data) for e in ents)
+                self._cache_bytes += _data_bytes(ents)
             else:
                 # The applier is far behind; it reads from the log instead.
                 self._cache.clear()
@@ -886,7 +887,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         if cache and cache[0].seq == lo:
             n = min(hi - lo + 1, len(cache))
             got = [cache.popleft() for _ in range(n)]
-            self._cache_bytes -= sum(len(e.data) for e in got)
+            self._cache_bytes -= _data_bytes(got)
             return got
         core = self._core
         if core is not None:
@@ -897,6 +898,8 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         waiters, active, extra = self._waiters, self._active, self._waiters_extra
         if results is None:
             results = [None] * len(ents)
+        elif type(results) is not list:
+            results = list(results)  # any sequence apply() returned
         self._remember_results(ents, results)
         for e, r in zip(ents, results, strict=True):
             w = waiters.pop(e.seq, None) if waiters else None
@@ -926,7 +929,8 @@ class RaftNode(MembershipAPI, NodeSnapshots):
                         w.set(w.results)
 
     def _remember_results(self, ents: list[Entry], results: list[Any]) -> None:
-        size = sum(map(_result_size, results))
+        nones = results.count(None)  # no state machine, or no results: counted in C
+        size = 64 * nones if nones == len(results) else sum(map(_result_size, results))
         recent = self._recent_results
         recent.append((ents, list(results), size))
         self._recent_count += len(ents)
@@ -1310,7 +1314,7 @@ def _payload_bytes(msg: Any) -> int:
     """Payload bytes a queued message holds (what makes a send queue big)."""
     t = type(msg)
     if t is m.AppendEntries:
-        return sum(len(e.data) for e in msg.entries)
+        return _data_bytes(msg.entries)
     if t is m.Propose:
         return sum(map(len, msg.items))
     return 0
@@ -1329,6 +1333,14 @@ def _log_needs_open(log: Any) -> bool:
     if is_open is not None:
         return not is_open
     return getattr(log, "_state", "open") == "new"
+
+
+_DATA = operator.itemgetter(2)  # an Entry is a (seq, term, data) tuple
+
+
+def _data_bytes(ents: Iterable[Entry]) -> int:
+    """Bytes of the entries' data, summed in C (a generator cost ~0.3 us an entry)."""
+    return sum(map(len, map(_DATA, ents)))
 
 
 def _result_size(r: Any) -> int:
