@@ -720,3 +720,30 @@ async def test_add_peer_while_serving_then_remove_it(ca):
             assert ts[3].is_connected(4) and ts[3].is_connected(1)
             with pytest.raises(InvalidArgumentError):
                 ts[2].add_peer(2)
+
+
+def test_a_big_payload_is_queued_beside_its_header_and_sent_in_order():
+    """A payload over ``BIG_FRAME`` waits as (header, payload), never joined to its header;
+    ``take`` joins the small frames around it and keeps every byte in order, within
+    ``WRITE_BATCH_BYTES`` (at least one frame)."""
+    from tinyraftplus.transport import tcp as tcp_mod
+    from tinyraftplus.transport.wire import FrameDecoder, frame, frame_header
+
+    peer = tcp_mod._Peer(2, None, True)
+    big = os.urandom(tcp_mod.BIG_FRAME + 1)
+    items = [frame(b"a"), frame(b"bb"), (frame_header(big), big), frame(b"c")]
+    for it in items:
+        peer.queue.append(it)
+        peer.queued_bytes += tcp_mod._nbytes(it)
+    parts, n = peer.take()
+    assert n == 4 and peer.queued_bytes == 0 and not peer.queue
+    assert any(p is big for p in parts)  # not copied
+    assert FrameDecoder(1 << 20).feed(b"".join(parts)) == [b"a", b"bb", big, b"c"]
+    # Past the batch size: what fits, the rest stays queued, and one frame always goes.
+    huge = os.urandom(tcp_mod.WRITE_BATCH_BYTES)
+    peer.queue.extend([frame(b"x"), (frame_header(huge), huge)])
+    peer.queued_bytes = sum(map(tcp_mod._nbytes, peer.queue))
+    parts, n = peer.take()
+    assert n == 1 and parts == [frame(b"x")] and len(peer.queue) == 1
+    parts, n = peer.take()
+    assert n == 1 and parts[1] is huge and peer.queued_bytes == 0
