@@ -88,7 +88,8 @@ def test_restore_unchecked_is_caught_through_install_snapshot_alone():
     that skips the chunk and snapshot CRCs installs."""
     cfg = SimConfig(snapshot_entries=5, bugs=frozenset({"restore_unchecked"}),
                     overrides=(("snap_rot", 0.0), ("snap_corrupt", 0.05), ("torn", False)))
-    s = run_seeds(range(120), cfg, jobs=2, stop_after=1, record_trace=False)  # (found at seed 21 today)
+    # (found at seed 21 today)
+    s = run_seeds(range(120), cfg, jobs=2, stop_after=1, record_trace=False)
     assert s.violations >= 1, s.text(cfg)
     first = min(s.failures, key=lambda o: o.seed)
     print(f"\nrestore_unchecked (in flight): caught at seed {first.seed} {first.short}")
