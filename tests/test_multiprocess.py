@@ -143,7 +143,7 @@ class ProcCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"node {i} not ready in {timeout}s:\n"
                                      f"{err.read_text()[-3000:]}")
-            await trio.sleep(0.05)
+            await trio.sleep(0.01)  # (a start is waited for ~100 times in the suite)
 
     async def start_all(self) -> None:
         async with trio.open_nursery() as n:
@@ -214,7 +214,7 @@ class ProcCluster:
                     lid = leaders.pop()
                     if all(s["leader"] == lid for s in st.values()):
                         return lid, st[lid]["term"]
-                await trio.sleep(0.05)
+                await trio.sleep(0.02)
 
     async def wait_caught_up(self, c: Client, ids: list[Any] | None = None,
                              timeout: float = 30.0) -> dict[Any, dict]:
@@ -228,7 +228,7 @@ class ProcCluster:
                     applied = {s["apply_seq"] for s in st.values()}
                     if len(commits) == 1 and applied == commits:
                         return st
-                await trio.sleep(0.1)
+                await trio.sleep(0.02)
 
 
 class Writer:
