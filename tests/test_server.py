@@ -261,8 +261,9 @@ async def test_client_errors_say_what_happened(tmp_path):
     plain = ProcCluster(tmp_path / "plain", [1], tls=False)
     try:
         with trio.fail_after(60):
-            await cl.start(1)
-            await plain.start(1)
+            async with trio.open_nursery() as n:  # the two start together
+                n.start_soon(cl.start, 1)
+                n.start_soon(plain.start, 1)
             t0 = trio.current_time()
             async with Client([cl.client_addr[1]], plaintext=True, timeout=10) as c:
                 with pytest.raises(ConfigurationError, match="speaks TLS"):

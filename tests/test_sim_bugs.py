@@ -70,7 +70,7 @@ CASES = [
 @pytest.mark.parametrize("bug,config,bound,expected", CASES, ids=[c[0] for c in CASES])
 def test_deliberate_bug_is_caught_within_bounded_seeds(bug, config, bound, expected):
     cfg = SimConfig(**{**config.__dict__, "bugs": frozenset({bug})})
-    s = run_seeds(range(bound), cfg, jobs=2, stop_after=1)
+    s = run_seeds(range(bound), cfg, jobs=2, stop_after=1, record_trace=False)
     assert s.violations >= 1, f"{bug} not caught in {bound} seeds:\n{s.text(cfg)}"
     first = min(s.failures, key=lambda o: o.seed)
     print(f"\n{bug}: caught at seed {first.seed} [{first.invariant}] {first.short}")
@@ -88,7 +88,8 @@ def test_restore_unchecked_is_caught_through_install_snapshot_alone():
     that skips the chunk and snapshot CRCs installs."""
     cfg = SimConfig(snapshot_entries=5, bugs=frozenset({"restore_unchecked"}),
                     overrides=(("snap_rot", 0.0), ("snap_corrupt", 0.05), ("torn", False)))
-    s = run_seeds(range(120), cfg, jobs=2, stop_after=1)  # (found at seed 21 today)
+    # (found at seed 21 today)
+    s = run_seeds(range(120), cfg, jobs=2, stop_after=1, record_trace=False)
     assert s.violations >= 1, s.text(cfg)
     first = min(s.failures, key=lambda o: o.seed)
     print(f"\nrestore_unchecked (in flight): caught at seed {first.seed} {first.short}")
@@ -98,13 +99,13 @@ def test_restore_unchecked_is_caught_through_install_snapshot_alone():
 def test_the_churn_hunt_without_bugs_finds_nothing():
     # (the default mix without bugs is test_sim.py's 1,000-seed scale test)
     config = SimConfig.churn()
-    s = run_seeds(range(400), config, jobs=2)
+    s = run_seeds(range(400), config, jobs=2, record_trace=False)
     assert s.violations == 0, s.text(config) + "\n" + s.failures[0].report
 
 
 def test_the_membership_hunt_without_bugs_finds_nothing():
     config = SimConfig.membership_churn()
-    s = run_seeds(range(300), config, jobs=2)
+    s = run_seeds(range(300), config, jobs=2, record_trace=False)
     assert s.member_changes > 1000
     assert s.violations == 0, s.text(config) + "\n" + s.failures[0].report
 

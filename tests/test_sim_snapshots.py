@@ -197,7 +197,7 @@ def test_a_crash_at_every_snapshot_step_leaves_nodes_that_restart_correctly():
     cfg = SimConfig(faults=False, snapshot_entries=5, steps=300,
                     overrides=(("snap_crash", 0.5), ("restart_min", 0.02),
                                ("restart_max", 0.3)))
-    s = run_seeds(range(24), cfg, jobs=2)
+    s = run_seeds(range(24), cfg, jobs=2, record_trace=False)
     assert s.violations == 0, s.text() + "\n" + s.failures[0].report
     sn = s.snap
     for step in JOB_STEPS:
@@ -210,7 +210,7 @@ def test_snapshots_on_many_seeds_zero_violations():
     """The default fault mix with snapshots every 5 entries: snapshots are taken, sent,
     installed, restored at restarts, damaged in flight and at rest, and nothing breaks."""
     cfg = SimConfig(snapshot_entries=5)
-    s = run_seeds(range(80), cfg, jobs=2)
+    s = run_seeds(range(80), cfg, jobs=2, record_trace=False)
     print(f"\n{s.text()}")
     assert s.violations == 0, s.text() + "\n" + s.failures[0].report
     sn = s.snap
