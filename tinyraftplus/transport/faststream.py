@@ -24,11 +24,16 @@ What this stream does instead:
   flooding peer cannot starve the other tasks.
 
 TLS details: ciphertext leaves in exactly the order the SSL object produced it, because all
-of it goes through one buffer (``_out``) whose head is always sent first, whoever sends. A
-read may produce ciphertext too (TLS 1.3 session tickets, key updates): the reader moves it
-to the same buffer and pushes it without waiting; a writer that finds the buffer non-empty
-sends the backlog before its own bytes. Only one task at a time may wait to flush
-(``_flushing``); others wait for it to finish.
+of it goes through one queue of buffers (``_out``) whose head is always sent first, whoever
+sends. A read may produce ciphertext too (post-handshake messages such as a TLS 1.3 client
+authentication or key update): the reader adds it to the same queue and pushes it without
+waiting; a writer that finds the queue non-empty sends the backlog before its own bytes.
+Only one task at a time may wait to flush (``_flushing``); others wait for it to finish.
+
+Callers decide when to write directly (``ready_for_direct_send``, and their own rule: the
+transport when nothing is queued for the peer, the key-value server and client only for a
+lone request or answer), because a burst sent one message at a time costs a system call and
+a TLS record each, and splits the batches group commit relies on.
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ _scratch = threading.local()
 
 def _buffers() -> tuple[bytearray, memoryview, bytearray, memoryview]:
     """This thread's scratch buffers (ciphertext, plaintext): reads land in them and are
-    copied out before any await, so one pair per thread serves every stream. Reading into a
-    fresh 256 KiB ``bytes`` per call instead costs an ``mmap``, page faults and a ``munmap``
-    each time (measured: 20-30% more CPU per put at 256 puts in flight)."""
+    copied out before any await, so one pair per thread serves every stream. A fresh 256 KiB
+    ``bytes`` per call instead is above malloc's ``mmap`` threshold until the threshold
+    adapts: an ``mmap``, page faults and a ``munmap`` per read."""
     b = getattr(_scratch, "b", None)
     if b is None:
         c, p = bytearray(_RECV_MAX), bytearray(_RECV_MAX)
