@@ -889,8 +889,9 @@ class _ClientConnection:
             # answer now rather than wake the writer for it (a task switch per answer).
             # With more in flight the writer sends their answers together: answering the
             # first alone splits the client's next burst, and group commit with it (that
-            # cost 15-25% of the puts/s at 256 in flight, in alternating runs). What the socket does not take at once
-            # stays in the stream, in order, and the writer finishes it.
+            # cost 15-25% of the puts/s at 256 in flight, in alternating runs). What the
+            # socket does not take at once stays in the stream, in order, and the writer
+            # finishes it.
             try:
                 if not self.stream.try_send(encode_response(rid, code, payload)):
                     self.wake.set()
