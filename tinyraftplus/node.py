@@ -857,8 +857,10 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         if stop is not None and stop < hi:
             hi = stop  # the snapshot is taken right there
         ents = self._take_entries(lo, hi)
-        # The no-op (b"") and configuration entries reach the state machine as None.
-        return ents, [None if e.kind or not e.data else e.data for e in ents], lo
+        # The no-op (b"") and configuration entries reach the state machine as None. (The
+        # type test first: cheaper per entry than ``kind``, a class attribute.)
+        return ents, [(e[2] or None) if type(e) is Entry
+                      else None if e.kind else (e[2] or None) for e in ents], lo
 
     def _apply_failed(self, lo: int, e: Exception) -> None:
         # The state machine must be deterministic; if it raises, replicas could diverge,
@@ -886,7 +888,12 @@ class RaftNode(MembershipAPI, NodeSnapshots):
             self._cache_bytes -= len(cache.popleft().data)
         if cache and cache[0].seq == lo:
             n = min(hi - lo + 1, len(cache))
-            got = [cache.popleft() for _ in range(n)]
+            if n == len(cache):  # the usual case: all of it, copied in C
+                got = list(cache)
+                cache.clear()
+            else:
+                popleft = cache.popleft
+                got = [popleft() for _ in range(n)]
             self._cache_bytes -= _data_bytes(got)
             return got
         core = self._core
