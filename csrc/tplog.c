@@ -442,8 +442,9 @@ int tp_flusher_start(tp_flusher **out, int *efd_out, long spin_ns) {
     if (!f) return -ENOMEM;
     /* No spinning for a process confined to one CPU (taskset, a 1-CPU container): the
      * thread that submits the next job can only run when this one stops, so a spin only
-     * delays it (measured: a one-core appender at 0.69 of the raw loop with the spin,
-     * 0.99 without). Checked once, when the log opens. */
+     * delays it (one measurement: a one-core appender at 0.81 of the raw loop with the
+     * spin, 0.99 without; later runs were too noisy to repeat it). Checked once, when
+     * the log opens. */
     cpu_set_t cpus;
     if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) < 2) spin_ns = 0;
     f->spin_ns = spin_ns;

@@ -859,8 +859,8 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         ents = self._take_entries(lo, hi)
         # The no-op (b"") and configuration entries reach the state machine as None. (The
         # type test first: cheaper per entry than ``kind``, a class attribute.)
-        return ents, [(e[2] or None) if type(e) is Entry
-                      else None if e.kind else (e[2] or None) for e in ents], lo
+        return ents, [(e[2] or None) if type(e) is Entry or not e.kind else None
+                      for e in ents], lo
 
     def _apply_failed(self, lo: int, e: Exception) -> None:
         # The state machine must be deterministic; if it raises, replicas could diverge,

@@ -98,7 +98,7 @@ from ..errors import (
     UsageError,
 )
 from ..transport.faststream import FastStream
-from ..transport.tls import DNS_SUFFIX, cert_dns_names, cert_names_node
+from ..transport.tls import DNS_SUFFIX, cert_dns_names, cert_names_node, new_context
 from ..transport.wire import FrameDecoder, frame, show_value
 from .store import MAX_CLIENT_ID, MAX_VALUE, check_key, check_write
 
@@ -322,11 +322,8 @@ def client_ssl_context(ca_file: str | os.PathLike[str], cert_file: str | os.Path
 
     The hostname check is off because one address list serves every node: instead the
     client checks, after the handshake, that the server's certificate names a node."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION  # FastStream does not carry one out
+    ctx = new_context(server=False)  # the project's TLS settings, as between nodes
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
     try:
         ctx.load_verify_locations(cafile=os.fspath(ca_file))
         ctx.load_cert_chain(os.fspath(cert_file),
@@ -399,8 +396,6 @@ class _Conn:
     def __init__(self, addr: Address, stream: FastStream) -> None:
         self.addr = addr
         self.stream = stream
-        self.writing = False
-        """The writer task is sending: requests queue behind it."""
         self.out: list[bytes] = []
         self.wake = trio.Event()
         self.pending: dict[int, _Waiter] = {}
@@ -420,9 +415,8 @@ class _Conn:
             w.set("closed", self.error or "connection closed")
             return w
         self.pending[rid] = w
-        if len(self.pending) == 1 and not self.out and not self.writing \
-                and self.stream.ready_for_direct_send():
-            # The only request in flight and the writer idle: write now, saving a task
+        if len(self.pending) == 1 and not self.out and self.stream.ready_for_direct_send():
+            # The only request in flight and nothing being sent: write now, saving a task
             # switch. With more in flight the writer sends them together (see the server's
             # ``_answer``). What the socket does not take stays in the stream, in order;
             # the writer finishes it.
@@ -479,20 +473,14 @@ class _Conn:
     async def _writer(self) -> None:
         stream = self.stream
         while True:
-            if stream.out_pending:
-                self.writing = True
-                await stream.flush()
-                self.writing = False
-            if not self.out:
+            if not self.out and not stream.out_pending:
                 self.wake = trio.Event()
                 await self.wake.wait()
-                if not self.out:
-                    continue
-            buf = b"".join(self.out)
+                continue
+            # No requests: only what a direct send left, which send_all flushes.
+            buf = b"".join(self.out) if self.out else ()
             self.out.clear()
-            self.writing = True
             await stream.send_all(buf)
-            self.writing = False
 
     async def _reader(self) -> None:
         decoder = FrameDecoder(CLIENT_MAX_FRAME)

@@ -723,8 +723,6 @@ class _ClientConnection:
         self.room = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.closed = False
-        self.writing = False
-        """The writer task is sending: answers queue behind it."""
 
     async def run(self) -> None:
         async with trio.open_nursery() as n:
@@ -883,9 +881,9 @@ class _ClientConnection:
             self.server.room.set()
 
     def _answer(self, rid: int, code: str, payload: Any) -> None:
-        if self.inflight <= 1 and not self.out and not self.writing and not self.closed \
+        if self.inflight <= 1 and not self.out and not self.closed \
                 and self.stream.ready_for_direct_send():
-            # The only request in flight, nothing waiting and the writer idle: write the
+            # The only request in flight and nothing waiting or being sent: write the
             # answer now rather than wake the writer for it (a task switch per answer).
             # With more in flight the writer sends their answers together: answering the
             # first alone splits the client's next burst, and group commit with it (that
@@ -908,20 +906,11 @@ class _ClientConnection:
         out = self.out
         stream = self.stream
         while True:
-            if stream.out_pending:
-                # A direct answer (``_answer``) left bytes the socket did not take.
-                self.writing = True
-                with trio.move_on_after(timeout) as waited:
-                    await stream.flush()
-                if waited.cancelled_caught:
-                    raise ProtocolError(f"it did not read its answers for {timeout}s")
-                self.writing = False
-            if not out:
+            if not out and not stream.out_pending:
                 self.room.set()
                 self.wake = trio.Event()
                 await self.wake.wait()
-                if not out:
-                    continue
+                continue
             # Encode at most WRITE_CHUNK bytes at a time: the copy made for the socket stays
             # small whatever is waiting.
             parts: list[bytes] = []
@@ -932,14 +921,13 @@ class _ClientConnection:
                 parts.append(b)
                 n += len(b)
                 taken += size
-            self.writing = True
             with trio.move_on_after(timeout) as waited:
-                await stream.send_all(b"".join(parts))
+                # No parts: only what a direct answer (``_answer``) left, which this flushes.
+                await stream.send_all(b"".join(parts) if parts else ())
             if waited.cancelled_caught:
                 raise ProtocolError(
                     f"it did not read its answers for {timeout}s ({self.out_bytes} bytes "
                     f"waiting)")
-            self.writing = False
             self.out_bytes -= taken
             self.room.set()
 

@@ -38,7 +38,6 @@ a TLS record each, and splits the batches group commit relies on.
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 import threading
@@ -470,9 +469,4 @@ class FastStream(trio.abc.Stream):
             sock.close()
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)) or (
-        isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE))
-
-
-__all__ = ["FastStream", "is_connection_error"]
+__all__ = ["FastStream"]

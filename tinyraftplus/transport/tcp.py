@@ -119,15 +119,6 @@ RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 1 << 20
 BIG_FRAME = 64 << 10
 """A payload larger than this is queued and sent beside its header, not joined to it."""
-
-_Queued = bytes | tuple[bytes, bytes]
-"""A framed message waiting: one buffer, or (header, payload) for a big one."""
-
-
-def _nbytes(item: _Queued) -> int:
-    if isinstance(item, bytes):
-        return len(item)
-    return len(item[0]) + len(item[1])
 DROP_WARN_INTERVAL = 60.0
 """Dropped messages to one peer are reported at most this often (with a count)."""
 DIAL_REMIND_INTERVAL = 60.0
@@ -143,6 +134,16 @@ side reports its failed dials)."""
 REFUSAL_LOG_INTERVAL = 10.0
 """Refused inbound connections are logged at most this often (with a count)."""
 CLOSE_TIMEOUT = 0.5
+
+
+_Queued = bytes | tuple[bytes, bytes]
+"""A framed message waiting: one buffer, or (header, payload) for a big one."""
+
+
+def _nbytes(item: _Queued) -> int:
+    if isinstance(item, bytes):
+        return len(item)
+    return len(item[0]) + len(item[1])
 
 
 def _order(node_id: NodeId) -> tuple[int, int, str]:
@@ -253,13 +254,11 @@ class _Conn:
     ``Hello``, and why it ended."""
 
     __slots__ = ("stream", "decoder", "pending", "where", "reason", "bad", "nursery",
-                 "writing", "last_rx")
+                 "last_rx")
 
     def __init__(self, stream: FastStream, decoder: FrameDecoder, pending: list[bytes],
                  where: str) -> None:
         self.stream = stream
-        self.writing = False
-        """The writer task is sending: ``send`` queues rather than writing past it."""
         self.last_rx = trio.current_time()
         """When bytes last arrived (the watchdog's idle timeout counts from it)."""
         self.decoder = decoder
@@ -540,11 +539,12 @@ class TcpTransport:
             frame_header(payload), payload)
         q = peer.queue
         conn = peer.conn
-        if conn is not None and not q and not conn.writing and conn.reason is None \
+        if conn is not None and not q and conn.reason is None \
                 and conn.stream.ready_for_direct_send():
-            # Nothing queued and the writer idle: hand the frame to the kernel now, which
-            # saves a task switch per message. What the socket does not take at once stays
-            # in the stream, in order, and the writer finishes it.
+            # Nothing queued and nothing being sent (a writer mid-send either finished
+            # without waiting or is flushing, which the stream tells): hand the frame to the
+            # kernel now, saving a task switch per message. What the socket does not take
+            # at once stays in the stream, in order, and the writer finishes it.
             try:
                 if not conn.stream.try_send(data):
                     peer.wakeup.set()
@@ -993,13 +993,7 @@ class TcpTransport:
         stream = conn.stream
         try:
             while True:
-                if stream.out_pending:
-                    # A direct send (``send``) left bytes the socket did not take.
-                    conn.writing = True
-                    with trio.fail_after(self._idle_timeout):
-                        await stream.flush()
-                    conn.writing = False
-                if not peer.queue:
+                if not peer.queue and not stream.out_pending:
                     # The event is replaced before waiting, with no checkpoint between the
                     # emptiness check and here, so a send() cannot be missed.
                     wakeup = peer.wakeup = trio.Event()
@@ -1009,13 +1003,11 @@ class TcpTransport:
                 if peer.queue:
                     buf, n = peer.take()
                 elif stream.out_pending:
-                    continue
+                    buf, n = [], 0  # what a direct send() left: send_all flushes it
                 else:
                     buf, n = PING_FRAME, 0
-                conn.writing = True
                 with trio.fail_after(self._idle_timeout):
                     await stream.send_all(buf)
-                conn.writing = False
                 peer.stats.sent += n
         except trio.TooSlowError:
             conn.fail(TransportError(

@@ -718,7 +718,7 @@ def decode(payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> WireMessage:
 
 def frame(payload: bytes) -> bytes:
     """Prefix ``payload`` with its length and CRC32C."""
-    return HEADER.pack(len(payload), crc32c(payload)) + payload
+    return frame_header(payload) + payload
 
 
 def frame_header(payload: bytes) -> bytes:
