@@ -483,8 +483,14 @@ int tp_flusher_submit(tp_flusher *f, int fd, const void *buf, size_t len, uint64
     f->sync = sync;
     __atomic_store_n(&f->done, 0, __ATOMIC_RELEASE);
     atomic_store_explicit(&f->ready, 1, memory_order_release);
-    if (f->sleeping) pthread_cond_signal(&f->cv);
+    int sleeping = f->sleeping;
     pthread_mutex_unlock(&f->mu);
+    /* Signalled after the unlock: signalled under it, the woken thread would block at
+     * once on the mutex we still hold, and our unlock would have to wake it a second
+     * time (two futex wakes, each a cross-CPU interrupt on a VM, per hand-off). Safe:
+     * `ready` was set under the mutex, so the thread either sees it before it waits or
+     * is already waiting for this signal; the condition variable lives until stop. */
+    if (sleeping) pthread_cond_signal(&f->cv);
     return 0;
 }
 

@@ -540,7 +540,7 @@ async def test_quota_refuses_writes_with_no_space_and_values_are_capped(tmp_path
         cl.kill_all()
 
 
-# --- at the scale of the review, with the RSS each attack leaves (pytest -m slow -s) ------
+# --- at the scale of the review, with the RSS each attack leaves (pytest -m slow -n0 -s) ------
 
 
 @pytest.mark.slow
