@@ -494,3 +494,28 @@ async def test_a_failure_while_framing_leaves_no_trace(tmp_path, monkeypatch):
         assert [tuple(e) async for e in log.iter()] == want
     async with FsLog(tmp_path, "x") as log:
         assert [tuple(e) async for e in log.iter()] == want
+
+
+# poll_us 0: the flusher parks on the eventfd; 300: it polls first. A 4 KiB segment: a
+# new segment (made in a worker thread) every few records.
+@pytest.mark.parametrize("poll_us,segment_size", [(0, 1 << 20), (300, 1 << 20), (300, 4096)])
+async def test_a_cancelled_flusher_finishes_its_write_before_it_sees_the_cancel(
+    tmp_path, poll_us, segment_size
+):
+    """The appender that writes the round (the flusher) is cancelled, already at the call
+    or while the write is in flight: the record is durable and counted before the
+    Cancelled reaches it, whichever way the flusher waits."""
+    async with FsLog(tmp_path, "x", poll_us=poll_us, segment_size=segment_size) as log:
+        for i in range(100):
+            with trio.CancelScope() as cs:
+                if i % 2 == 0:
+                    cs.cancel()
+                else:
+                    cs.deadline = trio.current_time() + 50e-6
+                await log.append(b"r%d" % i + b"x" * 1000)
+                await trio.sleep_forever()
+            assert cs.cancelled_caught
+            assert log.seq == i, f"append {i} was cancelled before its write was counted"
+    async with FsLog(tmp_path, "x") as log:
+        assert [e.data async for e in log.iter()] == [
+            b"r%d" % i + b"x" * 1000 for i in range(100)]

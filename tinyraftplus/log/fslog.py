@@ -845,22 +845,24 @@ class FsLog:
     @_ki_protected
     async def _run_flusher(self, mine: _Round | None) -> None:
         """Be the flusher until ``mine`` is durable and the role can be handed on (or no
-        work is left). Shielded: a cancelled flusher still finishes the write it started,
-        and its caller sees the cancellation afterwards."""
+        work is left). Not cancellable: a cancelled flusher still finishes the write it
+        started, and its caller sees the cancellation afterwards. Every await in the loop
+        is a wait that cannot be cancelled (``Flusher.wait``, shielded schedule points, a
+        shielded segment roll) rather than one shielded scope around it all, which cost
+        about 8 us per durable append."""
         error: BaseException | None = None
-        with trio.CancelScope(shield=True):
-            try:
-                error = await self._flush_loop(mine)
-            except BaseException:
-                # Only a KeyboardInterrupt delivered at the flusher's wait gets here: hand
-                # the role on, so the waiters of queued rounds are not left waiting for a
-                # flusher that is gone (the round in flight is collected by the next one).
-                nxt = self._next_waiter()
-                if nxt is not None:
-                    trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
-                else:
-                    self._stop_flushing()
-                raise
+        try:
+            error = await self._flush_loop(mine)
+        except BaseException:
+            # Only a KeyboardInterrupt delivered at the flusher's wait gets here: hand
+            # the role on, so the waiters of queued rounds are not left waiting for a
+            # flusher that is gone (the round in flight is collected by the next one).
+            nxt = self._next_waiter()
+            if nxt is not None:
+                trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
+            else:
+                self._stop_flushing()
+            raise
         if error is not None:
             raise error
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -901,7 +903,8 @@ class FsLog:
                 return _round_error(mine)
             rnd = self._queue[0]
             if not rnd.seg.created:
-                err = await self._roll_to(rnd.seg)
+                with trio.CancelScope(shield=True):
+                    err = await self._roll_to(rnd.seg)
                 if err is not None:
                     self._fail_queued(err)
                     continue
