@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import crc32c
 import pytest
@@ -519,3 +520,39 @@ async def test_a_cancelled_flusher_finishes_its_write_before_it_sees_the_cancel(
     async with FsLog(tmp_path, "x") as log:
         assert [e.data async for e in log.iter()] == [
             b"r%d" % i + b"x" * 1000 for i in range(100)]
+
+
+async def test_the_tail_is_preallocated_and_sealed_segments_and_closed_logs_end_at_a_record(
+    tmp_path,
+):
+    """``format``: preallocated tail. While open the tail file runs ahead of its records
+    in zeros; a copy taken then (what a SIGKILL leaves) reopens with every record and no
+    warning; a sealed segment and a closed log's tail end exactly at their last record."""
+    import shutil
+
+    d = tmp_path / "x"
+    async with FsLog(tmp_path, "x", segment_size=64 << 10) as log:
+        for i in range(40):  # 40 x 1 KiB: the first segment holds about 60
+            await log.append(b"%04d" % i + b"x" * 1020)
+        (seg0,) = sorted(d.glob("*.seg"))
+        raw = seg0.read_bytes()
+        data = raw.rstrip(b"\0")
+        assert len(raw) > len(data) and len(raw) % 4096 == 0  # grown ahead, in zeros
+        shutil.copytree(d, tmp_path / "copy" / "x")
+        for i in range(40, 100):  # into a second segment: the first is sealed
+            await log.append(b"%04d" % i + b"x" * 1020)
+        segs = sorted(d.glob("*.seg"))
+        assert len(segs) == 2
+        sealed = segs[0].read_bytes()
+        assert len(sealed) == len(sealed.rstrip(b"\0")) and sealed.endswith(b"x" * 1020)
+        assert os.path.getsize(segs[1]) > len(segs[1].read_bytes().rstrip(b"\0"))
+    tail = sorted(d.glob("*.seg"))[-1].read_bytes()
+    assert tail.endswith(b"x" * 1020)  # closed: the zeros are cut off
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LogRecoveryWarning
+        async with FsLog(tmp_path / "copy", "x", segment_size=64 << 10) as log:
+            assert log.seq == 39
+            assert [e.data[:4] async for e in log.iter()] == [b"%04d" % i for i in range(40)]
+            assert await log.append(b"next") == 40
+        async with FsLog(tmp_path, "x", segment_size=64 << 10) as log:
+            assert log.seq == 99

@@ -117,13 +117,27 @@ async def test_a_flipped_length_field_of_the_last_record_is_said_loudly(tmp_path
     assert [r for r in caplog.records if r.levelno == logging.ERROR]
 
 
-@pytest.mark.parametrize("how", ["cut short", "zeros appended", "a lost sector"])
+async def test_zeros_after_the_last_record_are_the_end_of_the_log(tmp_path, caplog):
+    """What preallocation leaves (``format``: preallocated tail), and what a round that
+    never reached the disk at all leaves: no record, no warning, nothing dropped."""
+    seg = await make(tmp_path)
+    seg.write_bytes(seg.read_bytes() + bytes(4096))
+    rc, out = verify(tmp_path)
+    assert rc == 0 and "torn tail" not in out and "WARNING" not in out, out
+    with caplog.at_level(logging.WARNING, logger="tinyraftplus.log"):
+        seq, ws = await reopen(tmp_path)
+    assert seq == 4 and ws == []
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("how", ["cut short", "zeros after a torn record", "a lost sector"])
 async def test_an_unfinished_write_is_a_plain_torn_tail(tmp_path, caplog, how):
     seg = await make(tmp_path)
     raw = bytearray(seg.read_bytes())
     if how == "cut short":
         del raw[-300:]
-    elif how == "zeros appended":
+    elif how == "zeros after a torn record":
+        raw[-512:] = bytes(512)  # the last record's last sector never reached the disk
         raw += bytes(4096)
     else:  # a power loss kept the file's size and a later page, not an earlier sector
         start = fmt.SEG_HDR + 4 * REC
@@ -134,7 +148,7 @@ async def test_an_unfinished_write_is_a_plain_torn_tail(tmp_path, caplog, how):
     assert rc == 0 and "torn tail" in out and "WARNING" not in out
     with caplog.at_level(logging.WARNING, logger="tinyraftplus.log"):
         seq, ws = await reopen(tmp_path)
-    assert seq == (4 if how == "zeros appended" else 3)
+    assert seq == 3
     assert len(ws) == 1 and "never acknowledged" in str(ws[0].message)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -436,6 +436,7 @@ class FsLog:
             # damage to a whole record rather than an unfinished write: tailcheck.py.
             self._notes.append(report_tail_cut(cut, seg.first_seq + r.n_commit - 1))
             fileops.ftruncate(fd, r.commit_end)
+        seg.alloc_end = r.commit_end if cut is not None else r.file_size
         # Durable before anything is appended: a new round says everything before it is
         # durable, and the bytes found here may be only in the page cache (a process
         # crash, or an fsync error that left pages the disk never got).
@@ -483,9 +484,20 @@ class FsLog:
                     self._flusher.stop()
                     self._bytes_before += self._flusher.bytes_written
                     self._flusher = None
+                self._trim_tail()
                 self._release_files()
         if interrupted is not None:
             raise interrupted
+
+    def _trim_tail(self) -> None:
+        """Cut the preallocated zeros off the tail (``format``): a log closed cleanly
+        leaves files that end at their last record, for other readers and tools. Not made
+        durable: a crash that undoes it leaves zeros, which recovery takes for the end."""
+        tail = self._segs[-1] if self._segs else None
+        if tail is not None and self._failed is None and tail.alloc_end > tail.end:
+            with contextlib.suppress(OSError):
+                fileops.ftruncate(tail.open_fd(), tail.end)
+                tail.alloc_end = tail.end
 
     def _release_files(self) -> None:
         for s in self._segs:
@@ -928,6 +940,9 @@ class FsLog:
                 self._gather = True
                 self._wake(rnd.waiters, None)
         else:
+            # The C side cut the file back to the round's start (``tp_write``): the
+            # preallocated zeros went with it.
+            rnd.seg.alloc_end = min(rnd.seg.alloc_end, rnd.file_off)
             exc = write_error(rc, op, rnd.seg.path, rnd.file_off)
             self._fail_round(rnd, exc)
             self._fail_queued(exc)
@@ -969,9 +984,24 @@ class FsLog:
         assert self._flusher is not None
         seg = rnd.seg
         fd = seg.open_fd()
+        if rnd.file_off + len(rnd.buf) > seg.alloc_end:
+            self._preallocate(seg, fd, rnd.file_off + len(rnd.buf))
         rnd.cbuf = ffi.from_buffer(rnd.buf)
         self._flusher.submit(fd, rnd.cbuf, len(rnd.buf), rnd.file_off, self._fsync)
         self._inflight = rnd
+
+    def _preallocate(self, seg: Segment, fd: int, end: int) -> None:
+        """Grow the tail's file past ``end`` (sparse, see ``format``: preallocated tail), so
+        that the rounds' ``fdatasync``s need not also make a new file size durable: 15-30%
+        cheaper per durable append here (raw 1 KiB ``pwrite`` + ``fdatasync`` loops on ext4,
+        p50 133-166 us into a grown file against 190-242 us growing it). A failure is left
+        to the write itself, which then grows the file as it would without this."""
+        size = -(-(end + min(fmt.PREALLOC, self._segment_size)) // 4096) * 4096
+        try:
+            fileops.ftruncate(fd, size)
+        except OSError:
+            return
+        seg.alloc_end = size
 
     def _commit_round(self, rnd: _Round) -> None:
         seg = rnd.seg
@@ -1034,7 +1064,13 @@ class FsLog:
         runs = self._terms.runs_between(prev.first_seq, prev.last_seq)
 
         def work() -> None:
-            if not self._fsync and "roll-no-sync" not in _TEST_BUGS:
+            trim = prev.alloc_end > prev.end
+            if trim:
+                # A sealed segment ends at its last record (see ``format``): its zeros go,
+                # durably (below), before the next segment exists.
+                fileops.ftruncate(prev.open_fd(), prev.end)
+                prev.alloc_end = prev.end
+            if (trim or not self._fsync) and "roll-no-sync" not in _TEST_BUGS:
                 # Without fsync nothing in the tail was made durable: do it before the
                 # segment is sealed, or a power loss could leave a sealed segment short
                 # (open fails) instead of losing only the tail.
@@ -1186,7 +1222,7 @@ class FsLog:
         assert seg.offs is not None
         del seg.offs[n:]
         seg.count = n
-        seg.end = seg.write_end = seg.synced_end = cut
+        seg.end = seg.write_end = seg.synced_end = seg.alloc_end = cut
         self._terms.truncate_after(seq)
         self._seq = seq
         self._next_seq = seq + 1

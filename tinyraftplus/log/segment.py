@@ -108,6 +108,7 @@ class Segment:
         "runs_from_scan",
         "fd_lock",
         "synced_end",
+        "alloc_end",
     )
 
     def __init__(self, dir: str, first_seq: int, prev_term: int = 0) -> None:
@@ -129,6 +130,9 @@ class Segment:
         # Up to where the file is known durable (fdatasynced): what a round's first record
         # records as its durable end (see ``format``: write rounds and torn tails).
         self.synced_end = fmt.SEG_HDR
+        # The file's size: past ``end`` while the tail is extended ahead of its writes
+        # (``FsLog._submit``); bytes between ``end`` and it read as zeros.
+        self.alloc_end = fmt.SEG_HDR
 
     @property
     def last_seq(self) -> int:
@@ -175,6 +179,7 @@ class Segment:
             raise
         self.fd = fd
         self.synced_end = fmt.SEG_HDR
+        self.alloc_end = fmt.SEG_HDR
         self.created = True
 
     def read_header(self) -> tuple[int, int] | int:

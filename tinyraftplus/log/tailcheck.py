@@ -168,6 +168,16 @@ def _whole_but_damaged(data: bytes, bad: int, resync: int | None) -> bool:
     return False
 
 
+def _zeros(fd: int, lo: int, hi: int) -> bool:
+    """Are the bytes ``[lo, hi)`` of the file all zero (never written)?"""
+    step = 1 << 20
+    for off in range(lo, hi, step):
+        chunk = os.pread(fd, min(step, hi - off), off)
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
 def classify_tail(path: str, fd: int, first_seq: int, r: object) -> TailCut | None:
     """What cutting this tail segment back (``r``: its ``ScanResult``) drops, or ``None``
     when nothing is cut. Reads the bytes after the last complete batch (cold path)."""
@@ -175,8 +185,8 @@ def classify_tail(path: str, fd: int, first_seq: int, r: object) -> TailCut | No
     n_commit = r.n_commit  # type: ignore[attr-defined]
     commit_end = r.commit_end  # type: ignore[attr-defined]
     size = r.file_size  # type: ignore[attr-defined]
-    if commit_end == size:
-        return None
+    if commit_end == size or _zeros(fd, commit_end, size):
+        return None  # the end, or the end and the preallocated zeros after it (``format``)
     torn = r.status == lib.TP_SCAN_TORN  # type: ignore[attr-defined]
     parts = []
     last = first_seq + n - 1
