@@ -40,8 +40,8 @@ def write_fdatasync_rate(directory: Path, record_size: int, duration: float) -> 
 
 def prealloc_write_fdatasync_rate(directory: Path, record_size: int, duration: float) -> float:
     """``write_fdatasync_rate`` into a file grown ahead of the writes (a sparse
-    ``ftruncate``, as the log grows its tail): what the same loop gets when its
-    ``fdatasync``\s need not make a new file size durable. A second baseline for
+    ``ftruncate``, as the log grows its tail): what the same loop gets when no
+    ``fdatasync`` must make a new file size durable. The third baseline of
     ``log.append.seq``, which writes that way and beats the plain loop by that much."""
     path = directory / "raw-prealloc.dat"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

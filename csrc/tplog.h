@@ -49,6 +49,13 @@
  * the round that was in flight, and the tail is torn (TP_SCAN_TORN): cut back to X. In
  * version 1 segments any valid record after X makes the damage mid-log.
  *
+ * Preallocated tail: the writer grows the tail segment's file ahead of its records (a
+ * sparse ftruncate), so the tail may end in zero bytes after its last record. A reader
+ * stops at the first record header of zeros; recovery takes zeros alone after the last
+ * record for the end of the log (the scan reports TP_SCAN_TORN there; the Python layer
+ * checks that only zeros follow and neither cuts nor warns). Sealed segments end at their
+ * last record.
+ *
  * CRC32C is the Castagnoli polynomial (reflected 0x82F63B78), initial value and final
  * xor 0xFFFFFFFF, i.e. the same as iSCSI, ext4 and the Python `crc32c` package.
  */

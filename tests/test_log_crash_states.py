@@ -15,6 +15,7 @@ import itertools
 import os
 import random
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import AsyncIterator
@@ -54,7 +55,9 @@ class Workload:
     seed: int
     ops: int
     opts: dict[str, Any]
-    faults: str = ""  # "enospc": full disk mid-round; "enospc+cut": and the cut fails
+    faults: str = ""  # "enospc": full disk mid-round; "enospc+cut": and the cut fails;
+    # "roll-sync": the first roll's fdatasync of the segment it seals fails with ENOSPC
+    # (the log stays usable and the next append rolls again)
 
 
 class Driver:
@@ -160,7 +163,18 @@ class Driver:
             if self.failed:
                 self.failed = False
                 await self._reopen()
-            if self.w.faults and i in (self.w.ops // 3, 2 * self.w.ops // 3):
+            if self.w.faults == "roll-sync" and i == self.w.ops // 3:
+                _fail_roll_sync[0] = True
+                for _ in range(10):  # until one needs a roll, whose sync fails
+                    await self.single(3000, 3000)
+                    if not _fail_roll_sync[0]:
+                        break
+                assert not _fail_roll_sync[0], "no roll happened"
+                # Rolls again at once, nothing written to the old segment in between.
+                await self.single(9000, 9000)
+                continue
+            if self.w.faults.startswith("enospc") and i in (self.w.ops // 3,
+                                                             2 * self.w.ops // 3):
                 # A group: the fault hits the first round of several independent
                 # records (half of it holds whole ones); or an atomic batch.
                 grouped = i == self.w.ops // 3
@@ -200,6 +214,15 @@ class Driver:
 
 _real_wait = Flusher.wait
 _real_submit = fslog_mod.FsLog._submit
+_real_fdatasync = fileops.fdatasync
+_fail_roll_sync = [False]  # armed by the driver: fail the next roll's fdatasync, once
+
+
+def _fdatasync_hook(fd: int) -> None:
+    if _fail_roll_sync[0] and sys._getframe(1).f_code.co_name == "work":  # in _roll_to
+        _fail_roll_sync[0] = False
+        raise OSError(errno.ENOSPC, "injected: no space to sync the segment a roll seals")
+    _real_fdatasync(fd)
 _fault_on_round: list[Any] = [None]  # armed by the driver: fault the next multi-record round
 
 
@@ -232,11 +255,14 @@ async def _run(w: Workload, budget: crashsim.Budget, *, c_bugs: int = 0,
         fileops.start_recording(trace)
         Flusher.wait = _slow_disk_wait  # type: ignore[method-assign]
         fslog_mod.FsLog._submit = _submit_hook  # type: ignore[method-assign]
+        fileops.fdatasync = _fdatasync_hook
         try:
             await Driver(root, w).run()
         finally:
             Flusher.wait = _real_wait  # type: ignore[method-assign]
             fslog_mod.FsLog._submit = _real_submit  # type: ignore[method-assign]
+            fileops.fdatasync = _real_fdatasync
+            _fail_roll_sync[0] = False
             fileops.stop_recording()
             lib.tp_inject_fault(0, 0, 0)
         scratch = d / "scratch"
@@ -257,6 +283,7 @@ DEFAULT_WORKLOADS = [
     Workload(2, 24, SMALL, faults="enospc"),
     Workload(3, 18, SMALL, faults="enospc+cut"),
     Workload(4, 24, {**SMALL, "fsync": False}),
+    Workload(5, 16, SMALL, faults="roll-sync"),
 ]
 DEFAULT_BUDGET = crashsim.Budget(full=4, sample=4, tears=1, combos=24)
 

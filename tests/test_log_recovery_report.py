@@ -130,6 +130,31 @@ async def test_zeros_after_the_last_record_are_the_end_of_the_log(tmp_path, capl
     assert not caplog.records
 
 
+@pytest.mark.parametrize("lost", [10, 63, 200])
+async def test_a_last_record_whose_end_never_reached_a_grown_file_is_unfinished(
+    tmp_path, caplog, lost
+):
+    """In a file grown ahead of its records, a write cut short leaves the record whole by
+    its length, its end zeros from a sector boundary on, then the preallocated zeros:
+    a plain torn tail however few bytes of it were lost, as a record cut short by the end
+    of the file always was (not "may have been acknowledged")."""
+    seg = await make(tmp_path, n=4)  # 4 records of 1,032 bytes from offset 48: end 4,176
+    async with FsLog(tmp_path, "x") as log:  # one more, ending `lost` bytes past 4,608
+        await log.append(b"E" * (4608 + lost - 4176 - fmt.REC_HDR))
+    raw = bytearray(seg.read_bytes())
+    assert len(raw) == 4608 + lost
+    raw[4608:] = bytes(lost)  # its last sector never reached the disk
+    raw += bytes(8192)  # the zeros the file was grown by
+    seg.write_bytes(bytes(raw))
+    rc, out = verify(tmp_path)
+    assert rc == 0 and "WARNING" not in out, out
+    with caplog.at_level(logging.WARNING, logger="tinyraftplus.log"):
+        seq, ws = await reopen(tmp_path)
+    assert seq == 3
+    assert len(ws) == 1 and "never acknowledged" in str(ws[0].message), ws[0].message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("how", ["cut short", "zeros after a torn record", "a lost sector"])
 async def test_an_unfinished_write_is_a_plain_torn_tail(tmp_path, caplog, how):
     seg = await make(tmp_path)

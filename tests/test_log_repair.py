@@ -154,3 +154,18 @@ def test_the_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinyraftplus.log", "repair", str(tmp_path), "x"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "--truncate-at" in r.stderr
+
+
+def test_the_preallocated_zeros_of_a_tail_left_by_a_crash_are_not_damage(tmp_path, capsys):
+    """A tail a SIGKILL left grown ahead of its records (``format``: preallocated tail)."""
+    segs = make_log(tmp_path)
+    tail = tmp_path / "x" / segs[-1]
+    data = tail.read_bytes()
+    tail.write_bytes(data + bytes(1 << 20))
+    rc, out = repair(capsys, tmp_path, "x", "--truncate-at", 108, "--dry-run")
+    assert rc == 0 and "nothing at or after seq 108 to remove" in out, out
+    rc, out = repair(capsys, tmp_path, "x", "--truncate-at", 107)
+    assert rc == 0 and "unreadable" not in out and "incomplete" not in out, out
+    # what goes is seq 107's record (32 + 9 bytes) and none of the zeros
+    assert "removes seqs 107..107 (1 record): 41 bytes in all" in out, out
+    assert read_all(tmp_path)[-1] == (106, b"last")

@@ -25,7 +25,7 @@ from .._native import lib
 from . import format as fmt
 from ._codes import reason
 from .segment import decode_seg_header, parse_entries, scan_fd
-from .tailcheck import classify_tail, torn_header_action
+from .tailcheck import classify_tail, nonzero_end, torn_header_action
 
 
 def _preview(data: bytes, width: int) -> str:
@@ -102,7 +102,8 @@ def run(dir: str, name: str, dump: bool, width: int, out: TextIO | None = None) 
             elif cut is not None:
                 print(
                     f"note: {seg_path}: torn tail at byte offset {r.commit_end}"
-                    f" ({r.file_size - r.commit_end} bytes, {r.n - r.n_commit} records of an"
+                    f" ({nonzero_end(fd, r.commit_end, r.file_size) - r.commit_end} bytes,"
+                    f" {r.n - r.n_commit} records of an"
                     " incomplete batch); open cuts it back",
                     file=out,
                 )

@@ -866,7 +866,8 @@ class FsLog:
         try:
             error = await self._flush_loop(mine)
         except BaseException:
-            # Only a KeyboardInterrupt delivered at the flusher's wait gets here: hand
+            # Only a KeyboardInterrupt delivered at the flusher's park (or as a roll's
+            # worker thread starts) gets here: hand
             # the role on, so the waiters of queued rounds are not left waiting for a
             # flusher that is gone (the round in flight is collected by the next one).
             nxt = self._next_waiter()
@@ -1069,12 +1070,15 @@ class FsLog:
                 # A sealed segment ends at its last record (see ``format``): its zeros go,
                 # durably (below), before the next segment exists.
                 fileops.ftruncate(prev.open_fd(), prev.end)
-                prev.alloc_end = prev.end
             if (trim or not self._fsync) and "roll-no-sync" not in _TEST_BUGS:
                 # Without fsync nothing in the tail was made durable: do it before the
                 # segment is sealed, or a power loss could leave a sealed segment short
                 # (open fails) instead of losing only the tail.
                 fileops.fdatasync(prev.open_fd())
+            # Only now: if that sync failed (ENOSPC leaves the log usable), the retried
+            # roll must cut and sync again, or the next segment could exist durably
+            # beside a sealed segment whose zeros a power loss kept.
+            prev.alloc_end = prev.end
             with contextlib.suppress(OSError):
                 prev.write_index(runs)
             seg.create_file()

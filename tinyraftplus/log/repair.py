@@ -40,6 +40,7 @@ from . import fileops
 from . import format as fmt
 from ._codes import reason
 from .segment import decode_seg_header, scan_fd
+from .tailcheck import zero_padded
 
 
 @dataclass
@@ -114,6 +115,9 @@ def plan(path: str, seq: int) -> Plan:
                                     "header)")
                     continue
                 r = scan_fd(fd, first, False)
+                if zero_padded(fd, r):  # a tail's preallocated zeros: not damage
+                    p.removed_bytes -= size - r.bad_off
+                    r = r._replace(status=0, file_size=r.bad_off)
                 if r.n:
                     p.removed += r.n
                     p.removed_last = first + r.n - 1
@@ -135,6 +139,9 @@ def plan(path: str, seq: int) -> Plan:
                     + (f"; use --truncate-at {first}" if i > 0 else ""),
                     path=seg_path, offset=16)
             r = scan_fd(fd, first, True)
+            if zero_padded(fd, r):  # the records end where the preallocated zeros begin
+                size = r.bad_off
+                r = r._replace(status=0, reason=0, file_size=size)
             # The cut is in this segment, or at its end when SEQ starts the next one.
             holds_cut = nxt is None or p.seq <= nxt
             k = p.seq - first if holds_cut else (nxt or 0) - first

@@ -30,8 +30,10 @@ first is cut back with a ``LogRecoveryWarning`` as an unfinished write; the seco
 log must open, and the records cannot be read back), but the warning and an ERROR log line
 name the seqs dropped and say that they may have been acknowledged. The rule errs towards
 the loud side: an unfinished write over stale bytes (after a truncate that a crash undid)
-is reported as possibly acknowledged (a few of the crash-state suite's 2,576 states), and
-a damaged record holding 64 zero bytes of its own is taken for unfinished.
+is reported as possibly acknowledged (a few of the crash-state suite's states), and a
+damaged record holding 64 zero bytes of its own, or whose own zeros run from a 512-byte
+sector boundary to its end and on into the preallocated zeros after it, is taken for
+unfinished.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def _record_chain_end(data: bytes, off: int, seq: int) -> tuple[int, int]:
 
 
 ZERO_RUN = 64
+SECTOR = 512  # what a power loss keeps or loses as a whole
 
 
 def _lost_sector(data: bytes, lo: int, hi: int) -> bool:
@@ -158,8 +161,14 @@ def _whole_but_damaged(data: bytes, bad: int, resync: int | None) -> bool:
     crc = int.from_bytes(rest[4:8], "little")
     if fmt.REC_HDR + n <= len(rest):
         # Whole as its length says, and invalid: damaged, unless a sector of it never
-        # reached the disk (a power loss mid-round keeps any subset of its pages).
-        return not _lost_sector(data, bad, bad + fmt.REC_HDR + n)
+        # reached the disk (a power loss mid-round keeps any subset of its pages), or its
+        # end did not: zeros from a sector boundary inside it on to the end of the file
+        # (the preallocated tail), as a write cut short leaves in a file grown ahead.
+        end = bad + fmt.REC_HDR + n
+        zeros_from = len(data.rstrip(b"\0"))
+        if -(-zeros_from // SECTOR) * SECTOR < end:
+            return False
+        return not _lost_sector(data, bad, end)
     # Its length runs past the end: cut short by a crash, unless the length field itself is
     # damaged: then the bytes up to the next record (or the end) pass the CRC.
     for end in [len(data)] + ([resync] if resync is not None else []):
@@ -170,12 +179,28 @@ def _whole_but_damaged(data: bytes, bad: int, resync: int | None) -> bool:
 
 def _zeros(fd: int, lo: int, hi: int) -> bool:
     """Are the bytes ``[lo, hi)`` of the file all zero (never written)?"""
+    return nonzero_end(fd, lo, hi) == lo
+
+
+def nonzero_end(fd: int, lo: int, hi: int) -> int:
+    """Where the bytes ``[lo, hi)`` of the file end once the zeros at their end (the
+    preallocated tail, ``format``) are left out: ``lo`` if they are all zero."""
     step = 1 << 20
-    for off in range(lo, hi, step):
-        chunk = os.pread(fd, min(step, hi - off), off)
-        if chunk.count(0) != len(chunk):
-            return False
-    return True
+    while hi > lo:
+        off = max(lo, hi - step)
+        chunk = os.pread(fd, hi - off, off)
+        n = len(chunk.rstrip(b"\0"))
+        if n:
+            return off + n
+        hi = off
+    return lo
+
+
+def zero_padded(fd: int, r: object) -> bool:
+    """Does the scan ``r`` of a tail segment stop only at its preallocated zeros? Its
+    records then end where the zeros begin, and nothing after them was ever written."""
+    return (r.status == lib.TP_SCAN_TORN  # type: ignore[attr-defined]
+            and _zeros(fd, r.bad_off, r.file_size))  # type: ignore[attr-defined]
 
 
 def classify_tail(path: str, fd: int, first_seq: int, r: object) -> TailCut | None:
@@ -212,8 +237,8 @@ def classify_tail(path: str, fd: int, first_seq: int, r: object) -> TailCut | No
         parts.append(what)
     if n_commit < n:
         parts.append(f"incomplete batch of {n - n_commit} records")
-    return TailCut(path, commit_end, first_seq + n_commit, last, size - commit_end, damaged,
-                   " and ".join(parts))
+    return TailCut(path, commit_end, first_seq + n_commit, last,
+                   nonzero_end(fd, commit_end, size) - commit_end, damaged, " and ".join(parts))
 
 
 def report_tail_cut(cut: TailCut, kept_last: int) -> str:
