@@ -328,6 +328,9 @@ BUGS = {
     "truncate-order": (Workload(8, 24, SMALL), 0, ("truncate-order",)),
     # 9.6: with fsync=False a roll sealed a segment whose records were never synced.
     "roll-no-sync": (Workload(4, 30, {**SMALL, "fsync": False}), 0, ("roll-no-sync",)),
+    # 13 (review): a roll whose sync failed counted its cut of the preallocated zeros as
+    # done, so the retry created the next segment without syncing it.
+    "roll-trim-early": (Workload(5, 16, SMALL, faults="roll-sync"), 0, ("roll-trim-early",)),
 }
 
 

@@ -1070,6 +1070,8 @@ class FsLog:
                 # A sealed segment ends at its last record (see ``format``): its zeros go,
                 # durably (below), before the next segment exists.
                 fileops.ftruncate(prev.open_fd(), prev.end)
+                if "roll-trim-early" in _TEST_BUGS:
+                    prev.alloc_end = prev.end
             if (trim or not self._fsync) and "roll-no-sync" not in _TEST_BUGS:
                 # Without fsync nothing in the tail was made durable: do it before the
                 # segment is sealed, or a power loss could leave a sealed segment short
