@@ -120,5 +120,5 @@ def parse_segment_name(name: str) -> int | None:
     return int(stem)
 
 PREALLOC = 4 << 20
-"""How far ahead of its writes the tail segment's file is grown (sparse: no disk blocks are
-taken until written). At most ``segment_size``."""
+"""How far ahead of its writes the tail segment's file is grown at a time (sparse: no disk
+blocks are taken until written); a smaller ``segment_size`` makes the step smaller."""

@@ -867,9 +867,9 @@ class FsLog:
             error = await self._flush_loop(mine)
         except BaseException:
             # Only a KeyboardInterrupt delivered at the flusher's park (or as a roll's
-            # worker thread starts) gets here: hand
-            # the role on, so the waiters of queued rounds are not left waiting for a
-            # flusher that is gone (the round in flight is collected by the next one).
+            # worker thread starts) gets here: hand the role on, so the waiters of queued
+            # rounds are not left waiting for a flusher that is gone (the round in flight
+            # is collected by the next one).
             nxt = self._next_waiter()
             if nxt is not None:
                 trio.lowlevel.reschedule(nxt, outcome.Value(_BECOME_FLUSHER))
