@@ -5,16 +5,18 @@ asked otherwise) with mutual TLS on both ports and fsync on, and one client proc
 * ``raft.tcp.append.seq``: one put in flight (100 B), beside the raw ``write`` + ``fdatasync``
   loop of 100 B measured in the same run; CPU per put in all processes.
 * ``raft.tcp.append.concurrent``: 256 puts of 100 B in flight, the same baseline.
-* ``raft.tcp.append.large``: 64 puts of 64 KiB in flight, in MB/s of values, beside a raw
-  64 KiB ``write`` + ``fdatasync`` loop in MB/s.
+* ``raft.tcp.append.large``: 64 puts of 64 KiB in flight over 1,024 keys (``LARGE_KEYS``), in
+  MB/s of values, beside a raw 64 KiB ``write`` + ``fdatasync`` loop in MB/s;
+  ``raft.tcp.append.large.new_keys``: the same with a new key every put, so that each adds a
+  value to every store (no target: it shows what a growing state machine costs).
 
 Every row carries the put latency percentiles (from the client) and CPU microseconds per
 committed put, summed over the servers (``/proc/<pid>/stat``) and the client (``getrusage``)
 over the client's measuring window. The PySyncObj comparison is ``benchmarks.bench_peer``.
 
 Also runnable alone: ``python -m benchmarks.bench_tcp`` (these figures, no harness), and
-``python -m benchmarks.bench_tcp client ADDR,... CA CERT KEY SECONDS CONCURRENCY SIZE PIDS
-LATFILE`` (the client process; ``- - -`` for CA CERT KEY: plaintext; prints ``RATE``,
+``python -m benchmarks.bench_tcp client ADDR,... CA CERT KEY SECONDS CONCURRENCY SIZE KEYS
+PIDS LATFILE`` (the client process; ``- - -`` for CA CERT KEY: plaintext; prints ``RATE``,
 ``COUNT`` and ``CPU`` lines and writes each put's latency in seconds to ``LATFILE`` as native
 doubles).
 """
@@ -48,6 +50,14 @@ CONCURRENCY = 256
 SIZE = 100
 LARGE_SIZE = 64 << 10
 LARGE_CONCURRENCY = 64
+KEYS = 1024
+"""Keys each client worker cycles through (the 100 B figures; 0: a new key every put)."""
+LARGE_KEYS = 16
+"""Keys per worker for ``raft.tcp.append.large``: 1,024 keys of 64 KiB in all, so after the
+first round every put overwrites a value and the servers' memory stops growing. With a new
+key every put, each adds a 64 KiB value to every replica's store, and the fresh pages cost
+more CPU than the replication (on the dev VM zeroing them was 30% of all CPU samples): that
+is ``raft.tcp.append.large.new_keys``."""
 READY = re.compile(r"tinyraftplus-server ready id=(\S+) peer=\S+ client=(\S+):(\d+)")
 
 
@@ -147,15 +157,15 @@ class Cluster:
         self.stop()
 
     def run_client(self, seconds: float, concurrency: int = CONCURRENCY,
-                   size: int = SIZE) -> ClientRun:
+                   size: int = SIZE, keys: int = KEYS) -> ClientRun:
         """One client process keeping ``concurrency`` puts of ``size`` bytes in flight for
-        ``seconds`` (after a short warm-up)."""
+        ``seconds`` (after a short warm-up), each worker cycling through ``keys`` keys."""
         latfile = self.dir / "latencies.bin"
         tls = [self.certs["ca"], self.certs["cert-client"], self.certs["key-client"]]
         argv = [sys.executable, "-m", "benchmarks.bench_tcp", "client", ",".join(self.clients),
                 *(tls if self.tls else ["-", "-", "-"]),
-                str(seconds), str(concurrency), str(size), ",".join(map(str, self.pids)),
-                str(latfile)]
+                str(seconds), str(concurrency), str(size), str(keys),
+                ",".join(map(str, self.pids)), str(latfile)]
         p = subprocess.run(argv, capture_output=True, text=True, env=child_env(),
                            timeout=max(seconds, WINDOW_MAX) + 120)
         rate = re.search(r"^RATE (\S+)", p.stdout, re.M)
@@ -201,13 +211,13 @@ class Series:
 
 async def run(ctx: Context) -> list[Result]:
     names = ["raft.tcp.append.seq", "raft.tcp.append.concurrent", "raft.tcp.append.large",
-             "raft.tcp.append.large.vs_disk_share"]
+             "raft.tcp.append.large.vs_disk_share", "raft.tcp.append.large.new_keys"]
     if not ctx.wants_any(names):
         return []
     out: list[Result] = []
     dur = max(ctx.duration, 1.0)
     reps = min(ctx.repeats, 2) if ctx.quick else ctx.repeats
-    seq, conc, large = Series.empty(), Series.empty(), Series.empty()
+    seq, conc, large, fresh = Series.empty(), Series.empty(), Series.empty(), Series.empty()
     raws: list[float] = []
     raws_large: list[float] = []
     shares_large: list[float] = []
@@ -220,14 +230,18 @@ async def run(ctx: Context) -> list[Result]:
                     seq.add(cl.run_client(dur, 1, SIZE))
                 if ctx.wants("raft.tcp.append.concurrent"):
                     conc.add(cl.run_client(dur, CONCURRENCY, SIZE))
-                if ctx.wants("raft.tcp.append.large"):
+                big = ctx.wants("raft.tcp.append.large")
+                if big or ctx.wants("raft.tcp.append.large.new_keys"):
                     raws_large.append(write_fdatasync_rate(d, LARGE_SIZE, dur / 2)
                                       * LARGE_SIZE / 1e6)
+                if big:
                     # Three replicas on this one disk each write every value: what one
                     # of three parallel raw loops gets is the most each can write.
                     shares_large.append(parallel_write_fdatasync_rate(
                         d, LARGE_SIZE, 3, dur / 2) * LARGE_SIZE / 1e6)
-                    large.add(cl.run_client(dur, LARGE_CONCURRENCY, LARGE_SIZE))
+                    large.add(cl.run_client(dur, LARGE_CONCURRENCY, LARGE_SIZE, LARGE_KEYS))
+                if ctx.wants("raft.tcp.append.large.new_keys"):
+                    fresh.add(cl.run_client(dur, LARGE_CONCURRENCY, LARGE_SIZE, 0))
     finally:
         ctx.remove(d)
     shape = "3 server processes + 1 client process on loopback, mutual TLS, fsync on"
@@ -257,8 +271,9 @@ async def run(ctx: Context) -> list[Result]:
             baseline=median(raws_large), baseline_name="raw write+fdatasync 64 KiB",
             target=Target(">=", 0.5, "ratio"), samples=mbs, baseline_samples=raws_large,
             latency=large.latency_ms, cpu_us=large.cpu_us,
-            notes=f"{shape}; {LARGE_CONCURRENCY} concurrent puts of 64 KiB values "
-                  f"({median(large.rates):,.0f} puts/s); CPU per put",
+            notes=f"{shape}; {LARGE_CONCURRENCY} concurrent puts of 64 KiB values over "
+                  f"{LARGE_CONCURRENCY * LARGE_KEYS:,} keys ({median(large.rates):,.0f} "
+                  "puts/s); CPU per put",
         ))
         out.append(Result(
             "raft.tcp.append.large.vs_disk_share", median(mbs), "MB/s",
@@ -267,6 +282,17 @@ async def run(ctx: Context) -> list[Result]:
             samples=mbs, baseline_samples=shares_large,
             notes="second baseline: the 3 replicas share one disk here, and each writes every "
                   "value; the ratio is against each one's share of it",
+        ))
+    if fresh.rates:
+        mbs = [r * LARGE_SIZE / 1e6 for r in fresh.rates]
+        out.append(Result(
+            "raft.tcp.append.large.new_keys", median(mbs), "MB/s",
+            baseline=median(raws_large), baseline_name="raw write+fdatasync 64 KiB",
+            samples=mbs, baseline_samples=raws_large,
+            latency=fresh.latency_ms, cpu_us=fresh.cpu_us,
+            notes="as raft.tcp.append.large with a new key every put: each adds a 64 KiB "
+                  "value to every replica's store "
+                  f"({median(fresh.rates):,.0f} puts/s); no target",
         ))
     return out
 
@@ -281,9 +307,10 @@ def _client_main(argv: list[str]) -> None:
 
     from ._common import CpuMeter
 
-    addrs, ca, cert, key, seconds, conc, size, pids, latfile = argv
-    duration, concurrency, nbytes = float(seconds), int(conc), int(size)
+    addrs, ca, cert, key, seconds, conc, size, nkeys, pids, latfile = argv
+    duration, concurrency, nbytes, keys = float(seconds), int(conc), int(size), int(nkeys)
     value = os.urandom(nbytes)
+    run = os.urandom(6).hex().encode()
     server_pids = [int(p) for p in pids.split(",") if p]
     lat = array.array("d")
 
@@ -302,9 +329,11 @@ def _client_main(argv: list[str]) -> None:
                 nonlocal count, completed
                 n = 0
                 while True:
-                    # A bounded key set per worker: large values must not fill the memory.
+                    # A bounded key set per worker (keys=0: a new key every put, unique
+                    # to this client process, so the servers' stores grow).
+                    key = b"w%d-%d" % (w, n % keys) if keys else b"%s-w%d-%d" % (run, w, n)
                     t0 = clock()
-                    await c.put(b"w%d-%d" % (w, n & 1023), value)
+                    await c.put(key, value)
                     if measuring:
                         lat.append(clock() - t0)
                         count += 1

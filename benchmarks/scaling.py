@@ -75,15 +75,18 @@ class Curve:
 # --- TCP curves --------------------------------------------------------------------------------
 
 
-def tcp_point(cluster: Any, seconds: float, reps: int, concurrency: int, size: int) -> Point:
+def tcp_point(cluster: Any, seconds: float, reps: int, concurrency: int, size: int,
+              keys: int | None = None) -> Point:
     """``reps`` client runs of ``concurrency`` puts of ``size`` bytes on ``cluster`` (a
-    ``bench_tcp.Cluster`` that is running)."""
+    ``bench_tcp.Cluster`` that is running), each worker cycling through ``keys`` keys
+    (default ``bench_tcp.KEYS``)."""
+    from .bench_tcp import KEYS
     rates: list[float] = []
     counts: list[int] = []
     cpu: list[float | None] = []
     lat: list[float] = []
     for _ in range(reps):
-        got = cluster.run_client(seconds, concurrency, size)
+        got = cluster.run_client(seconds, concurrency, size, KEYS if keys is None else keys)
         rates.append(got.rate)
         counts.append(got.count)
         cpu.append(got.cpu_seconds)
@@ -110,14 +113,15 @@ def clients_curve(directory: Path, seconds: float, reps: int,
 
 def payload_curve(directory: Path, seconds: float, reps: int,
                   sizes: Sequence[int] = PAYLOADS) -> Curve:
-    from .bench_tcp import Cluster
+    from .bench_tcp import LARGE_KEYS, Cluster
 
     curve = Curve("payload", "value size (bytes)", "puts/s",
                   f"3 server processes, mutual TLS, fsync on; {PAYLOAD_CONCURRENCY} puts in "
-                  "flight")
+                  f"flight over {PAYLOAD_CONCURRENCY * LARGE_KEYS:,} keys (overwritten: the "
+                  "stores stop growing, as in raft.tcp.append.large)")
     with Cluster(directory) as cl:
         for size in sizes:
-            p = tcp_point(cl, seconds, reps, PAYLOAD_CONCURRENCY, size)
+            p = tcp_point(cl, seconds, reps, PAYLOAD_CONCURRENCY, size, LARGE_KEYS)
             p.x = size
             curve.points.append(p)
             _progress(curve, p)

@@ -79,6 +79,28 @@ def test_tiny_tcp_scaling_point(tmp_path) -> None:
     assert "puts in flight" in scaling.format_curves([curve])
 
 
+def test_tcp_client_cycles_its_keys_or_writes_new_ones(tmp_path) -> None:
+    # raft.tcp.append.large overwrites a bounded key set (the stores stop growing);
+    # large.new_keys writes a new key every put. Checked by the leader's key count.
+    import trio
+
+    from benchmarks.bench_tcp import Cluster
+    from tinyraftplus.client import Client, client_ssl_context
+
+    async def keys(cl: Cluster) -> int:
+        tls = client_ssl_context(cl.certs["ca"], cl.certs["cert-client"], cl.certs["key-client"])
+        async with Client(cl.clients, tls=tls) as c:
+            st = await c.status()  # the node the client talks to: the leader, which
+            assert st["role"] == "leader"  # applied every put it acknowledged
+            return int(st["keys"])
+
+    with Cluster(tmp_path) as cl:
+        run = cl.run_client(0.3, 2, 100, keys=3)
+        assert run.count > 6 and trio.run(keys, cl) == 6  # w0-0..2, w1-0..2
+        fresh = cl.run_client(0.3, 2, 100, keys=0)
+        assert fresh.count > 0 and trio.run(keys, cl) >= 6 + fresh.count
+
+
 async def test_tiny_log_open_curve(tmp_path) -> None:
     curve = await scaling.log_open_curve(tmp_path, [1 << 20, 2 << 20], reps=1,
                                          segment=256 << 10)
