@@ -101,6 +101,14 @@ def test_tcp_client_cycles_its_keys_or_writes_new_ones(tmp_path) -> None:
         assert fresh.count > 0 and trio.run(keys, cl) >= 6 + fresh.count
 
 
+@pytest.mark.parametrize("fsync", [False, True])
+def test_put_floor_runs_its_four_processes(fsync: bool) -> None:
+    from benchmarks.put_floor import measure
+
+    rate, cpu = measure(0.3, fsync)
+    assert rate > 10 and 0 < cpu < 1  # rounds/s; CPU seconds per round in all four
+
+
 async def test_tiny_log_open_curve(tmp_path) -> None:
     curve = await scaling.log_open_curve(tmp_path, [1 << 20, 2 << 20], reps=1,
                                          segment=256 << 10)
