@@ -223,10 +223,10 @@ async def run(ctx: Context) -> list[Result]:
     raws_fresh: list[float] = []
     shares_large: list[float] = []
     # The 64 KiB figures run after the 100 B ones, each on a cluster of its own: sharing
-    # one, the 100 B figures fell rep by rep after each large run while the disk caught up
-    # with its data (raft.tcp.append.concurrent 25,486 -> 14,712 puts/s; alone 16,079-18,124),
-    # and with a new key every put the stores grow by about 200 MB a run (there the raw
-    # 64 KiB loop itself fell from 259 to 10 MB/s over the repetitions).
+    # one, the 100 B figures fell rep by rep once large runs had gone before them
+    # (raft.tcp.append.concurrent 25,486 -> 14,712 puts/s; alone 16,079-18,124; the cause
+    # was not found), and with a new key every put the stores grow by about 200 MB a run
+    # (there the raw 64 KiB loop itself fell from 259 to 10 MB/s over the repetitions).
     dirs = [ctx.subdir(f"tcp-{k}") for k in ("small", "large", "new-keys")]
     try:
         if ctx.wants_any(["raft.tcp.append.seq", "raft.tcp.append.concurrent"]):
