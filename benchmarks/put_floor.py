@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,31 +27,19 @@ from pathlib import Path
 import trio
 
 from tinyraftplus.transport.faststream import FastStream
+from tinyraftplus.transport.tls import TlsConfig, node_dns_name
 
 from ._common import child_env, median, proc_cpu_seconds
 from .baseline import write_fdatasync_rate
+from .bench_tcp import _certs
 
 REQUEST, ANSWER = 100, 20
-NAME = "node.floor.test"
 
 
-def _certs(d: str) -> None:
-    import trustme  # a test dependency, as for bench_tcp
-
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(f"{d}/ca.pem")
-    cert = ca.issue_cert(NAME)
-    cert.cert_chain_pems[0].write_to_path(f"{d}/cert.pem")
-    cert.private_key_pem.write_to_path(f"{d}/key.pem")
-
-
-def _context(d: str, server: bool) -> ssl.SSLContext:
-    purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
-    ctx = ssl.create_default_context(purpose, cafile=f"{d}/ca.pem")
-    ctx.load_cert_chain(f"{d}/cert.pem", f"{d}/key.pem")
-    if server:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+def _tls(d: str) -> TlsConfig:
+    """Every process presents node 1's certificate (made by ``bench_tcp``'s helper) with the
+    contexts the server builds, so the handshake and ciphers are the server's."""
+    return TlsConfig.from_files(f"{d}/ca.pem", f"{d}/1.crt", f"{d}/1.key")
 
 
 async def _read(stream: FastStream, n: int, buf: bytearray) -> bytes:
@@ -67,7 +54,7 @@ async def _accept(listener: socket.socket, d: str) -> FastStream:
     await trio.lowlevel.wait_readable(listener)
     sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream = FastStream(sock, _context(d, True), server_side=True)
+    stream = FastStream(sock, _tls(d).server_context, server_side=True)
     await stream.do_handshake()
     return stream
 
@@ -81,7 +68,7 @@ async def _connect(port: int, d: str) -> FastStream:
     except BlockingIOError:
         pass
     await trio.lowlevel.wait_writable(sock)
-    stream = FastStream(sock, _context(d, False), server_hostname=NAME)
+    stream = FastStream(sock, _tls(d).client_context, server_hostname=node_dns_name(1))
     await stream.do_handshake()
     return stream
 
@@ -169,7 +156,7 @@ def measure(seconds: float, fsync: bool) -> tuple[float, float]:
     me = [sys.executable, "-m", "benchmarks.put_floor"]
     mode = ["--fsync"] if fsync else []
     with tempfile.TemporaryDirectory() as d:
-        _certs(d)
+        _certs(Path(d), [1])
         lf, lc = _listener(), _listener()
         procs = [subprocess.Popen(
             [*me, "leader", d, str(lf.fileno()), str(lc.fileno()), *mode],
