@@ -374,7 +374,7 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         self._next_id = time.time_ns()
         # Applied results kept for late answers: one (entries, results, bytes) per applied
         # chunk, not one tuple per entry (a per-entry loop here cost ~1 us an entry).
-        self._recent_results: deque[tuple[list[Entry], list[Any], int]] = deque()
+        self._recent_results: deque[tuple[int, list[int], list[Any], int]] = deque()
         self._recent_count = 0
         self._recent_bytes = 0
         self._proposed: dict[tuple[Any, int], tuple[int, int]] = {}
@@ -939,38 +939,41 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         nones = results.count(None)  # no state machine, or no results: counted in C
         size = 64 * nones if nones == len(results) else sum(map(_result_size, results))
         recent = self._recent_results
-        recent.append((ents, list(results), size))
+        # The first seq and the terms, not the entries: those hold the payloads, and 16,384
+        # of them kept 1 GiB alive per node with 64 KiB values (issue 13).
+        recent.append((ents[0].seq, list(map(_TERM, ents)), list(results), size))
         self._recent_count += len(ents)
         self._recent_bytes += size
         while recent and (self._recent_count > _RESULT_MEMORY
                           or self._recent_bytes > _RESULT_MEMORY_BYTES):
-            old, old_results, old_size = recent[0]
+            first, terms, old_results, old_size = recent[0]
             if len(recent) > 1:  # whole chunks first
                 recent.popleft()
-                self._recent_count -= len(old)
+                self._recent_count -= len(terms)
                 self._recent_bytes -= old_size
                 continue
             # The newest chunk alone is over a bound: forget its oldest entries.
             k = 0
-            while k < len(old) and (self._recent_count - k > _RESULT_MEMORY
-                                    or old_size > _RESULT_MEMORY_BYTES):
+            while k < len(terms) and (self._recent_count - k > _RESULT_MEMORY
+                                      or old_size > _RESULT_MEMORY_BYTES):
                 old_size -= _result_size(old_results[k])
                 k += 1
             recent.popleft()
-            if k < len(old):
-                recent.append((old[k:], old_results[k:], old_size))
+            if k < len(terms):
+                recent.append((first + k, terms[k:], old_results[k:], old_size))
             self._recent_count -= k
-            self._recent_bytes = old_size if k < len(old) else 0
+            self._recent_bytes = old_size if k < len(terms) else 0
             break
 
     def _recent(self, first: int, last: int) -> list[tuple[int, int, Any]]:
         """(seq, term, result) of the remembered entries in ``first..last``, in order."""
         got: list[tuple[int, int, Any]] = []
-        for ents, results, _ in self._recent_results:
-            if ents[-1].seq < first or ents[0].seq > last:
+        for lo, terms, results, _ in self._recent_results:
+            hi = lo + len(terms) - 1
+            if hi < first or lo > last:
                 continue
-            got.extend((e.seq, e.term, r) for e, r in zip(ents, results, strict=True)
-                       if first <= e.seq <= last)
+            a, b = max(first, lo), min(last, hi)
+            got.extend((seq, terms[seq - lo], results[seq - lo]) for seq in range(a, b + 1))
         return got
 
     def _add_waiter(self, w: _AppendWaiter) -> None:
@@ -1348,6 +1351,7 @@ def _log_needs_open(log: Any) -> bool:
 
 
 _DATA = operator.itemgetter(2)  # an Entry is a (seq, term, data) tuple
+_TERM = operator.itemgetter(1)
 
 
 def _data_bytes(ents: Iterable[Entry]) -> int:

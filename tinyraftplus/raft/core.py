@@ -247,7 +247,9 @@ class RaftCore(MemberIdentity, Reconfiguration, SnapshotReplication):
         # these hooks inject from the simulator's checks, so they switch it off.
         self._unguarded = bool(self._bugs & {"commit_old_term", "skip_append_term_check"})
         self._now = float(now)
-        self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight))
+        # The cache holds two windows of AppendEntries in flight (entries and bytes alike).
+        self._log = RaftLog(log, cache_max=max(4096, 2 * cfg.rpc_max * cfg.max_inflight),
+                            cache_max_bytes=2 * cfg.rpc_max_bytes * cfg.max_inflight)
         last = self._log.last_seq
         first = self._log.first_seq
         self._log.config_index = [
