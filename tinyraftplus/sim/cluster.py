@@ -222,6 +222,10 @@ class _Profile:
     check_quorum: bool = True
     rpc_max: int = 64
     max_inflight: int = 8
+    # A small byte budget per AppendEntries also makes the leader's cache of recent entries
+    # small (two windows of it), so it is trimmed all the time and lagging followers are
+    # served from storage: what large values do to a real cluster.
+    rpc_max_bytes: int = 1 << 20
     wipe_p: float = 0.0  # per step: a node crashes and loses its disk (one at a time)
     member_p: float = 0.0  # per step: the leader is asked for a membership change or transfer
     spares: int = 0  # nodes beyond the first configuration's voters, started as joiners
@@ -263,6 +267,7 @@ def _profile(rng: random.Random, faults: bool) -> _Profile:
         check_quorum=rng.random() < 0.8,
         rpc_max=rng.choice([1, 3, 64]),
         max_inflight=rng.choice([1, 2, 8]),
+        rpc_max_bytes=rng.choice([1 << 20, 1 << 20, 64]),
     )
 
 
@@ -770,6 +775,7 @@ class Simulation:
             election_timeout=et,
             heartbeat_interval=et / 5,
             rpc_max=p.rpc_max,
+            rpc_max_bytes=p.rpc_max_bytes,
             max_inflight=p.max_inflight,
             pre_vote=p.pre_vote,
             check_quorum=p.check_quorum,
