@@ -372,8 +372,8 @@ class RaftNode(MembershipAPI, NodeSnapshots):
         # Request ids go out in Propose and ReadIndex; starting from the clock keeps them
         # unique across restarts, so the leader's duplicate filter never confuses two.
         self._next_id = time.time_ns()
-        # Applied results kept for late answers: one (entries, results, bytes) per applied
-        # chunk, not one tuple per entry (a per-entry loop here cost ~1 us an entry).
+        # Applied results kept for late answers: one (first seq, terms, results, bytes) per
+        # applied chunk, not one tuple per entry (a per-entry loop here cost ~1 us an entry).
         self._recent_results: deque[tuple[int, list[int], list[Any], int]] = deque()
         self._recent_count = 0
         self._recent_bytes = 0
