@@ -19,8 +19,12 @@ from tinyraftplus.log.flusher import Flusher
 acked = -1
 
 
+@trio.lowlevel.enable_ki_protection
 async def main(directory: str, mode: str) -> None:
-    global acked
+    """KI-protected itself, so that a Ctrl-C arriving while it prints its report (after
+    ``close()`` returned or raised) waits for the next checkpoint instead of cutting the
+    report short: once such a Ctrl-C landed between the two prints and the parent saw no
+    ``closed`` line. Appending and closing run unprotected, as a user's code would."""
     if mode == "inject":
         real_wait = Flusher.wait
         armed = [50]
@@ -35,26 +39,35 @@ async def main(directory: str, mode: str) -> None:
     log = FsLog(directory, "x", segment_size=1 << 16)
     await log.open()
     try:
-
-        async def appender(k: int) -> None:
-            global acked
-            i = 0
-            while True:
-                seq = await log.append(b"task %d record %d " % (k, i) + b"x" * 300)
-                acked = max(acked, seq)
-                i += 1
-
-        async with trio.open_nursery() as n:
-            for k in range(4):
-                n.start_soon(appender, k)
-            print("ready", flush=True)
-            await appender(99)
+        await _append_until_interrupted(log)
     finally:
         try:
-            await log.close()
+            await _close(log)
         finally:
             print(f"acked {acked}", flush=True)
             print("closed" if log.closed else "NOT closed", flush=True)
+
+
+@trio.lowlevel.disable_ki_protection
+async def _append_until_interrupted(log: FsLog) -> None:
+    async def appender(k: int) -> None:
+        global acked
+        i = 0
+        while True:
+            seq = await log.append(b"task %d record %d " % (k, i) + b"x" * 300)
+            acked = max(acked, seq)
+            i += 1
+
+    async with trio.open_nursery() as n:
+        for k in range(4):
+            n.start_soon(appender, k)
+        print("ready", flush=True)
+        await appender(99)
+
+
+@trio.lowlevel.disable_ki_protection
+async def _close(log: FsLog) -> None:
+    await log.close()
 
 
 if __name__ == "__main__":
