@@ -64,6 +64,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tinyraftplus")
 
+SNAP_EARLY_MAX = 8
+"""Most snapshot chunks a follower keeps that arrived ahead of a missing one (and at
+most ``SNAP_EARLY_MAX_BYTES`` of them)."""
+SNAP_EARLY_MAX_BYTES = 16 << 20
+
 
 class _StoreSource:
     """The store as the core reads it (``raft.snapshot.SnapshotSource``).
@@ -229,6 +234,9 @@ class NodeSnapshots:
         self._installing = False
         self._install_ready: tuple[Any, SnapshotMeta] | None = None
         self._partial: Any = None
+        self._snap_early: dict[int, bytes] = {}
+        """Chunks of the partial snapshot that arrived ahead of a missing one, by offset."""
+        self._snap_early_for: Any = None
         self._applied_config: tuple[int, int, Config] | None = None
         self._applied_term = 0
         self.snapshots_installed = 0
@@ -535,20 +543,47 @@ class NodeSnapshots:
             core.snapshot_reply(frm, m, SNAP_BEGIN, 0)
             return
         elif crc32c(m.data) != m.chunk_crc or m.offset != p.offset:
+            if crc32c(m.data) == m.chunk_crc and m.offset < p.offset:
+                # Held already (sent again after a rewind or a reopening): not a refusal,
+                # which would send the leader back to here with chunks it sent after this
+                # one still on their way, and have it send those again.
+                core.snapshot_reply(frm, m, SNAP_OK, p.offset)
+                return
+            if m.offset > p.offset and crc32c(m.data) == m.chunk_crc:
+                self._snap_stash(p, m)
             core.snapshot_reply(frm, m, SNAP_REJECTED, p.offset)
             return
         else:
             try:
                 held = p.write_at(m.offset, m.data)
+                early = self._snap_early if self._snap_early_for == p.meta.ident else {}
+                while held in early:  # chunks that came ahead of this one, in order now
+                    held = p.write_at(held, early.pop(held))
             except (OSError, SnapshotError) as e:
                 self._warn(f"could not store a piece of snapshot {m.seq}: {e!r}")
                 self._partial = None
                 return
             core.snapshot_reply(frm, m, SNAP_OK, held)
         if p.offset == m.size:
+            self._snap_early = {}
             self._installing = True
             assert self._nursery is not None
             self._nursery.start_soon(self._snap_receive_done, frm, p)
+
+    def _snap_stash(self, p: Any, m: InstallSnapshot) -> None:
+        """Keep a good chunk that arrived ahead of a missing one (in memory, at most
+        ``SNAP_EARLY_MAX`` chunks, never on disk: a partial file holds no holes). The leader
+        sends it after a chunk that was lost (a dropped connection takes the chunks in flight
+        on it, and those queued meanwhile arrive after the gap); refused, it goes back to the
+        gap and sends that one chunk alone (``raft.snapshot``), and the answer to it counts
+        these too, so they are not sent again."""
+        if self._snap_early_for != p.meta.ident:
+            self._snap_early = {}
+            self._snap_early_for = p.meta.ident
+        early = self._snap_early
+        if len(early) < SNAP_EARLY_MAX and \
+                sum(map(len, early.values())) + len(m.data) <= SNAP_EARLY_MAX_BYTES:
+            early[m.offset] = m.data
 
     async def _snap_receive_done(self, frm: Any, p: Any) -> None:
         """Check and keep the received snapshot, restore the state machine from it, then

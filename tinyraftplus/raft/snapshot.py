@@ -15,7 +15,10 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
    bytes ahead of what the follower acknowledged, so heartbeats and other peers' traffic
    interleave with a bounded amount of snapshot bytes. A chunk that arrives out of order or
    damaged is refused (``SNAP_REJECTED`` with the follower's offset); the leader goes back
-   there once (later refusals of chunks sent before it went back are ignored).
+   there once (later refusals of chunks sent before it went back are ignored) and sends that
+   one chunk alone until it is answered. A follower may keep good chunks that came early
+   (``RaftNode`` does, a few, in memory) and then answer past them, so that they are not
+   sent twice.
 3. When all bytes are there, the follower's driver checks the whole snapshot's CRC,
    restores its state machine, makes its log start after the snapshot (keeping it only if it
    holds the snapshot's last entry), and then calls ``snapshot_installed``: the core answers
@@ -164,7 +167,11 @@ class SnapshotReplication:
         src = self._snapshots
         assert src is not None
         chunk = self._snapshot_chunk
-        limit = pr.snap_acked + self._snapshot_window * chunk
+        # Gone back to a refused offset: that one chunk alone until it is answered. The
+        # chunks sent after the lost one may have arrived, and a follower that kept them
+        # answers past them (the driver's ``_snap_stash``): a whole window would send them
+        # again for nothing.
+        limit = pr.snap_acked + (chunk if pr.snap_rewound else self._snapshot_window * chunk)
         while pr.snap_sent < meta.size and pr.snap_sent < limit:
             off = pr.snap_sent
             data = src.read_chunk(meta, off, min(chunk, meta.size - off))
