@@ -137,7 +137,8 @@ class Summary:
         return [
             f"snapshots:          {sn['taken']} taken in {sn['seeds']} seeds with snapshots "
             f"on, {sn['installs']} installed by InstallSnapshot ({sn['resumed']} transfers "
-            f"resumed from the follower's offset), {sn['restores']} restarts "
+            f"resumed from the follower's offset, {sn.get('early', 0)} chunks kept that "
+            f"overtook a missing one), {sn['restores']} restarts "
             f"from a snapshot, {sn['compactions']} log compactions",
             f"snapshot faults:    {sum(v for _, v in crashes)} crashes during snapshot steps"
             + (" (" + ", ".join(f"{k} {v}" for k, v in crashes) + ")" if crashes else "")

@@ -58,6 +58,7 @@ __all__ = ["NodeSnapshots", "SNAPSHOT_BUGS", "KEEP"]
 SNAPSHOT_BUGS = frozenset({"compact_past_snapshot", "restore_unchecked"})
 KEEP = 2  # complete snapshots kept
 SYNC_EVERY = 1024  # bytes: a follower fsyncs its partial snapshot each time it passes one
+EARLY_MAX = 8  # chunks a follower keeps that overtook a missing one (as RaftNode does)
 
 
 def _meta_extra(config_seq: int, config_term: int) -> bytes:
@@ -96,6 +97,9 @@ class NodeSnapshots:
         self.every = node.sim.snapshot_entries
         self.unchecked = "restore_unchecked" in node.sim.config.bugs
         self.job: _Job | None = None
+        self.early: dict[tuple[tuple[int, int, int, int], int], bytes] = {}
+        """Chunks received ahead of a missing one, by (snapshot ident, offset); lost with
+        this life of the node, as the real driver's are."""
         self.bad: set[tuple[int, int, int, int]] = set()  # idents a follower found damaged
         self.requested = False  # a new snapshot is wanted once the one being written is
         self.last = -1  # seq of the newest snapshot taken or installed
@@ -308,18 +312,33 @@ class NodeSnapshots:
             return
         else:
             held = snaps.size(PARTIAL)
+            good_chunk = self.unchecked or crc32c(m.data) == m.chunk_crc
+            if m.offset != held and good_chunk:
+                # As the real driver does: a chunk held already is answered with the offset,
+                # one that overtook a missing one is kept in memory (a few) and refused.
+                if m.offset < held:
+                    core.snapshot_reply(frm, m, SNAP_OK, held)
+                    return
+                if len(self.early) < EARLY_MAX:
+                    self.early[(ident, m.offset)] = m.data
             if m.offset != held:
                 core.snapshot_reply(frm, m, SNAP_REJECTED, held)
                 return
-            if not self.unchecked and crc32c(m.data) != m.chunk_crc:
+            if not good_chunk:
                 sim.snap_stats["damaged"] += 1
                 sim.trace("snap-chunk-damaged", node.id, m.seq, m.offset)
                 core.snapshot_reply(frm, m, SNAP_REJECTED, held)
                 return
             snaps.append(PARTIAL, m.data)
-            if (held + len(m.data)) // SYNC_EVERY > held // SYNC_EVERY:
+            now = held + len(m.data)
+            while (ident, now) in self.early:
+                piece = self.early.pop((ident, now))
+                snaps.append(PARTIAL, piece)
+                now += len(piece)
+                sim.snap_stats["early"] += 1
+            if now // SYNC_EVERY > held // SYNC_EVERY:
                 snaps.fsync(PARTIAL, "partial fsync")  # what a restart resumes from
-            core.snapshot_reply(frm, m, SNAP_OK, held + len(m.data))
+            core.snapshot_reply(frm, m, SNAP_OK, now)
         if snaps.size(PARTIAL) < m.size:
             return
         meta = snaps.meta(PARTIAL)
