@@ -542,15 +542,15 @@ class NodeSnapshots:
         elif p is None or p.meta.ident != ident:
             core.snapshot_reply(frm, m, SNAP_BEGIN, 0)
             return
-        elif crc32c(m.data) != m.chunk_crc or m.offset != p.offset:
-            if crc32c(m.data) == m.chunk_crc and m.offset < p.offset:
+        elif not (good := crc32c(m.data) == m.chunk_crc) or m.offset != p.offset:
+            if good and m.offset < p.offset:
                 # Held already (sent again after a rewind or a reopening): not a refusal,
                 # which would send the leader back to here with chunks it sent after this
                 # one still on their way, and have it send those again.
                 core.snapshot_reply(frm, m, SNAP_OK, p.offset)
                 return
-            if m.offset > p.offset and crc32c(m.data) == m.chunk_crc:
-                self._snap_stash(p, m)
+            if good:
+                self._snap_stash(p, m)  # ahead of a missing one
             core.snapshot_reply(frm, m, SNAP_REJECTED, p.offset)
             return
         else:
