@@ -240,10 +240,13 @@ class SnapshotReplication:
         else:  # SNAP_OK
             if pr.snap_acked >= 0 and off <= pr.snap_acked:
                 return  # nothing new (reordered, or a repeated answer)
-            if pr.snap_acked < 0:
+            opening = pr.snap_acked < 0
+            if opening:
                 pr.snap_sent = off  # the answer to the opening: resume where it is
             pr.snap_acked = off
-            pr.snap_rewound = False
+            # Resuming mid-way (a reopening after a stall or a dropped connection): one chunk
+            # first, as after a refusal, since the follower may hold chunks past a gap.
+            pr.snap_rewound = opening and off > 0
             if pr.snap_sent < off:
                 pr.snap_sent = off
         self._snapshot_stream(frm, pr)
