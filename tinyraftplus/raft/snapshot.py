@@ -16,7 +16,8 @@ A node compacts its log behind a snapshot of its state machine (the driver decid
    interleave with a bounded amount of snapshot bytes. A chunk that arrives out of order or
    damaged is refused (``SNAP_REJECTED`` with the follower's offset); the leader goes back
    there once (later refusals of chunks sent before it went back are ignored) and sends that
-   one chunk alone until it is answered. A follower may keep good chunks that came early
+   one chunk alone until it is answered; so does a transfer reopened mid-way (after a stall),
+   at the offset the follower names. A follower may keep good chunks that came early
    (``RaftNode`` does, a few, in memory) and then answer past them, so that they are not
    sent twice.
 3. When all bytes are there, the follower's driver checks the whole snapshot's CRC,
